@@ -1,0 +1,23 @@
+# hf_specgen: `make install` once, then `make test`, `make bench`.
+VENV ?= .venv
+PYTHON ?= $(VENV)/bin/python
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: install test bench clean
+
+# torch==2.13.0 first: its CPU wheel lies on disk; any other torch request pulls a CUDA build.
+install:
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install --upgrade pip
+	$(VENV)/bin/pip install torch==2.13.0
+	$(VENV)/bin/pip install -e ".[dev,deepspeed]"
+
+test:
+	$(PYTHON) -m pytest -q --timeout 900 tests
+
+bench:
+	$(PYTHON) benchmarks/bench_trainer.py --output benchmarks/results/trainer.json
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache

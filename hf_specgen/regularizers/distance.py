@@ -1,0 +1,52 @@
+"""L1 and L2-SP: distances between the weights and their pre-trained values."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ..anchor import WeightDelta
+from .base import Regularizer, StepRegularizer, WeightRegularizer
+
+
+class L1Distance(WeightRegularizer):
+    """`lambda * sum |theta - theta_pre|` (materializes each LoRA delta, one layer at a time)."""
+
+    name = "l1"
+
+    def __call__(self, deltas: Sequence[WeightDelta]) -> torch.Tensor:
+        return self.weight * sum(d.delta().abs().sum() for d in deltas)
+
+
+class L2Distance(WeightRegularizer):
+    """L2-SP, `lambda * sum (theta - theta_pre)^2`, in the loss (LoRA deltas through r x r Gram matrices)."""
+
+    name = "l2"
+
+    @classmethod
+    def from_args(cls, args) -> Regularizer:
+        if args.l2_mode == "decoupled":
+            return DecoupledL2(args.l2_lambda)
+        return cls(args.l2_lambda)
+
+    def __call__(self, deltas: Sequence[WeightDelta]) -> torch.Tensor:
+        return self.weight * sum(d.squared_norm() for d in deltas)
+
+
+class DecoupledL2(StepRegularizer):
+    """Decay toward the pre-trained weights in the optimizer step: `theta -= lr * lambda * (theta - theta_pre)`.
+
+    As AdamW decouples weight decay from the gradient, this is neither clipped nor rescaled by
+    the adaptive optimizer; it runs before the optimizer's update, on the pre-update weights.
+    Logged as `l2_distance`, the squared distance before the decay.
+    """
+
+    name = "l2"
+
+    @property
+    def log_name(self) -> str:
+        return "l2_distance"
+
+    def apply_(self, lr: float, deltas: Sequence[WeightDelta]) -> torch.Tensor:
+        return sum(d.decay_(lr * self.weight) for d in deltas)

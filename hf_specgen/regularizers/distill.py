@@ -1,0 +1,125 @@
+"""Distillation from the frozen pre-trained model: logits (KD) and features (feature protection)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import BatchRegularizer
+from .ewc import output_logits, supervised_rows
+
+
+@dataclass
+class DistillationBatch:
+    """What a distillation term sees of one micro-batch."""
+
+    student: Any
+    teacher: Any
+    labels: torch.Tensor | None
+    attention_mask: torch.Tensor | None
+    shifts_labels: bool
+    # What the task loss divides its token sum by when it is normalized over the whole
+    # accumulated batch (`num_items_in_batch`); None when it is a mean over this micro-batch.
+    token_denominator: torch.Tensor | float | None = None
+    student_features: list[torch.Tensor] = field(default_factory=list)
+    teacher_features: list[torch.Tensor] = field(default_factory=list)
+
+
+class LogitDistillation(BatchRegularizer):
+    """`lambda * T^2 * KL(p_pre / T || p_theta / T)` per supervised token, normalized like the task loss."""
+
+    name = "kd"
+
+    def __init__(self, weight: float, temperature: float = 1.0) -> None:
+        super().__init__(weight)
+        self.temperature = temperature
+
+    @classmethod
+    def from_args(cls, args) -> LogitDistillation:
+        return cls(args.kd_lambda, args.kd_temperature)
+
+    def __call__(self, batch: DistillationBatch) -> torch.Tensor:
+        student, _ = supervised_rows(output_logits(batch.student).float(), batch.labels, batch.shifts_labels)
+        teacher_logits = output_logits(batch.teacher).to(student.device, torch.float32)
+        teacher, _ = supervised_rows(teacher_logits, batch.labels, batch.shifts_labels)
+        t = self.temperature
+        teacher_log_p = F.log_softmax(teacher / t, dim=-1)
+        kl = (teacher_log_p.exp() * (teacher_log_p - F.log_softmax(student / t, dim=-1))).sum()
+        denominator = batch.token_denominator if batch.token_denominator is not None else max(student.shape[0], 1)
+        return self.weight * t * t * kl / denominator
+
+
+class ProtectedFeatures:
+    """Where protected features come from: a language model's hidden states (`feature_layers`), or
+    the image embeddings of a CLIP model (the output of `visual_projection`, i.e. `get_image_features`)."""
+
+    def __init__(self, model: nn.Module, layers: list[int]) -> None:
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        if _visual_projection(base) is not None:
+            self.kind, self.layers = "image_embeds", []
+            return
+        n_layers = getattr(getattr(base, "config", None), "num_hidden_layers", None)
+        if n_layers is None:
+            raise ValueError(
+                f"feature protection supports language models (hidden states) and CLIP models (image embeddings), "
+                f"not {type(base).__name__}"
+            )
+        for layer in layers:
+            if not -(n_layers + 1) <= layer <= n_layers:
+                raise ValueError(
+                    f"feature_layers entry {layer} is out of range: the model has {n_layers + 1} hidden states "
+                    f"(indices {-(n_layers + 1)}..{n_layers})"
+                )
+        self.kind, self.layers = "hidden_states", list(layers)
+
+    def model_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        return {**inputs, "output_hidden_states": True} if self.kind == "hidden_states" else inputs
+
+    @contextlib.contextmanager
+    def capture(self, model: nn.Module) -> Iterator[list[torch.Tensor]]:
+        """Collects the features of the forward passes of `model` run inside the block.
+
+        Hidden states are read from the outputs by `select`, so only image embeddings are hooked."""
+        captured: list[torch.Tensor] = []
+        if self.kind != "image_embeds":
+            yield captured
+            return
+        handle = _visual_projection(model).register_forward_hook(lambda _m, _i, out: captured.append(out))
+        try:
+            yield captured
+        finally:
+            handle.remove()
+
+    def select(self, outputs: Any, captured: list[torch.Tensor]) -> list[torch.Tensor]:
+        if self.kind == "image_embeds":
+            return list(captured)
+        return [outputs.hidden_states[i] for i in self.layers]
+
+
+def _visual_projection(model: nn.Module) -> nn.Module | None:
+    for name, module in model.named_modules():
+        if name.split(".")[-1] == "visual_projection":
+            return module
+    return None
+
+
+class FeatureProtection(BatchRegularizer):
+    """`lambda * mean ||h_theta(x) - h_pre(x)||^2`: squared L2 over the feature dimension, averaged
+    over the real (attention-masked) tokens or the images of the micro-batch, and over layers."""
+
+    name = "feature"
+
+    def __call__(self, batch: DistillationBatch) -> torch.Tensor:
+        per_layer = []
+        for student, teacher in zip(batch.student_features, batch.teacher_features):
+            squared = (student.float() - teacher.to(student.device, torch.float32)).pow(2).sum(-1)
+            if squared.dim() == 2 and batch.attention_mask is not None:
+                squared = squared[batch.attention_mask.to(squared.device).bool()]
+            per_layer.append(squared.mean())
+        return self.weight * torch.stack(per_layer).mean()

@@ -1,0 +1,123 @@
+"""Elastic weight consolidation with a diagonal Fisher estimated at the pre-trained weights."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..anchor import WeightDelta
+from .base import WeightRegularizer
+
+
+def output_logits(outputs: Any) -> torch.Tensor:
+    """The logits of a model output: `logits`, or CLIP's `logits_per_image`."""
+    for key in ("logits", "logits_per_image"):
+        logits = getattr(outputs, key, None)
+        if logits is not None:
+            return logits
+    raise ValueError(f"{type(outputs).__name__} has neither `logits` nor `logits_per_image`")
+
+
+def supervised_rows(
+    logits: torch.Tensor, labels: torch.Tensor | None, shifts_labels: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Rows of `logits` that the task loss supervises, and their labels (None: every row).
+
+    Token logits `[B, T, V]` are shifted as the causal-LM loss shifts them and masked where the
+    label is -100; classifier logits `[B, C]` keep every row.
+    """
+    if logits.dim() == 2 or labels is None:
+        return logits.reshape(-1, logits.shape[-1]), (labels.reshape(-1) if labels is not None else None)
+    if shifts_labels:
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    mask = labels != -100
+    return logits[mask], labels[mask]
+
+
+def estimate_fisher(
+    model: nn.Module,
+    deltas: Sequence[WeightDelta],
+    examples: Iterable[dict[str, Any]],
+    *,
+    empirical: bool,
+    shifts_labels: bool,
+    generator: torch.Generator,
+    device: torch.device | None = None,
+) -> dict[str, torch.Tensor]:
+    """Diagonal Fisher `F = E_x[(1/n_x) (d/dtheta sum_t log p(y_t | x))^2]`, one example at a time.
+
+    Per-example gradients (not the square of a mini-batch mean). `y` is sampled from the model's
+    own predictive distribution (the true Fisher) or, with `empirical`, taken from the labels.
+    Dividing by the number of supervised tokens `n_x` puts F on the scale of the curvature of the
+    task loss, which is a per-token mean. Computed and stored in float32 on `device` (default: each
+    weight's device); the model is run in eval mode and gradients go to no `.grad`.
+    """
+    params = [d.fisher_parameter() for d in deltas]
+    requires_grad = [p.requires_grad for p in params]
+    fisher = [torch.zeros(p.shape, dtype=torch.float32, device=device or p.device) for p in params]
+    was_training = model.training
+    model.eval()
+    count = 0
+    try:
+        for p in params:
+            p.requires_grad_(True)
+        for example in examples:
+            labels = example.get("labels")
+            outputs = model(**{k: v for k, v in example.items() if k != "labels"})
+            logits, targets = supervised_rows(output_logits(outputs).float(), labels, shifts_labels)
+            log_probs = F.log_softmax(logits, dim=-1)
+            if not empirical:
+                probs = log_probs.detach().exp().to("cpu")
+                targets = torch.multinomial(probs, 1, generator=generator).squeeze(-1).to(logits.device)
+            elif targets is None:
+                raise ValueError("ewc_fisher='empirical' needs labels in the training examples")
+            n_tokens = max(targets.numel(), 1)
+            score = log_probs.gather(-1, targets.unsqueeze(-1)).sum()
+            grads = torch.autograd.grad(score, params, allow_unused=True)
+            for acc, grad in zip(fisher, grads):
+                if grad is not None:
+                    acc.add_(grad.to(acc.device, torch.float32).pow(2), alpha=1.0 / n_tokens)
+            count += 1
+    finally:
+        for p, flag in zip(params, requires_grad):
+            p.requires_grad_(flag)
+        model.train(was_training)
+    if count == 0:
+        raise ValueError("EWC needs training examples to estimate the Fisher; the training set is empty")
+    return {d.name: acc.div_(count) for d, acc in zip(deltas, fisher)}
+
+
+class EWC(WeightRegularizer):
+    """`lambda * sum F_i (theta_i - theta_pre_i)^2`; for LoRA, over the effective delta `scale * B @ A`."""
+
+    name = "ewc"
+
+    def __init__(self, weight: float, num_samples: int = 128, fisher_type: str = "true") -> None:
+        super().__init__(weight)
+        self.num_samples, self.fisher_type = num_samples, fisher_type
+        self.fisher: dict[str, torch.Tensor] | None = None
+
+    @classmethod
+    def from_args(cls, args) -> EWC:
+        return cls(args.ewc_lambda, args.ewc_num_samples, args.ewc_fisher)
+
+    def __call__(self, deltas: Sequence[WeightDelta]) -> torch.Tensor:
+        if self.fisher is None:
+            raise RuntimeError("EWC's Fisher has not been estimated yet")
+        total = 0.0
+        for d in deltas:
+            delta = d.delta()
+            total = total + (self.fisher[d.name].to(delta.device) * delta.pow(2)).sum()
+        return self.weight * total
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {} if self.fisher is None else {f"fisher.{k}": v for k, v in self.fisher.items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        fisher = {k.removeprefix("fisher."): v for k, v in state.items() if k.startswith("fisher.")}
+        if fisher:
+            self.fisher = fisher

@@ -1,0 +1,310 @@
+"""`SpecGenTrainer`: `transformers.Trainer` plus regularization toward the pre-trained model."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import Trainer
+from transformers.trainer_utils import get_last_checkpoint
+
+from .anchor import Teacher, WeightDelta, is_peft_model, snapshot_nbytes, weight_deltas
+from .args import SpecGenTrainingArguments
+from .regularizers import (
+    EWC,
+    BatchRegularizer,
+    DistillationBatch,
+    FeatureProtection,
+    LogitDistillation,
+    ProtectedFeatures,
+    StepRegularizer,
+    WeightRegularizer,
+    build_regularizers,
+    estimate_fisher,
+)
+
+STATE_FILE = "specgen_regularizers.safetensors"
+
+
+class SpecGenTrainer(Trainer):
+    """A drop-in `Trainer` whose loss is the task loss plus the active regularizers.
+
+    The pre-trained reference is the model as it is when the trainer is built, or `ref_model`.
+    Weight terms (L1, L2-SP, EWC) are added once per optimizer step, batch terms (KD, feature
+    protection) on every micro-batch, scaled so that each counts the same whatever the gradient
+    accumulation; both are part of the gradient that `max_grad_norm` clips. Decoupled L2 acts in
+    the optimizer step instead. Each term is logged as `loss_<name>` beside `loss_task`.
+    """
+
+    def __init__(self, *args: Any, ref_model: nn.Module | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.regularizers = build_regularizers(self.args) if isinstance(self.args, SpecGenTrainingArguments) else []
+        self._weight_terms = [r for r in self.regularizers if isinstance(r, WeightRegularizer)]
+        self._batch_terms = [r for r in self.regularizers if isinstance(r, BatchRegularizer)]
+        self._step_terms = [r for r in self.regularizers if isinstance(r, StepRegularizer)]
+        self._log_sums: dict[str, torch.Tensor] = {}
+        self._log_steps = 0
+        self._last_seen_step: int | None = None
+        self.teacher: Teacher | None = None
+        self.deltas: list[WeightDelta] = []
+        self.features: ProtectedFeatures | None = None
+        if not self.regularizers:
+            return
+        if self.model_init is not None:
+            raise ValueError("regularizers need the pre-trained model at construction; model_init is not supported")
+        args_ = self.args
+        if self._batch_terms:
+            self.teacher = Teacher.build(self.model, ref_model=ref_model, dtype=args_.anchor_dtype, device=args_.anchor_device)
+        if self._weight_terms or self._step_terms:
+            # A frozen teacher copy already holds the pre-trained weights: reuse it as the anchor.
+            reference = ref_model
+            if reference is None and self.teacher is not None and not self.teacher.adapters_disabled:
+                reference = self.teacher.module
+            self.deltas = weight_deltas(self.model, reference=reference, dtype=args_.anchor_dtype, device=args_.anchor_device)
+        if any(isinstance(r, FeatureProtection) for r in self._batch_terms):
+            self.features = ProtectedFeatures(self.model, args_.feature_layers)
+        if any(isinstance(r, LogitDistillation) for r in self._batch_terms):
+            _check_same_vocabulary(self.model, self.teacher.module)
+        if self.optimizer is not None:
+            self._attach_step_terms(self.optimizer)
+
+    # ---- memory ---------------------------------------------------------------------------
+
+    def anchor_memory(self) -> dict[str, int]:
+        """Bytes added by the pre-trained reference: the weight snapshot, the teacher, the Fisher."""
+        fisher = sum(
+            t.numel() * t.element_size()
+            for r in self.regularizers
+            if isinstance(r, EWC) and r.fisher is not None
+            for t in r.fisher.values()
+        )
+        return {
+            "weights": snapshot_nbytes(self.deltas),
+            "teacher": self.teacher.nbytes if self.teacher is not None else 0,
+            "fisher": fisher,
+        }
+
+    # ---- training ---------------------------------------------------------------------------
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
+        if self.regularizers:
+            checkpoint = resume_from_checkpoint
+            if checkpoint is True:
+                checkpoint = get_last_checkpoint(self.args.output_dir)
+            self._prepare_regularizers(checkpoint if isinstance(checkpoint, str) else None)
+        self._last_seen_step = None
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ):
+        if not self.regularizers or not model.training:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+        new_step = self._last_seen_step != self.state.global_step
+        if new_step:
+            self._last_seen_step = self.state.global_step
+            self._log_steps += 1
+        # `divisor`: what `training_step` divides the returned loss by; a term that should make up
+        # `share` of the optimizer step's loss is added as `term * share * divisor`.
+        divisor = 1 if self._loss_is_ga_scaled(num_items_in_batch) else self.current_gradient_accumulation_steps
+        labels, attention_mask = inputs.get("labels"), inputs.get("attention_mask")
+
+        student_inputs = self.features.model_inputs(inputs) if self.features else inputs
+        with self._capture_features(self.accelerator.unwrap_model(model)) as student_features:
+            loss, outputs = super().compute_loss(
+                model, student_inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
+            )
+        self._record("loss_task", loss.detach() / divisor)
+
+        if new_step:
+            for reg in self._weight_terms:  # once per optimizer step
+                loss = loss + self._add_term(reg.log_name, reg(self.deltas), 1.0, divisor)
+
+        if self._batch_terms:
+            with self._capture_features(self.teacher.module) as teacher_features:
+                teacher_outputs = self.teacher(student_inputs)
+            batch = DistillationBatch(
+                student=outputs,
+                teacher=teacher_outputs,
+                labels=labels,
+                attention_mask=attention_mask,
+                shifts_labels=self._loss_shifts_labels,
+                token_denominator=self._task_token_denominator(num_items_in_batch),
+            )
+            if self.features:
+                batch.student_features = self.features.select(outputs, student_features)
+                batch.teacher_features = self.features.select(teacher_outputs, teacher_features)
+            for reg in self._batch_terms:
+                # KD is normalized like the task loss; feature protection is a micro-batch mean.
+                share = 1.0 / divisor if isinstance(reg, LogitDistillation) else 1.0 / self.current_gradient_accumulation_steps
+                loss = loss + self._add_term(reg.log_name, reg(batch), share, divisor)
+
+        return (loss, outputs) if return_outputs else loss
+
+    def _add_term(self, name: str, term: torch.Tensor, share: float, divisor: int) -> torch.Tensor:
+        self._record(name, term.detach() * share)
+        return term * (share * divisor)
+
+    def _loss_is_ga_scaled(self, num_items_in_batch: torch.Tensor | int | None) -> bool:
+        """Mirrors `Trainer.training_step`: is the task loss already normalized over the accumulated batch?"""
+        if self.loss_is_scaled_for_ga is not None:
+            return self.loss_is_scaled_for_ga
+        return bool(self.model_accepts_loss_kwargs and num_items_in_batch is not None) or (
+            self.compute_loss_func is not None
+        )
+
+    def _task_token_denominator(self, num_items_in_batch: torch.Tensor | int | None) -> torch.Tensor | float | None:
+        """What the task loss divides its token sum by (mirrors `Trainer.compute_loss`); None for a local mean."""
+        if num_items_in_batch is None or not (self.model_accepts_loss_kwargs or self.compute_loss_func):
+            return None
+        if self.args.average_tokens_across_devices:
+            return num_items_in_batch / (self.accelerator.num_processes // self.get_tp_size())
+        return num_items_in_batch
+
+    def _capture_features(self, module: nn.Module) -> contextlib.AbstractContextManager[list[torch.Tensor]]:
+        return self.features.capture(module) if self.features else contextlib.nullcontext([])
+
+    # ---- decoupled terms, in the optimizer step ---------------------------------------------
+
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        optimizer = super().create_optimizer(model)
+        self._attach_step_terms(optimizer)
+        return optimizer
+
+    def _attach_step_terms(self, optimizer: torch.optim.Optimizer) -> None:
+        if not self._step_terms:
+            return
+        by_param = {id(d.decayed_parameter): d for d in self.deltas}
+
+        def before_step(opt: torch.optim.Optimizer, _args: Any, _kwargs: Any) -> None:
+            for group in opt.param_groups:
+                deltas = [by_param[id(p)] for p in group["params"] if id(p) in by_param]
+                for reg in self._step_terms:
+                    if deltas:
+                        self._record(reg.log_name, reg.apply_(group["lr"], deltas))
+
+        optimizer.register_step_pre_hook(before_step)
+
+    # ---- logging ------------------------------------------------------------------------------
+
+    def _record(self, name: str, value: torch.Tensor) -> None:
+        value = value.detach().float().reshape(())
+        self._log_sums[name] = self._log_sums[name] + value if name in self._log_sums else value
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        """Adds `loss_task` and each `loss_<term>`, averaged per optimizer step and over processes."""
+        if "loss" in logs and self._log_sums:
+            names = list(self._log_sums)
+            values = torch.stack([self._log_sums[n].to(self.args.device) for n in names])
+            values = self.accelerator.gather(values).reshape(-1, len(names)).mean(0) / max(self._log_steps, 1)
+            logs.update({n: v.item() for n, v in zip(names, values)})
+            self._log_sums, self._log_steps = {}, 0
+        super().log(logs, *args, **kwargs)
+
+    # ---- state: Fisher estimation, checkpoints --------------------------------------------------
+
+    def _prepare_regularizers(self, checkpoint: str | None) -> None:
+        """Loads the regularizer state saved with `checkpoint`, and estimates what is still missing."""
+        path = os.path.join(checkpoint, STATE_FILE) if checkpoint else None
+        if path and os.path.isfile(path):
+            self._load_regularizer_state(path)
+        for reg in self.regularizers:
+            if isinstance(reg, EWC) and reg.fisher is None:
+                reg.fisher = self._estimate_fisher(reg)
+
+    def _estimate_fisher(self, reg: EWC) -> dict[str, torch.Tensor]:
+        generator = torch.Generator().manual_seed(self.args.seed)
+        model = self.model
+        disabled = model.disable_adapter() if is_peft_model(model) else contextlib.nullcontext()
+        device = None if self.args.anchor_device == "auto" else torch.device(self.args.anchor_device)
+        with disabled:
+            return estimate_fisher(
+                model,
+                self.deltas,
+                self._fisher_examples(reg.num_samples, generator),
+                empirical=reg.fisher_type == "empirical",
+                shifts_labels=self._loss_shifts_labels,
+                generator=generator,
+                device=device,
+            )
+
+    def _fisher_examples(self, n: int, generator: torch.Generator) -> Iterator[dict[str, Any]]:
+        """`n` training examples in a seeded random order, collated one at a time."""
+        dataset = self.train_dataset
+        if dataset is None:
+            raise ValueError("EWC needs a train_dataset to estimate the Fisher at the pre-trained weights")
+        try:
+            import datasets
+
+            if isinstance(dataset, datasets.Dataset):
+                dataset = self._remove_unused_columns(dataset, description="training")
+        except ImportError:  # pragma: no cover - datasets is a dependency
+            pass
+        if isinstance(dataset, torch.utils.data.IterableDataset):
+            rows = itertools.islice(dataset, n)
+        else:
+            rows = (dataset[int(i)] for i in torch.randperm(len(dataset), generator=generator)[:n])
+        for row in rows:
+            yield self._prepare_inputs(self.data_collator([row]))
+
+    def _anchor_fingerprint(self) -> float:
+        return sum(d.fingerprint() for d in self.deltas)
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        super()._save_optimizer_and_scheduler(output_dir)
+        if self.regularizers and self.args.should_save:
+            tensors = {
+                f"{reg.name}.{key}": value.detach().contiguous().cpu()
+                for reg in self.regularizers
+                for key, value in reg.state_dict().items()
+            }
+            metadata = {"anchor_fingerprint": repr(self._anchor_fingerprint())}
+            save_file(tensors, os.path.join(output_dir, STATE_FILE), metadata=metadata)
+
+    def _load_regularizer_state(self, path: str) -> None:
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as f:
+            saved = float((f.metadata() or {}).get("anchor_fingerprint", "nan"))
+        current = self._anchor_fingerprint()
+        if not math.isnan(saved) and not math.isclose(saved, current, rel_tol=1e-6, abs_tol=1e-6):
+            raise ValueError(
+                f"{path} was saved by a trainer anchored to other pre-trained weights (checksum {saved} != {current}): "
+                "build the trainer from the same pre-trained model to resume"
+            )
+        tensors = load_file(path)
+        for reg in self.regularizers:
+            prefix = f"{reg.name}."
+            reg.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
+        ewc_device = None if self.args.anchor_device == "auto" else torch.device(self.args.anchor_device)
+        for reg in self.regularizers:
+            if isinstance(reg, EWC) and reg.fisher is not None:
+                params = {d.name: d.fisher_parameter() for d in self.deltas}
+                reg.fisher = {k: v.to(ewc_device or params[k].device) for k, v in reg.fisher.items()}
+
+
+def _vocabulary_size(model: nn.Module) -> int | None:
+    embeddings = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if embeddings is not None and getattr(embeddings, "weight", None) is not None:
+        return embeddings.weight.shape[0]
+    return getattr(getattr(model, "config", None), "vocab_size", None)
+
+
+def _check_same_vocabulary(model: nn.Module, teacher: nn.Module) -> None:
+    student_size, teacher_size = _vocabulary_size(model), _vocabulary_size(teacher)
+    if student_size is not None and teacher_size is not None and student_size != teacher_size:
+        raise ValueError(
+            f"kd_lambda > 0 needs the same vocabulary in the model and the teacher: {student_size} != {teacher_size}"
+        )
