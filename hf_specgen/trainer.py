@@ -118,7 +118,8 @@ class SpecGenTrainer(Trainer):
             self._log_steps += 1
         # `divisor`: what `training_step` divides the returned loss by; a term that should make up
         # `share` of the optimizer step's loss is added as `term * share * divisor`.
-        divisor = 1 if self._loss_is_ga_scaled(num_items_in_batch) else self.current_gradient_accumulation_steps
+        micro_batches = getattr(self, "current_gradient_accumulation_steps", 1)  # set by the training loop
+        divisor = 1 if self._loss_is_ga_scaled(num_items_in_batch) else micro_batches
         labels, attention_mask = inputs.get("labels"), inputs.get("attention_mask")
 
         student_inputs = self.features.model_inputs(inputs) if self.features else inputs
@@ -148,7 +149,7 @@ class SpecGenTrainer(Trainer):
                 batch.teacher_features = self.features.select(teacher_outputs, teacher_features)
             for reg in self._batch_terms:
                 # KD is normalized like the task loss; feature protection is a micro-batch mean.
-                share = 1.0 / divisor if isinstance(reg, LogitDistillation) else 1.0 / self.current_gradient_accumulation_steps
+                share = 1.0 / divisor if isinstance(reg, LogitDistillation) else 1.0 / micro_batches
                 loss = loss + self._add_term(reg.log_name, reg(batch), share, divisor)
 
         return (loss, outputs) if return_outputs else loss

@@ -1,0 +1,130 @@
+"""Tiny models built from configs and small synthetic data: nothing is downloaded."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import datasets
+import pytest
+import torch
+from transformers import CLIPConfig, CLIPModel, OPTConfig, OPTForCausalLM
+
+from hf_specgen import SpecGenTrainingArguments
+
+VOCAB = 64
+SEQ_LEN = 12
+PROMPT_LEN = 3  # the first labels are -100, as with a prompt the loss ignores
+
+
+def tiny_opt(seed: int = 0, dropout: float = 0.0, vocab_size: int = VOCAB) -> OPTForCausalLM:
+    torch.manual_seed(seed)
+    config = OPTConfig(
+        vocab_size=vocab_size,
+        hidden_size=16,
+        word_embed_proj_dim=16,
+        num_hidden_layers=2,
+        ffn_dim=32,
+        num_attention_heads=2,
+        max_position_embeddings=64,
+        dropout=dropout,
+        attention_dropout=dropout,
+        activation_dropout=dropout,
+        pad_token_id=1,
+        bos_token_id=2,
+        eos_token_id=2,
+    )
+    return OPTForCausalLM(config)
+
+
+def tiny_clip(seed: int = 0) -> CLIPModel:
+    torch.manual_seed(seed)
+    config = CLIPConfig(
+        text_config={
+            "vocab_size": 32,
+            "hidden_size": 16,
+            "intermediate_size": 32,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "max_position_embeddings": 8,
+            "eos_token_id": 2,
+            "bos_token_id": 1,
+            "pad_token_id": 0,
+        },
+        vision_config={
+            "image_size": 16,
+            "patch_size": 8,
+            "hidden_size": 16,
+            "intermediate_size": 32,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+        },
+        projection_dim=8,
+    )
+    return CLIPModel(config)
+
+
+def clip_batch(n: int = 4, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(3, 32, (n, 6), generator=g)
+    input_ids[:, -1] = 2  # CLIP pools the text tower at the eos token
+    return {
+        "input_ids": input_ids,
+        "attention_mask": torch.ones_like(input_ids),
+        "pixel_values": torch.randn(n, 3, 16, 16, generator=g),
+        "return_loss": True,
+    }
+
+
+def lm_dataset(n: int = 16, seed: int = 0, length: int = SEQ_LEN) -> datasets.Dataset:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (n, length), generator=g)
+    labels = ids.clone()
+    labels[:, :PROMPT_LEN] = -100
+    return datasets.Dataset.from_dict(
+        {"input_ids": ids.tolist(), "attention_mask": [[1] * length] * n, "labels": labels.tolist()}
+    )
+
+
+def lm_batch(n: int = 4, seed: int = 1) -> dict[str, torch.Tensor]:
+    rows = lm_dataset(n, seed)
+    return {k: torch.tensor(rows[k]) for k in rows.column_names}
+
+
+def make_args(output_dir, **kwargs) -> SpecGenTrainingArguments:
+    defaults = dict(
+        output_dir=str(output_dir),
+        use_cpu=True,
+        report_to=[],
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        max_steps=3,
+        seed=0,
+        data_seed=0,
+        logging_steps=1,
+        save_strategy="no",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    defaults.update(kwargs)
+    return SpecGenTrainingArguments(**defaults)
+
+
+def perturb_(model: torch.nn.Module, scale: float = 0.05, seed: int = 123) -> None:
+    """Moves every trainable weight away from its value, as fine-tuning would."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(scale * torch.randn(p.shape, generator=g).to(p.dtype))
+
+
+def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+@pytest.fixture
+def args_factory(tmp_path):
+    return lambda **kwargs: make_args(kwargs.pop("output_dir", tmp_path / "out"), **kwargs)

@@ -1,0 +1,123 @@
+"""L1 and L2-SP: values and gradients against the closed forms, decoupled decay, clipping, dtypes."""
+
+import pytest
+import torch
+
+from conftest import lm_batch, lm_dataset, perturb_, snapshot, tiny_opt
+from hf_specgen import SpecGenTrainer
+
+
+def task_loss_and_grads(model, batch):
+    model.zero_grad()
+    loss = model(**batch).loss
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    return loss.detach(), grads
+
+
+def regularized_loss_and_grads(trainer, batch):
+    model = trainer.model.train()
+    model.zero_grad()
+    loss = trainer.compute_loss(model, dict(batch))
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    return loss.detach(), grads
+
+
+@pytest.mark.parametrize("kind", ["l1", "l2"])
+def test_value_and_gradient_match_closed_form(args_factory, kind):
+    lam = 0.7
+    model = tiny_opt()
+    model.model.decoder.layers[0].fc1.weight.requires_grad_(False)  # frozen weights are not penalized
+    pre = snapshot(model)
+    trainer = SpecGenTrainer(model=model, args=args_factory(**{f"{kind}_lambda": lam}))
+    perturb_(model)
+    batch = lm_batch()
+    loss, grads = regularized_loss_and_grads(trainer, batch)
+    task, task_grads = task_loss_and_grads(model, batch)
+
+    # named_parameters() yields the tied lm_head / embed_tokens weight once
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert "lm_head.weight" not in trainable and "model.decoder.embed_tokens.weight" in trainable
+    deltas = {n: p.detach().double() - pre[n].double() for n, p in trainable.items()}
+    expected = lam * sum((d.abs() if kind == "l1" else d.pow(2)).sum() for d in deltas.values())
+    assert torch.allclose((loss - task).double(), expected, rtol=1e-5)
+    for name, delta in deltas.items():
+        penalty_grad = lam * (delta.sign() if kind == "l1" else 2 * delta)
+        assert torch.allclose(grads[name].double() - task_grads[name].double(), penalty_grad, atol=1e-6), name
+    assert "model.decoder.layers.0.fc1.weight" not in grads
+    assert trainer.anchor_memory()["weights"] == sum(p.numel() * 4 for p in trainable.values())
+
+
+def test_penalty_is_zero_at_the_pretrained_weights(args_factory):
+    model = tiny_opt()
+    trainer = SpecGenTrainer(model=model, args=args_factory(l1_lambda=1.0, l2_lambda=1.0))
+    batch = lm_batch()
+    loss, grads = regularized_loss_and_grads(trainer, batch)
+    task, task_grads = task_loss_and_grads(model, batch)
+    assert loss == task
+    assert all(torch.equal(grads[n], task_grads[n]) for n in grads)
+
+
+def test_low_precision_anchor_and_weights_take_the_difference_in_float32(args_factory):
+    model = tiny_opt().to(torch.bfloat16)
+    pre = snapshot(model)
+    trainer = SpecGenTrainer(model=model, args=args_factory(l2_lambda=1.0))  # 'auto': a lossless bf16 snapshot
+    perturb_(model, scale=1e-2)
+    expected = sum((p.detach().float() - pre[n].float()).pow(2).sum() for n, p in model.named_parameters())
+    term = trainer._weight_terms[0](trainer.deltas)
+    assert term.dtype == torch.float32
+    assert torch.allclose(term, expected, rtol=1e-6)
+    n_params = sum(p.numel() for p in model.parameters())
+    assert trainer.anchor_memory()["weights"] == 2 * n_params
+
+    half = SpecGenTrainer(model=tiny_opt(), args=args_factory(l2_lambda=1.0, anchor_dtype="bfloat16"))
+    assert half.anchor_memory()["weights"] == 2 * n_params
+    assert all(d.reference.dtype == torch.bfloat16 for d in half.deltas)
+
+
+def test_decoupled_mode_decays_toward_pretrained_in_the_optimizer_step(args_factory):
+    lam, lr = 0.5, 0.1
+    model = tiny_opt()
+    pre = snapshot(model)
+    trainer = SpecGenTrainer(model=model, args=args_factory(l2_lambda=lam, l2_mode="decoupled", learning_rate=lr))
+    assert trainer._weight_terms == []  # not a loss term
+    perturb_(model)
+    before = snapshot(model)
+    optimizer = trainer.create_optimizer()
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)  # Adam's own update is then exactly zero
+    optimizer.step()
+    for name, p in model.named_parameters():
+        expected = before[name] - lr * lam * (before[name] - pre[name])
+        assert torch.allclose(p.detach(), expected, atol=1e-7), name
+    logged = trainer._log_sums["l2_distance"]
+    assert torch.allclose(logged, sum((before[n] - pre[n]).pow(2).sum() for n in pre), rtol=1e-5)
+
+
+def test_penalty_gradient_is_clipped_with_the_task_gradient(args_factory):
+    lam, lr, clip = 2.0, 0.1, 1e-3
+    model = tiny_opt()
+    pre = snapshot(model)
+    data = lm_dataset(4)
+    trainer = SpecGenTrainer(
+        model=model,
+        args=args_factory(l2_lambda=lam, optim="sgd", learning_rate=lr, max_grad_norm=clip, max_steps=1,
+                          lr_scheduler_type="constant"),
+        train_dataset=data,
+    )
+    perturb_(model)
+    start = snapshot(model)
+    batch = {k: torch.tensor(data[k]) for k in data.column_names}
+    _, task_grads = task_loss_and_grads(model, batch)
+    full = {n: task_grads[n] + 2 * lam * (start[n] - pre[n]) for n in task_grads}
+    norm = torch.sqrt(sum(g.pow(2).sum() for g in full.values()))
+    assert norm > 100 * clip
+    trainer.train()
+    for name, p in model.named_parameters():
+        expected = start[name] - lr * clip * full[name] / norm
+        assert torch.allclose(p.detach(), expected, atol=1e-7), name
+    log = trainer.state.log_history[0]
+    assert log["loss_l2"] == pytest.approx(lam * sum((start[n] - pre[n]).pow(2).sum().item() for n in pre), rel=1e-5)

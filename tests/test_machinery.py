@@ -1,0 +1,98 @@
+"""The Trainer's machinery: logging, gradient accumulation, bf16 autocast, save and resume."""
+
+import os
+
+import pytest
+import torch
+
+import hf_specgen.trainer as trainer_module
+from conftest import lm_dataset, perturb_, tiny_opt
+from hf_specgen import SpecGenTrainer
+from hf_specgen.trainer import STATE_FILE
+
+ALL_ON = dict(l1_lambda=0.01, l2_lambda=0.5, ewc_lambda=2.0, ewc_num_samples=4, kd_lambda=0.7, feature_lambda=0.3)
+TERMS = ["loss_l1", "loss_l2", "loss_ewc", "loss_kd", "loss_feature"]
+
+
+def train(args_factory, data, *, perturb=False, branch_b=False, **kwargs):
+    model = tiny_opt()
+    trainer = SpecGenTrainer(model=model, args=args_factory(**kwargs), train_dataset=data)
+    if perturb:  # start away from the pre-trained weights, so distance terms act from step 1
+        perturb_(model)
+    if branch_b:  # the Trainer's other loss-scaling branch: per-micro-batch means divided by the accumulation
+        trainer.model_accepts_loss_kwargs = False
+    trainer.train()
+    return trainer
+
+
+def test_each_term_is_logged_and_they_add_up_to_the_loss(args_factory):
+    trainer = train(args_factory, lm_dataset(16), perturb=True, max_steps=4, gradient_accumulation_steps=2,
+                    per_device_train_batch_size=2, **ALL_ON)
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logs) == 4
+    for entry in logs:
+        assert all(entry[name] > 0 for name in TERMS)
+        assert entry["loss"] == pytest.approx(entry["loss_task"] + sum(entry[name] for name in TERMS), rel=1e-5)
+
+
+@pytest.mark.parametrize("branch_b", [False, True], ids=["num_items_in_batch", "per_batch_mean"])
+@pytest.mark.parametrize(
+    "regularizer",
+    [dict(l1_lambda=0.05), dict(l2_lambda=1.0), dict(l2_lambda=5.0, l2_mode="decoupled"), dict(ewc_lambda=5.0, ewc_num_samples=4),
+     dict(kd_lambda=2.0), dict(feature_lambda=1.0)],
+    ids=["l1", "l2", "l2_decoupled", "ewc", "kd", "feature"],
+)
+def test_gradient_accumulation_gives_the_same_weights(args_factory, regularizer, branch_b):
+    """Batch 4 and batch 2 x accumulation 2: the same optimizer steps, each term counted once per step."""
+    data = lm_dataset(12)
+    common = dict(max_steps=3, optim="sgd", learning_rate=0.1, lr_scheduler_type="constant", **regularizer)
+    one = train(args_factory, data, perturb=True, branch_b=branch_b, per_device_train_batch_size=4, **common)
+    two = train(args_factory, data, perturb=True, branch_b=branch_b, per_device_train_batch_size=2,
+                gradient_accumulation_steps=2, **common)
+    for (name, p), q in zip(one.model.named_parameters(), two.model.parameters()):
+        assert torch.allclose(p, q, atol=1e-6), name
+    log_one, log_two = ([e for e in t.state.log_history if "loss" in e] for t in (one, two))
+    key = next(k for k in log_one[0] if k.startswith(("loss_", "l2_distance")) and k != "loss_task")
+    for a, b in zip(log_one, log_two):
+        assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-9)
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+
+
+def test_bf16_autocast_and_clipping(args_factory):
+    trainer = train(args_factory, lm_dataset(8), perturb=True, bf16=True, max_grad_norm=0.5, **ALL_ON)
+    assert trainer.accelerator.mixed_precision == "bf16"
+    logs = [e for e in trainer.state.log_history if "loss" in e]
+    assert len(logs) == 3 and all(torch.isfinite(torch.tensor([e[n] for n in TERMS])).all() for e in logs)
+    assert all(e["grad_norm"] > 0.5 for e in logs)  # the clipped norm counts the penalties too
+
+
+def test_resume_ends_with_the_same_weights_and_reuses_the_saved_fisher(args_factory, tmp_path, monkeypatch):
+    data = lm_dataset(24)
+    common = dict(max_steps=6, save_strategy="steps", save_steps=3, **ALL_ON)
+    full = train(args_factory, data, **common)
+    checkpoint = os.path.join(full.args.output_dir, "checkpoint-3")
+    assert os.path.isfile(os.path.join(checkpoint, STATE_FILE))
+
+    def no_estimate(*_args, **_kwargs):
+        raise AssertionError("the Fisher must come from the checkpoint, not be re-estimated")
+
+    monkeypatch.setattr(trainer_module, "estimate_fisher", no_estimate)
+    resumed = SpecGenTrainer(model=tiny_opt(), args=args_factory(**{**common, "output_dir": str(tmp_path / "resumed")}),
+                             train_dataset=data)
+    resumed.train(resume_from_checkpoint=checkpoint)
+    ewc = lambda t: next(r for r in t.regularizers if r.name == "ewc")  # noqa: E731
+    assert set(ewc(resumed).fisher) == set(ewc(full).fisher)
+    assert all(torch.equal(ewc(full).fisher[k], v) for k, v in ewc(resumed).fisher.items())
+    for (name, p), q in zip(full.model.named_parameters(), resumed.model.parameters()):
+        assert torch.allclose(p, q, atol=1e-6), name
+    last = lambda t: [e for e in t.state.log_history if "loss" in e][-1]  # noqa: E731
+    assert last(full)["loss_ewc"] == pytest.approx(last(resumed)["loss_ewc"], rel=1e-4)
+
+
+def test_resume_from_other_pretrained_weights_is_refused(args_factory, tmp_path):
+    data = lm_dataset(8)
+    full = train(args_factory, data, max_steps=2, save_strategy="steps", save_steps=2, l2_lambda=1.0)
+    other = SpecGenTrainer(model=tiny_opt(seed=7), args=args_factory(l2_lambda=1.0, output_dir=str(tmp_path / "o")),
+                           train_dataset=data)
+    with pytest.raises(ValueError, match="anchored to other pre-trained weights"):
+        other.train(resume_from_checkpoint=os.path.join(full.args.output_dir, "checkpoint-2"))
