@@ -229,7 +229,6 @@ class SpecGenTrainer(Trainer):
         generator = torch.Generator().manual_seed(self.args.seed)
         model = self.model
         disabled = model.disable_adapter() if is_peft_model(model) else contextlib.nullcontext()
-        device = None if self.args.anchor_device == "auto" else torch.device(self.args.anchor_device)
         with disabled:
             return estimate_fisher(
                 model,
@@ -238,8 +237,12 @@ class SpecGenTrainer(Trainer):
                 empirical=reg.fisher_type == "empirical",
                 shifts_labels=self._loss_shifts_labels,
                 generator=generator,
-                device=device,
+                device=self._fisher_device(),
             )
+
+    def _fisher_device(self) -> torch.device | None:
+        """Where the Fisher lives: `anchor_device`, or (None) beside each weight."""
+        return None if self.args.anchor_device == "auto" else torch.device(self.args.anchor_device)
 
     def _fisher_examples(self, n: int, generator: torch.Generator) -> Iterator[dict[str, Any]]:
         """`n` training examples in a seeded random order, collated one at a time."""
@@ -289,11 +292,10 @@ class SpecGenTrainer(Trainer):
         for reg in self.regularizers:
             prefix = f"{reg.name}."
             reg.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
-        ewc_device = None if self.args.anchor_device == "auto" else torch.device(self.args.anchor_device)
+        weights = {d.name: d.fisher_parameter() for d in self.deltas}
         for reg in self.regularizers:
             if isinstance(reg, EWC) and reg.fisher is not None:
-                params = {d.name: d.fisher_parameter() for d in self.deltas}
-                reg.fisher = {k: v.to(ewc_device or params[k].device) for k, v in reg.fisher.items()}
+                reg.fisher = {k: v.to(self._fisher_device() or weights[k].device) for k, v in reg.fisher.items()}
 
 
 def _vocabulary_size(model: nn.Module) -> int | None:
