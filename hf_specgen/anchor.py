@@ -83,15 +83,27 @@ class WeightDelta:
 
 
 class DenseDelta(WeightDelta):
-    def __init__(self, name: str, param: nn.Parameter, reference: torch.Tensor, *, owned: bool = False) -> None:
+    def __init__(
+        self,
+        name: str,
+        param: nn.Parameter,
+        reference: torch.Tensor,
+        *,
+        owned: bool = False,
+        fisher_param: nn.Parameter | None = None,
+    ) -> None:
         self.name, self.param, self.reference = name, param, reference
         self.owned = owned  # True when `reference` is a snapshot made for this delta alone
+        # The weight the pre-trained forward runs through: `param` itself, except for a peft
+        # `modules_to_save` copy, which the adapter-disabled forward (where the Fisher is estimated)
+        # bypasses for its `original_module`.
+        self._fisher_param = param if fisher_param is None else fisher_param
 
     def delta(self) -> torch.Tensor:
         return self.param.float() - self.reference.to(self.param.device, torch.float32)
 
     def fisher_parameter(self) -> torch.Tensor:
-        return self.param
+        return self._fisher_param
 
     @torch.no_grad()
     def decay_(self, factor: float) -> torch.Tensor:
@@ -204,8 +216,9 @@ def weight_deltas(
     for name, param in model.named_parameters():  # deduplicates tied weights
         if not param.requires_grad or id(param) in covered:
             continue
-        if name in ref_params:
-            ref = ref_params[name]
+        ref_name = name if name in ref_params else _peft_free_name(name)  # a plain ref_model of a peft model
+        if ref_name in ref_params:
+            ref = ref_params[ref_name]
             if ref.shape != param.shape:
                 raise ValueError(f"reference weight {name} has shape {tuple(ref.shape)}, model has {tuple(param.shape)}")
             deltas.append(DenseDelta(name, param, ref.detach()))
@@ -213,7 +226,7 @@ def weight_deltas(
             missing.append(name)
         elif _is_modules_to_save(name):
             original = all_params[_original_module_name(name)]
-            deltas.append(DenseDelta(name, param, original.detach()))
+            deltas.append(DenseDelta(name, param, original.detach(), fisher_param=original))
         else:
             snapshot = param.detach().to(resolve_device(device, param), resolve_dtype(dtype, param), copy=True)
             deltas.append(DenseDelta(name, param, snapshot, owned=True))
@@ -224,6 +237,11 @@ def weight_deltas(
 
 def _is_modules_to_save(name: str) -> bool:
     return ".modules_to_save." in name
+
+
+def _peft_free_name(name: str) -> str:
+    # "base_model.model.x.q_proj.base_layer.bias" -> "x.q_proj.bias": the name in the model peft wraps
+    return name.removeprefix("base_model.model.").replace(".base_layer.", ".")
 
 
 def _original_module_name(name: str) -> str:

@@ -1,0 +1,169 @@
+"""CLIP: feature protection on the image embeddings and KD on `logits_per_image`, against
+independent computations with a frozen copy of the pre-trained model."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+from conftest import clip_batch, perturb_, tiny_clip
+from hf_specgen import SpecGenTrainer
+
+
+def image_embeddings(model, pixel_values):
+    """The projected image embedding: transformers 5's `get_image_features` returns a
+    `BaseModelOutputWithPooling` whose `pooler_output` it is (older versions: the tensor)."""
+    out = model.get_image_features(pixel_values=pixel_values)
+    embeds = out if torch.is_tensor(out) else out.pooler_output
+    assert embeds.shape == (pixel_values.shape[0], model.config.projection_dim)
+    return embeds
+
+
+def feature_by_hand(student, teacher):
+    return (student.double() - teacher.double()).pow(2).sum(-1).mean()
+
+
+def kd_by_hand(student_logits, teacher_logits, temperature):
+    """T^2 * mean over rows of KL(softmax(t / T) || softmax(s / T))."""
+    s, t = student_logits.double() / temperature, teacher_logits.double() / temperature
+    kl_rows = (F.softmax(t, -1) * (F.log_softmax(t, -1) - F.log_softmax(s, -1))).sum(-1)
+    return temperature**2 * kl_rows.mean()
+
+
+def test_clip_feature_term_is_image_embedding_distance(args_factory):
+    lam = 0.7
+    model = tiny_clip()
+    pretrained = copy.deepcopy(model).eval()
+    trainer = SpecGenTrainer(model=model, args=args_factory(feature_lambda=lam))
+    perturb_(model)
+    model.train()
+    batch = clip_batch()
+    task = model(**batch).loss.detach()
+    loss = trainer.compute_loss(model, dict(batch))
+    with torch.no_grad():
+        expected = lam * feature_by_hand(
+            image_embeddings(model, batch["pixel_values"]), image_embeddings(pretrained, batch["pixel_values"])
+        )
+    assert expected > 1e-4
+    torch.testing.assert_close((loss.detach() - task).double(), expected, rtol=1e-4, atol=1e-8)
+    assert trainer.anchor_memory()["teacher"] == sum(p.numel() * 4 for p in model.parameters())
+
+
+def tiny_clip_vision(seed=0):
+    torch.manual_seed(seed)
+    config = CLIPVisionConfig(
+        image_size=16, patch_size=8, hidden_size=16, intermediate_size=32,
+        num_hidden_layers=1, num_attention_heads=2, projection_dim=8,
+    )
+    return CLIPVisionModelWithProjection(config)
+
+
+def embedding_regression_loss(outputs, labels, num_items_in_batch=None):
+    """The task for a vision tower without a loss of its own: regress the image embeddings onto targets."""
+    return F.mse_loss(outputs.image_embeds, labels)
+
+
+def test_clip_vision_with_projection_feature_term(args_factory):
+    lam = 0.5
+    model = tiny_clip_vision()
+    pretrained = copy.deepcopy(model).eval()
+    trainer = SpecGenTrainer(
+        model=model, args=args_factory(feature_lambda=lam), compute_loss_func=embedding_regression_loss
+    )
+    perturb_(model)
+    model.train()
+    g = torch.Generator().manual_seed(3)
+    pixel_values, targets = torch.randn(4, 3, 16, 16, generator=g), torch.randn(4, 8, generator=g)
+    loss = trainer.compute_loss(model, {"pixel_values": pixel_values, "labels": targets})
+    student = model(pixel_values=pixel_values).image_embeds
+    with torch.no_grad():
+        teacher = pretrained(pixel_values=pixel_values).image_embeds
+    task = F.mse_loss(student, targets).detach()
+    expected = lam * feature_by_hand(student.detach(), teacher)
+    assert expected > 1e-4
+    torch.testing.assert_close((loss.detach() - task).double(), expected, rtol=1e-4, atol=1e-8)
+
+
+def test_clip_kd_on_logits_per_image(args_factory):
+    lam, temperature = 0.9, 2.0
+    model = tiny_clip()
+    pretrained = copy.deepcopy(model).eval()
+    trainer = SpecGenTrainer(model=model, args=args_factory(kd_lambda=lam, kd_temperature=temperature))
+    perturb_(model)
+    model.train()
+    batch = clip_batch()
+    student = model(**batch)
+    loss = trainer.compute_loss(model, dict(batch))
+    with torch.no_grad():
+        teacher = pretrained(**batch)
+    assert student.logits_per_image.shape == (4, 4)
+    expected = lam * kd_by_hand(student.logits_per_image.detach(), teacher.logits_per_image, temperature)
+    # not logits_per_text: KL is not symmetric in the logit matrix's transpose
+    other = lam * kd_by_hand(student.logits_per_text.detach(), teacher.logits_per_text, temperature)
+    assert expected > 1e-4 and abs(expected - other) > 1e-3 * expected
+    torch.testing.assert_close((loss - student.loss).detach().double(), expected, rtol=1e-4, atol=1e-8)
+
+
+@pytest.mark.parametrize("kwargs", [dict(kd_lambda=1.0, kd_temperature=2.0), dict(feature_lambda=1.0)])
+def test_terms_and_their_gradients_vanish_at_construction(args_factory, kwargs):
+    model = tiny_clip()
+    trainer = SpecGenTrainer(model=model, args=args_factory(**kwargs))
+    model.train()
+    batch = clip_batch()
+    params = [p for p in model.parameters() if p.requires_grad]
+    task = model(**batch).loss
+    task_grads = torch.autograd.grad(task, params)
+    loss = trainer.compute_loss(model, dict(batch))
+    (name,) = [n for n in trainer._log_sums if n != "loss_task"]
+    assert trainer._log_sums[name].item() == 0.0  # the term itself, as it is logged
+    assert loss.item() == task.item()
+    grads = torch.autograd.grad(loss, params)
+    added = torch.cat([(g - t).flatten() for g, t in zip(grads, task_grads)])
+    if "feature_lambda" in kwargs:
+        assert torch.equal(added, torch.zeros_like(added))  # d/ds ||s - t||^2 = 2 (s - t) = 0 exactly
+    else:
+        # d/ds KL = (softmax(s / T) - softmax(t / T)) / T up to the rounding of sum(softmax) = 1
+        reference = torch.cat([t.flatten() for t in task_grads]).norm()
+        assert added.norm() <= 1e-6 * reference, (added.norm(), reference)
+
+    # and the term is switched on for real: after a perturbation it is positive
+    perturb_(model)
+    trainer._log_sums = {}
+    trainer.compute_loss(model, dict(batch))
+    assert trainer._log_sums[name].item() > 1e-6
+
+
+class PairDataset(torch.utils.data.Dataset):
+    def __init__(self, n=8, seed=0):
+        self.rows = clip_batch(n, seed)
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return {k: self.rows[k][i] for k in ("input_ids", "attention_mask", "pixel_values")}
+
+
+def contrastive_collator(rows):
+    batch = {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+    return {**batch, "return_loss": True}  # CLIPModel computes its contrastive loss only when asked
+
+
+def test_clip_train_end_to_end_logs_feature_term(args_factory):
+    model = tiny_clip()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    args = args_factory(feature_lambda=1.0, remove_unused_columns=False, max_steps=3, learning_rate=1e-2)
+    trainer = SpecGenTrainer(model=model, args=args, train_dataset=PairDataset(), data_collator=contrastive_collator)
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logs) == 3
+    for entry in logs:
+        assert "loss_feature" in entry and "loss_task" in entry
+        # the logged loss is the task loss plus the feature term
+        assert entry["loss"] == pytest.approx(entry["loss_task"] + entry["loss_feature"], rel=1e-4, abs=1e-6)
+    assert logs[0]["loss_feature"] == 0.0  # step 1 runs at the pre-trained weights
+    assert logs[-1]["loss_feature"] > 0.0  # later steps have moved the image embeddings
+    assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters())
