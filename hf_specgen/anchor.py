@@ -57,6 +57,21 @@ class WeightDelta:
     def squared_norm(self) -> torch.Tensor:
         return self.delta().pow(2).sum()
 
+    def add_grad_(self, grad_delta: torch.Tensor, alpha: float) -> None:
+        """Adds `alpha * d(penalty)/d(parameters)` to `.grad`, given `grad_delta = d(penalty)/d(delta)`.
+
+        Closed form, outside autograd: no autograd or DDP hook fires, so it is also correct after
+        the gradients were reduced across processes."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def squared_norm_and_grad_(self, alpha: float) -> torch.Tensor:
+        """`||delta||^2`; adds `alpha` times its gradient to `.grad`."""
+        delta = self.delta()
+        self.add_grad_(delta, 2.0 * alpha)
+        flat = delta.reshape(-1)
+        return torch.dot(flat, flat)
+
     def fisher_parameter(self) -> torch.Tensor:
         """The tensor whose gradient is the gradient with respect to the effective weight."""
         raise NotImplementedError
@@ -102,6 +117,10 @@ class DenseDelta(WeightDelta):
     def delta(self) -> torch.Tensor:
         return self.param.float() - self.reference.to(self.param.device, torch.float32)
 
+    @torch.no_grad()
+    def add_grad_(self, grad_delta: torch.Tensor, alpha: float) -> None:
+        _accumulate_grad(self.param, grad_delta, alpha)
+
     def fisher_parameter(self) -> torch.Tensor:
         return self._fisher_param
 
@@ -140,16 +159,38 @@ class LoraDelta(WeightDelta):
     def scale(self) -> float:
         return float(self.layer.scaling[self.adapter])
 
+    @property
+    def transposed(self) -> bool:
+        """Whether the base weight's layout is that of `(B @ A).T` (embeddings, `fan_in_fan_out`)."""
+        return self.embedding or getattr(self.layer, "fan_in_fan_out", False)
+
     def delta(self) -> torch.Tensor:
         product = self.scale * (self.B.float() @ self.A.float())
-        transposed = self.embedding or getattr(self.layer, "fan_in_fan_out", False)
-        return product.T if transposed else product
+        return product.T if self.transposed else product
 
     def squared_norm(self) -> torch.Tensor:
         # ||s B A||_F^2 = s^2 tr(A^T B^T B A) = s^2 <B^T B, A A^T>: two r x r Gram matrices,
         # never the out x in product.
         a, b = self.A.float(), self.B.float()
         return self.scale**2 * ((b.T @ b) * (a @ a.T)).sum()
+
+    @torch.no_grad()
+    def add_grad_(self, grad_delta: torch.Tensor, alpha: float) -> None:
+        # delta = s B A, so dP/dB = s G A^T and dP/dA = s B^T G, with G = dP/d(B A layout)
+        g = grad_delta.T if self.transposed else grad_delta
+        a, b = self.A.float(), self.B.float()
+        _accumulate_grad(self.B, g @ a.T, alpha * self.scale)
+        _accumulate_grad(self.A, b.T @ g, alpha * self.scale)
+
+    @torch.no_grad()
+    def squared_norm_and_grad_(self, alpha: float) -> torch.Tensor:
+        # d/dB s^2 <B^T B, A A^T> = 2 s^2 B (A A^T), d/dA = 2 s^2 (B^T B) A: r x r work again
+        a, b = self.A.float(), self.B.float()
+        gram_a, gram_b = a @ a.T, b.T @ b
+        factor = 2.0 * alpha * self.scale**2
+        _accumulate_grad(self.B, b @ gram_a, factor)
+        _accumulate_grad(self.A, gram_b @ a, factor)
+        return self.scale**2 * (gram_b * gram_a).sum()
 
     def fisher_parameter(self) -> torch.Tensor:
         return self.layer.get_base_layer().weight
@@ -170,6 +211,13 @@ class LoraDelta(WeightDelta):
 
     def fingerprint(self) -> float:
         return float(self.fisher_parameter().double().sum())
+
+
+def _accumulate_grad(param: nn.Parameter, grad: torch.Tensor, alpha: float) -> None:
+    if param.grad is None:
+        param.grad = (alpha * grad).to(param.dtype)
+    else:
+        param.grad.add_(grad.to(param.grad.dtype), alpha=alpha)
 
 
 def _lora_deltas(model: nn.Module) -> list[LoraDelta]:

@@ -59,6 +59,11 @@ class SpecGenTrainer(Trainer):
             return
         if self.model_init is not None:
             raise ValueError("regularizers need the pre-trained model at construction; model_init is not supported")
+        if self.is_deepspeed_enabled and (self._weight_terms or self._step_terms):
+            raise ValueError(
+                "l1_lambda, l2_lambda and ewc_lambda are not supported under DeepSpeed yet: DeepSpeed keeps the "
+                "gradients in its own partitioned buffers"
+            )
         args_ = self.args
         if self._batch_terms:
             self.teacher = Teacher.build(self.model, ref_model=ref_model, dtype=args_.anchor_dtype, device=args_.anchor_device)
@@ -112,13 +117,9 @@ class SpecGenTrainer(Trainer):
         if not self.regularizers or not model.training:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
-        new_step = self._last_seen_step != self.state.global_step
-        if new_step:
-            self._last_seen_step = self.state.global_step
-            self._log_steps += 1
+        micro_batches = getattr(self, "current_gradient_accumulation_steps", 1)  # set by the training loop
         # `divisor`: what `training_step` divides the returned loss by; a term that should make up
         # `share` of the optimizer step's loss is added as `term * share * divisor`.
-        micro_batches = getattr(self, "current_gradient_accumulation_steps", 1)  # set by the training loop
         divisor = 1 if self._loss_is_ga_scaled(num_items_in_batch) else micro_batches
         labels, attention_mask = inputs.get("labels"), inputs.get("attention_mask")
 
@@ -128,35 +129,56 @@ class SpecGenTrainer(Trainer):
                 model, student_inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
             )
         self._record("loss_task", loss.detach() / divisor)
+        if not self._batch_terms:
+            return (loss, outputs) if return_outputs else loss
 
-        if new_step:
-            for reg in self._weight_terms:  # once per optimizer step
-                loss = loss + self._add_term(reg.log_name, reg(self.deltas), 1.0, divisor)
-
-        if self._batch_terms:
-            with self._capture_features(self.teacher.module) as teacher_features:
-                teacher_outputs = self.teacher(student_inputs)
-            batch = DistillationBatch(
-                student=outputs,
-                teacher=teacher_outputs,
-                labels=labels,
-                attention_mask=attention_mask,
-                shifts_labels=self._loss_shifts_labels,
-                token_denominator=self._task_token_denominator(num_items_in_batch),
-            )
-            if self.features:
-                batch.student_features = self.features.select(outputs, student_features)
-                batch.teacher_features = self.features.select(teacher_outputs, teacher_features)
-            for reg in self._batch_terms:
-                # KD is normalized like the task loss; feature protection is a micro-batch mean.
-                share = 1.0 / divisor if isinstance(reg, LogitDistillation) else 1.0 / micro_batches
-                loss = loss + self._add_term(reg.log_name, reg(batch), share, divisor)
+        with self._capture_features(self.teacher.module) as teacher_features:
+            teacher_outputs = self.teacher(student_inputs)
+        batch = DistillationBatch(
+            student=outputs,
+            teacher=teacher_outputs,
+            labels=labels,
+            attention_mask=attention_mask,
+            shifts_labels=self._loss_shifts_labels,
+            token_denominator=self._task_token_denominator(num_items_in_batch),
+        )
+        if self.features:
+            batch.student_features = self.features.select(outputs, student_features)
+            batch.teacher_features = self.features.select(teacher_outputs, teacher_features)
+        for reg in self._batch_terms:
+            # KD is normalized like the task loss; feature protection is a micro-batch mean.
+            share = 1.0 / divisor if isinstance(reg, LogitDistillation) else 1.0 / micro_batches
+            term = reg(batch)
+            self._record(reg.log_name, term.detach() * share)
+            loss = loss + term * (share * divisor)
 
         return (loss, outputs) if return_outputs else loss
 
-    def _add_term(self, name: str, term: torch.Tensor, share: float, divisor: int) -> torch.Tensor:
-        self._record(name, term.detach() * share)
-        return term * (share * divisor)
+    def training_step(
+        self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: torch.Tensor | int | None = None
+    ) -> torch.Tensor:
+        """The Trainer's step; on an optimizer step's first micro-batch, also the weight terms' gradients."""
+        if not self.regularizers:
+            return super().training_step(model, inputs, num_items_in_batch)
+        new_step = self._last_seen_step != self.state.global_step
+        if new_step:
+            self._last_seen_step = self.state.global_step
+            self._log_steps += 1
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if new_step and self._weight_terms:
+            loss = loss + self._apply_weight_terms().to(loss.device)
+        return loss
+
+    def _apply_weight_terms(self) -> torch.Tensor:
+        """Adds L1 / L2 / EWC's closed-form gradients to `.grad` (at the loss scale of fp16 training)."""
+        scaler = getattr(self.accelerator, "scaler", None)
+        grad_scale = float(scaler.get_scale()) if scaler is not None else 1.0
+        total = torch.zeros(())
+        for reg in self._weight_terms:
+            value = reg.apply_(self.deltas, grad_scale).detach().float()
+            self._record(reg.log_name, value)
+            total = total + value.cpu()
+        return total
 
     def _loss_is_ga_scaled(self, num_items_in_batch: torch.Tensor | int | None) -> bool:
         """Mirrors `Trainer.training_step`: is the task loss already normalized over the accumulated batch?"""
@@ -194,7 +216,7 @@ class SpecGenTrainer(Trainer):
                 deltas = [by_param[id(p)] for p in group["params"] if id(p) in by_param]
                 for reg in self._step_terms:
                     if deltas:
-                        self._record(reg.log_name, reg.apply_(group["lr"], deltas))
+                        self._record(reg.log_name, reg.before_step_(group["lr"], deltas))
 
         optimizer.register_step_pre_hook(before_step)
 

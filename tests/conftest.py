@@ -128,3 +128,17 @@ def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 @pytest.fixture
 def args_factory(tmp_path):
     return lambda **kwargs: make_args(kwargs.pop("output_dir", tmp_path / "out"), **kwargs)
+
+
+def step_and_grads(trainer, batch: dict[str, torch.Tensor]):
+    """One `training_step` opening an optimizer step: the loss it reports and the gradients it leaves.
+
+    Weight terms (L1, L2, EWC) add their closed-form gradients there, not through `compute_loss`."""
+    model = trainer.model
+    model.zero_grad()
+    trainer._last_seen_step = None
+    trainer.current_gradient_accumulation_steps = 1
+    loss = trainer.training_step(model, dict(batch))
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    return loss, grads

@@ -3,23 +3,13 @@
 import pytest
 import torch
 
-from conftest import lm_batch, lm_dataset, perturb_, snapshot, tiny_opt
+from conftest import lm_batch, lm_dataset, perturb_, snapshot, step_and_grads, tiny_opt
 from hf_specgen import SpecGenTrainer
 
 
 def task_loss_and_grads(model, batch):
     model.zero_grad()
     loss = model(**batch).loss
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    model.zero_grad()
-    return loss.detach(), grads
-
-
-def regularized_loss_and_grads(trainer, batch):
-    model = trainer.model.train()
-    model.zero_grad()
-    loss = trainer.compute_loss(model, dict(batch))
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
@@ -35,7 +25,7 @@ def test_value_and_gradient_match_closed_form(args_factory, kind):
     trainer = SpecGenTrainer(model=model, args=args_factory(**{f"{kind}_lambda": lam}))
     perturb_(model)
     batch = lm_batch()
-    loss, grads = regularized_loss_and_grads(trainer, batch)
+    loss, grads = step_and_grads(trainer, batch)
     task, task_grads = task_loss_and_grads(model, batch)
 
     # named_parameters() yields the tied lm_head / embed_tokens weight once
@@ -55,7 +45,7 @@ def test_penalty_is_zero_at_the_pretrained_weights(args_factory):
     model = tiny_opt()
     trainer = SpecGenTrainer(model=model, args=args_factory(l1_lambda=1.0, l2_lambda=1.0))
     batch = lm_batch()
-    loss, grads = regularized_loss_and_grads(trainer, batch)
+    loss, grads = step_and_grads(trainer, batch)
     task, task_grads = task_loss_and_grads(model, batch)
     assert loss == task
     assert all(torch.equal(grads[n], task_grads[n]) for n in grads)
@@ -67,7 +57,7 @@ def test_low_precision_anchor_and_weights_take_the_difference_in_float32(args_fa
     trainer = SpecGenTrainer(model=model, args=args_factory(l2_lambda=1.0))  # 'auto': a lossless bf16 snapshot
     perturb_(model, scale=1e-2)
     expected = sum((p.detach().float() - pre[n].float()).pow(2).sum() for n, p in model.named_parameters())
-    term = trainer._weight_terms[0](trainer.deltas)
+    term = trainer._weight_terms[0].apply_(trainer.deltas, grad_scale=1.0)
     assert term.dtype == torch.float32
     assert torch.allclose(term, expected, rtol=1e-6)
     n_params = sum(p.numel() for p in model.parameters())
@@ -121,3 +111,19 @@ def test_penalty_gradient_is_clipped_with_the_task_gradient(args_factory):
         assert torch.allclose(p.detach(), expected, atol=1e-7), name
     log = trainer.state.log_history[0]
     assert log["loss_l2"] == pytest.approx(lam * sum((start[n] - pre[n]).pow(2).sum().item() for n in pre), rel=1e-5)
+
+
+def test_closed_form_gradients_follow_the_fp16_loss_scale(args_factory):
+    """Under fp16 the task gradients are multiplied by the GradScaler's scale; the penalty's must be too."""
+    model = tiny_opt()
+    trainer = SpecGenTrainer(model=model, args=args_factory(l1_lambda=0.3, l2_lambda=0.7, ewc_lambda=2.0,
+                                                            ewc_num_samples=4), train_dataset=lm_dataset(4))
+    trainer._prepare_regularizers(None)
+    perturb_(model)
+    batch = lm_batch()
+    loss, grads = step_and_grads(trainer, batch)
+    trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=8.0)
+    scaled_loss, scaled_grads = step_and_grads(trainer, batch)
+    assert torch.allclose(scaled_loss, loss)  # the reported loss is unscaled
+    for name, grad in grads.items():
+        assert torch.allclose(scaled_grads[name], 8.0 * grad, rtol=1e-5, atol=1e-6), name

@@ -97,8 +97,7 @@ def test_penalty_value_and_gradient(args_factory):
     assert all(f.min() >= 0 for f in fisher.values()) and sum(f.sum() for f in fisher.values()) > 0
     perturb_(model)
     model.zero_grad()
-    term = trainer._weight_terms[0](trainer.deltas)
-    term.backward()
+    term = trainer._weight_terms[0].apply_(trainer.deltas, grad_scale=1.0)
     expected = lam * sum((fisher[n] * (p.detach() - pre[n]).pow(2)).sum() for n, p in model.named_parameters())
     assert torch.allclose(term, expected, rtol=1e-5)
     for name, p in model.named_parameters():

@@ -12,7 +12,7 @@ from peft.tuners.lora import LoraLayer
 from torch.overrides import TorchFunctionMode
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from conftest import lm_batch, lm_dataset, perturb_, tiny_opt
+from conftest import lm_batch, lm_dataset, perturb_, step_and_grads, tiny_opt
 from hf_specgen import SpecGenTrainer
 from hf_specgen.anchor import LoraDelta, weight_deltas
 from hf_specgen.regularizers import EWC
@@ -152,22 +152,23 @@ def test_trainer_l2_on_lora_is_the_effective_delta_norm(args_factory):
     model = lora_opt()  # LoRA weights already moved: a snapshot taken now would see no distance
     trainer = SpecGenTrainer(model=model, args=args_factory(l2_lambda=lam))
     assert len(trainer.deltas) == 4 and all(isinstance(d, LoraDelta) for d in trainer.deltas)
-    model.train()
     batch = lm_batch()
-    task = model(**batch).loss.detach()
-    loss = trainer.compute_loss(model, dict(batch))
+    loss, grads = step_and_grads(trainer, batch)
+    model.train()
+    task = model(**batch).loss
     expected = lam * sum(d.pow(2).sum() for d in materialized_deltas(model).values())
     assert expected > 1e-3
-    torch.testing.assert_close(loss.detach() - task, expected, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(loss - task.detach(), expected, rtol=1e-5, atol=1e-7)
 
     # the gradient the term adds to A and B is that of the materialized norm
-    model.zero_grad()
-    (loss - model(**batch).loss).backward()
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    names = {id(p): n for n, p in trainable.items()}
+    task_grads = dict(zip(trainable, torch.autograd.grad(task, list(trainable.values()))))
     for name, layer in lora_layers(model).items():
         a, b = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
         ref_a, ref_b = torch.autograd.grad(lam * layer.get_delta_weight(ADAPTER).pow(2).sum(), [a, b])
-        assert_near(a.grad, ref_a)
-        assert_near(b.grad, ref_b)
+        assert_near(grads[names[id(a)]] - task_grads[names[id(a)]], ref_a)
+        assert_near(grads[names[id(b)]] - task_grads[names[id(b)]], ref_b)
     assert trainer.anchor_memory() == {"weights": 0, "teacher": 0, "fisher": 0}
 
 
@@ -279,7 +280,7 @@ def test_refused_configuration_works_with_ref_model(args_factory):
     model.train()
     batch = lm_batch()
     student = model(**batch)
-    loss = trainer.compute_loss(model, dict(batch))
+    loss, _ = step_and_grads(trainer, batch)
     with torch.no_grad():
         teacher = pretrained(**batch)
     kd = lam_kd * _kd_by_hand(student.logits.detach(), teacher.logits, batch["labels"], 1.0)
@@ -313,8 +314,8 @@ def test_modules_to_save_reference_is_original_module(args_factory):
     model.train()
     batch = lm_batch()
     task = model(**batch).loss.detach()
-    loss = trainer.compute_loss(model, dict(batch))
-    torch.testing.assert_close((loss.detach() - task).double(), expected, rtol=1e-5, atol=1e-7)
+    loss, _ = step_and_grads(trainer, batch)
+    torch.testing.assert_close((loss - task).double(), expected, rtol=1e-5, atol=1e-7)
 
 
 # ---- 7: EWC: a Fisher for the base weight, applied to the effective delta ------------------------------
@@ -363,7 +364,7 @@ def test_ewc_fisher_on_base_weights(args_factory, modules_to_save):
     model.train()
     batch = lm_batch()
     task = model(**batch).loss.detach()
-    loss = trainer.compute_loss(model, dict(batch))
+    loss, _ = step_and_grads(trainer, batch)
     deltas = {f"{name}.base_layer.weight": d for name, d in materialized_deltas(model).items()}
     for name in saved:  # theta - theta_pre of a modules_to_save copy: against peft's original module
         deltas[name] = (params[name] - params[name.replace(".modules_to_save.default.", ".original_module.")]).detach()

@@ -25,14 +25,17 @@ def train(args_factory, data, *, perturb=False, branch_b=False, **kwargs):
     return trainer
 
 
-def test_each_term_is_logged_and_they_add_up_to_the_loss(args_factory):
+@pytest.mark.parametrize("regularizers", [ALL_ON, dict(l2_lambda=0.5)], ids=["all", "l2_only"])
+def test_each_term_is_logged_and_they_add_up_to_the_loss(args_factory, regularizers):
     trainer = train(args_factory, lm_dataset(16), perturb=True, max_steps=4, gradient_accumulation_steps=2,
-                    per_device_train_batch_size=2, **ALL_ON)
+                    per_device_train_batch_size=2, **regularizers)
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    terms = [name for name in TERMS if name.removeprefix("loss_") + "_lambda" in regularizers]
     assert len(logs) == 4
     for entry in logs:
-        assert all(entry[name] > 0 for name in TERMS)
-        assert entry["loss"] == pytest.approx(entry["loss_task"] + sum(entry[name] for name in TERMS), rel=1e-5)
+        assert sorted(k for k in entry if k.startswith("loss_")) == sorted(["loss_task", *terms])
+        assert all(entry[name] > 0 for name in terms)
+        assert entry["loss"] == pytest.approx(entry["loss_task"] + sum(entry[name] for name in terms), rel=1e-5)
 
 
 @pytest.mark.parametrize("branch_b", [False, True], ids=["num_items_in_batch", "per_batch_mean"])

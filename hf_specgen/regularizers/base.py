@@ -39,9 +39,14 @@ class Regularizer:
 
 
 class WeightRegularizer(Regularizer):
-    """A loss term that depends on the weights alone: added once per optimizer step."""
+    """A loss term that depends on the weights alone.
 
-    def __call__(self, deltas: Sequence[WeightDelta]) -> torch.Tensor:
+    Its gradient has a closed form, so it is added straight to `.grad` once per optimizer step:
+    no autograd graph over every weight, and no second pass over the model.
+    """
+
+    def apply_(self, deltas: Sequence[WeightDelta], grad_scale: float) -> torch.Tensor:
+        """Returns the term's value and adds `grad_scale` times its gradient to the parameters' `.grad`."""
         raise NotImplementedError
 
 
@@ -55,6 +60,6 @@ class BatchRegularizer(Regularizer):
 class StepRegularizer(Regularizer):
     """Not a loss term: changes the weights inside the optimizer step (decoupled decay)."""
 
-    def apply_(self, lr: float, deltas: Sequence[WeightDelta]) -> torch.Tensor:
+    def before_step_(self, lr: float, deltas: Sequence[WeightDelta]) -> torch.Tensor:
         """Applies itself to `deltas` at learning rate `lr`; returns the value to log."""
         raise NotImplementedError

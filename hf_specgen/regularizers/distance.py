@@ -15,8 +15,14 @@ class L1Distance(WeightRegularizer):
 
     name = "l1"
 
-    def __call__(self, deltas: Sequence[WeightDelta]) -> torch.Tensor:
-        return self.weight * sum(d.delta().abs().sum() for d in deltas)
+    @torch.no_grad()
+    def apply_(self, deltas: Sequence[WeightDelta], grad_scale: float) -> torch.Tensor:
+        total = 0.0
+        for d in deltas:
+            delta = d.delta()
+            total = total + delta.abs().sum()
+            d.add_grad_(delta.sign_(), self.weight * grad_scale)  # the subgradient 0 at delta == 0
+        return self.weight * total
 
 
 class L2Distance(WeightRegularizer):
@@ -30,8 +36,8 @@ class L2Distance(WeightRegularizer):
             return DecoupledL2(args.l2_lambda)
         return cls(args.l2_lambda)
 
-    def __call__(self, deltas: Sequence[WeightDelta]) -> torch.Tensor:
-        return self.weight * sum(d.squared_norm() for d in deltas)
+    def apply_(self, deltas: Sequence[WeightDelta], grad_scale: float) -> torch.Tensor:
+        return self.weight * sum(d.squared_norm_and_grad_(self.weight * grad_scale) for d in deltas)
 
 
 class DecoupledL2(StepRegularizer):
@@ -48,5 +54,5 @@ class DecoupledL2(StepRegularizer):
     def log_name(self) -> str:
         return "l2_distance"
 
-    def apply_(self, lr: float, deltas: Sequence[WeightDelta]) -> torch.Tensor:
+    def before_step_(self, lr: float, deltas: Sequence[WeightDelta]) -> torch.Tensor:
         return sum(d.decay_(lr * self.weight) for d in deltas)

@@ -105,13 +105,16 @@ class EWC(WeightRegularizer):
     def from_args(cls, args) -> EWC:
         return cls(args.ewc_lambda, args.ewc_num_samples, args.ewc_fisher)
 
-    def __call__(self, deltas: Sequence[WeightDelta]) -> torch.Tensor:
+    @torch.no_grad()
+    def apply_(self, deltas: Sequence[WeightDelta], grad_scale: float) -> torch.Tensor:
         if self.fisher is None:
             raise RuntimeError("EWC's Fisher has not been estimated yet")
         total = 0.0
         for d in deltas:
             delta = d.delta()
-            total = total + (self.fisher[d.name].to(delta.device) * delta.pow(2)).sum()
+            weighted = self.fisher[d.name].to(delta.device) * delta
+            total = total + torch.dot(weighted.reshape(-1), delta.reshape(-1))
+            d.add_grad_(weighted, 2.0 * self.weight * grad_scale)
         return self.weight * total
 
     def state_dict(self) -> dict[str, torch.Tensor]:
