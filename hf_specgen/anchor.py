@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 from collections.abc import Iterator
 from typing import Any
 
@@ -127,8 +128,9 @@ class DenseDelta(WeightDelta):
     @torch.no_grad()
     def decay_(self, factor: float) -> torch.Tensor:
         delta = self.delta()
-        self.param.copy_(self.param.float() - factor * delta)
-        return delta.pow(2).sum()
+        self.param.sub_(delta.to(self.param.dtype), alpha=factor)
+        flat = delta.reshape(-1)
+        return torch.dot(flat, flat)
 
     @property
     def trainable(self) -> list[nn.Parameter]:
@@ -333,6 +335,11 @@ class Teacher:
     @property
     def device(self) -> torch.device:
         return next(self.module.parameters()).device
+
+    def accepts(self, argument: str) -> bool:
+        """Whether the teacher's forward takes `argument` (e.g. `logits_to_keep`)."""
+        base = self.module.get_base_model() if hasattr(self.module, "get_base_model") else self.module
+        return argument in inspect.signature(base.forward).parameters
 
     @property
     def nbytes(self) -> int:

@@ -52,9 +52,11 @@ class SpecGenTrainer(Trainer):
         self._log_sums: dict[str, torch.Tensor] = {}
         self._log_steps = 0
         self._last_seen_step: int | None = None
+        self._hooked_optimizer: torch.optim.Optimizer | None = None
         self.teacher: Teacher | None = None
         self.deltas: list[WeightDelta] = []
         self.features: ProtectedFeatures | None = None
+        self._teacher_kwargs: dict[str, Any] = {}
         if not self.regularizers:
             return
         if self.model_init is not None:
@@ -77,8 +79,8 @@ class SpecGenTrainer(Trainer):
             self.features = ProtectedFeatures(self.model, args_.feature_layers)
         if any(isinstance(r, LogitDistillation) for r in self._batch_terms):
             _check_same_vocabulary(self.model, self.teacher.module)
-        if self.optimizer is not None:
-            self._attach_step_terms(self.optimizer)
+        elif self.teacher is not None and self.teacher.accepts("logits_to_keep"):
+            self._teacher_kwargs["logits_to_keep"] = 1  # features only: skip the vocabulary projection
 
     # ---- memory ---------------------------------------------------------------------------
 
@@ -133,7 +135,7 @@ class SpecGenTrainer(Trainer):
             return (loss, outputs) if return_outputs else loss
 
         with self._capture_features(self.teacher.module) as teacher_features:
-            teacher_outputs = self.teacher(student_inputs)
+            teacher_outputs = self.teacher({**student_inputs, **self._teacher_kwargs})
         batch = DistillationBatch(
             student=outputs,
             teacher=teacher_outputs,
@@ -202,13 +204,15 @@ class SpecGenTrainer(Trainer):
     # ---- decoupled terms, in the optimizer step ---------------------------------------------
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        """The Trainer's optimizer (built, or the user's), with the decoupled terms hooked in once."""
         optimizer = super().create_optimizer(model)
-        self._attach_step_terms(optimizer)
+        self._attach_step_terms(getattr(optimizer, "optimizer", optimizer))  # unwrap Accelerate's wrapper
         return optimizer
 
     def _attach_step_terms(self, optimizer: torch.optim.Optimizer) -> None:
-        if not self._step_terms:
+        if not self._step_terms or optimizer is self._hooked_optimizer:
             return
+        self._hooked_optimizer = optimizer
         by_param = {id(d.decayed_parameter): d for d in self.deltas}
 
         def before_step(opt: torch.optim.Optimizer, _args: Any, _kwargs: Any) -> None:

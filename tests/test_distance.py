@@ -127,3 +127,24 @@ def test_closed_form_gradients_follow_the_fp16_loss_scale(args_factory):
     assert torch.allclose(scaled_loss, loss)  # the reported loss is unscaled
     for name, grad in grads.items():
         assert torch.allclose(scaled_grads[name], 8.0 * grad, rtol=1e-5, atol=1e-6), name
+
+
+def test_decoupled_decay_is_hooked_once_into_a_user_optimizer(args_factory):
+    lam, lr = 0.5, 0.1
+    model = tiny_opt()
+    pre = snapshot(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    trainer = SpecGenTrainer(model=model, args=args_factory(l2_lambda=lam, l2_mode="decoupled", max_steps=1),
+                             optimizers=(optimizer, None), train_dataset=lm_dataset(8))
+    perturb_(model)
+    before = snapshot(model)
+    assert trainer.create_optimizer() is optimizer and trainer.create_optimizer() is optimizer
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    for name, p in model.named_parameters():
+        assert torch.allclose(p.detach(), before[name] - lr * lam * (before[name] - pre[name]), atol=1e-7), name
+    trainer.train()
+    trainer.args.max_steps = 2
+    trainer.train()  # a second train() finds Accelerate's wrapper around the hooked optimizer
+    assert len(optimizer._optimizer_step_pre_hooks) == 1

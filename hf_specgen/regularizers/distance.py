@@ -20,7 +20,7 @@ class L1Distance(WeightRegularizer):
         total = 0.0
         for d in deltas:
             delta = d.delta()
-            total = total + delta.abs().sum()
+            total = total + torch.linalg.vector_norm(delta, ord=1)
             d.add_grad_(delta.sign_(), self.weight * grad_scale)  # the subgradient 0 at delta == 0
         return self.weight * total
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import BatchRegularizer
-from .ewc import output_logits, supervised_rows
+from .ewc import output_logits
 
 
 @dataclass
@@ -45,14 +45,36 @@ class LogitDistillation(BatchRegularizer):
         return cls(args.kd_lambda, args.kd_temperature)
 
     def __call__(self, batch: DistillationBatch) -> torch.Tensor:
-        student, _ = supervised_rows(output_logits(batch.student).float(), batch.labels, batch.shifts_labels)
-        teacher_logits = output_logits(batch.teacher).to(student.device, torch.float32)
-        teacher, _ = supervised_rows(teacher_logits, batch.labels, batch.shifts_labels)
+        student, mask = _supervised_positions(output_logits(batch.student), batch.labels, batch.shifts_labels)
+        teacher, _ = _supervised_positions(output_logits(batch.teacher), batch.labels, batch.shifts_labels)
         t = self.temperature
-        teacher_log_p = F.log_softmax(teacher / t, dim=-1)
-        kl = (teacher_log_p.exp() * (teacher_log_p - F.log_softmax(student / t, dim=-1))).sum()
-        denominator = batch.token_denominator if batch.token_denominator is not None else max(student.shape[0], 1)
-        return self.weight * t * t * kl / denominator
+        log_q = F.log_softmax(student.float() / t if t != 1 else student.float(), dim=-1)
+        with torch.no_grad():  # the teacher's side needs no graph
+            teacher = teacher.to(student.device, torch.float32)
+            log_p = F.log_softmax(teacher / t if t != 1 else teacher, dim=-1)
+            p = log_p.exp()
+        kl = torch.einsum("...v,...v->...", p, log_p - log_q)  # per position
+        if mask is not None:
+            kl, count = kl[mask], int(mask.sum())
+        else:
+            count = kl.numel()
+        denominator = batch.token_denominator if batch.token_denominator is not None else max(count, 1)
+        return self.weight * t * t * kl.sum() / denominator
+
+
+def _supervised_positions(
+    logits: torch.Tensor, labels: torch.Tensor | None, shifts_labels: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The logits the task loss supervises (a view) and the mask of its labels != -100 (None: all rows).
+
+    Token logits `[B, T, V]` are shifted as the causal-LM loss shifts them; classifier logits
+    `[B, C]` keep every row.
+    """
+    if logits.dim() == 2 or labels is None:
+        return logits, None
+    if shifts_labels:
+        return logits[:, :-1], labels[:, 1:] != -100
+    return logits, labels != -100
 
 
 class ProtectedFeatures:
