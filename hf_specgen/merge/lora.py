@@ -1,0 +1,91 @@
+"""A peft LoRA adapter directory, read as weight deltas on its base model's tensors."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft.utils.other import get_pattern_key
+
+from .checkpoint import Checkpoint
+from .errors import MergeError
+
+ADAPTER_CONFIG = "adapter_config.json"
+_PREFIX = "base_model.model."
+_FACTORS = {".lora_A.weight": "A", ".lora_B.weight": "B", ".lora_embedding_A": "A", ".lora_embedding_B": "B"}
+
+
+def is_lora_adapter(directory: Path) -> bool:
+    return (directory / ADAPTER_CONFIG).is_file()
+
+
+@dataclass
+class LowRankDelta:
+    """`scale * B @ A` of one adapted weight, in that weight's layout when `transposed` is applied."""
+
+    a_key: str
+    b_key: str
+    scale: float
+    transposed: bool
+
+
+class LoraAdapter:
+    """The adapter's tensors keyed by the base model's weight names.
+
+    * `deltas[key]`: a low-rank delta on the base weight `key`;
+    * `full[key]`: a full tensor the adapter trained (`modules_to_save` copies, trained biases);
+    * `base[key]`: a base weight the adapter saved itself (resized embeddings), which replaces
+      the base checkpoint's.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.config = json.loads((directory / ADAPTER_CONFIG).read_text())
+        self._check_supported()
+        self.checkpoint = Checkpoint(directory, weights_name="adapter_model")
+        factors: dict[str, dict[str, str]] = {}
+        self.full: dict[str, str] = {}
+        self.base: dict[str, str] = {}
+        for key in self.checkpoint.keys():
+            name = key.removeprefix(_PREFIX)
+            suffix = next((s for s in _FACTORS if name.endswith(s)), None)
+            if suffix is not None:
+                factors.setdefault(name[: -len(suffix)], {})[_FACTORS[suffix]] = key
+            elif ".base_layer." in name:
+                self.base[name.replace(".base_layer.", ".")] = key
+            else:
+                self.full[name] = key
+        self.deltas = {f"{module}.weight": self._low_rank(module, pair) for module, pair in factors.items()}
+
+    def _check_supported(self) -> None:
+        config = self.config
+        if config.get("peft_type") != "LORA":
+            raise MergeError(f"{self.directory}: only LoRA adapters can be merged, not {config.get('peft_type')}")
+        if config.get("use_dora"):
+            raise MergeError(
+                f"{self.directory}: DoRA adapters cannot be interpolated exactly (their weight change is not "
+                "scale * B @ A); merge them with peft first"
+            )
+        if config.get("lora_bias"):
+            raise MergeError(f"{self.directory}: LoRA adapters with lora_bias=True are not supported")
+
+    def _low_rank(self, module: str, pair: dict[str, str]) -> LowRankDelta:
+        if set(pair) != {"A", "B"}:
+            raise MergeError(f"{self.directory}: {module} has lora_{''.join(pair)} but not both LoRA factors")
+        config = self.config
+        rank_key = get_pattern_key(list(config.get("rank_pattern") or {}), module)
+        alpha_key = get_pattern_key(list(config.get("alpha_pattern") or {}), module)
+        r = (config.get("rank_pattern") or {}).get(rank_key, config["r"])
+        alpha = (config.get("alpha_pattern") or {}).get(alpha_key, config["lora_alpha"])
+        scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+        embedding = pair["A"].endswith("lora_embedding_A")
+        return LowRankDelta(pair["A"], pair["B"], scale, embedding or bool(config.get("fan_in_fan_out")))
+
+    def delta(self, key: str) -> torch.Tensor:
+        """`scale * B @ A` for base weight `key`, in float32 and in the base weight's layout."""
+        d = self.deltas[key]
+        product = d.scale * (self.checkpoint.get(d.b_key).float() @ self.checkpoint.get(d.a_key).float())
+        return product.T if d.transposed else product

@@ -1,0 +1,214 @@
+"""WiSE-FT: `theta = (1 - alpha) * theta_pre + alpha * theta_ft`, streamed from disk to disk.
+
+Each input tensor is read once per pass (memory-mapped), interpolated for every alpha asked
+for, and handed to one sharded writer per alpha: peak memory is a few tensors plus one output
+shard per alpha, never a whole model. Output directories are written under a temporary name
+and renamed at the end, so a failure (bad input, full disk, Ctrl-C) leaves no partial output.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import json
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers.utils.hub import convert_file_size_to_int
+
+from .card import write_model_card
+from .checkpoint import Checkpoint, resolve
+from .errors import MergeError
+from .hub import push_folder
+from .lora import ADAPTER_CONFIG, LoraAdapter, is_lora_adapter
+from .plan import MergedTensor, plan_adapter_scaling, plan_lora_merge, plan_merge
+from .writer import ShardedWriter
+
+# Side files a model directory needs besides its weights (config, tokenizer, processors).
+SIDE_FILES = [
+    "config.json", "generation_config.json", "tokenizer*", "special_tokens_map.json", "added_tokens.json",
+    "vocab.*", "merges.txt", "*.model", "*.tiktoken", "chat_template.*", "preprocessor_config.json",
+    "processor_config.json", "image_processor*.json", "video_preprocessor*.json", "feature_extractor*.json",
+]  # fmt: skip
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class _Merge:
+    """A planned merge: its tensors, the directories its side files come from, and what it writes."""
+
+    plan: list[MergedTensor]
+    side_dirs: list[Path]  # later ones override earlier ones
+    weights_name: str  # "model", or "adapter_model" for --keep-adapter
+    sources: tuple[str, str]
+
+
+def _prepare(pretrained: str | os.PathLike, finetuned: str | os.PathLike, dtype: str | None, keep_adapter: bool) -> _Merge:
+    if dtype is not None and dtype not in _DTYPES:
+        raise MergeError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
+    torch_dtype = _DTYPES[dtype] if dtype else None
+    pre_dir, ft_dir = resolve(pretrained), resolve(finetuned)
+    base = Checkpoint(pre_dir)
+    sources = (str(pretrained), str(finetuned))
+    if is_lora_adapter(ft_dir):
+        adapter = LoraAdapter(ft_dir)
+        if keep_adapter:
+            return _Merge(plan_adapter_scaling(base, adapter, torch_dtype), [ft_dir], "adapter_model", sources)
+        return _Merge(plan_lora_merge(base, adapter, torch_dtype), [pre_dir, ft_dir], "model", sources)
+    if keep_adapter:
+        raise MergeError(f"keep_adapter needs a LoRA adapter directory as finetuned; {finetuned} has no {ADAPTER_CONFIG}")
+    return _Merge(plan_merge(base, Checkpoint(ft_dir), torch_dtype), [ft_dir], "model", sources)
+
+
+def _check_alphas(alphas: Sequence[float], extrapolate: bool) -> list[float]:
+    if not alphas:
+        raise MergeError("no alpha given")
+    for alpha in alphas:
+        if not math.isfinite(alpha) or (not extrapolate and not 0.0 <= alpha <= 1.0):
+            raise MergeError(f"alpha must be in [0, 1] (0: pretrained, 1: finetuned), got {alpha}; pass extrapolate=True (--extrapolate) to go beyond")
+    if len(set(alphas)) != len(alphas):
+        raise MergeError(f"alphas repeat: {list(alphas)}")
+    return [float(a) for a in alphas]
+
+
+@contextlib.contextmanager
+def _atomic_directory(output_dir: Path, overwrite: bool) -> Iterator[Path]:
+    """A temporary directory beside `output_dir`, renamed to it only if the block succeeds."""
+    if output_dir.exists() and not overwrite:
+        raise MergeError(f"{output_dir} already exists; pass overwrite=True (--overwrite) to replace it")
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    temporary = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", suffix=".partial", dir=output_dir.parent))
+    try:
+        yield temporary
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+    if output_dir.exists():
+        old = temporary.with_suffix(".old")
+        output_dir.rename(old)
+        temporary.rename(output_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        temporary.rename(output_dir)
+
+
+def _copy_side_files(merge: _Merge, directory: Path, dtype: str | None) -> None:
+    patterns = [ADAPTER_CONFIG] if merge.weights_name == "adapter_model" else SIDE_FILES
+    for source in merge.side_dirs:
+        for file in sorted(source.iterdir()):
+            if file.is_file() and any(fnmatch.fnmatch(file.name, p) for p in patterns):
+                shutil.copy2(file, directory / file.name)
+    config_path = directory / "config.json"
+    if dtype is not None and config_path.is_file():
+        config = json.loads(config_path.read_text())
+        keys = [k for k in ("dtype", "torch_dtype") if k in config] or ["dtype"]
+        config.update({k: dtype for k in keys})
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def _write(
+    merge: _Merge, alphas: list[float], directories: list[Path], *, dtype: str | None, max_shard_size: str | int,
+    scores: str | None = None,
+) -> None:  # fmt: skip
+    """One pass over the input tensors, every alpha written beside the others."""
+    limit = convert_file_size_to_int(max_shard_size)
+    writers = [ShardedWriter(d, limit, merge.weights_name) for d in directories]
+    for tensor in merge.plan:
+        for writer, merged in zip(writers, tensor.compute(alphas)):
+            writer.add(tensor.key, merged)
+    for writer, directory, alpha in zip(writers, directories, alphas):
+        writer.close()
+        _copy_side_files(merge, directory, dtype)
+        write_model_card(directory, *merge.sources, alpha=alpha, scores=scores)
+
+
+def wise_ft(
+    pretrained: str | os.PathLike,
+    finetuned: str | os.PathLike,
+    alpha: float,
+    output_dir: str | os.PathLike,
+    push_to_hub: str | None = None,
+    *,
+    private: bool = False,
+    dtype: str | None = None,
+    max_shard_size: str | int = "5GB",
+    overwrite: bool = False,
+    extrapolate: bool = False,
+    keep_adapter: bool = False,
+    scores: str | None = None,
+    hub_api: Any = None,
+) -> Path:
+    """Writes the WiSE-FT merge at `alpha` to `output_dir` and optionally pushes it to the Hub.
+
+    `pretrained` / `finetuned` are model directories or Hub ids; a LoRA adapter directory as
+    `finetuned` gives the full model `W0 + alpha * scale * B @ A` (or, with `keep_adapter`, an
+    adapter whose effect is `alpha * scale * B @ A`). `scores`, a Markdown table (e.g. the
+    speciality/generality report's), goes into the model card. `hub_api` is an `HfApi`-like
+    object (default: `huggingface_hub.HfApi()`, whose token comes from the environment or login).
+    """
+    (alpha,) = _check_alphas([alpha], extrapolate)
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not overwrite:
+        raise MergeError(f"{output_dir} already exists; pass overwrite=True (--overwrite) to replace it")
+    merge = _prepare(pretrained, finetuned, dtype, keep_adapter)
+    with _atomic_directory(output_dir, overwrite) as temporary:
+        _write(merge, [alpha], [temporary], dtype=dtype, max_shard_size=max_shard_size, scores=scores)
+    if push_to_hub:
+        push_folder(output_dir, push_to_hub, private=private, api=hub_api, message=f"WiSE-FT merge, alpha={alpha:g}")
+    return output_dir
+
+
+def alpha_dirname(alpha: float) -> str:
+    return f"alpha-{alpha:g}"
+
+
+def wise_ft_sweep(
+    pretrained: str | os.PathLike,
+    finetuned: str | os.PathLike,
+    alphas: Sequence[float],
+    output_dir: str | os.PathLike,
+    *,
+    dtype: str | None = None,
+    max_shard_size: str | int = "5GB",
+    overwrite: bool = False,
+    extrapolate: bool = False,
+    keep_adapter: bool = False,
+) -> dict[float, Path]:
+    """Writes one merge per alpha to `output_dir/alpha-<alpha>/`, reading each input tensor once."""
+    alphas = _check_alphas(list(alphas), extrapolate)
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not overwrite:
+        raise MergeError(f"{output_dir} already exists; pass overwrite=True (--overwrite) to replace it")
+    merge = _prepare(pretrained, finetuned, dtype, keep_adapter)
+    with _atomic_directory(output_dir, overwrite) as temporary:
+        directories = [temporary / alpha_dirname(a) for a in alphas]
+        for d in directories:
+            d.mkdir()
+        _write(merge, alphas, directories, dtype=dtype, max_shard_size=max_shard_size)
+    return {a: output_dir / alpha_dirname(a) for a in alphas}
+
+
+def iter_wise_ft(
+    pretrained: str | os.PathLike,
+    finetuned: str | os.PathLike,
+    alphas: Sequence[float],
+    *,
+    dtype: str | None = None,
+    extrapolate: bool = False,
+) -> Iterator[tuple[float, dict[str, torch.Tensor]]]:
+    """Yields `(alpha, state_dict)` for each alpha, in memory, for evaluation without writing.
+
+    One merged state dict at a time: load it with `model.load_state_dict(state_dict, strict=False)`
+    (tied weights appear once) into a model built from the fine-tuned (or base) directory.
+    """
+    alphas = _check_alphas(list(alphas), extrapolate)
+    merge = _prepare(pretrained, finetuned, dtype, keep_adapter=False)
+    for alpha in alphas:
+        yield alpha, {tensor.key: tensor.compute([alpha])[0] for tensor in merge.plan}
