@@ -18,6 +18,7 @@ test:
 
 bench:
 	$(PYTHON) benchmarks/bench_trainer.py --output benchmarks/results/trainer.json
+	$(PYTHON) benchmarks/bench_merge.py --output benchmarks/results/merge.json
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -37,10 +37,12 @@ class SpecGenTrainer(Trainer):
     """A drop-in `Trainer` whose loss is the task loss plus the active regularizers.
 
     The pre-trained reference is the model as it is when the trainer is built, or `ref_model`.
-    Weight terms (L1, L2-SP, EWC) are added once per optimizer step, batch terms (KD, feature
-    protection) on every micro-batch, scaled so that each counts the same whatever the gradient
-    accumulation; both are part of the gradient that `max_grad_norm` clips. Decoupled L2 acts in
-    the optimizer step instead. Each term is logged as `loss_<name>` beside `loss_task`.
+    Weight terms (L1, L2-SP, EWC) depend on the weights only: `training_step` adds their value to
+    the loss it reports and their closed-form gradient to `.grad`, once per optimizer step. Batch
+    terms (KD, feature protection) are added in `compute_loss` on every micro-batch, normalized so
+    that each counts the same whatever the gradient accumulation. Both are part of the gradient
+    `max_grad_norm` clips; decoupled L2 acts in the optimizer step instead. Each term is logged as
+    `loss_<name>` beside `loss_task`.
     """
 
     def __init__(self, *args: Any, ref_model: nn.Module | None = None, **kwargs: Any) -> None:
@@ -66,17 +68,17 @@ class SpecGenTrainer(Trainer):
                 "l1_lambda, l2_lambda and ewc_lambda are not supported under DeepSpeed yet: DeepSpeed keeps the "
                 "gradients in its own partitioned buffers"
             )
-        args_ = self.args
+        options = self.args
         if self._batch_terms:
-            self.teacher = Teacher.build(self.model, ref_model=ref_model, dtype=args_.anchor_dtype, device=args_.anchor_device)
+            self.teacher = Teacher.build(self.model, ref_model=ref_model, dtype=options.anchor_dtype, device=options.anchor_device)
         if self._weight_terms or self._step_terms:
             # A frozen teacher copy already holds the pre-trained weights: reuse it as the anchor.
             reference = ref_model
             if reference is None and self.teacher is not None and not self.teacher.adapters_disabled:
                 reference = self.teacher.module
-            self.deltas = weight_deltas(self.model, reference=reference, dtype=args_.anchor_dtype, device=args_.anchor_device)
+            self.deltas = weight_deltas(self.model, reference=reference, dtype=options.anchor_dtype, device=options.anchor_device)
         if any(isinstance(r, FeatureProtection) for r in self._batch_terms):
-            self.features = ProtectedFeatures(self.model, args_.feature_layers)
+            self.features = ProtectedFeatures(self.model, options.feature_layers)
         if any(isinstance(r, LogitDistillation) for r in self._batch_terms):
             _check_same_vocabulary(self.model, self.teacher.module)
         elif self.teacher is not None and self.teacher.accepts("logits_to_keep"):
