@@ -1,0 +1,41 @@
+"""Trains tiny OPT with every regularizer on; run by tests in one process or under torchrun.
+
+Every training row is the same, so that how the batch is sharded across processes cannot change
+the result: 1 process x batch 4 and 2 processes x batch 2 must end with the same weights.
+"""
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import datasets  # noqa: E402
+import torch  # noqa: E402
+
+from conftest import lm_dataset, make_args, perturb_, tiny_opt  # noqa: E402
+from hf_specgen import SpecGenTrainer  # noqa: E402
+
+REGULARIZERS = dict(l1_lambda=0.01, l2_lambda=0.5, ewc_lambda=2.0, ewc_num_samples=4, kd_lambda=0.7, feature_lambda=0.3)
+
+
+def main(output_dir: str) -> None:
+    row = lm_dataset(1)
+    data = datasets.Dataset.from_dict({k: list(row[k]) * 16 for k in row.column_names})
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    model = tiny_opt()
+    args = make_args(output_dir, max_steps=3, per_device_train_batch_size=4 // world_size, optim="sgd",
+                     learning_rate=0.1, **REGULARIZERS)  # fmt: skip
+    trainer = SpecGenTrainer(model=model, args=args, train_dataset=data)
+    perturb_(model)
+    trainer.train()
+    if trainer.args.process_index == 0:
+        torch.save({n: p.detach() for n, p in trainer.model.named_parameters()}, os.path.join(output_dir, "weights.pt"))
+        logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+        with open(os.path.join(output_dir, "result.json"), "w") as f:
+            json.dump({"world_size": trainer.args.world_size, "logs": logs}, f)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
