@@ -54,7 +54,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )  # fmt: skip
     try:
         if args.command == "merge":
-            scores = args.scores.read_text() if args.scores else None
+            try:
+                scores = args.scores.read_text() if args.scores else None
+            except OSError as error:  # a usage error like the others, not a traceback
+                parser.error(f"--scores: {error}")
             out = wise_ft(args.pretrained, args.finetuned, args.alpha, args.output_dir, args.push_to_hub,
                           private=args.private, scores=scores, **common)  # fmt: skip
             print(f"wrote {out}" + (f" and pushed it to {args.push_to_hub}" if args.push_to_hub else ""))

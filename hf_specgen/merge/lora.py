@@ -41,8 +41,11 @@ class LoraAdapter:
       the base checkpoint's.
     """
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, conv1d_modules: set[str] | None = None) -> None:
+        """`conv1d_modules`: the base model's GPT-2 style `Conv1D` layers, whose deltas are
+        transposed; None to trust the adapter config's `fan_in_fan_out` for every layer."""
         self.directory = directory
+        self.conv1d_modules = conv1d_modules
         self.config = json.loads((directory / ADAPTER_CONFIG).read_text())
         self._check_supported()
         self.checkpoint = Checkpoint(directory, weights_name="adapter_model")
@@ -54,8 +57,10 @@ class LoraAdapter:
             suffix = next((s for s in _FACTORS if name.endswith(s)), None)
             if suffix is not None:
                 factors.setdefault(name[: -len(suffix)], {})[_FACTORS[suffix]] = key
-            elif ".base_layer." in name:
+            elif ".base_layer." in name and not name.endswith(".bias"):
                 self.base[name.replace(".base_layer.", ".")] = key
+            elif ".base_layer." in name:  # bias="lora_only"/"all": a trained bias, interpolated like the others
+                self.full[name.replace(".base_layer.", ".")] = key
             else:
                 self.full[name] = key
         self.deltas = {f"{module}.weight": self._low_rank(module, pair) for module, pair in factors.items()}
@@ -82,7 +87,8 @@ class LoraAdapter:
         alpha = (config.get("alpha_pattern") or {}).get(alpha_key, config["lora_alpha"])
         scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
         embedding = pair["A"].endswith("lora_embedding_A")
-        return LowRankDelta(pair["A"], pair["B"], scale, embedding or bool(config.get("fan_in_fan_out")))
+        conv1d = bool(config.get("fan_in_fan_out")) if self.conv1d_modules is None else module in self.conv1d_modules
+        return LowRankDelta(pair["A"], pair["B"], scale, embedding or conv1d)
 
     def delta(self, key: str) -> torch.Tensor:
         """`scale * B @ A` for base weight `key`, in float32 and in the base weight's layout."""

@@ -13,7 +13,7 @@ convention). Floating tensors are interpolated in float32; integer and bool tens
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -44,18 +44,21 @@ class MergedTensor:
                 raise MergeError(f"{self.key}: integer/bool tensors differ between the two models; cannot interpolate")
             return [base for _ in alphas]
         dtype = self.dtype or (other.dtype if other is not None else base.dtype)
-        return [self._check_finite(self._at(alpha, base, other), dtype) for alpha in alphas]
+        delta = self.delta() if self.delta is not None else None  # once for every alpha: a sweep reads A and B once
+        return [self._check_finite(self._at(alpha, base, other, delta), dtype) for alpha in alphas]
 
-    def _at(self, alpha: float, base: torch.Tensor, other: torch.Tensor | None) -> torch.Tensor:
-        if self.delta is not None:
-            return base if alpha == 0 else base.float() + alpha * self.delta()
+    def _at(self, alpha: float, base: torch.Tensor, other: torch.Tensor | None, delta: torch.Tensor | None) -> torch.Tensor:
+        if delta is not None:
+            return base if alpha == 0 else base.float() + alpha * delta
         if other is None or (alpha == 0 and self.new_rows_from is None):
             return base  # bit-exact copies at the ends
         if alpha == 1:
             return other
-        rows = self.new_rows_from or base.shape[0]
+        if self.new_rows_from is None:  # also 0-dim tensors (CLIP's logit_scale), which have no rows
+            return torch.lerp(base.float(), other.float(), alpha)
+        rows = self.new_rows_from
         mixed = torch.lerp(base.float(), other[:rows].float(), alpha)
-        return torch.cat([mixed, other[rows:].float()]) if self.new_rows_from is not None else mixed
+        return torch.cat([mixed, other[rows:].float()])
 
     def _check_finite(self, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         tensor = tensor.to(dtype)
@@ -64,22 +67,34 @@ class MergedTensor:
         return tensor
 
 
-def tied_groups(directory: Any) -> list[list[str]]:
-    """Groups of parameter names that share one tensor in the model of `directory` (e.g. tied
-    input and output embeddings), read off the architecture built on the meta device."""
+def meta_model(directory: Any) -> torch.nn.Module | None:
+    """The architecture of the model in `directory`, built on the meta device (no memory), or None
+    where transformers cannot build it."""
     import transformers
-    from accelerate.utils import find_tied_parameters
 
     try:
         config = transformers.AutoConfig.from_pretrained(directory)
         model_class = getattr(transformers, (config.architectures or [""])[0], None)
         if model_class is None:
-            return []
+            return None
         with torch.device("meta"):
-            model = model_class._from_config(config)
-    except Exception:  # noqa: BLE001 - a model transformers cannot build has no known ties
-        return []
-    return find_tied_parameters(model)
+            return model_class._from_config(config)
+    except Exception:  # noqa: BLE001 - a model transformers cannot build has no known structure
+        return None
+
+
+def tied_groups(model: torch.nn.Module | None) -> list[list[str]]:
+    """Groups of parameter names that share one tensor (e.g. tied input and output embeddings)."""
+    from accelerate.utils import find_tied_parameters
+
+    return find_tied_parameters(model) if model is not None else []
+
+
+def conv1d_modules(model: torch.nn.Module | None) -> set[str] | None:
+    """Names of GPT-2 style `Conv1D` modules, whose weights are stored (in, out): LoRA's `fan_in_fan_out`."""
+    from transformers.pytorch_utils import Conv1D
+
+    return {name for name, m in model.named_modules() if isinstance(m, Conv1D)} if model is not None else None
 
 
 class _Source:
@@ -115,11 +130,19 @@ def _vocab_size(config: dict | None) -> int | None:
     return config.get("vocab_size", (config.get("text_config") or {}).get("vocab_size"))
 
 
-def plan_merge(pretrained: Checkpoint, finetuned: Checkpoint, dtype: torch.dtype | None = None) -> list[MergedTensor]:
+@dataclass
+class MergePlan:
+    """The output tensors, and what the copied config must say differently (e.g. untied weights)."""
+
+    tensors: list[MergedTensor]
+    config_updates: dict[str, Any] = field(default_factory=dict)
+
+
+def plan_merge(pretrained: Checkpoint, finetuned: Checkpoint, dtype: torch.dtype | None = None) -> MergePlan:
     """The merge of two full checkpoints, key by key in the fine-tuned checkpoint's order."""
     _check_same_architecture(pretrained.config, finetuned.config)
-    pre = _Source(pretrained, tied_groups(pretrained.directory), "pretrained")
-    ft = _Source(finetuned, tied_groups(finetuned.directory), "finetuned")
+    pre = _Source(pretrained, tied_groups(meta_model(pretrained.directory)), "pretrained")
+    ft = _Source(finetuned, tied_groups(meta_model(finetuned.directory)), "finetuned")
     missing_pre = [k for k in finetuned.keys() if pre.locate(k) is None]
     missing_ft = [k for k in pretrained.keys() if ft.locate(k) is None]
     if missing_pre or missing_ft:
@@ -132,8 +155,11 @@ def plan_merge(pretrained: Checkpoint, finetuned: Checkpoint, dtype: torch.dtype
             )
         )
     pre_vocab, ft_vocab = _vocab_size(pretrained.config), _vocab_size(finetuned.config)
-    plan = []
+    plan, planned = [], set()
     for key in finetuned.keys():
+        if any(k in planned for k in ft.alias.get(key, [])):
+            continue  # a tied weight stored twice (a torch.save'd state dict): written once, as save_pretrained does
+        planned.add(key)
         pre_key = pre.locate(key)
         pre_shape, ft_shape = pretrained.shape(pre_key), finetuned.shape(key)
         pre_float, ft_float = pretrained.dtype(pre_key).is_floating_point, finetuned.dtype(key).is_floating_point
@@ -154,23 +180,34 @@ def plan_merge(pretrained: Checkpoint, finetuned: Checkpoint, dtype: torch.dtype
             MergedTensor(key, pre.loader(pre_key), ft.loader(key), dtype=dtype if ft_float else None,
                          new_rows_from=new_rows_from)
         )  # fmt: skip
-    return plan
+    return MergePlan(plan)
 
 
-def plan_lora_merge(base: Checkpoint, adapter: LoraAdapter, dtype: torch.dtype | None = None) -> list[MergedTensor]:
+def plan_lora_merge(
+    base: Checkpoint, adapter: LoraAdapter, tied: list[list[str]], dtype: torch.dtype | None = None
+) -> MergePlan:
     """The full model `W0 + alpha * scale * B @ A` for each adapted weight; the adapter's full
-    tensors (`modules_to_save`, trained biases) interpolated from the base's; the rest copied."""
-    source = _Source(base, tied_groups(base.directory), "pretrained")
-    unknown = [k for k in [*adapter.deltas, *adapter.full] if source.locate(k) is None and k not in adapter.base]
+    tensors (`modules_to_save`, trained biases) interpolated from the base's; the rest copied.
+
+    A weight tied to one the adapter changes (e.g. an adapted `lm_head` tied to the input
+    embeddings) no longer equals it: every member of such a group is written, and the config
+    says `tie_word_embeddings: false`.
+    """
+    source = _Source(base, tied, "pretrained")
+    changed = [*adapter.deltas, *adapter.full]
+    unknown = [k for k in changed if source.locate(k) is None and k not in adapter.base]
     if unknown:
         raise MergeError(f"the adapter changes weights the base model does not have: {', '.join(unknown[:8])}")
-    keys = list(dict.fromkeys([*base.keys(), *adapter.base]))
+    untied = [g for g in tied if any(k in changed for k in g)]
+    keys = list(dict.fromkeys([*base.keys(), *adapter.base, *(k for g in untied for k in g)]))
     plan = []
     for key in keys:
-        base_loader = (
-            (lambda k=adapter.base[key]: adapter.checkpoint.get(k)) if key in adapter.base else source.loader(key)
-        )
-        shape = adapter.checkpoint.shape(adapter.base[key]) if key in adapter.base else base.shape(key)
+        stored = source.locate(key)
+        if key in adapter.base:
+            base_loader: Loader = lambda k=adapter.base[key]: adapter.checkpoint.get(k)  # noqa: E731
+            shape = adapter.checkpoint.shape(adapter.base[key])
+        else:
+            base_loader, shape = source.loader(stored), base.shape(stored)
         if key in adapter.deltas:
             d = adapter.deltas[key]
             rows, cols = adapter.checkpoint.shape(d.b_key)[0], adapter.checkpoint.shape(d.a_key)[1]
@@ -183,14 +220,16 @@ def plan_lora_merge(base: Checkpoint, adapter: LoraAdapter, dtype: torch.dtype |
             trained = lambda k=adapter.full[key]: adapter.checkpoint.get(k)  # noqa: E731
             plan.append(MergedTensor(key, base_loader, trained, dtype=dtype))
         else:
-            plan.append(MergedTensor(key, base_loader, dtype=dtype if base.dtype(key).is_floating_point else None))
-    return plan
+            plan.append(MergedTensor(key, base_loader, dtype=dtype if base.dtype(stored).is_floating_point else None))
+    return MergePlan(plan, {"tie_word_embeddings": False} if untied else {})
 
 
-def plan_adapter_scaling(base: Checkpoint, adapter: LoraAdapter, dtype: torch.dtype | None = None) -> list[MergedTensor]:
+def plan_adapter_scaling(
+    base: Checkpoint, adapter: LoraAdapter, tied: list[list[str]], dtype: torch.dtype | None = None
+) -> MergePlan:
     """An adapter whose effect is `alpha * scale * B @ A`: B scaled by alpha, A kept; full tensors
     (`modules_to_save`, biases) interpolated from the base's; saved base weights kept."""
-    source = _Source(base, tied_groups(base.directory), "pretrained")
+    source = _Source(base, tied, "pretrained")
     full = {key: base_key for base_key, key in adapter.full.items()}
     scaled = {d.b_key for d in adapter.deltas.values()}
     plan = []
@@ -206,4 +245,4 @@ def plan_adapter_scaling(base: Checkpoint, adapter: LoraAdapter, dtype: torch.dt
             plan.append(MergedTensor(key, source.loader(base_key), trained, dtype=dtype))
         else:
             plan.append(MergedTensor(key, trained, dtype=dtype))
-    return plan
+    return MergePlan(plan)

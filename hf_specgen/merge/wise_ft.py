@@ -28,7 +28,7 @@ from .checkpoint import Checkpoint, resolve
 from .errors import MergeError
 from .hub import push_folder
 from .lora import ADAPTER_CONFIG, LoraAdapter, is_lora_adapter
-from .plan import MergedTensor, plan_adapter_scaling, plan_lora_merge, plan_merge
+from .plan import MergePlan, conv1d_modules, meta_model, plan_adapter_scaling, plan_lora_merge, plan_merge, tied_groups
 from .writer import ShardedWriter
 
 # Side files a model directory needs besides its weights (config, tokenizer, processors).
@@ -44,7 +44,7 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 class _Merge:
     """A planned merge: its tensors, the directories its side files come from, and what it writes."""
 
-    plan: list[MergedTensor]
+    plan: MergePlan
     side_dirs: list[Path]  # later ones override earlier ones
     weights_name: str  # "model", or "adapter_model" for --keep-adapter
     sources: tuple[str, str]
@@ -58,10 +58,12 @@ def _prepare(pretrained: str | os.PathLike, finetuned: str | os.PathLike, dtype:
     base = Checkpoint(pre_dir)
     sources = (str(pretrained), str(finetuned))
     if is_lora_adapter(ft_dir):
-        adapter = LoraAdapter(ft_dir)
+        architecture = meta_model(pre_dir)
+        adapter = LoraAdapter(ft_dir, conv1d_modules(architecture))
+        tied = tied_groups(architecture)
         if keep_adapter:
-            return _Merge(plan_adapter_scaling(base, adapter, torch_dtype), [ft_dir], "adapter_model", sources)
-        return _Merge(plan_lora_merge(base, adapter, torch_dtype), [pre_dir, ft_dir], "model", sources)
+            return _Merge(plan_adapter_scaling(base, adapter, tied, torch_dtype), [ft_dir], "adapter_model", sources)
+        return _Merge(plan_lora_merge(base, adapter, tied, torch_dtype), [pre_dir, ft_dir], "model", sources)
     if keep_adapter:
         raise MergeError(f"keep_adapter needs a LoRA adapter directory as finetuned; {finetuned} has no {ADAPTER_CONFIG}")
     return _Merge(plan_merge(base, Checkpoint(ft_dir), torch_dtype), [ft_dir], "model", sources)
@@ -71,7 +73,9 @@ def _check_alphas(alphas: Sequence[float], extrapolate: bool) -> list[float]:
     if not alphas:
         raise MergeError("no alpha given")
     for alpha in alphas:
-        if not math.isfinite(alpha) or (not extrapolate and not 0.0 <= alpha <= 1.0):
+        if not math.isfinite(alpha) or abs(alpha) > torch.finfo(torch.float32).max:  # torch.lerp would raise
+            raise MergeError(f"alpha must be a finite number within float32 range (tensors are interpolated in float32), got {alpha}")
+        if not extrapolate and not 0.0 <= alpha <= 1.0:
             raise MergeError(f"alpha must be in [0, 1] (0: pretrained, 1: finetuned), got {alpha}; pass extrapolate=True (--extrapolate) to go beyond")
     if len(set(alphas)) != len(alphas):
         raise MergeError(f"alphas repeat: {list(alphas)}")
@@ -106,10 +110,11 @@ def _copy_side_files(merge: _Merge, directory: Path, dtype: str | None) -> None:
             if file.is_file() and any(fnmatch.fnmatch(file.name, p) for p in patterns):
                 shutil.copy2(file, directory / file.name)
     config_path = directory / "config.json"
-    if dtype is not None and config_path.is_file():
+    if config_path.is_file() and (dtype is not None or merge.plan.config_updates):
         config = json.loads(config_path.read_text())
-        keys = [k for k in ("dtype", "torch_dtype") if k in config] or ["dtype"]
-        config.update({k: dtype for k in keys})
+        config.update(merge.plan.config_updates)
+        if dtype is not None:
+            config.update({k: dtype for k in [k for k in ("dtype", "torch_dtype") if k in config] or ["dtype"]})
         config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
@@ -120,7 +125,7 @@ def _write(
     """One pass over the input tensors, every alpha written beside the others."""
     limit = convert_file_size_to_int(max_shard_size)
     writers = [ShardedWriter(d, limit, merge.weights_name) for d in directories]
-    for tensor in merge.plan:
+    for tensor in merge.plan.tensors:
         for writer, merged in zip(writers, tensor.compute(alphas)):
             writer.add(tensor.key, merged)
     for writer, directory, alpha in zip(writers, directories, alphas):
@@ -183,6 +188,9 @@ def wise_ft_sweep(
 ) -> dict[float, Path]:
     """Writes one merge per alpha to `output_dir/alpha-<alpha>/`, reading each input tensor once."""
     alphas = _check_alphas(list(alphas), extrapolate)
+    names = [alpha_dirname(a) for a in alphas]
+    if len(set(names)) != len(names):  # alphas equal to 6 significant digits would share a directory
+        raise MergeError(f"alphas {alphas} give the same output directory names: {names}")
     output_dir = Path(output_dir)
     if output_dir.exists() and not overwrite:
         raise MergeError(f"{output_dir} already exists; pass overwrite=True (--overwrite) to replace it")
@@ -211,4 +219,4 @@ def iter_wise_ft(
     alphas = _check_alphas(list(alphas), extrapolate)
     merge = _prepare(pretrained, finetuned, dtype, keep_adapter=False)
     for alpha in alphas:
-        yield alpha, {tensor.key: tensor.compute([alpha])[0] for tensor in merge.plan}
+        yield alpha, {tensor.key: tensor.compute([alpha])[0] for tensor in merge.plan.tensors}
