@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from peft.utils.other import get_pattern_key
 
 from .checkpoint import Checkpoint
 from .errors import MergeError
@@ -78,6 +77,8 @@ class LoraAdapter:
             raise MergeError(f"{self.directory}: LoRA adapters with lora_bias=True are not supported")
 
     def _low_rank(self, module: str, pair: dict[str, str]) -> LowRankDelta:
+        from peft.utils.other import get_pattern_key  # peft takes seconds to import: only for adapters
+
         if set(pair) != {"A", "B"}:
             raise MergeError(f"{self.directory}: {module} has lora_{''.join(pair)} but not both LoRA factors")
         config = self.config
