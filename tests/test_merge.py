@@ -166,27 +166,27 @@ def test_differently_sharded_inputs_give_hf_sharded_output(opt, tmp_path, pre, f
 
 def test_streamed_one_tensor_at_a_time_shards_written_as_they_fill(opt, tmp_path, monkeypatch):
     events = []
-    original_get, original_save = Checkpoint.get, writer_module.save_file
+    original_get, original_close = Checkpoint.get, writer_module.ShardedWriter._close_shard
 
     def get(self, key):
         events.append(("get", self.directory.name, key))
         return original_get(self, key)
 
-    def save_file(tensors, path, metadata=None):
-        events.append(("save", sum(t.numel() * t.element_size() for t in tensors.values()), len(tensors)))
-        return original_save(tensors, path, metadata=metadata)
+    def close_shard(self):
+        events.append(("close", self._shard_bytes, len(self._entries)))
+        return original_close(self)
 
     monkeypatch.setattr(Checkpoint, "get", get)
-    monkeypatch.setattr(writer_module, "save_file", save_file)
+    monkeypatch.setattr(writer_module.ShardedWriter, "_close_shard", close_shard)
     wise_ft(opt["pre"], opt["ft_sharded"], 0.5, tmp_path / "out", max_shard_size="3KB")
 
     reads = [e[1:] for e in events if e[0] == "get"]
     assert sorted(k for d, k in reads if d == "ft_sharded") == sorted(opt["ft_sd"])  # each key once
     assert sorted(k for d, k in reads if d == "pre") == sorted(opt["pre_sd"])
-    saves = [i for i, e in enumerate(events) if e[0] == "save"]
+    closes = [i for i, e in enumerate(events) if e[0] == "close"]
     last_read = max(i for i, e in enumerate(events) if e[0] == "get")
-    assert len(saves) > 2 and saves[0] < last_read  # shards are written while inputs are still being read
-    assert all(events[i][1] <= 3000 or events[i][2] == 1 for i in saves)
+    assert len(closes) > 2 and closes[0] < last_read  # shards are finished while inputs are still being read
+    assert all(events[i][1] <= 3000 or events[i][2] == 1 for i in closes)
 
 
 def test_bin_checkpoints_are_read_with_weights_only(opt, tmp_path, monkeypatch):
@@ -577,8 +577,8 @@ def test_failure_mid_write_leaves_nothing(opt, tmp_path, monkeypatch, target, na
     parent = tmp_path / "outputs"
     parent.mkdir()
     flushed = []
-    original_flush = ShardedWriter._flush
-    monkeypatch.setattr(ShardedWriter, "_flush", lambda self: (flushed.append(1), original_flush(self)))
+    original_close = ShardedWriter._close_shard
+    monkeypatch.setattr(ShardedWriter, "_close_shard", lambda self: (flushed.append(1), original_close(self)))
     count = fail_after(monkeypatch, target, name, 20, error)
     with pytest.raises(type(error)):
         wise_ft(opt["pre"], opt["ft"], 0.5, parent / "out", max_shard_size="3KB")

@@ -19,7 +19,7 @@ from .errors import MergeError
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
-_SAFETENSORS_DTYPES = {
+SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -65,7 +65,7 @@ class Checkpoint:
                 with safe_open(file, framework="pt") as f:
                     for key in f.keys():
                         tensor_slice = f.get_slice(key)
-                        self._add(key, file, tuple(tensor_slice.get_shape()), _SAFETENSORS_DTYPES[tensor_slice.get_dtype()])
+                        self._add(key, file, tuple(tensor_slice.get_shape()), SAFETENSORS_DTYPES[tensor_slice.get_dtype()])
             else:
                 for key, tensor in self._load_bin(file).items():
                     self._add(key, file, tuple(tensor.shape), tensor.dtype)
@@ -109,6 +109,9 @@ class Checkpoint:
         if file.suffix != ".safetensors":
             return self._load_bin(file)[key]
         if file not in self._open:
+            # One file open at a time: closing unmaps the previous one, whose pages would otherwise
+            # stay resident until the end (tensors already read keep their own mapping alive).
+            self._open.clear()
             self._open[file] = safe_open(file, framework="pt")
         return self._open[file].get_tensor(key)
 

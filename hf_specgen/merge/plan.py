@@ -62,7 +62,8 @@ class MergedTensor:
 
     def _check_finite(self, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         tensor = tensor.to(dtype)
-        if not torch.isfinite(tensor).all():
+        # min and max in one pass, no full-size temporary: NaN propagates into them, inf is one of them
+        if tensor.numel() and not torch.isfinite(torch.stack(tensor.aminmax())).all():
             raise MergeError(f"{self.key}: the merged tensor has NaN or inf values")
         return tensor
 

@@ -29,7 +29,7 @@ from .errors import MergeError
 from .hub import push_folder
 from .lora import ADAPTER_CONFIG, LoraAdapter, is_lora_adapter
 from .plan import MergePlan, conv1d_modules, meta_model, plan_adapter_scaling, plan_lora_merge, plan_merge, tied_groups
-from .writer import ShardedWriter
+from .writer import ShardedWriter, header_room
 
 # Side files a model directory needs besides its weights (config, tokenizer, processors).
 SIDE_FILES = [
@@ -124,12 +124,19 @@ def _write(
 ) -> None:  # fmt: skip
     """One pass over the input tensors, every alpha written beside the others."""
     limit = convert_file_size_to_int(max_shard_size)
-    writers = [ShardedWriter(d, limit, merge.weights_name) for d in directories]
-    for tensor in merge.plan.tensors:
-        for writer, merged in zip(writers, tensor.compute(alphas)):
-            writer.add(tensor.key, merged)
-    for writer, directory, alpha in zip(writers, directories, alphas):
-        writer.close()
+    room = header_room([tensor.key for tensor in merge.plan.tensors])
+    writers = [ShardedWriter(d, limit, merge.weights_name, room) for d in directories]
+    try:
+        for tensor in merge.plan.tensors:
+            for writer, merged in zip(writers, tensor.compute(alphas)):
+                writer.add(tensor.key, merged)
+        for writer in writers:
+            writer.close()
+    except BaseException:
+        for writer in writers:
+            writer.abort()
+        raise
+    for directory, alpha in zip(directories, alphas):
         _copy_side_files(merge, directory, dtype)
         write_model_card(directory, *merge.sources, alpha=alpha, scores=scores)
 
