@@ -12,7 +12,7 @@ convention). Floating tensors are interpolated in float32; integer and bool tens
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,16 +36,19 @@ class MergedTensor:
     dtype: torch.dtype | None = None  # output dtype of floating tensors; None: the fine-tuned tensor's
     new_rows_from: int | None = None  # vocabulary growth: rows from here on come from the fine-tuned model
 
-    def compute(self, alphas: Sequence[float]) -> list[torch.Tensor]:
+    def compute(self, alphas: Sequence[float]) -> Iterator[torch.Tensor]:
+        """The output at each alpha in turn: inputs read once, one output alive at a time."""
         base = self.base()
         other = self.finetuned() if self.finetuned is not None else None
         if not torch.is_floating_point(base):
             if other is not None and not torch.equal(base, other):
                 raise MergeError(f"{self.key}: integer/bool tensors differ between the two models; cannot interpolate")
-            return [base for _ in alphas]
+            yield from (base for _ in alphas)
+            return
         dtype = self.dtype or (other.dtype if other is not None else base.dtype)
         delta = self.delta() if self.delta is not None else None  # once for every alpha: a sweep reads A and B once
-        return [self._check_finite(self._at(alpha, base, other, delta), dtype) for alpha in alphas]
+        for alpha in alphas:
+            yield self._check_finite(self._at(alpha, base, other, delta), dtype)
 
     def _at(self, alpha: float, base: torch.Tensor, other: torch.Tensor | None, delta: torch.Tensor | None) -> torch.Tensor:
         if delta is not None:

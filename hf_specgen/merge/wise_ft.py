@@ -226,4 +226,4 @@ def iter_wise_ft(
     alphas = _check_alphas(list(alphas), extrapolate)
     merge = _prepare(pretrained, finetuned, dtype, keep_adapter=False)
     for alpha in alphas:
-        yield alpha, {tensor.key: tensor.compute([alpha])[0] for tensor in merge.plan.tensors}
+        yield alpha, {tensor.key: next(tensor.compute([alpha])) for tensor in merge.plan.tensors}
