@@ -1,0 +1,571 @@
+"""Benchmark: streamed WiSE-FT merging (`hf_specgen.merge`) against a plain copy and mergekit.
+
+One run builds (or reuses, from `--workdir`) a synthetic pair of fp32 `LlamaForCausalLM`
+checkpoints of more than 1 GB each, saved with different shard sizes: "pretrained", randomly
+initialised, and "finetuned", the same weights plus Gaussian noise. Then, each in its own child
+process and each `--repeats` times (the order reversed every other round):
+
+* `import`: `import hf_specgen.merge` alone, the start-up cost in every merge process below;
+* `copytree`: `shutil.copytree` of the fine-tuned checkpoint, the I/O floor;
+* `wise_ft`: `wise_ft(pre, ft, alpha=0.5, out)`;
+* `mergekit`: `mergekit-yaml` with `merge_method: linear`, weights 0.5 / 0.5, on the CPU;
+* `sweep`: `wise_ft_sweep` over 5 alphas, against `separate`: 5 `wise_ft` calls in one process.
+
+Each child's wall time, CPU time and page faults (`wait4`), its peak RSS (the kernel's high-water
+mark `VmHWM`) and the peaks of its anonymous and file-backed RSS, these three polled from
+`/proc/<pid>/status`, are recorded; the disk is synced before each child, so that no run pays for
+the previous one's writes. mergekit (`requirements-bench.txt`) is installed into its own virtual
+environment under `--workdir`, never into the project's; if that fails, the report says why and
+the rest is measured all the same.
+Finally a few tensors of the `wise_ft` and mergekit outputs are checked against `0.5 * (pre + ft)`.
+
+    .venv/bin/python benchmarks/bench_merge.py --output benchmarks/results/merge.json
+
+writes the JSON report to `--output` and a Markdown table beside it (`.md`), and prints the table.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed (imported by accelerate) would say so on stdout
+
+import argparse
+import hashlib
+import json
+import math
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import safetensors
+import torch
+import transformers
+from safetensors import safe_open
+
+REPO = Path(__file__).resolve().parents[1]
+REQUIREMENTS = Path(__file__).with_name("requirements-bench.txt")
+TORCH_PIN = f"torch=={torch.__version__.split('+')[0]}"  # the CPU wheel on disk; another version pulls CUDA
+MB = 10**6  # shard sizes ("400MB") are decimal, as transformers and mergekit read them
+ALPHA = 0.5
+SWEEP_ALPHAS = [0.0, 0.25, 0.5, 0.75, 1.0]
+PRETRAINED_SHARD, FINETUNED_SHARD, OUTPUT_SHARD = "400MB", "300MB", "400MB"
+NOISE = 0.01  # standard deviation of the fine-tuning perturbation
+RSS_FACTOR, RSS_SLACK = 2.5, 300 * MB  # target: peak RSS <= 2.5 x largest shard + 300 MB
+TOLERANCE = 1e-6  # max abs difference to 0.5 * (pre + ft) computed in float64
+POLL_S = 0.02
+STATUS_FIELDS = ("VmHWM", "RssAnon", "RssFile")
+
+# The child processes: sys.argv[1:] are their arguments.
+COPY = "import shutil, sys; shutil.copytree(sys.argv[1], sys.argv[2])"
+IMPORT = "import hf_specgen.merge"
+WISE_FT = """import sys
+from hf_specgen.merge import wise_ft
+wise_ft(sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4], max_shard_size=sys.argv[5])"""
+SWEEP = """import json, sys
+from hf_specgen.merge import wise_ft_sweep
+wise_ft_sweep(sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), sys.argv[4], max_shard_size=sys.argv[5])"""
+SEPARATE = """import json, sys
+from pathlib import Path
+from hf_specgen.merge import alpha_dirname, wise_ft
+for alpha in json.loads(sys.argv[3]):
+    wise_ft(sys.argv[1], sys.argv[2], alpha, Path(sys.argv[4]) / alpha_dirname(alpha), max_shard_size=sys.argv[5])"""
+
+
+class ChildFailed(RuntimeError):
+    """A measured child process exited with an error; the message ends with its output's tail."""
+
+
+@dataclass
+class Sample:
+    """One child process: wall and CPU time, page faults, peak RSS (`VmHWM`), polled peaks of its two kinds of RSS."""
+
+    seconds: float
+    user_s: float
+    sys_s: float
+    minor_faults: int
+    peak_rss: int
+    peak_anon: int
+    peak_file: int
+
+
+@dataclass
+class Run:
+    """One measured configuration: the command that writes its output to `out`."""
+
+    name: str
+    description: str
+    command: Callable[[Path], list[str]]
+    bytes_written: int
+    merge: bool = True  # a merge: held to the RSS target
+    keep_output: bool = False  # for the correctness check
+    samples: list[Sample] = field(default_factory=list)
+    error: str | None = None
+
+
+def log(message: str, start: float) -> None:
+    print(f"[{time.perf_counter() - start:7.1f}s] {message}", file=sys.stderr, flush=True)
+
+
+def git_revision() -> str | None:
+    """The measured code's commit, `-dirty` with uncommitted changes; None outside a git checkout."""
+    command = ["git", "describe", "--always", "--dirty"]
+    try:
+        described = subprocess.run(command, capture_output=True, text=True, check=True, cwd=REPO)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return described.stdout.strip()
+
+
+def tail(text: str, lines: int = 15) -> str:
+    return "\n".join(text.strip().splitlines()[-lines:])
+
+
+def size_to_int(size: str) -> int:
+    return int(size.removesuffix("MB")) * MB
+
+
+def model_config(layers: int) -> dict[str, Any]:
+    """A Llama of 297M parameters (1.19 GB in fp32) at 18 layers; untied embeddings."""
+    return {
+        "vocab_size": 32000, "hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": layers,
+        "num_attention_heads": 16, "num_key_value_heads": 16, "tie_word_embeddings": False,
+    }  # fmt: skip
+
+
+def weight_files(directory: Path) -> list[Path]:
+    return sorted(directory.glob("*.safetensors"))
+
+
+def parameter_count(directory: Path) -> int:
+    count = 0
+    for file in weight_files(directory):
+        with safe_open(file, framework="pt") as f:
+            count += sum(math.prod(f.get_slice(key).get_shape()) for key in f.keys())
+    return count
+
+
+def weight_keys(directory: Path) -> dict[str, Path]:
+    """Tensor name -> the file that stores it."""
+    keys = {}
+    for file in weight_files(directory):
+        with safe_open(file, framework="pt") as f:
+            keys.update(dict.fromkeys(f.keys(), file))
+    return keys
+
+
+def build_checkpoints(workdir: Path, layers: int, seed: int) -> tuple[Path, Path]:
+    """The pretrained / finetuned pair, cached under `workdir` by its specification.
+
+    One model in memory at a time: built, saved, perturbed in place tensor by tensor, saved again.
+    """
+    spec = {
+        "config": model_config(layers), "seed": seed, "noise": NOISE, "transformers": transformers.__version__,
+        "shards": [PRETRAINED_SHARD, FINETUNED_SHARD],
+    }  # fmt: skip
+    root = workdir / f"checkpoints-{hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]}"
+    pretrained, finetuned, stamp = root / "pretrained", root / "finetuned", root / "spec.json"
+    if stamp.is_file():
+        return pretrained, finetuned
+    for stale in workdir.glob("checkpoints-*"):
+        shutil.rmtree(stale)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    transformers.utils.logging.disable_progress_bar()
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**spec["config"]))
+    model.save_pretrained(pretrained, max_shard_size=PRETRAINED_SHARD)
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn(parameter.shape, generator=generator), alpha=NOISE)
+    model.save_pretrained(finetuned, max_shard_size=FINETUNED_SHARD)
+    stamp.write_text(json.dumps(spec, indent=2) + "\n")
+    return pretrained, finetuned
+
+
+def install_mergekit(workdir: Path) -> dict[str, Any]:
+    """mergekit in `workdir/mergekit-venv` (reused while `requirements-bench.txt` is unchanged).
+
+    Returns `executable` (None when the install failed), `version`, `install_s` and `error`."""
+    venv = workdir / "mergekit-venv"
+    stamp, requirements = venv / "requirements-bench.txt", REQUIREMENTS.read_text()
+    info: dict[str, Any] = {"executable": None, "version": None, "install_s": 0.0, "error": None}
+    start = time.perf_counter()
+    if not (stamp.is_file() and stamp.read_text() == requirements):
+        shutil.rmtree(venv, ignore_errors=True)
+        pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet"]
+        for step in ([sys.executable, "-m", "venv", str(venv)], [*pip, TORCH_PIN], [*pip, "-r", str(REQUIREMENTS)]):
+            done = subprocess.run(step, capture_output=True, text=True)
+            info["install_s"] = time.perf_counter() - start
+            if done.returncode:
+                output = tail(done.stderr + done.stdout)
+                info["error"] = f"`{' '.join(step)}` failed (exit {done.returncode}):\n{output}"
+                return info
+        stamp.write_text(requirements)
+    version = "import importlib.metadata as m; print(m.version('mergekit'))"
+    done = subprocess.run([str(venv / "bin" / "python"), "-c", version], capture_output=True, text=True)
+    info["version"] = done.stdout.strip() or None
+    info["executable"] = venv / "bin" / "mergekit-yaml"
+    return info
+
+
+def memory_status(pid: int) -> dict[str, int]:
+    """`VmHWM` (peak RSS so far), `RssAnon` and `RssFile` of process `pid`, in bytes; empty once it has exited."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return {}
+    fields = (line.split(":", 1) for line in status.splitlines() if line.startswith(STATUS_FIELDS))
+    return {name: int(value.split()[0]) * 1024 for name, value in fields}
+
+
+def measure(command: list[str], log_path: Path) -> Sample:
+    """Runs `command` as a child process (output to `log_path`) and polls its memory until it exits.
+
+    The peak RSS is the kernel's high-water mark `VmHWM`, so a peak between two polls is seen too.
+    CPU times and page faults come from `wait4`; its `ru_maxrss` is not used, as Linux carries the
+    parent's RSS at fork over into it."""
+    os.sync()  # the previous run's dirty pages are written now, not during this run
+    peaks = dict.fromkeys(STATUS_FIELDS, 0)
+    with log_path.open("w") as log_file:
+        start = time.perf_counter()
+        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, cwd=REPO)
+        while True:
+            pid, status, usage = os.wait4(process.pid, os.WNOHANG)
+            if pid:
+                break
+            for name, value in memory_status(process.pid).items():
+                peaks[name] = max(peaks[name], value)
+            time.sleep(POLL_S)
+        seconds = time.perf_counter() - start
+    process.returncode = os.waitstatus_to_exitcode(status)  # reaped by wait4: Popen must not wait again
+    if process.returncode:
+        raise ChildFailed(f"exit {process.returncode}:\n{tail(log_path.read_text())}")
+    return Sample(seconds, usage.ru_utime, usage.ru_stime, usage.ru_minflt,
+                  peaks["VmHWM"], peaks["RssAnon"], peaks["RssFile"])  # fmt: skip
+
+
+def read_tensor(directory: Path, key: str) -> torch.Tensor:
+    with safe_open(weight_keys(directory)[key], framework="pt") as f:
+        return f.get_tensor(key).double()
+
+
+def spot_check(pretrained: Path, finetuned: Path, outputs: dict[str, Path], layers: int) -> dict[str, Any]:
+    """Max abs differences, on a few tensors, of each output to the float64 reference and to each other."""
+    keys = [
+        "model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight",
+        f"model.layers.{layers // 2}.mlp.down_proj.weight", f"model.layers.{layers - 1}.input_layernorm.weight",
+        "model.norm.weight", "lm_head.weight",
+    ]  # fmt: skip
+    expected_keys = set(weight_keys(finetuned))
+    result: dict[str, Any] = {
+        "tolerance": TOLERANCE,
+        "same_keys": {name: set(weight_keys(path)) == expected_keys for name, path in outputs.items()},
+        "tensors": [],
+    }
+    for key in keys:
+        reference = (1 - ALPHA) * read_tensor(pretrained, key) + ALPHA * read_tensor(finetuned, key)
+        merged = {name: read_tensor(path, key) for name, path in outputs.items()}
+        row = {"key": key, **{f"{name} vs reference": (t - reference).abs().max().item() for name, t in merged.items()}}
+        if len(merged) == 2:
+            first, second = merged.values()
+            row[" vs ".join(merged)] = (first - second).abs().max().item()
+        result["tensors"].append(row)
+    differences = [value for row in result["tensors"] for name, value in row.items() if name != "key"]
+    result["passed"] = all(result["same_keys"].values()) and max(differences) <= TOLERANCE
+    return result
+
+
+def mergekit_command(executable: Path, config: Path, output: Path) -> list[str]:
+    # --out-shard-size is documented as parameters but compared with bytes (mergekit/io/tensor_writer.py)
+    return [str(executable), str(config), str(output), "--lazy-unpickle", "--out-shard-size",
+            str(size_to_int(OUTPUT_SHARD)), "--no-copy-tokenizer", "--quiet"]  # fmt: skip
+
+
+def define_runs(pre: Path, ft: Path, checkpoint_bytes: int, mergekit: dict[str, Any], workdir: Path) -> list[Run]:
+    python = sys.executable
+    merge_args = [str(pre), str(ft)]
+    runs = [
+        Run("import", "`import hf_specgen.merge` (start-up only)", lambda out: [python, "-c", IMPORT], 0, merge=False),
+        Run("copytree", "`shutil.copytree` of finetuned (I/O floor)",
+            lambda out: [python, "-c", COPY, str(ft), str(out)], checkpoint_bytes, merge=False),
+        Run("wise_ft", f"`wise_ft`, alpha={ALPHA:g}",
+            lambda out: [python, "-c", WISE_FT, *merge_args, str(ALPHA), str(out), OUTPUT_SHARD],
+            checkpoint_bytes, keep_output=True),
+    ]  # fmt: skip
+    if mergekit["executable"] is not None:
+        config = workdir / "mergekit.yml"  # JSON is YAML
+        models = [{"model": str(pre), "parameters": {"weight": 1 - ALPHA}},
+                  {"model": str(ft), "parameters": {"weight": ALPHA}}]  # fmt: skip
+        config.write_text(json.dumps({"merge_method": "linear", "dtype": "float32", "models": models}, indent=2))
+        mergekit["config"] = json.loads(config.read_text())
+        mergekit["command"] = " ".join(mergekit_command(Path("mergekit-yaml"), Path(config.name), Path("OUT")))
+        runs.append(Run("mergekit", f"mergekit {mergekit['version']} linear, weights {1 - ALPHA:g} / {ALPHA:g}",
+                        lambda out: mergekit_command(mergekit["executable"], config, out),
+                        checkpoint_bytes, keep_output=True))  # fmt: skip
+    alphas = json.dumps(SWEEP_ALPHAS)
+    n = len(SWEEP_ALPHAS)
+    runs += [
+        Run("sweep", f"`wise_ft_sweep`, {n} alphas",
+            lambda out: [python, "-c", SWEEP, *merge_args, alphas, str(out), OUTPUT_SHARD], n * checkpoint_bytes),
+        Run("separate", f"{n} `wise_ft` calls, one process",
+            lambda out: [python, "-c", SEPARATE, *merge_args, alphas, str(out), OUTPUT_SHARD], n * checkpoint_bytes),
+    ]  # fmt: skip
+    return runs
+
+
+def warm_page_cache(files: list[Path]) -> None:
+    """Reads the inputs once, so that every run finds them in the page cache."""
+    for file in files:
+        with file.open("rb", buffering=0) as f:
+            while f.read(64 * MB):
+                pass
+
+
+def summarize(run: Run, copy_s: float | None, rss_target: int) -> dict[str, Any]:
+    seconds = [s.seconds for s in run.samples]
+    row: dict[str, Any] = {"name": run.name, "description": run.description, "error": run.error, "seconds": seconds}
+    if not seconds:
+        return row
+    median = statistics.median(seconds)
+    peak_rss = max(s.peak_rss for s in run.samples)
+    row.update({
+        "median_s": median, "min_s": min(seconds), "max_s": max(seconds),
+        "vs_copy": median / copy_s if copy_s and run.bytes_written else None, "bytes_written": run.bytes_written,
+        "user_s": statistics.median(s.user_s for s in run.samples),
+        "sys_s": statistics.median(s.sys_s for s in run.samples),
+        "minor_faults": statistics.median(s.minor_faults for s in run.samples),
+        "write_mb_s": run.bytes_written / MB / median if run.bytes_written else None,
+        "peak_rss_bytes": peak_rss,
+        "peak_anon_bytes": max(s.peak_anon for s in run.samples),
+        "peak_file_bytes": max(s.peak_file for s in run.samples),
+        "rss_target_bytes": rss_target if run.merge else None,
+        "rss_passed": peak_rss <= rss_target if run.merge else None,
+    })  # fmt: skip
+    return row
+
+
+def targets(rows: dict[str, dict[str, Any]], correctness: dict[str, Any] | None) -> list[dict[str, Any]]:
+    def faster(name: str, than: str) -> dict[str, Any]:
+        """Judged on the median of the per-round time ratios: the two runs of a round are adjacent in time."""
+        pairs = list(zip(rows.get(name, {}).get("seconds", []), rows.get(than, {}).get("seconds", [])))
+        target = {"target": f"{name} faster than {than}", "value": None, "passed": None, "paired_ratio": None}
+        if pairs:
+            ratios = [a / b for a, b in pairs]
+            paired = statistics.median(ratios)
+            target.update({"paired_ratio": paired, "round_ratios": ratios, "passed": paired < 1,
+                           "value": f"{paired:.2f}x the time (median of rounds: "
+                                    f"{', '.join(f'{r:.2f}' for r in ratios)})"})  # fmt: skip
+        return target
+
+    wise = rows["wise_ft"]
+    return [
+        {"target": f"wise_ft peak RSS <= {RSS_FACTOR:g} x largest shard + {RSS_SLACK // MB} MB",
+         "value": f"{wise['peak_rss_bytes'] / MB:.0f} MB, target {wise['rss_target_bytes'] / MB:.0f} MB"
+         if "median_s" in wise else None, "passed": wise.get("rss_passed")},
+        faster("wise_ft", "mergekit"),
+        faster("sweep", "separate"),
+        {"target": f"outputs = 0.5 * (pre + ft) within {TOLERANCE:g}",
+         "value": None if correctness is None else "see the spot check",
+         "passed": None if correctness is None else correctness["passed"]},
+    ]  # fmt: skip
+
+
+def verdict(passed: bool | None) -> str:
+    return "-" if passed is None else ("PASS" if passed else "MISS")
+
+
+def markdown(report: dict[str, Any]) -> str:
+    ckpt, settings, mergekit = report["checkpoints"], report["settings"], report["mergekit"]
+    versions = settings["versions"]
+    lines = [
+        "# WiSE-FT merge: time and peak memory",
+        "",
+        f"Synthetic fp32 `LlamaForCausalLM`, {ckpt['parameters'] / 1e6:.0f}M parameters: pretrained "
+        f"{ckpt['pretrained']['bytes'] / MB:.0f} MB in {len(ckpt['pretrained']['shards'])} shards "
+        f"(max_shard_size {PRETRAINED_SHARD}), finetuned {ckpt['finetuned']['bytes'] / MB:.0f} MB in "
+        f"{len(ckpt['finetuned']['shards'])} shards ({FINETUNED_SHARD}); outputs written with max shard size "
+        f"{OUTPUT_SHARD}. Largest shard: {ckpt['largest_shard_bytes'] / MB:.0f} MB. Each run is a child process, "
+        f"{settings['repeats']} times; inputs in the page cache, disk synced before each run, outputs not synced. "
+        f"{settings['machine']['cpus']} CPUs, {settings['threads']} torch threads; torch {versions['torch']}, "
+        f"transformers {versions['transformers']}, safetensors {versions['safetensors']}; hf_specgen at "
+        f"{settings['revision']}.",
+        "",
+        "wall: median (min-max) seconds of the whole process, start-up included; user / sys: its median CPU "
+        "seconds in user space and in the kernel (page faults: the median count of minor faults). "
+        "peak RSS: `VmHWM`, the "
+        f"kernel's high-water mark, polled every {POLL_S * 1e3:g} ms until exit. anon / file: polled peaks of "
+        "the anonymous and file-backed resident memory. Largest shard: the largest input shard file or the "
+        "output max shard size. MB = 10^6 bytes.",
+        "",
+        "| run | wall (s) | x copytree | write (MB/s) | user / sys (s) | page faults | peak RSS (MB) "
+        "| anon / file (MB) | RSS target (MB) | RSS |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|:---:|",
+    ]
+    for row in report["runs"]:
+        if "median_s" not in row:
+            lines.append(f"| {row['description']} | failed | | | | | | | | |")
+            continue
+        vs_copy = "-" if row["vs_copy"] is None else f"{row['vs_copy']:.2f}"
+        write = "-" if row["write_mb_s"] is None else f"{row['write_mb_s']:.0f}"
+        target = "-" if row["rss_target_bytes"] is None else f"{row['rss_target_bytes'] / MB:.0f}"
+        lines.append(
+            f"| {row['description']} | {row['median_s']:.2f} ({row['min_s']:.2f}-{row['max_s']:.2f}) "
+            f"| {vs_copy} | {write} | {row['user_s']:.1f} / {row['sys_s']:.1f} | {row['minor_faults'] / 1e3:.0f}k "
+            f"| {row['peak_rss_bytes'] / MB:.0f} "
+            f"| {row['peak_anon_bytes'] / MB:.0f} / {row['peak_file_bytes'] / MB:.0f} | {target} "
+            f"| {verdict(row['rss_passed'])} |"
+        )
+    lines += ["", "| target | value | result |", "|---|---|:---:|"]
+    lines += [f"| {t['target']} | {t['value'] or '-'} | {verdict(t['passed'])} |" for t in report["targets"]]
+    correctness = report["correctness"]
+    if correctness is not None:
+        columns = [name for name in correctness["tensors"][0] if name != "key"]
+        lines += ["", "Spot check, max abs difference (reference: `0.5 * (pre + ft)` in float64):", "",
+                  "| tensor | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]  # fmt: skip
+        for r in correctness["tensors"]:
+            lines.append(f"| {r['key']} | " + " | ".join(f"{r[c]:.2e}" for c in columns) + " |")
+        lines += ["", f"Same tensor names as finetuned: {correctness['same_keys']}."]
+    for row in report["runs"]:
+        if row["error"] and row["name"] != "mergekit":
+            lines += ["", f"{row['name']} failed:", "", "```", row["error"], "```"]
+    if mergekit["error"]:
+        lines += ["", "mergekit could not be measured:", "", "```", mergekit["error"], "```"]
+    else:
+        lines += ["", f"mergekit {mergekit['version']}: `{mergekit['command']}` with the config "
+                  f"`{json.dumps(mergekit['config'])}`."]  # fmt: skip
+    lines += [
+        "",
+        "RSS counts two kinds of pages. anon: the process's own memory: the interpreter and its imports (the "
+        "`import` row), the tensors being interpolated, and the shards waiting to be written. file: pages of "
+        "files mapped by the process: its shared libraries and the memory-mapped safetensors inputs (`safe_open` "
+        "returns zero-copy views of a private mapping of the file, so every page read stays resident in the "
+        "process until that file is unmapped). Those are clean page-cache pages the kernel can reclaim, but "
+        "`VmHWM`, `top` and a cgroup's memory accounting count them.",
+        "",
+        f"Total benchmark time: {report['total_s']:.0f} s (checkpoint build {report['setup_s']['build']:.0f} s, "
+        f"mergekit install {report['setup_s']['mergekit_install']:.0f} s; 0 when cached in --workdir).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output", type=Path, default=Path("benchmarks/results/merge.json"), help="JSON report path")
+    parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "hf_specgen_bench_merge",
+                        help="caches the checkpoints and mergekit's environment; the outputs go here too")  # fmt: skip
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each configuration")
+    parser.add_argument("--layers", type=int, default=18, help="decoder layers (18: 1.19 GB per checkpoint)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--clean", action="store_true", help="remove --workdir at the end, cache included")
+    opts = parser.parse_args()
+    if opts.repeats < 1 or opts.layers < 2:
+        parser.error("need --repeats >= 1 and --layers >= 2")
+    return opts
+
+
+def main() -> None:
+    opts = parse_args()
+    start = time.perf_counter()
+    workdir = opts.workdir.resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+
+    pretrained, finetuned = build_checkpoints(workdir, opts.layers, opts.seed)
+    build_s = time.perf_counter() - start
+    pre_files, ft_files = weight_files(pretrained), weight_files(finetuned)
+    checkpoint_bytes = sum(f.stat().st_size for f in ft_files)
+    largest_shard = max(max(f.stat().st_size for f in pre_files + ft_files), size_to_int(OUTPUT_SHARD))
+    rss_target = int(RSS_FACTOR * largest_shard + RSS_SLACK)
+    log(f"checkpoints: {checkpoint_bytes / MB:.0f} MB each, in {pretrained.parent} ({build_s:.0f} s)", start)
+    needed = (len(SWEEP_ALPHAS) + 3) * checkpoint_bytes  # a sweep's outputs beside copytree, wise_ft and mergekit's
+    free = shutil.disk_usage(workdir).free
+    if free < needed:
+        sys.exit(f"{workdir} has {free / MB:.0f} MB free; the outputs need {needed / MB:.0f} MB")
+
+    mergekit = install_mergekit(workdir)
+    log(f"mergekit: {mergekit['version'] or 'not installed'} ({mergekit['install_s']:.0f} s)", start)
+    if mergekit["error"]:
+        log(f"mergekit install failed: {mergekit['error']}", start)
+
+    outputs, logs = workdir / "outputs", workdir / "logs"
+    shutil.rmtree(outputs, ignore_errors=True)
+    logs.mkdir(exist_ok=True)
+    runs = define_runs(pretrained, finetuned, checkpoint_bytes, mergekit, workdir)
+    warm_page_cache(pre_files + ft_files)
+    for repeat in range(opts.repeats):
+        for run in runs if repeat % 2 == 0 else runs[::-1]:
+            if run.error:
+                continue
+            out = outputs / run.name
+            shutil.rmtree(out, ignore_errors=True)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                run.samples.append(measure(run.command(out), logs / f"{run.name}-{repeat}.log"))
+            except ChildFailed as error:
+                run.error = str(error)
+                log(f"{run.name} failed: {error}", start)
+                continue
+            if not run.keep_output:
+                shutil.rmtree(out, ignore_errors=True)
+            sample = run.samples[-1]
+            log(f"round {repeat + 1}/{opts.repeats} {run.name}: {sample.seconds:.2f} s, "
+                f"peak RSS {sample.peak_rss / MB:.0f} MB", start)  # fmt: skip
+    mergekit_run = next((run for run in runs if run.name == "mergekit"), None)
+    if mergekit_run is not None and mergekit_run.error:
+        mergekit["error"] = f"`{mergekit['command']}` failed, {mergekit_run.error}"
+
+    merged = {run.name: outputs / run.name for run in runs if run.keep_output and run.samples}
+    correctness = spot_check(pretrained, finetuned, merged, opts.layers) if "wise_ft" in merged else None
+    shutil.rmtree(outputs, ignore_errors=True)
+
+    copy_samples = next(run for run in runs if run.name == "copytree").samples
+    copy_s = statistics.median(s.seconds for s in copy_samples) if copy_samples else None
+    rows = {run.name: summarize(run, copy_s, rss_target) for run in runs}
+    report = {
+        "checkpoints": {
+            "model": "LlamaForCausalLM", "dtype": "float32", "config": model_config(opts.layers),
+            "parameters": parameter_count(finetuned),
+            "pretrained": {"bytes": sum(f.stat().st_size for f in pre_files),
+                           "shards": [f.stat().st_size for f in pre_files], "max_shard_size": PRETRAINED_SHARD},
+            "finetuned": {"bytes": checkpoint_bytes, "shards": [f.stat().st_size for f in ft_files],
+                          "max_shard_size": FINETUNED_SHARD},
+            "output_max_shard_size": OUTPUT_SHARD, "largest_shard_bytes": largest_shard, "noise_std": NOISE,
+        },
+        "settings": {
+            "repeats": opts.repeats, "alpha": ALPHA, "sweep_alphas": SWEEP_ALPHAS, "seed": opts.seed,
+            "threads": torch.get_num_threads(), "workdir": str(workdir), "revision": git_revision(),
+            "rss_target": f"{RSS_FACTOR:g} x largest shard + {RSS_SLACK // MB} MB = {rss_target / MB:.0f} MB",
+            "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+            "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                         "transformers": transformers.__version__, "safetensors": safetensors.__version__},
+        },
+        "mergekit": {key: str(value) if isinstance(value, Path) else value for key, value in mergekit.items()},
+        "runs": list(rows.values()),
+        "targets": targets(rows, correctness),
+        "correctness": correctness,
+        "setup_s": {"build": build_s, "mergekit_install": mergekit["install_s"]},
+        "total_s": time.perf_counter() - start,
+    }  # fmt: skip
+    opts.output.parent.mkdir(parents=True, exist_ok=True)
+    opts.output.write_text(json.dumps(report, indent=2) + "\n")
+    table = markdown(report)
+    opts.output.with_suffix(".md").write_text(table)
+    print(table)
+    if opts.clean:
+        shutil.rmtree(workdir)
+    log(f"wrote {opts.output} and {opts.output.with_suffix('.md')}", start)
+
+
+if __name__ == "__main__":
+    main()
