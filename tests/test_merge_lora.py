@@ -13,8 +13,7 @@ from transformers import CLIPForImageClassification, CLIPModel, GPT2Config, GPT2
 
 from conftest import clip_batch, perturb_, tiny_clip, tiny_opt
 from hf_specgen.merge import MergeError, wise_ft, wise_ft_sweep
-from hf_specgen.merge.checkpoint import Checkpoint
-from test_merge import assert_interpolated, leftovers, read_weights, reference, save, tiny_llama
+from test_merge import assert_interpolated, count_reads, leftovers, read_weights, reference, save, tiny_llama
 
 ADAPTER = "default"
 
@@ -192,14 +191,7 @@ def test_dora_is_refused(tmp_path, keep_adapter):
 def test_lora_sweep_reads_each_tensor_once(tmp_path, monkeypatch):
     alphas = [0.0, 0.5, 1.0]
     base_dir, adapter_dir, model = adapted(tmp_path, modules_to_save=["fc2"])
-    reads = {}
-    original = Checkpoint.get
-
-    def get(self, key):
-        reads[(self.directory.name, key)] = reads.get((self.directory.name, key), 0) + 1
-        return original(self, key)
-
-    monkeypatch.setattr(Checkpoint, "get", get)
+    reads = count_reads(monkeypatch)
     outs = wise_ft_sweep(base_dir, adapter_dir, alphas, tmp_path / "sweep")
     adapter_keys = read_weights(adapter_dir, "adapter_model").keys()
     assert reads == {("base", k): 1 for k in read_weights(base_dir)} | {("adapter", k): 1 for k in adapter_keys}
