@@ -17,8 +17,6 @@ from safetensors import safe_open
 
 from .errors import MergeError
 
-SAFETENSORS_INDEX = "model.safetensors.index.json"
-BIN_INDEX = "pytorch_model.bin.index.json"
 SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
@@ -119,6 +117,3 @@ class Checkpoint:
     def config(self) -> dict[str, Any] | None:
         path = self.directory / "config.json"
         return json.loads(path.read_text()) if path.is_file() else None
-
-    def total_bytes(self) -> int:
-        return sum(f.stat().st_size for f in self.files)

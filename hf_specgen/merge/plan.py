@@ -104,8 +104,8 @@ def conv1d_modules(model: torch.nn.Module | None) -> set[str] | None:
 class _Source:
     """A checkpoint's tensors, where a key missing from the file can be read through its tied partner."""
 
-    def __init__(self, checkpoint: Checkpoint, groups: list[list[str]], role: str) -> None:
-        self.checkpoint, self.role = checkpoint, role
+    def __init__(self, checkpoint: Checkpoint, groups: list[list[str]]) -> None:
+        self.checkpoint = checkpoint
         self.alias = {k: g for g in groups for k in g}
 
     def locate(self, key: str) -> str | None:
@@ -120,11 +120,11 @@ class _Source:
 def _check_same_architecture(pretrained: dict | None, finetuned: dict | None) -> None:
     if pretrained is None or finetuned is None:
         return
-    for field in ("model_type", "architectures"):
-        if pretrained.get(field) != finetuned.get(field):
+    for name in ("model_type", "architectures"):
+        if pretrained.get(name) != finetuned.get(name):
             raise MergeError(
-                f"mismatched architectures: pretrained has {field}={pretrained.get(field)!r}, "
-                f"finetuned has {field}={finetuned.get(field)!r}"
+                f"mismatched architectures: pretrained has {name}={pretrained.get(name)!r}, "
+                f"finetuned has {name}={finetuned.get(name)!r}"
             )
 
 
@@ -145,8 +145,8 @@ class MergePlan:
 def plan_merge(pretrained: Checkpoint, finetuned: Checkpoint, dtype: torch.dtype | None = None) -> MergePlan:
     """The merge of two full checkpoints, key by key in the fine-tuned checkpoint's order."""
     _check_same_architecture(pretrained.config, finetuned.config)
-    pre = _Source(pretrained, tied_groups(meta_model(pretrained.directory)), "pretrained")
-    ft = _Source(finetuned, tied_groups(meta_model(finetuned.directory)), "finetuned")
+    pre = _Source(pretrained, tied_groups(meta_model(pretrained.directory)))
+    ft = _Source(finetuned, tied_groups(meta_model(finetuned.directory)))
     missing_pre = [k for k in finetuned.keys() if pre.locate(k) is None]
     missing_ft = [k for k in pretrained.keys() if ft.locate(k) is None]
     if missing_pre or missing_ft:
@@ -197,7 +197,7 @@ def plan_lora_merge(
     embeddings) no longer equals it: every member of such a group is written, and the config
     says `tie_word_embeddings: false`.
     """
-    source = _Source(base, tied, "pretrained")
+    source = _Source(base, tied)
     changed = [*adapter.deltas, *adapter.full]
     unknown = [k for k in changed if source.locate(k) is None and k not in adapter.base]
     if unknown:
@@ -233,7 +233,7 @@ def plan_adapter_scaling(
 ) -> MergePlan:
     """An adapter whose effect is `alpha * scale * B @ A`: B scaled by alpha, A kept; full tensors
     (`modules_to_save`, biases) interpolated from the base's; saved base weights kept."""
-    source = _Source(base, tied, "pretrained")
+    source = _Source(base, tied)
     full = {key: base_key for base_key, key in adapter.full.items()}
     scaled = {d.b_key for d in adapter.deltas.values()}
     plan = []
