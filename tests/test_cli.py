@@ -11,7 +11,7 @@ import huggingface_hub
 from conftest import VOCAB
 from hf_specgen.cli import main
 from hf_specgen.merge import wise_ft
-from test_merge import FakeHub, assert_interpolated, opt, read_card, read_weights, save  # noqa: F401 - opt: fixture  # noqa: F401 - `opt` is a pytest fixture
+from test_merge import FakeHub, assert_interpolated, opt, read_card, read_weights, save  # noqa: F401 - opt: fixture
 from test_merge_lora import adapted, check_full_merge
 
 
