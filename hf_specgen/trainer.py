@@ -170,19 +170,17 @@ class SpecGenTrainer(Trainer):
             self._log_steps += 1
         loss = super().training_step(model, inputs, num_items_in_batch)
         if new_step and self._weight_terms:
-            loss = loss + self._apply_weight_terms().to(loss.device)
+            loss = loss + self._apply_weight_terms().to(loss.device, loss.dtype)
         return loss
 
     def _apply_weight_terms(self) -> torch.Tensor:
         """Adds L1 / L2 / EWC's closed-form gradients to `.grad` (at the loss scale of fp16 training)."""
         scaler = getattr(self.accelerator, "scaler", None)
         grad_scale = float(scaler.get_scale()) if scaler is not None else 1.0
-        total = torch.zeros(())
-        for reg in self._weight_terms:
-            value = reg.apply_(self.deltas, grad_scale).detach().float()
+        values = [reg.apply_(self.deltas, grad_scale).detach().float() for reg in self._weight_terms]
+        for reg, value in zip(self._weight_terms, values):
             self._record(reg.log_name, value)
-            total = total + value.cpu()
-        return total
+        return torch.stack(values).sum()  # on the weights' device: no host sync per step
 
     def _loss_is_ga_scaled(self, num_items_in_batch: torch.Tensor | int | None) -> bool:
         """Mirrors `Trainer.training_step`: is the task loss already normalized over the accumulated batch?"""
@@ -317,11 +315,10 @@ class SpecGenTrainer(Trainer):
                 "build the trainer from the same pre-trained model to resume"
             )
         tensors = load_file(path)
+        weights = {d.name: d.fisher_parameter() for d in self.deltas}
         for reg in self.regularizers:
             prefix = f"{reg.name}."
             reg.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
-        weights = {d.name: d.fisher_parameter() for d in self.deltas}
-        for reg in self.regularizers:
             if isinstance(reg, EWC) and reg.fisher is not None:
                 reg.fisher = {k: v.to(self._fisher_device() or weights[k].device) for k, v in reg.fisher.items()}
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import BatchRegularizer
-from .ewc import output_logits
+from .positions import output_logits, supervised_positions
 
 
 @dataclass
@@ -45,8 +45,8 @@ class LogitDistillation(BatchRegularizer):
         return cls(args.kd_lambda, args.kd_temperature)
 
     def __call__(self, batch: DistillationBatch) -> torch.Tensor:
-        student, mask = _supervised_positions(output_logits(batch.student), batch.labels, batch.shifts_labels)
-        teacher, _ = _supervised_positions(output_logits(batch.teacher), batch.labels, batch.shifts_labels)
+        student, _, mask = supervised_positions(output_logits(batch.student), batch.labels, batch.shifts_labels)
+        teacher, _, _ = supervised_positions(output_logits(batch.teacher), batch.labels, batch.shifts_labels)
         t = self.temperature
         log_q = F.log_softmax(student.float() / t if t != 1 else student.float(), dim=-1)
         with torch.no_grad():  # the teacher's side needs no graph
@@ -60,21 +60,6 @@ class LogitDistillation(BatchRegularizer):
             count = kl.numel()
         denominator = batch.token_denominator if batch.token_denominator is not None else max(count, 1)
         return self.weight * t * t * kl.sum() / denominator
-
-
-def _supervised_positions(
-    logits: torch.Tensor, labels: torch.Tensor | None, shifts_labels: bool
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The logits the task loss supervises (a view) and the mask of its labels != -100 (None: all rows).
-
-    Token logits `[B, T, V]` are shifted as the causal-LM loss shifts them; classifier logits
-    `[B, C]` keep every row.
-    """
-    if logits.dim() == 2 or labels is None:
-        return logits, None
-    if shifts_labels:
-        return logits[:, :-1], labels[:, 1:] != -100
-    return logits, labels != -100
 
 
 class ProtectedFeatures:

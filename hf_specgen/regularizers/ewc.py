@@ -11,31 +11,7 @@ from torch import nn
 
 from ..anchor import WeightDelta
 from .base import WeightRegularizer
-
-
-def output_logits(outputs: Any) -> torch.Tensor:
-    """The logits of a model output: `logits`, or CLIP's `logits_per_image`."""
-    for key in ("logits", "logits_per_image"):
-        logits = getattr(outputs, key, None)
-        if logits is not None:
-            return logits
-    raise ValueError(f"{type(outputs).__name__} has neither `logits` nor `logits_per_image`")
-
-
-def supervised_rows(
-    logits: torch.Tensor, labels: torch.Tensor | None, shifts_labels: bool
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Rows of `logits` that the task loss supervises, and their labels (None: every row).
-
-    Token logits `[B, T, V]` are shifted as the causal-LM loss shifts them and masked where the
-    label is -100; classifier logits `[B, C]` keep every row.
-    """
-    if logits.dim() == 2 or labels is None:
-        return logits.reshape(-1, logits.shape[-1]), (labels.reshape(-1) if labels is not None else None)
-    if shifts_labels:
-        logits, labels = logits[:, :-1], labels[:, 1:]
-    mask = labels != -100
-    return logits[mask], labels[mask]
+from .positions import output_logits, supervised_positions
 
 
 def estimate_fisher(
@@ -68,7 +44,12 @@ def estimate_fisher(
         for example in examples:
             labels = example.get("labels")
             outputs = model(**{k: v for k, v in example.items() if k != "labels"})
-            logits, targets = supervised_rows(output_logits(outputs).float(), labels, shifts_labels)
+            logits, targets, mask = supervised_positions(output_logits(outputs).float(), labels, shifts_labels)
+            if mask is not None:
+                logits, targets = logits[mask], targets[mask]
+            else:
+                logits = logits.reshape(-1, logits.shape[-1])
+                targets = targets.reshape(-1) if targets is not None else None
             log_probs = F.log_softmax(logits, dim=-1)
             if not empirical:
                 targets = _sample(log_probs.detach(), generator)
