@@ -7,6 +7,7 @@ checkpoints are loaded with `weights_only=True` (and memory-mapped), one file at
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
@@ -113,7 +114,7 @@ class Checkpoint:
             self._open[file] = safe_open(file, framework="pt")
         return self._open[file].get_tensor(key)
 
-    @property
+    @functools.cached_property
     def config(self) -> dict[str, Any] | None:
         path = self.directory / "config.json"
         return json.loads(path.read_text()) if path.is_file() else None

@@ -82,11 +82,15 @@ def _check_alphas(alphas: Sequence[float], extrapolate: bool) -> list[float]:
     return [float(a) for a in alphas]
 
 
-@contextlib.contextmanager
-def _atomic_directory(output_dir: Path, overwrite: bool) -> Iterator[Path]:
-    """A temporary directory beside `output_dir`, renamed to it only if the block succeeds."""
+def _refuse_existing(output_dir: Path, overwrite: bool) -> None:
+    """Checked before the inputs are read, so that a refused merge costs nothing."""
     if output_dir.exists() and not overwrite:
         raise MergeError(f"{output_dir} already exists; pass overwrite=True (--overwrite) to replace it")
+
+
+@contextlib.contextmanager
+def _atomic_directory(output_dir: Path) -> Iterator[Path]:
+    """A temporary directory beside `output_dir`, renamed to it (replacing it) only if the block succeeds."""
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     temporary = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", suffix=".partial", dir=output_dir.parent))
     try:
@@ -167,10 +171,9 @@ def wise_ft(
     """
     (alpha,) = _check_alphas([alpha], extrapolate)
     output_dir = Path(output_dir)
-    if output_dir.exists() and not overwrite:
-        raise MergeError(f"{output_dir} already exists; pass overwrite=True (--overwrite) to replace it")
+    _refuse_existing(output_dir, overwrite)
     merge = _prepare(pretrained, finetuned, dtype, keep_adapter)
-    with _atomic_directory(output_dir, overwrite) as temporary:
+    with _atomic_directory(output_dir) as temporary:
         _write(merge, [alpha], [temporary], dtype=dtype, max_shard_size=max_shard_size, scores=scores)
     if push_to_hub:
         push_folder(output_dir, push_to_hub, private=private, api=hub_api, message=f"WiSE-FT merge, alpha={alpha:g}")
@@ -199,10 +202,9 @@ def wise_ft_sweep(
     if len(set(names)) != len(names):  # alphas equal to 6 significant digits would share a directory
         raise MergeError(f"alphas {alphas} give the same output directory names: {names}")
     output_dir = Path(output_dir)
-    if output_dir.exists() and not overwrite:
-        raise MergeError(f"{output_dir} already exists; pass overwrite=True (--overwrite) to replace it")
+    _refuse_existing(output_dir, overwrite)
     merge = _prepare(pretrained, finetuned, dtype, keep_adapter)
-    with _atomic_directory(output_dir, overwrite) as temporary:
+    with _atomic_directory(output_dir) as temporary:
         directories = [temporary / alpha_dirname(a) for a in alphas]
         for d in directories:
             d.mkdir()
