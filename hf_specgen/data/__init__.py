@@ -1,0 +1,1 @@
+"""Data formatting shared by training, evaluation and the recipes."""

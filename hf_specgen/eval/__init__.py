@@ -1,0 +1,1 @@
+"""Speciality and generality scores: lm-evaluation-harness for LMs, distribution shift for CLIP."""

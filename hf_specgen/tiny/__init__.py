@@ -1,0 +1,39 @@
+"""The tiny offline foundations: a Galactica-style (OPT) LM and a CLIP that the project trains
+itself on procedurally generated data, with that data and their evaluation tasks.
+
+They are standard model directories (`from_pretrained(lm_path())`), so recipes and tools treat
+them like `facebook/galactica-1.3b` or `openai/clip-vit-base-patch16`. Names are imported on
+first use: finding a path does not load `datasets` or Pillow.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_LAZY = {
+    "lm_path": ".paths",
+    "clip_path": ".paths",
+    "GENERAL_FAMILIES": ".lm_data",
+    "general_corpus": ".lm_data",
+    "general_eval": ".lm_data",
+    "medmcqa": ".lm_data",
+    "GENERAL_TASKS": ".tasks",
+    "MEDMCQA_TASK": ".tasks",
+    "task_dir": ".tasks",
+    "write_tasks": ".tasks",
+    "CLASS_NAMES": ".images",
+    "DOMAINS": ".images",
+    "FINETUNE_DOMAIN": ".images",
+    "image_domains": ".images",
+    "zero_shot_templates": ".images",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = sorted(_LAZY)
