@@ -4,7 +4,7 @@ PYTHON ?= $(VENV)/bin/python
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install test bench clean
+.PHONY: install test bench foundations phenomenon clean
 
 # torch==2.13.0 first: its CPU wheel lies on disk; any other torch request pulls a CUDA build.
 install:
@@ -19,6 +19,14 @@ test:
 bench:
 	$(PYTHON) benchmarks/bench_trainer.py --output benchmarks/results/trainer.json
 	$(PYTHON) benchmarks/bench_merge.py --output benchmarks/results/merge.json
+
+# Rebuild the shipped tiny foundations (hf_specgen/tiny/models/) from their seeds.
+foundations:
+	$(PYTHON) -m hf_specgen.tiny.build
+
+# Forgetting in the tiny foundations, measured: fine-tune, WiSE-FT 0.5, score (table in README).
+phenomenon:
+	$(PYTHON) -m hf_specgen.tiny.phenomenon --workdir /tmp/hf_specgen_phenomenon --output benchmarks/results/phenomenon.md
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -5,13 +5,11 @@ The shipped tiny CLIP is fine-tuned fully on one domain (`FINETUNE_DOMAIN`, the 
 scored by the same zero-shot evaluation on each domain's test split: the fine-tuning domain
 measures the speciality, the other domains (the distribution shifts) the generality.
 
-`python -m hf_specgen.tiny.clip_phenomenon --workdir DIR` prints the accuracy table.
+`python -m hf_specgen.tiny.phenomenon` prints its table next to the LM's.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +21,7 @@ from hf_specgen.data.image_classification import ClassPromptCollator, class_prom
 from hf_specgen.eval.clip import domain_accuracies
 from hf_specgen.merge import wise_ft
 
-from .paths import CLIP_DIR
+from .paths import clip_path
 from .images import CLASS_NAMES, FINETUNE_DOMAIN, image_domains, zero_shot_templates
 
 TRAIN_PER_CLASS = 300
@@ -83,12 +81,12 @@ def finetune_clip(
 
 
 def clip_phenomenon(
-    workdir: str | Path, seed: int = 0, model_dir: str | Path = CLIP_DIR, **args: Any
+    workdir: str | Path, seed: int = 0, model_dir: str | Path | None = None, **args: Any
 ) -> dict[str, dict[str, float]]:
     """Per-model, per-domain zero-shot accuracies: `{"zero-shot" | "fine-tuned" | "wise-ft-0.5": {domain: accuracy}}`.
 
     `seed` draws the fine-tuning and test data and the training order; `args` go to `finetune_clip`."""
-    workdir = Path(workdir)
+    workdir, model_dir = Path(workdir), model_dir or clip_path()
     train = image_domains("train", seed, TRAIN_PER_CLASS, domains=[FINETUNE_DOMAIN])[FINETUNE_DOMAIN]
     test = image_domains("test", seed, TEST_PER_CLASS)
     finetuned = finetune_clip(model_dir, train, workdir / "finetuned", seed, **args)
@@ -99,15 +97,3 @@ def clip_phenomenon(
         name: domain_accuracies(CLIPModel.from_pretrained(path), processor, test, CLASS_NAMES, zero_shot_templates())
         for name, path in models.items()
     }
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", type=Path, required=True)
-    parser.add_argument("--seed", type=int, default=0)
-    options = parser.parse_args()
-    print(json.dumps(clip_phenomenon(options.workdir, options.seed), indent=2))
-
-
-if __name__ == "__main__":
-    main()

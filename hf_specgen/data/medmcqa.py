@@ -1,0 +1,43 @@
+"""MedMCQA: the prompt, the answer and the answer-only training labels, in one place.
+
+Training and evaluation must show the model the same prompt, so both read it from here: the
+question, the four options, then `Answer:`; the model is trained on, and scored by the
+log-likelihood of, the *text* of the correct option (a letter answer is much slower to learn,
+see DESIGN.md).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from transformers import PreTrainedTokenizerBase
+
+OPTION_KEYS = ("opa", "opb", "opc", "opd")
+COLUMNS = ("id", "question", "opa", "opb", "opc", "opd", "cop", "choice_type", "exp", "subject_name", "topic_name")
+IGNORE_INDEX = -100
+
+
+def doc_to_text(doc: Mapping[str, Any]) -> str:
+    """The prompt: question and lettered options, ending in `Answer:`."""
+    options = "\n".join(f"{letter}. {doc[key]}" for letter, key in zip("ABCD", OPTION_KEYS))
+    return f"Question: {doc['question']}\nOptions:\n{options}\nAnswer:"
+
+
+def doc_to_choice(doc: Mapping[str, Any]) -> list[str]:
+    return [doc[key] for key in OPTION_KEYS]
+
+
+def answer(doc: Mapping[str, Any]) -> str:
+    """The text of the correct option (`cop` is 0-3 in the Hub data set)."""
+    return doc[OPTION_KEYS[doc["cop"]]]
+
+
+def tokenize_for_training(
+    doc: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase, max_length: int = 512
+) -> dict[str, list[int]]:
+    """`input_ids` of prompt + " answer" + end of line, with `labels` on the answer only."""
+    prompt = tokenizer(doc_to_text(doc), add_special_tokens=False)["input_ids"]
+    target = tokenizer(f" {answer(doc)}\n", add_special_tokens=False)["input_ids"]
+    input_ids = (prompt + target)[:max_length]
+    labels = ([IGNORE_INDEX] * len(prompt) + target)[:max_length]
+    return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels}

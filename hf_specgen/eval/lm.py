@@ -1,0 +1,74 @@
+"""Language-model evaluation through lm-evaluation-harness, on an in-memory model or a path.
+
+lm-eval does the scoring (log-likelihood multiple choice, generation with filters); this module
+only builds its model wrapper and task manager and turns its nested results into one tidy
+`TaskScore` per task.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+
+@dataclass(frozen=True)
+class TaskScore:
+    """One task's primary metric (the first its YAML lists), as lm-eval reports it."""
+
+    task: str
+    metric: str
+    value: float
+    stderr: float | None
+    n: int
+
+
+def _primary_score(task: str, output: dict) -> TaskScore:
+    metric = output["configs"][task]["metric_list"][0]["metric"]
+    metrics = output["results"][task]
+    for key, value in metrics.items():
+        name, _, filter_name = key.partition(",")
+        if name == metric:
+            stderr = metrics.get(f"{metric}_stderr,{filter_name}")
+            n = int(output["n-samples"][task]["effective"])
+            return TaskScore(task, metric, float(value), float(stderr) if isinstance(stderr, (int, float)) else None, n)
+    raise ValueError(f"lm-eval returned no {metric!r} for task {task!r}: {sorted(metrics)}")
+
+
+def evaluate_lm(
+    model: PreTrainedModel | str | Path,
+    tasks: Sequence[str],
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    include_path: str | Path | None = None,
+    num_fewshot: int | None = None,
+    limit: int | float | None = None,
+    batch_size: int | str = 32,
+    device: str | None = None,
+) -> dict[str, TaskScore]:
+    """Score `model` on `tasks` (lm-eval registry names, or tasks found under `include_path`).
+
+    An in-memory model is evaluated as it is (no save and reload), e.g. a WiSE-FT merge from
+    `iter_wise_ft`; a path or Hub id is loaded by lm-eval itself.
+    """
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if isinstance(model, PreTrainedModel):
+        if tokenizer is None:
+            raise ValueError("evaluate_lm: an in-memory model needs its `tokenizer`")
+        model = model.to(device)
+    lm = HFLM(pretrained=model if isinstance(model, PreTrainedModel) else str(model), tokenizer=tokenizer, batch_size=batch_size, device=device)
+    manager = TaskManager(include_path=str(include_path) if include_path else None, verbosity="ERROR")
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)
+    output = simple_evaluate(
+        model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit, task_manager=manager,
+        log_samples=False, verbosity="ERROR",
+    )
+    return {task: _primary_score(task, output) for task in tasks}

@@ -1,0 +1,74 @@
+"""Catastrophic forgetting in the tiny LM, measured: the foundation, full fine-tuning on the
+MedMCQA-style domain, and WiSE-FT between them, each scored with lm-eval on the general tasks and
+on the domain's test split (trained facts, new wordings)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq
+
+from .. import SpecGenTrainer, SpecGenTrainingArguments
+from ..data.medmcqa import tokenize_for_training
+from ..eval.lm import evaluate_lm
+from ..merge import wise_ft
+from .lm_data import medmcqa
+from .paths import lm_path
+from .tasks import GENERAL_TASKS, MEDMCQA_TASK, task_dir
+
+WISE_FT_ALPHA = 0.5
+# Full fine-tuning defaults: 30 epochs over the 384 training questions (720 steps); the domain's
+# facts need many passes at this size.
+FINETUNE_ARGS: dict[str, Any] = {
+    "num_train_epochs": 30,
+    "per_device_train_batch_size": 16,
+    "learning_rate": 1e-3,
+    "lr_scheduler_type": "cosine",
+    "warmup_steps": 20,
+}
+
+
+def lm_scores(model_dir: str | Path) -> dict[str, float]:
+    """Accuracy (exact match for instructions) per general task and on the domain's test split."""
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir)
+    scores = evaluate_lm(model, [*GENERAL_TASKS, MEDMCQA_TASK], tokenizer=tokenizer, include_path=task_dir())
+    return {task: score.value for task, score in scores.items()}
+
+
+def finetune_lm(model_dir: str | Path, output_dir: str | Path, seed: int = 0, **args: Any) -> Path:
+    """Fine-tunes the causal LM in `model_dir` on the domain's train split (loss on the answer
+    only) and saves it with its tokenizer. `args` override `FINETUNE_ARGS` and the other
+    `SpecGenTrainingArguments` fields, e.g. a regularizer's weight (`l2_lambda=...`)."""
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir)
+    train = medmcqa(seed)["train"]
+    train = train.map(lambda doc: tokenize_for_training(doc, tokenizer), remove_columns=train.column_names)
+    training_args = SpecGenTrainingArguments(
+        **{
+            "output_dir": str(Path(output_dir) / "trainer"),
+            "seed": seed,
+            "use_cpu": True,
+            "save_strategy": "no",
+            "report_to": [],
+            "logging_steps": 20,
+            "disable_tqdm": True,
+            **FINETUNE_ARGS,
+            **args,
+        }
+    )
+    collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+    SpecGenTrainer(model=model, args=training_args, train_dataset=train, data_collator=collator).train()
+    model_path = Path(output_dir) / "model"
+    model.save_pretrained(model_path)
+    tokenizer.save_pretrained(model_path)
+    return model_path
+
+
+def lm_phenomenon(workdir: str | Path, seed: int = 0, model_dir: str | Path | None = None, **args: Any) -> dict[str, dict[str, float]]:
+    """Scores of the foundation, its full fine-tune and their WiSE-FT merge:
+    `{"pre-trained" | "fine-tuned" | "wise-ft-0.5": {task: score}}`."""
+    workdir, model_dir = Path(workdir), model_dir or lm_path()
+    finetuned = finetune_lm(model_dir, workdir / "finetuned", seed, **args)
+    merged = wise_ft(model_dir, finetuned, WISE_FT_ALPHA, workdir / f"wise-ft-{WISE_FT_ALPHA}", overwrite=True)
+    models = {"pre-trained": model_dir, "fine-tuned": finetuned, f"wise-ft-{WISE_FT_ALPHA}": merged}
+    return {name: lm_scores(path) for name, path in models.items()}
