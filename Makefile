@@ -1,4 +1,4 @@
-# hf_specgen: `make install` once, then `make test`, `make bench`.
+# hf_specgen: `make install` once, then `make test`, `make bench`; `make foundations`, `make phenomenon` (tiny foundations).
 VENV ?= .venv
 PYTHON ?= $(VENV)/bin/python
 export HF_HUB_OFFLINE ?= 1
