@@ -4,7 +4,7 @@ PYTHON ?= $(VENV)/bin/python
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install test bench foundations phenomenon clean
+.PHONY: install test bench foundations phenomenon tiny-sweep clean
 
 # torch==2.13.0 first: its CPU wheel lies on disk; any other torch request pulls a CUDA build.
 install:
@@ -27,6 +27,10 @@ foundations:
 # Forgetting in the tiny foundations, measured: fine-tune, WiSE-FT 0.5, score (table in README).
 phenomenon:
 	$(PYTHON) -m hf_specgen.tiny.phenomenon --workdir /tmp/hf_specgen_phenomenon --output benchmarks/results/phenomenon.md
+
+# WiSE-FT sweep of the phenomenon's fine-tunes, scored and reported (after `make phenomenon`).
+tiny-sweep:
+	PYTHON=$(PYTHON) bash benchmarks/tiny_wise_ft_sweep.sh
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -29,7 +29,7 @@ def _add_merge_options(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="specgen", description="Special without losing generality: WiSE-FT merging.")
+    parser = argparse.ArgumentParser(prog="specgen", description="Special without losing generality: WiSE-FT merging, evaluation, reports.")
     commands = parser.add_subparsers(dest="command", required=True)
     merge = commands.add_parser(
         "merge", help="write theta = (1 - alpha) * theta_pretrained + alpha * theta_finetuned"
@@ -42,29 +42,92 @@ def build_parser() -> argparse.ArgumentParser:
     sweep = commands.add_parser("sweep", help="one merge per alpha, reading each input tensor once")
     _add_merge_options(sweep)
     sweep.add_argument("--alphas", type=_alphas, required=True, help="comma-separated, e.g. 0,0.25,0.5,0.75,1")
+    _add_eval_parsers(commands)
     return parser
+
+
+def _add_eval_parsers(commands: argparse._SubParsersAction) -> None:
+    from .eval.suites import SUITES  # names and descriptions only: no model stack
+
+    evaluate = commands.add_parser("eval", help="score a model on named suites and write a result record (JSON)")
+    evaluate.add_argument("--model", required=True, help="model directory or Hub id")
+    evaluate.add_argument("--suite", action="append", required=True, metavar="NAME",
+                          help="repeatable; one of: " + "; ".join(f"{k} ({v})" for k, v in SUITES.items()))
+    evaluate.add_argument("--output", required=True, type=Path, help="the result record to write (.json)")
+    evaluate.add_argument("--method", required=True, help="how the model was made: full, l2, lora, pre-trained, ...")
+    evaluate.add_argument("--alpha", type=float, help="WiSE-FT alpha, if the model is a merge")
+    evaluate.add_argument("--hyperparameter", help="the method's strength setting, e.g. l2_lambda")
+    evaluate.add_argument("--value", type=float, help="its value, e.g. 0.1")
+    evaluate.add_argument("--limit", type=int, help="at most this many examples per task (quick checks)")
+    evaluate.add_argument("--num-fewshot", type=int)
+    evaluate.add_argument("--batch-size", type=int, default=32)
+    evaluate.add_argument("--device", help="default: cuda when available, else cpu")
+    report = commands.add_parser("report", help="combine result records into report.json, report.md and report.png")
+    report.add_argument("results", nargs="+", type=Path, help="record files (one record or a list) or directories of them")
+    report.add_argument("--output-dir", required=True, type=Path)
+    report.add_argument("--title", help="title of the table and the plot")
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    import time
+
+    from .eval.report import ResultRecord
+    from .eval.suites import check_suites, evaluate_suites
+
+    check_suites(args.suite, both_sides=True)
+    if (args.hyperparameter is None) != (args.value is None):
+        raise ValueError("--hyperparameter and --value go together")
+    start = time.perf_counter()
+    scores = evaluate_suites(args.model, args.suite, limit=args.limit, num_fewshot=args.num_fewshot,
+                             batch_size=args.batch_size, device=args.device)  # fmt: skip
+    if not scores["speciality"]:  # another process of a multi-process run: the main one writes
+        return
+    record = ResultRecord(
+        method=args.method, alpha=args.alpha, hyperparameter=args.hyperparameter, value=args.value,
+        speciality=scores["speciality"], generality=scores["generality"],
+        cost={"eval_s": round(time.perf_counter() - start, 1)}, model=str(args.model),
+    )  # fmt: skip
+    record.save(args.output)
+    print(f"{args.output}: speciality {record.speciality_score:.3f}, generality {record.generality_score:.3f}")
+
+
+def _report(args: argparse.Namespace) -> None:
+    from .eval.report import DEFAULT_TITLE, load_records, write_report
+
+    paths = write_report(load_records(args.results), args.output_dir, title=args.title or DEFAULT_TITLE)
+    for path in paths.values():
+        print(f"wrote {path}")
+
+
+def _merge(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    common = dict(
+        dtype=args.dtype, max_shard_size=args.max_shard_size, overwrite=args.overwrite,
+        extrapolate=args.extrapolate, keep_adapter=args.keep_adapter,
+    )  # fmt: skip
+    if args.command == "merge":
+        try:
+            scores = args.scores.read_text() if args.scores else None
+        except OSError as error:  # a usage error like the others, not a traceback
+            parser.error(f"--scores: {error}")
+        out = wise_ft(args.pretrained, args.finetuned, args.alpha, args.output_dir, args.push_to_hub,
+                      private=args.private, scores=scores, **common)  # fmt: skip
+        print(f"wrote {out}" + (f" and pushed it to {args.push_to_hub}" if args.push_to_hub else ""))
+    else:
+        for alpha, out in wise_ft_sweep(args.pretrained, args.finetuned, args.alphas, args.output_dir, **common).items():
+            print(f"alpha={alpha:g}: {out}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    common = dict(
-        dtype=args.dtype, max_shard_size=args.max_shard_size, overwrite=args.overwrite,
-        extrapolate=args.extrapolate, keep_adapter=args.keep_adapter,
-    )  # fmt: skip
     try:
-        if args.command == "merge":
-            try:
-                scores = args.scores.read_text() if args.scores else None
-            except OSError as error:  # a usage error like the others, not a traceback
-                parser.error(f"--scores: {error}")
-            out = wise_ft(args.pretrained, args.finetuned, args.alpha, args.output_dir, args.push_to_hub,
-                          private=args.private, scores=scores, **common)  # fmt: skip
-            print(f"wrote {out}" + (f" and pushed it to {args.push_to_hub}" if args.push_to_hub else ""))
+        if args.command == "eval":
+            _evaluate(args)
+        elif args.command == "report":
+            _report(args)
         else:
-            for alpha, out in wise_ft_sweep(args.pretrained, args.finetuned, args.alphas, args.output_dir, **common).items():
-                print(f"alpha={alpha:g}: {out}")
-    except MergeError as error:
+            _merge(args, parser)
+    except (MergeError, ValueError) as error:
         parser.exit(2, f"specgen: error: {error}\n")
     except PushError as error:
         print(f"specgen: error: {error}", file=sys.stderr)

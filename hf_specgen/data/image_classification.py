@@ -11,8 +11,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+import os
+from pathlib import Path
 from typing import Any
 
+import datasets
 import torch
 from transformers import CLIPModel, ProcessorMixin
 from transformers.loss.loss_utils import fixed_cross_entropy
@@ -59,3 +62,17 @@ def freeze_text_tower(model: CLIPModel) -> None:
     for module in (model.text_model, model.text_projection):
         module.requires_grad_(False)
     model.logit_scale.requires_grad_(False)
+
+
+def load_image_set(source: str | os.PathLike, split: str = "test") -> datasets.Dataset:
+    """An evaluation or training set: a local folder in `imagefolder` layout (one sub-folder per
+    class, or `split/class/...`) or a `datasets` id (ImageNet-R, DomainNet, ...) with `image` and
+    `label` columns."""
+    if not Path(source).is_dir():
+        return datasets.load_dataset(str(source), split=split)
+    sets = datasets.load_dataset("imagefolder", data_dir=str(source))
+    if split in sets:
+        return sets[split]
+    if len(sets) == 1:  # class sub-folders only: the folder is the set
+        return next(iter(sets.values()))
+    raise ValueError(f"{source} has the splits {sorted(sets)}, not {split!r}")

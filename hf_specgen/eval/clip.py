@@ -4,7 +4,9 @@ The classifier is CLIP's zero-shot head: per class, every prompt template is enc
 normalized, the normalized embeddings are averaged and renormalized, and the result is scaled by
 `logit_scale.exp()`. Images are encoded and normalized, and the predicted class is the largest
 `image_embedding @ head.T`. The same head scores the pre-trained, fine-tuned and merged models, so
-their accuracies differ only by the image tower.
+their accuracies differ only by the image tower. Evaluation sets that cover a subset of the
+classes (ImageNet-R and ImageNet-A: 200 of ImageNet's 1,000) are scored with the logits masked to
+that subset, as their authors do.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from collections.abc import Iterator, Mapping, Sequence
 import datasets
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 from transformers import CLIPModel, ProcessorMixin
 
 
@@ -56,7 +59,9 @@ def image_logits(
     device = model.logit_scale.device
     out = []
     with _inference(model):
-        for batch in dataset.select_columns([image_column]).iter(batch_size):
+        batches = dataset.select_columns([image_column]).iter(batch_size)
+        total = -(-len(dataset) // batch_size)
+        for batch in tqdm(batches, total=total, desc="images", unit="batch", leave=False):
             images = [image.convert("RGB") for image in batch[image_column]]
             pixels = processor(images=images, return_tensors="pt")["pixel_values"].to(device)
             embeds = F.normalize(model.get_image_features(pixel_values=pixels).pooler_output, dim=-1)
@@ -72,11 +77,20 @@ def accuracy(
     batch_size: int = 256,
     image_column: str = "image",
     label_column: str = "label",
+    class_subset: Sequence[int] | None = None,
 ) -> float:
-    """Top-1 accuracy of `head` on `dataset` (columns `image_column`, `label_column`)."""
+    """Top-1 accuracy of `head` on `dataset` (columns `image_column`, `label_column`).
+
+    With `class_subset` (indices into the head's classes; labels stay in the head's index space)
+    the prediction is the best class of the subset only."""
     logits = image_logits(model, processor, dataset, head, batch_size, image_column)
     labels = torch.tensor(list(dataset[label_column]), device=logits.device)
-    return (logits.argmax(-1) == labels).float().mean().item()
+    if class_subset is None:
+        predictions = logits.argmax(-1)
+    else:
+        subset = torch.tensor(list(class_subset), device=logits.device)
+        predictions = subset[logits[:, subset].argmax(-1)]
+    return (predictions == labels).float().mean().item()
 
 
 def domain_accuracies(
@@ -86,7 +100,13 @@ def domain_accuracies(
     class_names: Sequence[str],
     templates: Sequence[str],
     batch_size: int = 256,
+    class_subsets: Mapping[str, Sequence[int]] | None = None,
 ) -> dict[str, float]:
-    """Zero-shot accuracy on each dataset of `domains` (e.g. a `DatasetDict` of shifts), one head for all."""
+    """Zero-shot accuracy on each dataset of `domains` (e.g. a `DatasetDict` of shifts), one head
+    for all; `class_subsets[name]` masks the logits of a set that covers only those classes."""
     head = zero_shot_head(model, processor, class_names, templates)
-    return {name: accuracy(model, processor, data, head, batch_size) for name, data in domains.items()}
+    subsets = class_subsets or {}
+    return {
+        name: accuracy(model, processor, data, head, batch_size, class_subset=subsets.get(name))
+        for name, data in domains.items()
+    }

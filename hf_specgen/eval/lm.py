@@ -43,16 +43,18 @@ def evaluate_lm(
     model: PreTrainedModel | str | Path,
     tasks: Sequence[str],
     tokenizer: PreTrainedTokenizerBase | None = None,
-    include_path: str | Path | None = None,
+    include_path: str | Path | Sequence[str | Path] | None = None,
     num_fewshot: int | None = None,
     limit: int | float | None = None,
     batch_size: int | str = 32,
     device: str | None = None,
 ) -> dict[str, TaskScore]:
-    """Score `model` on `tasks` (lm-eval registry names, or tasks found under `include_path`).
+    """Score `model` on `tasks` (lm-eval registry names, or tasks found under `include_path`,
+    one directory or several).
 
     An in-memory model is evaluated as it is (no save and reload), e.g. a WiSE-FT merge from
-    `iter_wise_ft`; a path or Hub id is loaded by lm-eval itself.
+    `iter_wise_ft`; a path or Hub id is loaded by lm-eval itself (which also splits the data
+    across the processes of an `accelerate launch`: then the other processes get `{}`).
     """
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
@@ -65,10 +67,14 @@ def evaluate_lm(
             raise ValueError("evaluate_lm: an in-memory model needs its `tokenizer`")
         model = model.to(device)
     lm = HFLM(pretrained=model if isinstance(model, PreTrainedModel) else str(model), tokenizer=tokenizer, batch_size=batch_size, device=device)
-    manager = TaskManager(include_path=str(include_path) if include_path else None, verbosity="ERROR")
+    if isinstance(include_path, (str, Path)):
+        include_path = [include_path]
+    manager = TaskManager(include_path=[str(p) for p in include_path] if include_path else None, verbosity="ERROR")
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
     output = simple_evaluate(
         model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit, task_manager=manager,
         log_samples=False, verbosity="ERROR",
     )
+    if output is None:  # lm-eval reports on the main process only of a multi-process run
+        return {}
     return {task: _primary_score(task, output) for task in tasks}

@@ -116,6 +116,7 @@ class ResultRecord:
 
     def save(self, path: str | os.PathLike) -> Path:
         path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n")
         return path
 
@@ -144,12 +145,13 @@ def _record(data: Any, where: str) -> ResultRecord:
 
 def load_records(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> list[ResultRecord]:
     """Records from JSON files (one record or a list of records each) and directories (every
-    `*.json` below, recursively, in sorted order), in the order given."""
+    `*.json` below but `report.json`, recursively, in sorted order), in the order given."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     records = []
     for path in map(Path, paths):
-        files = sorted(p for p in path.rglob("*.json") if p.is_file()) if path.is_dir() else [path]
+        # a directory's report.json is a report of records, not one: re-reporting a results tree works
+        files = sorted(p for p in path.rglob("*.json") if p.is_file() and p.name != _PATHS["json"]) if path.is_dir() else [path]
         if not files:
             raise ValueError(f"{path}: directory holds no *.json files")
         for file in files:

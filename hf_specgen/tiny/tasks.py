@@ -9,14 +9,9 @@ code that formats the training examples.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
-import yaml
-
-from .. import __version__
+from ..eval.lm_tasks import cached_task_dir, write_medmcqa_task, write_task
 from .lm_data import GENERAL_FAMILIES, general_eval, medmcqa
 
 TASK_PREFIX = "tiny_"
@@ -40,46 +35,16 @@ _GENERATION = {
 }
 
 
-class _Function(str):
-    """A `!function module.name` reference, which lm-eval resolves next to the YAML file."""
-
-
-class _TaskDumper(yaml.SafeDumper):
-    pass
-
-
-_TaskDumper.add_representer(_Function, lambda dumper, value: dumper.represent_scalar("!function", str(value)))
-
-_MEDMCQA = {
-    "output_type": "multiple_choice",
-    "doc_to_text": _Function("medmcqa_prompt.doc_to_text"),
-    "doc_to_choice": _Function("medmcqa_prompt.doc_to_choice"),
-    "doc_to_target": "cop",
-    "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
-}
-_PROMPT_MODULE = "from hf_specgen.data.medmcqa import doc_to_choice, doc_to_text  # noqa: F401\n"
-
-
-def _cache_root() -> Path:
-    return Path(os.environ.get("HF_SPECGEN_HOME", Path.home() / ".cache" / "hf_specgen"))
-
-
 def _write_jsonl(path: Path, rows) -> None:
     with path.open("w") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
 
 
-def _write_task(directory: Path, location: Path, name: str, splits: dict[str, str], spec: dict) -> None:
-    config = {
-        "task": name,
-        "dataset_path": "json",
-        "dataset_kwargs": {"data_files": {split: str(location / file) for split, file in splits.items()}},
-        "test_split": "test",
-        **({"validation_split": "validation"} if "validation" in splits else {}),
-        **spec,
-    }
-    (directory / f"{name}.yaml").write_text(yaml.dump(config, Dumper=_TaskDumper, sort_keys=False))
+def _local(location: Path, files: dict[str, str]) -> dict:
+    """lm-eval's dataset fields for local JSONL files (absolute paths), one per split."""
+    splits = {"test_split": "test", **({"validation_split": "validation"} if "validation" in files else {})}
+    return {"dataset_path": "json", "dataset_kwargs": {"data_files": {s: str(location / f) for s, f in files.items()}}, **splits}
 
 
 def write_tasks(directory: str | Path, seed: int = 0, location: str | Path | None = None) -> Path:
@@ -93,13 +58,12 @@ def write_tasks(directory: str | Path, seed: int = 0, location: str | Path | Non
         name = TASK_PREFIX + family
         _write_jsonl(directory / f"{name}.jsonl", rows)
         spec = _GENERATION if family == "instructions" else _MULTIPLE_CHOICE
-        _write_task(directory, location, name, {"test": f"{name}.jsonl"}, spec)
+        write_task(directory, name, _local(location, {"test": f"{name}.jsonl"}), spec)
     domain = medmcqa(seed)
     files = {split: f"{MEDMCQA_TASK}_{split}.jsonl" for split in ("validation", "test")}
     for split, file in files.items():
         _write_jsonl(directory / file, domain[split])
-    (directory / "medmcqa_prompt.py").write_text(_PROMPT_MODULE)
-    _write_task(directory, location, MEDMCQA_TASK, files, _MEDMCQA)
+    write_medmcqa_task(directory, MEDMCQA_TASK, _local(location, files))
     return directory
 
 
@@ -108,13 +72,4 @@ def task_dir(directory: str | Path | None = None) -> Path:
     under `$HF_SPECGEN_HOME` (default `~/.cache/hf_specgen`) unless `directory` is given."""
     if directory is not None:
         return write_tasks(directory)
-    target = _cache_root() / f"tiny_tasks-{__version__}"
-    if not target.is_dir():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tiny_tasks-"))
-        write_tasks(staging, location=target)
-        try:
-            staging.rename(target)
-        except OSError:  # another process (e.g. a DDP rank) finished first
-            shutil.rmtree(staging)
-    return target
+    return cached_task_dir("tiny_tasks", lambda staging, final: write_tasks(staging, location=final))
