@@ -16,8 +16,13 @@ from hf_specgen.data.image_classification import load_image_set
 from hf_specgen.eval.clip import accuracy, image_logits, zero_shot_head
 from hf_specgen.eval.lm_tasks import MEDMCQA_HUB_ID, medmcqa_task_dir
 from hf_specgen.eval.report import load_records
-from hf_specgen.eval.suites import check_suites
-from hf_specgen.tiny import CLASS_NAMES, clip_path, image_domains, lm_path, zero_shot_templates
+from hf_specgen.eval.suites import LM_SUITES, check_suites
+from hf_specgen.tiny import CLASS_NAMES, GENERAL_TASKS, MEDMCQA_TASK, clip_path, image_domains, lm_path, zero_shot_templates
+
+
+def test_tiny_suites_name_the_tiny_tasks():
+    assert LM_SUITES["tiny_general"].tasks == GENERAL_TASKS
+    assert LM_SUITES["tiny_medmcqa"].tasks == (MEDMCQA_TASK,)
 
 
 def test_unknown_or_mixed_suites_are_refused_before_loading_a_model():

@@ -11,11 +11,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq
 
 from .. import SpecGenTrainer, SpecGenTrainingArguments
 from ..data.medmcqa import tokenize_for_training
-from ..eval.lm import evaluate_lm
+from ..eval.suites import evaluate_suites
 from ..merge import wise_ft
 from .lm_data import medmcqa
 from .paths import lm_path
-from .tasks import GENERAL_TASKS, MEDMCQA_TASK, task_dir
 
 WISE_FT_ALPHA = 0.5
 # Full fine-tuning defaults: 30 epochs over the 384 training questions (720 steps); the domain's
@@ -30,10 +29,9 @@ FINETUNE_ARGS: dict[str, Any] = {
 
 
 def lm_scores(model_dir: str | Path) -> dict[str, float]:
-    """Accuracy (exact match for instructions) per general task and on the domain's test split."""
-    model, tokenizer = AutoModelForCausalLM.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir)
-    scores = evaluate_lm(model, [*GENERAL_TASKS, MEDMCQA_TASK], tokenizer=tokenizer, include_path=task_dir())
-    return {task: score.value for task, score in scores.items()}
+    """Accuracy on the domain's test split and per general task (exact match for instructions)."""
+    scores = evaluate_suites(model_dir, ["tiny_medmcqa", "tiny_general"])
+    return {**scores["speciality"], **scores["generality"]}
 
 
 def finetune_lm(model_dir: str | Path, output_dir: str | Path, seed: int = 0, **args: Any) -> Path:
