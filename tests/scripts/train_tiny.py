@@ -1,4 +1,5 @@
-"""Trains tiny OPT with every regularizer on; run by tests in one process or under torchrun.
+"""Trains tiny OPT with every regularizer on (or those named: `train_tiny.py OUT kd,feature`); run
+by tests in one process, under torchrun or under DeepSpeed.
 
 Every training row is the same, so that how the batch is sharded across processes cannot change
 the result: 1 process x batch 4 and 2 processes x batch 2 must end with the same weights.
@@ -20,22 +21,28 @@ from hf_specgen import SpecGenTrainer  # noqa: E402
 REGULARIZERS = dict(l1_lambda=0.01, l2_lambda=0.5, ewc_lambda=2.0, ewc_num_samples=4, kd_lambda=0.7, feature_lambda=0.3)
 
 
-def main(output_dir: str) -> None:
+def regularizers(names: list[str]) -> dict:
+    """The settings of the named regularizers (`kd`, `ewc`, ...); all of them when none is named."""
+    return {k: v for k, v in REGULARIZERS.items() if not names or k.split("_")[0] in names}
+
+
+def main(output_dir: str, names: list[str]) -> None:
     row = lm_dataset(1)
     data = datasets.Dataset.from_dict({k: list(row[k]) * 16 for k in row.column_names})
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     model = tiny_opt()
     args = make_args(output_dir, max_steps=3, per_device_train_batch_size=4 // world_size, optim="sgd",
-                     learning_rate=0.1, **REGULARIZERS)  # fmt: skip
+                     learning_rate=0.1, **regularizers(names))  # fmt: skip
     trainer = SpecGenTrainer(model=model, args=args, train_dataset=data)
     perturb_(model)
     trainer.train()
+    state = trainer.accelerator.get_state_dict(trainer.model_wrapped)  # collective: gathers ZeRO-3 partitions
     if trainer.args.process_index == 0:
-        torch.save({n: p.detach() for n, p in trainer.model.named_parameters()}, os.path.join(output_dir, "weights.pt"))
+        torch.save({n: t.detach().float().cpu() for n, t in state.items()}, os.path.join(output_dir, "weights.pt"))
         logs = [entry for entry in trainer.state.log_history if "loss" in entry]
         with open(os.path.join(output_dir, "result.json"), "w") as f:
             json.dump({"world_size": trainer.args.world_size, "logs": logs}, f)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], sys.argv[2].split(",") if len(sys.argv) > 2 else [])
