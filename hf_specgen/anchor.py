@@ -315,6 +315,7 @@ class Teacher:
 
     def __init__(self, module: nn.Module, *, adapters_disabled: bool) -> None:
         self.module, self.adapters_disabled = module, adapters_disabled
+        self._engine: Any = None  # the DeepSpeed engine that partitions a frozen copy under ZeRO-3
 
     @classmethod
     def build(
@@ -346,7 +347,22 @@ class Teacher:
         """Memory the teacher adds: zero when it is the model with adapters disabled."""
         if self.adapters_disabled:
             return 0
-        return sum(p.numel() * p.element_size() for p in self.module.parameters())
+        return sum(local_numel(p) * p.element_size() for p in self.module.parameters())
+
+    def partition_(self, deepspeed_config: dict[str, Any]) -> None:
+        """Under ZeRO-3, partition a frozen copy like the model: an inference-only DeepSpeed engine
+        (no optimizer, no gradients), so a rank holds about 1/world of the teacher and gathers
+        each layer only for its forward. Collective: every rank calls it. Other stages keep the
+        copy whole (they do not partition parameters either)."""
+        if self.adapters_disabled or self._engine is not None:
+            return
+        if deepspeed_config.get("zero_optimization", {}).get("stage") != 3:
+            return
+        import deepspeed
+
+        config = {k: v for k, v in copy.deepcopy(deepspeed_config).items() if k not in ("optimizer", "scheduler")}
+        self._engine, *_ = deepspeed.initialize(model=self.module, config=config)
+        self._engine.eval()
 
     @contextlib.contextmanager
     def mode(self) -> Iterator[nn.Module]:
@@ -365,6 +381,12 @@ class Teacher:
         moved = {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items() if k != "labels"}
         with self.mode() as module:
             return module(**moved)
+
+
+def local_numel(parameter: torch.Tensor) -> int:
+    """Elements this process holds: its partition under ZeRO-3 (`ds_tensor`), else the whole."""
+    partition = getattr(parameter, "ds_tensor", None)
+    return partition.numel() if partition is not None else parameter.numel()
 
 
 def check_adapters_disable_to_base(model: nn.Module) -> None:

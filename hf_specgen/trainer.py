@@ -136,6 +136,8 @@ class SpecGenTrainer(Trainer):
         if not self._batch_terms:
             return (loss, outputs) if return_outputs else loss
 
+        if self.is_deepspeed_enabled:  # the config is final once training runs
+            self.teacher.partition_(self.accelerator.state.deepspeed_plugin.deepspeed_config)
         with self._capture_features(self.teacher.module) as teacher_features:
             teacher_outputs = self.teacher({**student_inputs, **self._teacher_kwargs})
         batch = DistillationBatch(

@@ -1,7 +1,7 @@
 """DeepSpeed ZeRO-2 / ZeRO-3 on CPU (gloo, 2 processes), launched with the recipes' Accelerate
 configs as users launch: KD and feature protection give the weights and logged terms of one
-process; the weight-space penalties are refused with a clear message until they are
-partition-local."""
+process, with the teacher partitioned under ZeRO-3; the weight-space penalties are refused with a
+clear message until they are partition-local."""
 
 import json
 import os
@@ -44,6 +44,11 @@ def test_distillation_terms_under_zero_match_one_process(config, one_process, tm
     assert set(two_weights) == set(one_weights)
     for name, weight in one_weights.items():  # ZeRO-3's partitions gathered for the comparison
         assert two_weights[name].shape == weight.shape and torch.allclose(weight, two_weights[name], atol=1e-5), name
+    teacher = two["teacher"]
+    if config == "zero3":  # partitioned like the model: about half on each of 2 ranks (partitions are padded)
+        assert teacher["total"] / 2 <= teacher["local"] < teacher["total"] / 2 * 1.01, teacher
+    else:
+        assert teacher["local"] == teacher["total"] == one["teacher"]["total"]
     assert len(one["logs"]) == len(two["logs"]) == 3
     for a, b in zip(one["logs"], two["logs"]):
         for key in ("loss", "loss_task", "loss_kd", "loss_feature"):

@@ -17,6 +17,7 @@ import torch  # noqa: E402
 
 from conftest import lm_dataset, make_args, perturb_, tiny_opt  # noqa: E402
 from hf_specgen import SpecGenTrainer  # noqa: E402
+from hf_specgen.anchor import local_numel  # noqa: E402
 
 REGULARIZERS = dict(l1_lambda=0.01, l2_lambda=0.5, ewc_lambda=2.0, ewc_num_samples=4, kd_lambda=0.7, feature_lambda=0.3)
 
@@ -24,6 +25,14 @@ REGULARIZERS = dict(l1_lambda=0.01, l2_lambda=0.5, ewc_lambda=2.0, ewc_num_sampl
 def regularizers(names: list[str]) -> dict:
     """The settings of the named regularizers (`kd`, `ewc`, ...); all of them when none is named."""
     return {k: v for k, v in REGULARIZERS.items() if not names or k.split("_")[0] in names}
+
+
+def teacher_numel(trainer: SpecGenTrainer) -> dict | None:
+    """The teacher's elements on this process and in all (partitioned under ZeRO-3)."""
+    if trainer.teacher is None:
+        return None
+    params = list(trainer.teacher.module.parameters())
+    return {"local": sum(local_numel(p) for p in params), "total": sum(getattr(p, "ds_numel", p.numel()) for p in params)}
 
 
 def main(output_dir: str, names: list[str]) -> None:
@@ -41,7 +50,7 @@ def main(output_dir: str, names: list[str]) -> None:
         torch.save({n: t.detach().float().cpu() for n, t in state.items()}, os.path.join(output_dir, "weights.pt"))
         logs = [entry for entry in trainer.state.log_history if "loss" in entry]
         with open(os.path.join(output_dir, "result.json"), "w") as f:
-            json.dump({"world_size": trainer.args.world_size, "logs": logs}, f)
+            json.dump({"world_size": trainer.args.world_size, "logs": logs, "teacher": teacher_numel(trainer)}, f)
 
 
 if __name__ == "__main__":
