@@ -11,6 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import OPTForCausalLM
+
+from hf_specgen.merge import wise_ft
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "tests" / "scripts" / "train_tiny.py"
@@ -32,14 +35,15 @@ def result(output_dir: Path) -> tuple[dict, dict]:
 def one_process(tmp_path_factory):
     output_dir = tmp_path_factory.mktemp("one")
     assert launch(output_dir, "kd,feature", None).returncode == 0
-    return result(output_dir)
+    return output_dir
 
 
 @pytest.mark.parametrize("config", ["zero2", "zero3"])
 def test_distillation_terms_under_zero_match_one_process(config, one_process, tmp_path):
     run = launch(tmp_path, "kd,feature", config)
     assert run.returncode == 0, run.stderr[-3000:]
-    (one_weights, one), (two_weights, two) = one_process, result(tmp_path)
+    one_dir = one_process / "model"
+    (one_weights, one), (two_weights, two) = result(one_process), result(tmp_path)
     assert (one["world_size"], two["world_size"]) == (1, 2)
     assert set(two_weights) == set(one_weights)
     for name, weight in one_weights.items():  # ZeRO-3's partitions gathered for the comparison
@@ -49,6 +53,12 @@ def test_distillation_terms_under_zero_match_one_process(config, one_process, tm
         assert teacher["total"] / 2 <= teacher["local"] < teacher["total"] / 2 * 1.01, teacher
     else:
         assert teacher["local"] == teacher["total"] == one["teacher"]["total"]
+    # save_model writes a consolidated HuggingFace checkpoint that from_pretrained and the merge read
+    saved = OPTForCausalLM.from_pretrained(tmp_path / "model").state_dict()
+    assert all(torch.equal(saved[name], two_weights[name]) for name in saved)
+    merged = OPTForCausalLM.from_pretrained(wise_ft(one_dir, tmp_path / "model", 0.5, tmp_path / "merged")).state_dict()
+    for name in saved:
+        assert torch.allclose(merged[name], (one_weights[name] + two_weights[name]) / 2, atol=1e-6), name
     assert len(one["logs"]) == len(two["logs"]) == 3
     for a, b in zip(one["logs"], two["logs"]):
         for key in ("loss", "loss_task", "loss_kd", "loss_feature"):

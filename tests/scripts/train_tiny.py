@@ -45,6 +45,7 @@ def main(output_dir: str, names: list[str]) -> None:
     trainer = SpecGenTrainer(model=model, args=args, train_dataset=data)
     perturb_(model)
     trainer.train()
+    trainer.save_model(os.path.join(output_dir, "model"))  # collective: consolidated under ZeRO-3
     state = trainer.accelerator.get_state_dict(trainer.model_wrapped)  # collective: gathers ZeRO-3 partitions
     if trainer.args.process_index == 0:
         torch.save({n: t.detach().float().cpu() for n, t in state.items()}, os.path.join(output_dir, "weights.pt"))
