@@ -32,13 +32,13 @@ class _TaskDumper(yaml.SafeDumper):
 
 _TaskDumper.add_representer(_Function, lambda dumper, value: dumper.represent_scalar("!function", str(value)))
 
-_ACCURACY = [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}]
+ACCURACY = [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}]
 _MEDMCQA = {
     "output_type": "multiple_choice",
     "doc_to_text": _Function("medmcqa_prompt.doc_to_text"),
     "doc_to_choice": _Function("medmcqa_prompt.doc_to_choice"),
     "doc_to_target": "cop",
-    "metric_list": _ACCURACY,
+    "metric_list": ACCURACY,
 }
 _PROMPT_MODULE = "from hf_specgen.data.medmcqa import doc_to_choice, doc_to_text  # noqa: F401\n"
 

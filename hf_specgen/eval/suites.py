@@ -8,7 +8,7 @@ the tiny image domains: the fine-tuning domain is the speciality, the others the
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Literal
 from .lm_tasks import medmcqa_task_dir
 
 if TYPE_CHECKING:  # the CLI reads the suite names without loading the model stack
+    from datasets import Dataset
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 Role = Literal["speciality", "generality"]
@@ -108,15 +109,19 @@ def evaluate_suites(
     return result
 
 
-def evaluate_tiny_clip(model: str | Path, seed: int = 0, batch_size: int = 256) -> dict[Role, dict[str, float]]:
-    """Zero-shot accuracy of a CLIP directory on each tiny image domain's test split."""
+def evaluate_tiny_clip(
+    model: str | Path, seed: int = 0, batch_size: int = 256, domains: "Mapping[str, Dataset] | None" = None
+) -> dict[Role, dict[str, float]]:
+    """Zero-shot accuracy of a CLIP directory on each tiny image domain's test split (`domains`:
+    that split already rendered, when several models are scored on it)."""
     from transformers import CLIPModel, CLIPProcessor
 
     from ..tiny.images import CLASS_NAMES, FINETUNE_DOMAIN, image_domains, zero_shot_templates
     from .clip import domain_accuracies
 
     clip, processor = CLIPModel.from_pretrained(model), CLIPProcessor.from_pretrained(model)
-    scores = domain_accuracies(clip, processor, image_domains("test", seed), CLASS_NAMES, zero_shot_templates(), batch_size)
+    domains = image_domains("test", seed) if domains is None else domains
+    scores = domain_accuracies(clip, processor, domains, CLASS_NAMES, zero_shot_templates(), batch_size)
     return {
         "speciality": {FINETUNE_DOMAIN: scores[FINETUNE_DOMAIN]},
         "generality": {domain: score for domain, score in scores.items() if domain != FINETUNE_DOMAIN},

@@ -16,17 +16,16 @@ from typing import Any
 import datasets
 from transformers import CLIPModel, CLIPProcessor
 
-from hf_specgen import SpecGenTrainer, SpecGenTrainingArguments
+from hf_specgen import SpecGenTrainer
 from hf_specgen.data.image_classification import ClassPromptCollator, class_prompt_loss, freeze_text_tower
-from hf_specgen.eval.clip import domain_accuracies
-from hf_specgen.merge import wise_ft
+from hf_specgen.eval.suites import evaluate_tiny_clip
 
+from .finetuning import finetuning_arguments, score_with_wise_ft
 from .paths import clip_path
 from .images import CLASS_NAMES, FINETUNE_DOMAIN, image_domains, zero_shot_templates
 
 TRAIN_PER_CLASS = 300
 TEST_PER_CLASS = 50
-WISE_FT_ALPHA = 0.5
 # Full fine-tuning defaults: 5 epochs over the 3,000 training images (235 steps), under a minute on 1 core.
 FINETUNE_ARGS: dict[str, Any] = {
     "num_train_epochs": 5,
@@ -51,21 +50,8 @@ def finetune_clip(
     processor = CLIPProcessor.from_pretrained(model_dir)
     freeze_text_tower(model)
     prompt = zero_shot_templates(FINETUNE_DOMAIN)[0]
-    training_args = SpecGenTrainingArguments(
-        **{
-            "output_dir": str(output_dir / "trainer"),
-            "seed": seed,
-            "data_seed": seed,
-            "use_cpu": True,
-            "remove_unused_columns": False,
-            "save_strategy": "no",
-            "report_to": [],
-            "logging_steps": 10,
-            "disable_tqdm": True,
-            **FINETUNE_ARGS,
-            **args,
-        }
-    )
+    defaults = {"data_seed": seed, "remove_unused_columns": False, "logging_steps": 10, **FINETUNE_ARGS}
+    training_args = finetuning_arguments(output_dir, seed, defaults, args)
     trainer = SpecGenTrainer(
         model=model,
         args=training_args,
@@ -86,14 +72,13 @@ def clip_phenomenon(
     """Per-model, per-domain zero-shot accuracies: `{"zero-shot" | "fine-tuned" | "wise-ft-0.5": {domain: accuracy}}`.
 
     `seed` draws the fine-tuning and test data and the training order; `args` go to `finetune_clip`."""
-    workdir, model_dir = Path(workdir), model_dir or clip_path()
+    workdir, model_dir = Path(workdir), Path(model_dir or clip_path())
     train = image_domains("train", seed, TRAIN_PER_CLASS, domains=[FINETUNE_DOMAIN])[FINETUNE_DOMAIN]
     test = image_domains("test", seed, TEST_PER_CLASS)
     finetuned = finetune_clip(model_dir, train, workdir / "finetuned", seed, **args)
-    merged = wise_ft(model_dir, finetuned, WISE_FT_ALPHA, workdir / f"wise-ft-{WISE_FT_ALPHA}", overwrite=True)
-    processor = CLIPProcessor.from_pretrained(model_dir)
-    models = {"zero-shot": model_dir, "fine-tuned": finetuned, f"wise-ft-{WISE_FT_ALPHA}": merged}
-    return {
-        name: domain_accuracies(CLIPModel.from_pretrained(path), processor, test, CLASS_NAMES, zero_shot_templates())
-        for name, path in models.items()
-    }
+
+    def score(path: Path) -> dict[str, float]:
+        scores = evaluate_tiny_clip(path, seed, domains=test)
+        return {**scores["speciality"], **scores["generality"]}
+
+    return score_with_wise_ft(model_dir, "zero-shot", finetuned, workdir, score)

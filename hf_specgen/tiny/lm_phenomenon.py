@@ -9,14 +9,13 @@ from typing import Any
 
 from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq
 
-from .. import SpecGenTrainer, SpecGenTrainingArguments
+from .. import SpecGenTrainer
 from ..data.medmcqa import tokenize_for_training
 from ..eval.suites import evaluate_suites
-from ..merge import wise_ft
+from .finetuning import finetuning_arguments, score_with_wise_ft
 from .lm_data import medmcqa
 from .paths import lm_path
 
-WISE_FT_ALPHA = 0.5
 # Full fine-tuning defaults: 30 epochs over the 384 training questions (720 steps); the domain's
 # facts need many passes at this size.
 FINETUNE_ARGS: dict[str, Any] = {
@@ -41,19 +40,7 @@ def finetune_lm(model_dir: str | Path, output_dir: str | Path, seed: int = 0, **
     model, tokenizer = AutoModelForCausalLM.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir)
     train = medmcqa(seed)["train"]
     train = train.map(lambda doc: tokenize_for_training(doc, tokenizer), remove_columns=train.column_names)
-    training_args = SpecGenTrainingArguments(
-        **{
-            "output_dir": str(Path(output_dir) / "trainer"),
-            "seed": seed,
-            "use_cpu": True,
-            "save_strategy": "no",
-            "report_to": [],
-            "logging_steps": 20,
-            "disable_tqdm": True,
-            **FINETUNE_ARGS,
-            **args,
-        }
-    )
+    training_args = finetuning_arguments(Path(output_dir), seed, {"logging_steps": 20, **FINETUNE_ARGS}, args)
     collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
     SpecGenTrainer(model=model, args=training_args, train_dataset=train, data_collator=collator).train()
     model_path = Path(output_dir) / "model"
@@ -65,8 +52,6 @@ def finetune_lm(model_dir: str | Path, output_dir: str | Path, seed: int = 0, **
 def lm_phenomenon(workdir: str | Path, seed: int = 0, model_dir: str | Path | None = None, **args: Any) -> dict[str, dict[str, float]]:
     """Scores of the foundation, its full fine-tune and their WiSE-FT merge:
     `{"pre-trained" | "fine-tuned" | "wise-ft-0.5": {task: score}}`."""
-    workdir, model_dir = Path(workdir), model_dir or lm_path()
+    workdir, model_dir = Path(workdir), Path(model_dir or lm_path())
     finetuned = finetune_lm(model_dir, workdir / "finetuned", seed, **args)
-    merged = wise_ft(model_dir, finetuned, WISE_FT_ALPHA, workdir / f"wise-ft-{WISE_FT_ALPHA}", overwrite=True)
-    models = {"pre-trained": model_dir, "fine-tuned": finetuned, f"wise-ft-{WISE_FT_ALPHA}": merged}
-    return {name: lm_scores(path) for name, path in models.items()}
+    return score_with_wise_ft(model_dir, "pre-trained", finetuned, workdir, lm_scores)

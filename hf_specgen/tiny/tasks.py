@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..eval.lm_tasks import cached_task_dir, write_medmcqa_task, write_task
+from ..eval.lm_tasks import ACCURACY, cached_task_dir, write_medmcqa_task, write_task
 from .lm_data import GENERAL_FAMILIES, general_eval, medmcqa
 
 TASK_PREFIX = "tiny_"
@@ -23,7 +23,7 @@ _MULTIPLE_CHOICE = {
     "doc_to_text": "context",
     "doc_to_choice": "choices",
     "doc_to_target": "gold",
-    "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
+    "metric_list": ACCURACY,
 }
 _GENERATION = {
     "output_type": "generate_until",
