@@ -7,13 +7,17 @@ only builds its model wrapper and task manager and turns its nested results into
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+if TYPE_CHECKING:
+    from lm_eval.tasks import TaskManager
 
 
 @dataclass(frozen=True)
@@ -25,6 +29,15 @@ class TaskScore:
     value: float
     stderr: float | None
     n: int
+
+
+@functools.lru_cache(maxsize=8)
+def _task_manager(include_path: tuple[str, ...]) -> TaskManager:
+    """One task index per set of task directories: indexing lm-eval's registry takes seconds, and a
+    sweep evaluates many models on the same tasks."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=list(include_path) or None, verbosity="ERROR")
 
 
 def _primary_score(task: str, output: dict) -> TaskScore:
@@ -58,7 +71,6 @@ def evaluate_lm(
     """
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
 
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -69,7 +81,7 @@ def evaluate_lm(
     lm = HFLM(pretrained=model if isinstance(model, PreTrainedModel) else str(model), tokenizer=tokenizer, batch_size=batch_size, device=device)
     if isinstance(include_path, (str, Path)):
         include_path = [include_path]
-    manager = TaskManager(include_path=[str(p) for p in include_path] if include_path else None, verbosity="ERROR")
+    manager = _task_manager(tuple(str(p) for p in include_path or ()))
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
     output = simple_evaluate(
         model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit, task_manager=manager,
