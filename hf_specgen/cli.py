@@ -66,6 +66,8 @@ def _add_eval_parsers(commands: argparse._SubParsersAction) -> None:
     report.add_argument("results", nargs="+", type=Path, help="record files (one record or a list) or directories of them")
     report.add_argument("--output-dir", required=True, type=Path)
     report.add_argument("--title", help="title of the table and the plot")
+    report.add_argument("--combine", action="store_true",
+                        help="RESULTS are report directories (e.g. one per recipe): write one report.md / report.json over them")
 
 
 def _evaluate(args: argparse.Namespace) -> None:
@@ -92,9 +94,12 @@ def _evaluate(args: argparse.Namespace) -> None:
 
 
 def _report(args: argparse.Namespace) -> None:
-    from .eval.report import DEFAULT_TITLE, load_records, write_report
+    from .eval.report import DEFAULT_TITLE, combine_reports, load_records, write_report
 
-    paths = write_report(load_records(args.results), args.output_dir, title=args.title or DEFAULT_TITLE)
+    if args.combine:
+        paths = combine_reports(args.results, args.output_dir)
+    else:
+        paths = write_report(load_records(args.results), args.output_dir, title=args.title or DEFAULT_TITLE)
     for path in paths.values():
         print(f"wrote {path}")
 

@@ -16,7 +16,7 @@ import os
 import shutil
 import statistics
 import tempfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -248,21 +248,23 @@ def plot(records: Sequence[ResultRecord], path: str | os.PathLike, title: str = 
     return path
 
 
-def _summary(records: Sequence[ResultRecord]) -> str:
+def _summary(records: Sequence[ResultRecord], keep: float) -> str:
     best_s = max(records, key=lambda r: r.speciality_score)
-    pick = best_generality(records)
+    pick = best_generality(records, keep)
     return (
         f"{len(pareto_front(records))} of {len(records)} points are on the Pareto front (marked *). "
         f"The best speciality is {best_s.speciality_score:.3f} ({best_s.label}). Keeping at least "
-        f"{KEEP_SPECIALITY:.0%} of it, the most general point is {pick.label}: speciality "
+        f"{keep:.0%} of it, the most general point is {pick.label}: speciality "
         f"{pick.speciality_score:.3f}, generality {pick.generality_score:.3f}."
     )
 
 
 def write_report(
-    records: Sequence[ResultRecord], output_dir: str | os.PathLike, title: str = DEFAULT_TITLE
-) -> dict[str, Path]:
-    """`report.json` (records, means, front, pick), `report.md` and `report.png` in `output_dir`.
+    records: Sequence[ResultRecord], output_dir: str | os.PathLike, title: str = DEFAULT_TITLE,
+    keep: float = KEEP_SPECIALITY,
+) -> dict[str, Path]:  # fmt: skip
+    """`report.json` (records, means, front, pick), `report.md` and `report.png` in `output_dir`;
+    the pick is the most general point keeping `keep` of the best speciality.
 
     All three are written in a temporary directory beside `output_dir` and moved in only once all
     succeeded: a failure leaves no output (and no new `output_dir`); other files there are kept."""
@@ -276,20 +278,44 @@ def write_report(
         "records": [r.to_dict() for r in records],
         "means": [{"speciality": r.speciality_score, "generality": r.generality_score} for r in records],
         "pareto_front": [index[id(r)] for r in front],  # indices into records, by speciality
-        "best_generality": index[id(best_generality(records))],
-        "keep_speciality": KEEP_SPECIALITY,
+        "best_generality": index[id(best_generality(records, keep))],
+        "keep_speciality": keep,
     }
-    markdown = f"# {title}\n\n{markdown_table(records)}\n\n{_summary(records)}\n\n![{title}]({_PATHS['plot']})\n"
+    markdown = f"# {title}\n\n{markdown_table(records)}\n\n{_summary(records, keep)}\n\n![{title}]({_PATHS['plot']})\n"
+    return _write_atomically(output_dir, report, markdown, lambda path: plot(records, path, title=title))
+
+
+def _write_atomically(
+    output_dir: str | os.PathLike, report: Any, markdown: str, draw: Callable[[Path], Any] | None
+) -> dict[str, Path]:
+    """Writes the report's files in a temporary directory beside `output_dir`, then moves them in."""
     output_dir = Path(output_dir)
+    names = {key: name for key, name in _PATHS.items() if draw is not None or key != "plot"}
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     temporary = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", suffix=".partial", dir=output_dir.parent))
     try:
         (temporary / _PATHS["json"]).write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
         (temporary / _PATHS["markdown"]).write_text(markdown)
-        plot(records, temporary / _PATHS["plot"], title=title)
+        if draw is not None:
+            draw(temporary / _PATHS["plot"])
         output_dir.mkdir(exist_ok=True)
-        for name in _PATHS.values():
+        for name in names.values():
             os.replace(temporary / name, output_dir / name)
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
-    return {key: output_dir / name for key, name in _PATHS.items()}
+    return {key: output_dir / name for key, name in names.items()}
+
+
+def combine_reports(directories: Sequence[str | os.PathLike], output_dir: str | os.PathLike) -> dict[str, Path]:
+    """One `report.md` and `report.json` over the reports in `directories` (e.g. one per recipe),
+    each section showing its own directory's plot: `{"reports": {directory name: its report.json}}`."""
+    output_dir = Path(output_dir)
+    sections, reports = [], {}
+    for directory in map(Path, directories):
+        if not (directory / _PATHS["json"]).is_file():
+            raise ValueError(f"{directory} holds no {_PATHS['json']}: write its report first")
+        reports[directory.name] = _read_json(directory / _PATHS["json"])
+        plot_path = os.path.relpath(directory / _PATHS["plot"], output_dir)
+        markdown = (directory / _PATHS["markdown"]).read_text().replace(f"]({_PATHS['plot']})", f"]({plot_path})")
+        sections.append("#" + markdown)  # each report's title becomes a section
+    return _write_atomically(output_dir, {"reports": reports}, "\n".join(sections), None)
