@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -142,3 +143,21 @@ def step_and_grads(trainer, batch: dict[str, torch.Tensor]):
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
     return loss, grads
+
+
+class FakeHub:
+    """An `HfApi`-compatible recorder: what a push creates and the files it uploads, never the network."""
+
+    def __init__(self, fail=False):
+        self.fail, self.created, self.uploads = fail, [], []
+
+    def create_repo(self, repo_id=None, **kwargs):
+        self.created.append({"repo_id": repo_id, **kwargs})
+        return f"https://huggingface.co/{repo_id}"
+
+    def upload_folder(self, repo_id=None, folder_path=None, **kwargs):
+        folder = Path(folder_path)
+        files = {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+        self.uploads.append({"repo_id": repo_id, "folder_path": folder_path, "files": files, **kwargs})
+        if self.fail:
+            raise RuntimeError("503 Service Unavailable")

@@ -24,7 +24,7 @@ from transformers import (
 )
 
 import hf_specgen.merge.writer as writer_module
-from conftest import VOCAB, perturb_, tiny_opt
+from conftest import VOCAB, FakeHub, perturb_, tiny_opt
 from hf_specgen.merge import MergeError, PushError, alpha_dirname, iter_wise_ft, wise_ft, wise_ft_sweep
 from hf_specgen.merge.checkpoint import Checkpoint
 from hf_specgen.merge.plan import MergedTensor
@@ -653,24 +653,6 @@ def test_mismatched_architectures_refused_before_writing(opt, tmp_path, monkeypa
 
 
 # ---- push to the Hub ----------------------------------------------------------------------------
-
-
-class FakeHub:
-    """An `HfApi`-compatible recorder: what a push creates and the files it uploads, never the network."""
-
-    def __init__(self, fail=False):
-        self.fail, self.created, self.uploads = fail, [], []
-
-    def create_repo(self, repo_id=None, **kwargs):
-        self.created.append({"repo_id": repo_id, **kwargs})
-        return f"https://huggingface.co/{repo_id}"
-
-    def upload_folder(self, repo_id=None, folder_path=None, **kwargs):
-        folder = Path(folder_path)
-        files = {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
-        self.uploads.append({"repo_id": repo_id, "folder_path": folder_path, "files": files, **kwargs})
-        if self.fail:
-            raise RuntimeError("503 Service Unavailable")
 
 
 def test_push_to_hub_uploads_weights_and_card(opt, tmp_path):

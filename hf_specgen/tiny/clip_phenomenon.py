@@ -21,11 +21,10 @@ from hf_specgen.data.image_classification import ClassPromptCollator, class_prom
 from hf_specgen.eval.suites import evaluate_tiny_clip
 
 from .finetuning import finetuning_arguments, score_with_wise_ft
+from .names import IMAGES_PER_CLASS
 from .paths import clip_path
 from .images import CLASS_NAMES, FINETUNE_DOMAIN, image_domains, zero_shot_templates
 
-TRAIN_PER_CLASS = 300
-TEST_PER_CLASS = 50
 # Full fine-tuning defaults: 5 epochs over the 3,000 training images (235 steps), under a minute on 1 core.
 FINETUNE_ARGS: dict[str, Any] = {
     "num_train_epochs": 5,
@@ -73,8 +72,8 @@ def clip_phenomenon(
 
     `seed` draws the fine-tuning and test data and the training order; `args` go to `finetune_clip`."""
     workdir, model_dir = Path(workdir), Path(model_dir or clip_path())
-    train = image_domains("train", seed, TRAIN_PER_CLASS, domains=[FINETUNE_DOMAIN])[FINETUNE_DOMAIN]
-    test = image_domains("test", seed, TEST_PER_CLASS)
+    train = image_domains("train", seed, IMAGES_PER_CLASS["train"], domains=[FINETUNE_DOMAIN])[FINETUNE_DOMAIN]
+    test = image_domains("test", seed, IMAGES_PER_CLASS["test"])
     finetuned = finetune_clip(model_dir, train, workdir / "finetuned", seed, **args)
 
     def score(path: Path) -> dict[str, float]:

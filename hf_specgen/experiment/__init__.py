@@ -1,0 +1,12 @@
+"""Recipes' shared machinery: configuration, methods, the experiment loop and its sources."""
+
+from .config import ConfigError, parse_config
+from .methods import METHODS, Method, parse_methods
+from .recipe import ExperimentArguments, Recipe
+from .runner import publish, run_experiment
+from .sources import check_model, load_split
+
+__all__ = [
+    "ConfigError", "ExperimentArguments", "METHODS", "Method", "Recipe", "check_model", "load_split",
+    "parse_config", "parse_methods", "publish", "run_experiment",
+]  # fmt: skip

@@ -1,0 +1,93 @@
+"""A recipe's configuration: a YAML preset, then command-line overrides, into typed dataclasses.
+
+`HfArgumentParser` reads either a file or the command line; recipes need both (`--config
+preset.yaml --learning_rate 1e-4`). The preset becomes the parser's defaults, converted by each
+field's own type (YAML reads `1e-4` as a string), so the command line wins and a wrong key or
+value is reported with the file's name before anything is loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+from transformers import HfArgumentParser
+
+_BOOLEAN_WORDS = {"true", "false", "yes", "no", "1", "0"}
+
+
+class ConfigError(ValueError):
+    """A recipe's configuration cannot run: raised before any model or data set is trained."""
+
+
+def parse_config(dataclass_types: Sequence[type], argv: Sequence[str] | None = None) -> tuple[Any, ...]:
+    """Instances of `dataclass_types` from `--config FILE` (YAML) overridden by the other arguments.
+
+    `--push-to-hub REPO_ID` is accepted as a shorthand for `--push_to_hub --hub_model_id REPO_ID`.
+    """
+
+    parser = HfArgumentParser(dataclass_types)
+    parser.add_argument("--config", type=Path, help="YAML preset; command-line arguments override it")
+    argv = _hub_shorthand(list(sys.argv[1:] if argv is None else argv))
+    known, _ = parser.parse_known_args(argv)  # only to find --config: the full parse comes below
+    if known.config is not None:
+        parser.set_defaults(**_preset(parser, known.config))
+    try:
+        # the outputs: one instance per dataclass, a namespace of the other options (--config), the rest
+        *instances, _, rest = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    except (ValueError, TypeError) as error:  # a dataclass' own validation (e.g. TrainingArguments')
+        raise ConfigError(f"invalid configuration: {error}") from error
+    if rest:
+        raise ConfigError(f"unknown arguments {rest}")
+    return tuple(instances)
+
+
+def _preset(parser: argparse.ArgumentParser, path: Path) -> dict[str, Any]:
+    """The YAML file's values, checked against the parser's fields and converted by their types."""
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as error:
+        raise ConfigError(f"cannot read config {path}: {error}") from error
+    if not isinstance(values, dict):
+        raise ConfigError(f"config {path} must be a mapping of field names to values")
+    actions = {action.dest: action for action in parser._actions}
+    unknown = sorted(key for key in values if key not in actions or key == "config")
+    if unknown:
+        raise ConfigError(f"config {path}: unknown field(s) {unknown}")
+    converted = {}
+    for key, value in values.items():
+        action = actions[key]
+        try:
+            converted[key] = _convert(action, value)
+        except (ValueError, TypeError, argparse.ArgumentTypeError) as error:
+            raise ConfigError(f"config {path}: invalid value {value!r} for {key}: {error}") from error
+        action.required = False  # given by the preset
+    return converted
+
+
+def _convert(action: argparse.Action, value: Any) -> Any:
+    if action.nargs in ("+", "*") and value is not None:
+        items = value if isinstance(value, list) else [value]
+        return [_convert_one(action, item) for item in items]
+    return _convert_one(action, value)
+
+
+def _convert_one(action: argparse.Action, value: Any) -> Any:
+    if isinstance(value, str) and action.type is not None:
+        value = action.type(value)
+    if action.choices is not None and value not in action.choices:
+        raise ValueError(f"choose from {list(action.choices)}")
+    return value
+
+
+def _hub_shorthand(argv: list[str]) -> list[str]:
+    """`--push-to-hub ID` -> `--push_to_hub --hub_model_id ID` (TrainingArguments' flag takes no id)."""
+    for i, token in enumerate(argv[:-1]):
+        following = argv[i + 1]
+        if token in ("--push-to-hub", "--push_to_hub") and not following.startswith("-") and following.lower() not in _BOOLEAN_WORDS:
+            return [*argv[:i], "--push_to_hub", "--hub_model_id", following, *argv[i + 2 :]]
+    return argv

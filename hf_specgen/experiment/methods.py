@@ -1,0 +1,64 @@
+"""Fine-tuning methods a recipe compares, by name: `full`, one regularizer (`l1`, `l2`, `ewc`,
+`kd`, `feature`), `lora`, or a combination joined by `+` (e.g. `kd+feature`, `lora+l2`).
+
+A method switches on its regularizers at the strengths the configuration gives (`l2_lambda`, ...)
+and switches the others off, so one configuration holds every method's strength.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from ..args import SpecGenTrainingArguments
+
+REGULARIZERS = ("l1", "l2", "ewc", "kd", "feature")
+METHODS = ("full", *REGULARIZERS, "lora")
+
+
+@dataclass(frozen=True)
+class Method:
+    """A named way to fine-tune: the regularizers it switches on and whether it trains a LoRA adapter."""
+
+    name: str
+    regularizers: tuple[str, ...]
+    lora: bool
+
+    @classmethod
+    def parse(cls, name: str) -> Method:
+        parts = name.split("+")
+        unknown = [p for p in parts if p not in METHODS]
+        if unknown or len(set(parts)) != len(parts) or ("full" in parts and len(parts) > 1):
+            raise ValueError(
+                f"unknown method {name!r}: use one of {', '.join(METHODS)} or a '+' combination of "
+                f"{', '.join(REGULARIZERS)} and lora (e.g. kd+feature)"
+            )
+        return cls(name, tuple(p for p in parts if p in REGULARIZERS), "lora" in parts)
+
+    def training_arguments(self, base: SpecGenTrainingArguments, **changes: object) -> SpecGenTrainingArguments:
+        """`base` with this method's regularizers at their configured strength and the others off."""
+        strengths = {f"{r}_lambda": getattr(base, f"{r}_lambda") if r in self.regularizers else 0.0 for r in REGULARIZERS}
+        return dataclasses.replace(base, **strengths, **changes)
+
+    def hyperparameter(self, base: SpecGenTrainingArguments, lora_r: int) -> tuple[str | None, float | None]:
+        """The strength a report shows beside the method: its single regularizer's weight, or LoRA's rank."""
+        if len(self.regularizers) == 1 and not self.lora:
+            name = f"{self.regularizers[0]}_lambda"
+            return name, getattr(base, name)
+        if self.lora and not self.regularizers:
+            return "lora_r", float(lora_r)
+        return None, None
+
+
+def parse_methods(names: list[str], base: SpecGenTrainingArguments) -> list[Method]:
+    """The methods named, checked: known, not repeated, and each regularizer given a strength > 0."""
+    if not names:
+        raise ValueError("methods is empty: name at least one of " + ", ".join(METHODS))
+    if len(set(names)) != len(names):
+        raise ValueError(f"methods {names} name a method twice")
+    methods = [Method.parse(name) for name in names]
+    for method in methods:
+        for r in method.regularizers:
+            if getattr(base, f"{r}_lambda") <= 0:
+                raise ValueError(f"method {method.name!r} needs {r}_lambda > 0 (its strength), got {getattr(base, f'{r}_lambda')}")
+    return methods

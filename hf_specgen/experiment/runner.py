@@ -1,0 +1,213 @@
+"""The experiment loop every recipe shares: per method, fine-tune with `SpecGenTrainer`, merge the
+WiSE-FT alphas, score both sides, record; then the report, and optionally publish the chosen model.
+
+Each run lives in `output_dir/runs/<method>-<key>/`, `key` hashing everything that changes its
+fine-tuned model (recipe data and model, method, training arguments), and its scores in
+`records-<key>/`, keyed by the evaluation's settings. Re-running skips what exists: a fine-tuned
+model is not retrained, a scored alpha is not re-scored, and an interrupted training resumes from
+its last checkpoint. Training runs on every process of a launch; merging and scoring
+run on the main process while the others wait.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import PartialState
+from transformers.trainer_utils import get_last_checkpoint
+
+from ..args import SpecGenTrainingArguments
+from ..eval.report import DEFAULT_TITLE, ResultRecord, best_generality, markdown_table, write_report
+from ..merge import wise_ft, wise_ft_sweep
+from ..merge.wise_ft import alpha_dirname
+from .config import ConfigError
+from .methods import Method, parse_methods
+from .recipe import ExperimentArguments, Recipe
+
+# Training arguments that do not change a run's results (where it logs, saves or is launched).
+_NOT_IN_KEY = {
+    "output_dir", "logging_dir", "logging_strategy", "logging_steps", "logging_first_step", "report_to",
+    "disable_tqdm", "save_strategy", "save_steps", "save_total_limit", "save_only_model", "run_name",
+    "push_to_hub", "hub_model_id", "hub_strategy", "hub_token", "hub_private_repo", "hub_always_push",
+    "local_rank", "deepspeed", "ddp_backend", "ddp_timeout", "use_cpu", "dataloader_num_workers", "overwrite_output_dir",
+}  # fmt: skip
+
+
+def run_experiment(
+    recipe: Recipe, experiment: ExperimentArguments, base: SpecGenTrainingArguments, hub_api: Any = None
+) -> list[ResultRecord]:
+    """Runs every method of `experiment` on `recipe`; returns the records the report was made of."""
+    state = PartialState()
+    try:
+        methods = parse_methods(experiment.methods, base)
+        if base.push_to_hub and not base.hub_model_id:
+            raise ValueError("push_to_hub needs hub_model_id (or --push-to-hub REPO_ID): where to publish")
+        recipe.prepare()
+    except ConfigError:
+        raise
+    except ValueError as error:  # a method, suite or option the recipe cannot run
+        raise ConfigError(str(error)) from error
+    root = Path(base.output_dir)
+    records = [_reference(recipe, root, state)]
+    runs = [_Run(recipe, method, experiment, base, root) for method in methods]
+    for run in runs:
+        records += run.execute(state)
+    if state.is_main_process:
+        title = experiment.report_title or f"{recipe.name}: {DEFAULT_TITLE.lower()}"
+        write_report(records, root, title=title, keep=experiment.keep_speciality)
+        if base.push_to_hub:
+            publish(records, runs, experiment.keep_speciality, base, hub_api)
+    state.wait_for_everyone()
+    return records
+
+
+def _key(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def _reference(recipe: Recipe, root: Path, state: PartialState) -> ResultRecord:
+    """The pre-trained model's scores (every method's alpha = 0), evaluated once."""
+    key = _key(recipe.fingerprint()["model"], recipe.eval_fingerprint())
+    path = root / "runs" / recipe.reference_method / f"records-{key}" / "record.json"
+    if state.is_main_process and not path.is_file():
+        start = time.perf_counter()
+        scores = recipe.evaluate(Path(recipe.pretrained))
+        cost = {"eval_s": round(time.perf_counter() - start, 1)}
+        ResultRecord(method=recipe.reference_method, cost=cost, model=recipe.pretrained, **scores).save(path)
+    state.wait_for_everyone()
+    record = ResultRecord.load(path)
+    if state.is_main_process:
+        print(f"[{recipe.name}] {recipe.reference_method}: {_scores(record)}", flush=True)
+    return record
+
+
+def _scores(record: ResultRecord) -> str:
+    return f"speciality {record.speciality_score:.3f}, generality {record.generality_score:.3f}"
+
+
+@dataclasses.dataclass
+class _Run:
+    """One method's fine-tune and its WiSE-FT merges, in its own directory."""
+
+    recipe: Recipe
+    method: Method
+    experiment: ExperimentArguments
+    base: SpecGenTrainingArguments
+    root: Path
+
+    def __post_init__(self) -> None:
+        lora = dataclasses.asdict(self.experiment) if self.method.lora else None
+        lora = {k: v for k, v in (lora or {}).items() if k.startswith("lora_")} or None
+        training = {k: v for k, v in self.method.training_arguments(self.base).to_dict().items() if k not in _NOT_IN_KEY}
+        self.directory = self.root / "runs" / f"{self.method.name}-{_key(self.recipe.fingerprint(), training, lora)}"
+        self.finetuned = self.directory / "finetuned"
+        self.alphas = [a for a in self.experiment.alphas if a > 0]  # alpha 0 is the pre-trained model itself
+
+    def record_path(self, alpha: float) -> Path:
+        return self.directory / f"records-{_key(self.recipe.eval_fingerprint())}" / f"{alpha_dirname(alpha)}.json"
+
+    def execute(self, state: PartialState) -> list[ResultRecord]:
+        if not self.finetuned.is_dir():
+            self.train(state)
+        if state.is_main_process:
+            self.score_merges()
+        state.wait_for_everyone()
+        records = [ResultRecord.load(self.record_path(a)) for a in self.alphas]
+        if state.is_main_process:
+            self.summarize(records)
+        return records
+
+    def train(self, state: PartialState) -> None:
+        model, processor = self.recipe.load_model()
+        if self.method.lora:
+            model = self._with_lora(model)
+        args = self.method.training_arguments(
+            self.base, output_dir=str(self.directory / "trainer"), push_to_hub=False,
+            learning_rate=(self.experiment.lora_learning_rate if self.method.lora else None) or self.base.learning_rate,
+        )  # fmt: skip
+        trainer = self.recipe.build_trainer(model, processor, args)
+        checkpoint = get_last_checkpoint(args.output_dir) if Path(args.output_dir).is_dir() else None
+        start = time.perf_counter()
+        result = trainer.train(resume_from_checkpoint=checkpoint)
+        partial = self.directory / "finetuned.partial"
+        trainer.save_model(str(partial))  # every process: ZeRO-3 gathers the weights to write them
+        if state.is_main_process:
+            processor.save_pretrained(partial)
+            metrics = {"train_s": round(time.perf_counter() - start, 1), "steps": result.global_step,
+                       "train_loss": result.training_loss, "resumed_from": checkpoint}  # fmt: skip
+            (partial / "specgen_training.json").write_text(json.dumps(metrics, indent=2))
+            partial.rename(self.finetuned)
+            shutil.rmtree(args.output_dir, ignore_errors=True)  # its checkpoints were for resuming only
+        state.wait_for_everyone()
+        del trainer, model
+        _free_memory()
+
+    def _with_lora(self, model: Any) -> Any:
+        from peft import LoraConfig, get_peft_model
+
+        targets = self.experiment.lora_target_modules or self.recipe.default_lora_targets
+        config = LoraConfig(
+            r=self.experiment.lora_r, lora_alpha=self.experiment.lora_alpha,
+            lora_dropout=self.experiment.lora_dropout, target_modules=targets,
+        )  # fmt: skip
+        return get_peft_model(model, config)
+
+    def score_merges(self) -> None:
+        """Merges and scores the alphas without a record (alpha 1 of a full fine-tune is the model itself)."""
+        missing = [a for a in self.alphas if not self.record_path(a).is_file()]
+        direct = {1.0: self.finetuned} if 1.0 in missing and not self.method.lora else {}
+        to_merge = [a for a in missing if a not in direct]
+        merged_root = self.directory / "merged"
+        models = dict(direct)
+        if to_merge:
+            models.update(wise_ft_sweep(self.recipe.pretrained, self.finetuned, to_merge, merged_root, overwrite=True))
+        training = json.loads((self.finetuned / "specgen_training.json").read_text())
+        hyperparameter, value = self.method.hyperparameter(self.base, self.experiment.lora_r)
+        for alpha in missing:
+            start = time.perf_counter()
+            scores = self.recipe.evaluate(models[alpha])
+            kept = alpha in direct or self.experiment.keep_merged_models
+            ResultRecord(
+                method=self.method.name, alpha=alpha, hyperparameter=hyperparameter, value=value, **scores,
+                cost={"train_s": training["train_s"], "eval_s": round(time.perf_counter() - start, 1)},
+                model=str(models[alpha]) if kept else None,
+            ).save(self.record_path(alpha))  # fmt: skip
+        if merged_root.is_dir() and not self.experiment.keep_merged_models:
+            shutil.rmtree(merged_root)
+
+    def summarize(self, records: list[ResultRecord]) -> None:
+        training = json.loads((self.finetuned / "specgen_training.json").read_text())
+        points = " | ".join(f"alpha {r.alpha:g}: {r.speciality_score:.3f} / {r.generality_score:.3f}" for r in records)
+        print(f"[{self.recipe.name}] {self.method.name}: {training['steps']} steps in {training['train_s']:.0f} s; "
+              f"speciality / generality {points}", flush=True)  # fmt: skip
+
+
+def _free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def publish(
+    records: list[ResultRecord], runs: list[_Run], keep: float, base: SpecGenTrainingArguments, hub_api: Any = None
+) -> Path:
+    """Merges the chosen point again (at its alpha) and pushes it with the report's table in its card.
+
+    The rule: among the fine-tuned points keeping at least `keep` of the best speciality, the most
+    general one (`best_generality`)."""
+    by_method = {run.method.name: run for run in runs}
+    pick = best_generality([r for r in records if r.method in by_method], keep)
+    run = by_method[pick.method]
+    print(f"[{run.recipe.name}] publishing {pick.label} ({_scores(pick)}) to {base.hub_model_id}", flush=True)
+    return wise_ft(
+        run.recipe.pretrained, run.finetuned, pick.alpha, Path(base.output_dir) / "published", base.hub_model_id,
+        private=bool(base.hub_private_repo), overwrite=True, scores=markdown_table(records), hub_api=hub_api,
+    )  # fmt: skip
