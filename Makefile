@@ -1,10 +1,10 @@
-# hf_specgen: `make install` once, then `make test`, `make bench`; `make foundations`, `make phenomenon` (tiny foundations).
+# hf_specgen: `make install` once, then `make demo`, `make test`, `make bench`; `make foundations`, `make phenomenon` (tiny foundations).
 VENV ?= .venv
 PYTHON ?= $(VENV)/bin/python
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install test bench foundations phenomenon tiny-sweep clean
+.PHONY: install demo test bench foundations phenomenon tiny-sweep clean
 
 # torch==2.13.0 first: its CPU wheel lies on disk; any other torch request pulls a CUDA build.
 install:
@@ -12,6 +12,14 @@ install:
 	$(VENV)/bin/pip install --upgrade pip
 	$(VENV)/bin/pip install torch==2.13.0
 	$(VENV)/bin/pip install -e ".[dev,deepspeed]"
+
+# Both recipes on their tiny offline presets: every method, 5 alphas, report per recipe and one over both
+# (results/demo/). Re-running skips what is done.
+LAUNCH = $(VENV)/bin/accelerate launch --cpu --num_processes 1 --num_cpu_threads_per_process 2 --num_machines 1 --mixed_precision no --dynamo_backend no
+demo:
+	$(LAUNCH) recipes/galactica_med.py --config recipes/configs/galactica_med_tiny.yaml --output_dir results/demo/galactica_med
+	$(LAUNCH) recipes/clip_imagenet.py --config recipes/configs/clip_tiny.yaml --output_dir results/demo/clip_imagenet
+	$(VENV)/bin/specgen report --combine results/demo/galactica_med results/demo/clip_imagenet --output-dir results/demo
 
 test:
 	$(PYTHON) -m pytest -q --timeout 900 tests

@@ -1,0 +1,93 @@
+"""Galactica on MedMCQA: speciality (medical exam accuracy) against generality (common sense,
+instruction following), for every method and WiSE-FT alpha.
+
+    accelerate launch recipes/galactica_med.py --config recipes/configs/galactica_med.yaml
+    accelerate launch --config_file recipes/accelerate/zero3.yaml recipes/galactica_med.py \\
+        --config recipes/configs/galactica_med.yaml --methods full l2 kd --push-to-hub me/galactica-med-wise
+    python recipes/galactica_med.py --config recipes/configs/galactica_med_tiny.yaml   # offline, CPU
+
+Prompt (`hf_specgen.data.medmcqa`): "Question: ...\\nOptions:\\nA. ...\\nB. ...\\nC. ...\\nD. ...\\nAnswer:"
+followed by the text of the correct option; the loss is on the answer tokens only, and the
+`medmcqa` suite scores the four options' texts after the same prompt (lm-eval, validation split).
+Any field of `SpecGenTrainingArguments`, `ExperimentArguments` or `MedMCQAArguments` below can be
+set in the YAML file or on the command line (which wins).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq
+
+from hf_specgen import SpecGenTrainer, SpecGenTrainingArguments
+from hf_specgen.data.medmcqa import COLUMNS, tokenize_for_training
+from hf_specgen.eval.suites import LM_SUITES, check_suites, evaluate_suites
+from hf_specgen.experiment import Recipe, check_model, load_split
+
+TRAINING_COLUMNS = [c for c in COLUMNS if c in ("question", "opa", "opb", "opc", "opd", "cop")]
+
+
+@dataclass
+class MedMCQAArguments:
+    """The model, the MedMCQA-schema training data and the evaluation suites."""
+
+    model_name_or_path: str = field(default="facebook/galactica-1.3b", metadata={"help": "Pre-trained causal LM: Hub id or directory."})
+    dataset_name: str = field(default="openlifescienceai/medmcqa", metadata={"help": "MedMCQA-schema data set: Hub id or directory."})
+    train_split: str = field(default="train", metadata={"help": "Split to fine-tune on."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Fine-tune on the first N questions only."})
+    max_length: int = field(default=512, metadata={"help": "Longest training sequence (prompt + answer), in tokens."})
+    eval_suites: list[str] = field(
+        default_factory=lambda: ["medmcqa", "commonsense", "instruction"],
+        metadata={"help": "Suites scored for every model: " + ", ".join(LM_SUITES) + " (speciality and generality both needed)."},
+    )
+    eval_limit: int | None = field(default=None, metadata={"help": "At most N examples per task (quick runs)."})
+    eval_num_fewshot: int | None = field(default=None, metadata={"help": "Few-shot examples per question (lm-eval)."})
+    eval_batch_size: int = field(default=16, metadata={"help": "Evaluation batch size."})
+
+
+class GalacticaMed(Recipe):
+    name = "galactica_med"
+    arguments = MedMCQAArguments
+
+    def prepare(self) -> None:
+        check_suites(self.options.eval_suites, both_sides=True)
+        self.pretrained = check_model(self.options.model_name_or_path)
+        self.train_data = load_split(self.options.dataset_name, self.options.train_split, TRAINING_COLUMNS,
+                                 seed=self.seed, max_samples=self.options.max_train_samples)  # fmt: skip
+
+    def load_model(self) -> tuple[Any, Any]:
+        tokenizer = AutoTokenizer.from_pretrained(self.pretrained)
+        model = AutoModelForCausalLM.from_pretrained(self.pretrained)
+        if tokenizer.pad_token is None:  # Galactica's tokenizer names no padding token; its config does
+            tokenizer.pad_token_id = model.config.pad_token_id if model.config.pad_token_id is not None else tokenizer.eos_token_id
+        return model, tokenizer
+
+    def build_trainer(self, model: Any, tokenizer: Any, args: SpecGenTrainingArguments) -> SpecGenTrainer:
+        train = self.train_data.map(
+            lambda doc: tokenize_for_training(doc, tokenizer, self.options.max_length),
+            remove_columns=self.train_data.column_names, desc="tokenizing",
+        )  # fmt: skip
+        collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+        return SpecGenTrainer(model=model, args=args, train_dataset=train, data_collator=collator, processing_class=tokenizer)
+
+    def evaluate(self, model_dir: Path) -> dict[str, dict[str, float]]:
+        # In memory on this process: lm-eval would otherwise split the data over a launch's processes.
+        model, tokenizer = AutoModelForCausalLM.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir)
+        options = self.options
+        return evaluate_suites(model, options.eval_suites, tokenizer=tokenizer, limit=options.eval_limit,
+                               num_fewshot=options.eval_num_fewshot, batch_size=options.eval_batch_size)  # fmt: skip
+
+    def fingerprint(self) -> dict[str, Any]:
+        o = self.options
+        return {"recipe": self.name, "model": o.model_name_or_path, "data": [o.dataset_name, o.train_split, o.max_train_samples],
+                "max_length": o.max_length}  # fmt: skip
+
+    def eval_fingerprint(self) -> dict[str, Any]:
+        o = self.options
+        return {"suites": o.eval_suites, "limit": o.eval_limit, "fewshot": o.eval_num_fewshot}
+
+
+if __name__ == "__main__":
+    GalacticaMed.main()

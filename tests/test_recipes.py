@@ -1,0 +1,289 @@
+"""The recipes end to end on the tiny presets (reduced grids, a few steps): through `accelerate
+launch` as users run them, re-runs that skip what is done and resume what is not, publishing, and
+configurations that stop before training with one clear message."""
+
+import dataclasses
+import importlib.util
+import json
+import re
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import TrainerCallback
+
+from conftest import FakeHub
+from hf_specgen import SpecGenTrainingArguments
+from hf_specgen.eval.report import ResultRecord, best_generality
+from hf_specgen.experiment import ConfigError, ExperimentArguments, Method, parse_config, parse_methods, run_experiment
+from hf_specgen.merge import wise_ft
+from hf_specgen.tiny import GENERAL_TASKS, lm_path
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = ROOT / "recipes" / "configs"
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+def launcher(processes: int) -> list[str]:
+    return [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", str(processes), "--num_machines", "1",
+            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]  # fmt: skip
+
+
+LM_ARGS = ["--config", str(CONFIGS / "galactica_med_tiny.yaml"), "--methods", "full", "l2", "--alphas", "0", "0.5", "1",
+           "--max_steps", "3", "--eval_limit", "8", "--l2_lambda", "10", "--disable_tqdm", "true"]  # fmt: skip
+
+
+def load_recipe(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "recipes" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while they are defined
+    spec.loader.exec_module(module)
+    return module
+
+
+def launch(script: str, output_dir: Path, *args: str, processes: int = 1) -> str:
+    run = subprocess.run([*launcher(processes), str(ROOT / "recipes" / script), "--output_dir", str(output_dir), *args],
+                         env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-4000:]
+    return run.stdout
+
+
+def run_files(output_dir: Path, pattern: str) -> list[Path]:
+    return sorted(output_dir.glob(f"runs/{pattern}"))
+
+
+@pytest.fixture(scope="module")
+def lm_demo(tmp_path_factory):
+    output_dir = tmp_path_factory.mktemp("lm") / "demo"
+    return output_dir, launch("galactica_med.py", output_dir, *LM_ARGS)
+
+
+def test_lm_recipe_writes_records_report_and_summaries(lm_demo):
+    output_dir, stdout = lm_demo
+    report = json.loads((output_dir / "report.json").read_text())
+    points = {(r["method"], r["alpha"]) for r in report["records"]}
+    assert points == {("pre-trained", None), ("full", 0.5), ("full", 1.0), ("l2", 0.5), ("l2", 1.0)}
+    for record in report["records"]:
+        assert set(record["speciality"]) == {"tiny_medmcqa"} and set(record["generality"]) == set(GENERAL_TASKS)
+    assert all(r["hyperparameter"] == "l2_lambda" and r["value"] == 10.0 for r in report["records"] if r["method"] == "l2")
+    assert len(run_files(output_dir, "*/records-*/alpha-*.json")) == 4 and len(run_files(output_dir, "pre-trained/*/record.json")) == 1
+    assert "| l2 | l2_lambda=10, alpha=0.5 |" in (output_dir / "report.md").read_text()
+    assert (output_dir / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summaries = [line for line in stdout.splitlines() if line.startswith("[galactica_med] ")]
+    assert [line.split(":")[0] for line in summaries] == ["[galactica_med] pre-trained", "[galactica_med] full", "[galactica_med] l2"]
+    assert "3 steps" in summaries[1] and "alpha 0.5: " in summaries[1]
+    # merges are scored, then removed; checkpoints are removed once the fine-tuned model is saved
+    assert run_files(output_dir, "*/merged") == [] and run_files(output_dir, "*/trainer") == []
+
+
+def test_lm_recipe_regularizer_keeps_weights_closer_to_pretrained(lm_demo):
+    output_dir, _ = lm_demo
+    pretrained = load_file(lm_path() / "model.safetensors")
+
+    def distance(method: str) -> float:
+        (finetuned,) = run_files(output_dir, f"{method}-*/finetuned")
+        weights = load_file(finetuned / "model.safetensors")
+        return sum(((weights[k].float() - v.float()) ** 2).sum().item() for k, v in pretrained.items()) ** 0.5
+
+    full, l2 = distance("full"), distance("l2")
+    assert 0 < l2 < 0.9 * full
+
+
+def test_rerun_skips_finished_work_and_scores_only_what_is_missing(lm_demo):
+    output_dir, _ = lm_demo
+    (missing,) = run_files(output_dir, "l2-*/records-*/alpha-0.5.json")
+    before = missing.read_text()
+    kept = {p: p.stat().st_mtime_ns for p in [*run_files(output_dir, "*/records-*/alpha-*.json"), *run_files(output_dir, "*/finetuned/*")] if p != missing}
+    missing.unlink()  # as if the sweep had been interrupted there
+    stdout = launch("galactica_med.py", output_dir, *LM_ARGS)
+    assert "train_runtime" not in stdout  # nothing retrained
+    assert {p: p.stat().st_mtime_ns for p in kept} == kept
+    rescored, scored = json.loads(missing.read_text()), json.loads(before)
+    assert {k: v for k, v in rescored.items() if k != "cost"} == {k: v for k, v in scored.items() if k != "cost"}
+
+
+def test_lm_recipe_on_two_processes_trains_together_and_scores_once(tmp_path):
+    """DDP (gloo): every process trains, the main one merges, scores and writes; the others wait."""
+    stdout = launch("galactica_med.py", tmp_path / "ddp", "--config", str(CONFIGS / "galactica_med_tiny.yaml"),
+                    "--methods", "full", "--alphas", "1", "--max_steps", "2", "--eval_limit", "4", "--disable_tqdm", "true",
+                    processes=2)  # fmt: skip
+    assert [line.split(":")[0] for line in stdout.splitlines() if line.startswith("[galactica_med] ")] == [
+        "[galactica_med] pre-trained", "[galactica_med] full"]
+    (finetuned,) = run_files(tmp_path / "ddp", "full-*/finetuned")
+    assert json.loads((finetuned / "specgen_training.json").read_text())["steps"] == 2
+    report = json.loads((tmp_path / "ddp" / "report.json").read_text())
+    assert [(r["method"], r["alpha"]) for r in report["records"]] == [("pre-trained", None), ("full", 1.0)]
+
+
+def test_clip_recipe_through_accelerate_launch(tmp_path):
+    stdout = launch("clip_imagenet.py", tmp_path / "demo", "--config", str(CONFIGS / "clip_tiny.yaml"),
+                    "--methods", "full", "kd", "--alphas", "0.5", "1", "--max_steps", "3", "--eval_max_samples", "40",
+                    "--disable_tqdm", "true")  # fmt: skip
+    records = [ResultRecord.from_dict(r) for r in json.loads((tmp_path / "demo" / "report.json").read_text())["records"]]
+    assert {(r.method, r.alpha) for r in records} == {("zero-shot", None), ("full", 0.5), ("full", 1.0), ("kd", 0.5), ("kd", 1.0)}
+    for record in records:
+        assert set(record.speciality) == {"photo"} and set(record.generality) == {"sketch", "clipart", "painting"}
+        assert all(0.0 <= v <= 1.0 and abs(v * 40 - round(v * 40)) < 1e-5 for v in {**record.speciality, **record.generality}.values())
+    report = json.loads((tmp_path / "demo" / "report.json").read_text())
+    assert len(report["records"]) == 5 and report["title"].startswith("clip_imagenet")
+    assert sum(line.startswith("[clip_imagenet] ") for line in stdout.splitlines()) == 3
+
+
+# ---- in-process: an interrupted training resumes; publishing ------------------------------------------
+
+
+class Interrupt(Exception):
+    pass
+
+
+class InterruptAt(TrainerCallback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise Interrupt(f"stopped at step {self.step}")
+
+
+def lm_experiment(output_dir: Path, **overrides):
+    module = load_recipe("galactica_med")
+    options, experiment, training = parse_config(
+        (module.MedMCQAArguments, ExperimentArguments, SpecGenTrainingArguments),
+        ["--config", str(CONFIGS / "galactica_med_tiny.yaml"), "--output_dir", str(output_dir), "--methods", "l2",
+         "--alphas", "0.5", "1", "--max_steps", "4", "--save_strategy", "steps", "--save_steps", "2",
+         "--eval_limit", "4", "--l2_lambda", "1", "--disable_tqdm", "true", "--logging_steps", "1"],
+    )  # fmt: skip
+    training = dataclasses.replace(training, **overrides)
+    return module.GalacticaMed(options, training.seed), experiment, training
+
+
+def test_interrupted_training_resumes_from_its_checkpoint_then_publishes(tmp_path):
+    recipe, experiment, training = lm_experiment(tmp_path / "resumed")
+    build = recipe.build_trainer
+    recipe.build_trainer = lambda *a: (t := build(*a), t.add_callback(InterruptAt(3)))[0]
+    with pytest.raises(Interrupt):
+        run_experiment(recipe, experiment, training)
+    (checkpoint,) = run_files(tmp_path / "resumed", "l2-*/trainer/checkpoint-*")
+    assert checkpoint.name == "checkpoint-2"
+    recipe.build_trainer = build
+    run_experiment(recipe, experiment, training)
+    (finetuned,) = run_files(tmp_path / "resumed", "l2-*/finetuned")
+    training_log = json.loads((finetuned / "specgen_training.json").read_text())
+    assert training_log["steps"] == 4 and training_log["resumed_from"].endswith("checkpoint-2")
+
+    straight = run_experiment(*lm_experiment(tmp_path / "straight"))
+    (uninterrupted,) = run_files(tmp_path / "straight", "l2-*/finetuned")
+    resumed, reference = load_file(finetuned / "model.safetensors"), load_file(uninterrupted / "model.safetensors")
+    for key, value in reference.items():
+        torch.testing.assert_close(resumed[key], value, rtol=0, atol=1e-6, msg=key)
+
+    hub = FakeHub()
+    recipe, experiment, training = lm_experiment(tmp_path / "resumed", push_to_hub=True, hub_model_id="me/tiny-med")
+    records = run_experiment(recipe, experiment, training, hub_api=hub)
+    assert [(r.method, r.alpha) for r in records] == [(r.method, r.alpha) for r in straight] == [("pre-trained", None), ("l2", 0.5), ("l2", 1.0)]
+    pick = best_generality([r for r in records if r.method == "l2"], experiment.keep_speciality)
+    (upload,) = hub.uploads
+    assert upload["repo_id"] == "me/tiny-med" and f"alpha: {pick.alpha:g}" in upload["files"]["README.md"].decode()
+    assert "| l2 | l2_lambda=1, alpha=0.5 |" in upload["files"]["README.md"].decode()
+    expected = wise_ft(lm_path(), finetuned, pick.alpha, tmp_path / "expected")
+    assert upload["files"]["model.safetensors"] == (expected / "model.safetensors").read_bytes()
+
+
+# ---- configuration ---------------------------------------------------------------------------------
+
+
+def test_yaml_preset_then_command_line_overrides(tmp_path):
+    module = load_recipe("galactica_med")
+    options, experiment, training = parse_config(
+        (module.MedMCQAArguments, ExperimentArguments, SpecGenTrainingArguments),
+        ["--config", str(CONFIGS / "galactica_med_tiny.yaml"), "--learning_rate", "3e-4", "--methods", "kd+feature",
+         "--push-to-hub", "me/model", "--output_dir", str(tmp_path)],
+    )  # fmt: skip
+    assert options.model_name_or_path == "hf_specgen/tiny-galactica" and options.eval_suites == ["tiny_medmcqa", "tiny_general"]
+    assert training.learning_rate == 3e-4 and training.num_train_epochs == 10  # the override, and the preset
+    assert training.l2_lambda == 1e-2 and isinstance(training.l2_lambda, float)  # YAML's "1.0e-2" converted
+    assert experiment.methods == ["kd+feature"] and experiment.alphas == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert training.push_to_hub is True and training.hub_model_id == "me/model"
+
+
+def test_methods_switch_on_their_own_regularizers_only(tmp_path):
+    base = SpecGenTrainingArguments(output_dir=str(tmp_path), l1_lambda=1e-3, l2_lambda=0.1, kd_lambda=2.0, report_to=[])
+    kd_l2 = Method.parse("kd+l2").training_arguments(base)
+    assert (kd_l2.l1_lambda, kd_l2.l2_lambda, kd_l2.kd_lambda) == (0.0, 0.1, 2.0)
+    full = Method.parse("full").training_arguments(base, output_dir=str(tmp_path / "x"))
+    assert (full.l1_lambda, full.l2_lambda, full.kd_lambda, full.output_dir) == (0.0, 0.0, 0.0, str(tmp_path / "x"))
+    assert Method.parse("lora+l2") == Method("lora+l2", ("l2",), True)
+    assert Method.parse("l1").hyperparameter(base, 8) == ("l1_lambda", 1e-3)
+    assert Method.parse("lora").hyperparameter(base, 8) == ("lora_r", 8.0)
+    assert Method.parse("kd+l2").hyperparameter(base, 8) == (None, None)
+    for bad in ("sgd", "full+l2", "l2+l2", ""):
+        with pytest.raises(ValueError, match="unknown method"):
+            Method.parse(bad)
+    with pytest.raises(ValueError, match="needs ewc_lambda > 0"):
+        parse_methods(["full", "ewc"], base)
+
+
+@pytest.fixture
+def json_medmcqa_without_answer(tmp_path):
+    folder = tmp_path / "medmcqa"
+    folder.mkdir()
+    rows = [{"question": "q?", "opa": "a", "opb": "b", "opc": "c", "opd": "d"}] * 4
+    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--methods", "full", "sgd"], "unknown method 'sgd'"),
+        (["--methods", "l2", "--l2_lambda", "0"], "needs l2_lambda > 0"),
+        (["--alphas", "0", "1.5"], r"alphas must lie in \[0, 1\]"),
+        (["--dataset_name", "/nonexistent/medmcqa"], "'/nonexistent/medmcqa', split 'train', cannot be loaded"),
+        (["--dataset_name", "hf_specgen/tiny-medmcqa", "--train_split", "dev"], "not 'dev'"),
+        (["--model_name_or_path", "/nonexistent/model"], "model '/nonexistent/model' cannot be loaded"),
+        (["--eval_suites", "tiny_medmcqa", "nope"], r"unknown suite\(s\) \['nope'\]"),
+        (["--eval_suites", "tiny_general"], "measure no speciality"),
+        (["--push_to_hub"], "push_to_hub needs hub_model_id"),
+        (["--dataset_name", "{answerless}"], r"has no column\(s\) \['cop'\]"),
+        (["--config", "{bad_value}"], "invalid value 'fast' for learning_rate"),
+        (["--config", "{bad_key}"], r"unknown field\(s\) \['learnin_rate'\]"),
+    ],
+)
+def test_bad_configuration_stops_before_training_with_one_message(args, message, tmp_path, json_medmcqa_without_answer, capsys):
+    preset = (CONFIGS / "galactica_med_tiny.yaml").read_text()
+    (tmp_path / "bad_value.yaml").write_text(preset + "learning_rate: fast\n")
+    (tmp_path / "bad_key.yaml").write_text(preset + "learnin_rate: 1.0e-3\n")
+    values = {"answerless": json_medmcqa_without_answer, "bad_value": tmp_path / "bad_value.yaml", "bad_key": tmp_path / "bad_key.yaml"}
+    args = [a.format(**values) for a in args]
+    output_dir = tmp_path / "out"
+    with pytest.raises(SystemExit) as stop:
+        load_recipe("galactica_med").GalacticaMed.main(["--config", str(CONFIGS / "galactica_med_tiny.yaml"), "--output_dir", str(output_dir), *args])
+    assert stop.value.code != 0
+    error = str(stop.value.code) if isinstance(stop.value.code, str) else capsys.readouterr().err
+    assert error.startswith("galactica_med.py: error: ") and len(error.strip().splitlines()) == 1, error
+    assert re.search(message, error), error
+    assert not output_dir.exists()  # nothing written
+
+
+def test_clip_recipe_refuses_a_malformed_evaluation_set(tmp_path):
+    module = load_recipe("clip_imagenet")
+    with pytest.raises(SystemExit, match="'photo' is not NAME=SOURCE"):
+        module.ClipImageNet.main(["--config", str(CONFIGS / "clip_tiny.yaml"), "--output_dir", str(tmp_path / "out"), "--speciality_sets", "photo"])
+    with pytest.raises(ConfigError, match="templates must each contain"):
+        parse_config((module.ImageClassificationArguments,), ["--templates", "a photo"])
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("recipe", "preset"), [("galactica_med", "galactica_med"), ("clip_imagenet", "clip_imagenet")])
+def test_published_presets_parse(recipe, preset):
+    """The GPU presets hold only known fields and valid values (`use_cpu`: bf16 needs a GPU otherwise)."""
+    module = load_recipe(recipe)
+    arguments = module.MedMCQAArguments if recipe == "galactica_med" else module.ImageClassificationArguments
+    options, experiment, training = parse_config((arguments, ExperimentArguments, SpecGenTrainingArguments),
+                                                 ["--config", str(CONFIGS / f"{preset}.yaml"), "--use_cpu", "true"])  # fmt: skip
+    assert options.model_name_or_path in ("facebook/galactica-1.3b", "openai/clip-vit-base-patch16")
+    assert experiment.methods == ["full", "l1", "l2", "ewc", "kd", "feature", "lora"] and len(experiment.alphas) == 5
+    assert training.bf16 and parse_methods(experiment.methods, training)
