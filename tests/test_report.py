@@ -196,3 +196,26 @@ def test_write_report_refuses_no_records(tmp_path):
     with pytest.raises(ValueError, match="no records"):
         write_report([], tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_keep_share_moves_the_pick(tmp_path, table_records):
+    strict = json.loads(write_report(table_records, tmp_path / "strict", keep=1.0)["json"].read_text())
+    loose = json.loads(write_report(table_records, tmp_path / "loose", keep=0.5)["json"].read_text())
+    assert table_records[strict["best_generality"]] == max(table_records, key=lambda r: r.speciality_score)
+    assert table_records[loose["best_generality"]] == best_generality(table_records, 0.5)
+    assert strict["keep_speciality"] == 1.0 and "at least 50% of it" in (tmp_path / "loose" / "report.md").read_text()
+
+
+def test_combine_reports_one_section_per_report_with_its_own_plot(tmp_path, table_records):
+    write_report(table_records, tmp_path / "demo" / "lm", title="LM recipe")
+    write_report(table_records[:2], tmp_path / "demo" / "clip", title="CLIP recipe")
+    paths = report.combine_reports([tmp_path / "demo" / "lm", tmp_path / "demo" / "clip"], tmp_path / "demo")
+    assert set(paths) == {"json", "markdown"}
+    markdown = paths["markdown"].read_text()
+    assert markdown.index("## LM recipe") < markdown.index("## CLIP recipe")
+    assert "](lm/report.png)" in markdown and "](clip/report.png)" in markdown and "](report.png)" not in markdown
+    combined = json.loads(paths["json"].read_text())["reports"]
+    assert [len(combined[name]["records"]) for name in ("lm", "clip")] == [len(table_records), 2]
+    with pytest.raises(ValueError, match="holds no report.json"):
+        report.combine_reports([tmp_path / "demo" / "lm", tmp_path / "missing"], tmp_path / "other")
+    assert not (tmp_path / "other").exists()
