@@ -10,12 +10,14 @@ class name, so fine-tuning starts from CLIP's zero-shot predictions and the mode
 ensemble of `templates`, each set over its own class names (ImageNet-R/A: their 200 classes).
 Sets are `NAME=SOURCE[:SPLIT]`, SOURCE a `datasets` id or a local `imagefolder` (class
 sub-folders); a set whose class names are numbers (e.g. ImageNet-V2's folders 0-999) takes the
-training set's names by index. DomainNet: train on one domain, list the others as generality.
+training set's names by index, and `class_names_file` maps raw names such as the WordNet ids of
+ImageNet-R/A folders to readable ones. DomainNet: train on one domain, list the others as generality.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,6 +55,10 @@ class ImageClassificationArguments:
         metadata={"help": "NAME=SOURCE[:SPLIT] distribution shifts (ImageNet-V2/R/A/Sketch, ObjectNet, other DomainNet domains)."},
     )
     templates: list[str] = field(default_factory=lambda: list(TEMPLATES), metadata={"help": "Prompt templates, '{}' the class name."})
+    class_names_file: str | None = field(
+        default=None,
+        metadata={"help": "JSON object from raw class names (e.g. WordNet ids n01440764 of ImageNet-R/A folders) to readable names."},
+    )
     eval_batch_size: int = field(default=256, metadata={"help": "Evaluation batch size."})
     eval_max_samples: int | None = field(default=None, metadata={"help": "Score at most N images per set (quick runs)."})
 
@@ -72,16 +78,30 @@ def parse_set(spec: str) -> tuple[str, str, str]:
     return name, source, split or "test"
 
 
-def class_names(data: datasets.Dataset, label_column: str, fallback: list[str] | None = None) -> list[str]:
-    """Readable class names from the label feature: first synonym ("tench, Tinca tinca" -> "tench"),
-    underscores as spaces; numeric names (folders 0-999) index `fallback`."""
+def class_names(
+    data: datasets.Dataset, label_column: str, readable: dict[str, str], fallback: list[str] | None = None
+) -> list[str]:  # fmt: skip
+    """Class names from the label feature, through `readable` (e.g. WordNet id -> name); numeric
+    names (folders 0-999) index `fallback`; first synonym ("tench, Tinca tinca" -> "tench")."""
     feature = data.features[label_column]
     if not isinstance(feature, datasets.ClassLabel):
         raise ConfigError(f"column {label_column!r} is not a ClassLabel, so it names no classes")
-    names = feature.names
+    names = [readable.get(n, n) for n in feature.names]
     if fallback is not None and all(n.isdigit() for n in names):
         names = [fallback[int(n)] for n in names]
     return [n.split(",")[0].replace("_", " ").strip() for n in names]
+
+
+def readable_names(path: str | None) -> dict[str, str]:
+    if path is None:
+        return {}
+    try:
+        names = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ConfigError(f"class_names_file {path!r} cannot be read: {error}") from error
+    if not isinstance(names, dict):
+        raise ConfigError(f"class_names_file {path!r} must hold a JSON object of raw name -> readable name")
+    return names
 
 
 class ClipImageNet(Recipe):
@@ -93,17 +113,19 @@ class ClipImageNet(Recipe):
     def __init__(self, options: ImageClassificationArguments, seed: int) -> None:
         super().__init__(options, seed)
         self._sets: dict[str, dict[str, tuple[datasets.Dataset, list[str]]]] = {}  # role -> name -> (set, class names)
+        self._readable: dict[str, str] = {}
 
     def prepare(self) -> None:
         o = self.options
         self.pretrained = check_model(o.model_name_or_path)
         self.train_data = self._load(o.train_dataset, o.train_split, o.max_train_samples)
-        train_names = class_names(self.train_data, o.label_column)
+        self._readable = readable_names(o.class_names_file)
+        train_names = class_names(self.train_data, o.label_column, self._readable)
         for role, specs in (("speciality", o.speciality_sets), ("generality", o.generality_sets)):
             self._sets[role] = {}
             for name, source, split in map(parse_set, specs):
                 data = self._load(source, split, o.eval_max_samples)
-                self._sets[role][name] = (data, class_names(data, o.label_column, fallback=train_names))
+                self._sets[role][name] = (data, class_names(data, o.label_column, self._readable, fallback=train_names))
 
     def _load(self, source: str, split: str, max_samples: int | None) -> datasets.Dataset:
         o = self.options
@@ -116,7 +138,7 @@ class ClipImageNet(Recipe):
 
     def build_trainer(self, model: Any, processor: Any, args: SpecGenTrainingArguments) -> SpecGenTrainer:
         o = self.options
-        prompts = [o.templates[0].format(n) for n in class_names(self.train_data, o.label_column)]
+        prompts = [o.templates[0].format(n) for n in class_names(self.train_data, o.label_column, self._readable)]
         return SpecGenTrainer(
             model=model, args=dataclasses.replace(args, remove_unused_columns=False),  # keep the image column
             train_dataset=self.train_data, compute_loss_func=class_prompt_loss,
@@ -137,11 +159,12 @@ class ClipImageNet(Recipe):
     def fingerprint(self) -> dict[str, Any]:
         o = self.options
         return {"recipe": self.name, "model": o.model_name_or_path, "train": [o.train_dataset, o.train_split, o.max_train_samples],
-                "columns": [o.image_column, o.label_column], "prompt": o.templates[0]}  # fmt: skip
+                "columns": [o.image_column, o.label_column], "prompt": o.templates[0], "names": o.class_names_file}  # fmt: skip
 
     def eval_fingerprint(self) -> dict[str, Any]:
         o = self.options
-        return {"sets": [o.speciality_sets, o.generality_sets], "templates": o.templates, "max": o.eval_max_samples}
+        return {"sets": [o.speciality_sets, o.generality_sets], "templates": o.templates, "max": o.eval_max_samples,
+                "names": o.class_names_file}  # fmt: skip
 
 
 if __name__ == "__main__":

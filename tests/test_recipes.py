@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import datasets
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -266,6 +267,20 @@ def test_bad_configuration_stops_before_training_with_one_message(args, message,
     assert error.startswith("galactica_med.py: error: ") and len(error.strip().splitlines()) == 1, error
     assert re.search(message, error), error
     assert not output_dir.exists()  # nothing written
+
+
+def test_clip_class_names_from_labels_ids_and_indices():
+    module = load_recipe("clip_imagenet")
+
+    def labelled(*names):
+        return datasets.Dataset.from_dict({"label": [0]}, features=datasets.Features({"label": datasets.ClassLabel(names=list(names))}))
+
+    assert module.class_names(labelled("tench, Tinca tinca", "great_white_shark"), "label", {}) == ["tench", "great white shark"]
+    assert module.class_names(labelled("n01440764", "n01443537"), "label", {"n01443537": "goldfish, Carassius auratus"}) == [
+        "n01440764", "goldfish"]
+    assert module.class_names(labelled("0", "2"), "label", {}, fallback=["tench", "goldfish", "shark"]) == ["tench", "shark"]
+    assert module.parse_set("v2=data/imagenet-v2") == ("v2", "data/imagenet-v2", "test")
+    assert module.parse_set("val=ILSVRC/imagenet-1k:validation") == ("val", "ILSVRC/imagenet-1k", "validation")
 
 
 def test_clip_recipe_refuses_a_malformed_evaluation_set(tmp_path):
