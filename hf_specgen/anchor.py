@@ -77,6 +77,15 @@ class WeightDelta:
         """The tensor whose gradient is the gradient with respect to the effective weight."""
         raise NotImplementedError
 
+    @property
+    def local_shape(self) -> torch.Size:
+        """Shape of the part of `fisher_parameter` this delta regularizes (its Fisher's shape)."""
+        return self.fisher_parameter().shape
+
+    def local_gradient(self, grad: torch.Tensor) -> torch.Tensor:
+        """That part of a whole gradient with respect to `fisher_parameter` (under ZeRO, a rank's slice)."""
+        return grad
+
     def decay_(self, factor: float) -> torch.Tensor:
         """In place, no autograd: `theta - theta_pre <- (1 - factor) * (theta - theta_pre)`.
 
@@ -269,16 +278,18 @@ def weight_deltas(
         ref_name = name if name in ref_params else _peft_free_name(name)  # a plain ref_model of a peft model
         if ref_name in ref_params:
             ref = ref_params[ref_name]
-            if ref.shape != param.shape:
-                raise ValueError(f"reference weight {name} has shape {tuple(ref.shape)}, model has {tuple(param.shape)}")
-            deltas.append(DenseDelta(name, param, ref.detach()))
+            ref_shape, shape = getattr(ref, "ds_shape", ref.shape), getattr(param, "ds_shape", param.shape)
+            if ref_shape != shape:
+                raise ValueError(f"reference weight {name} has shape {tuple(ref_shape)}, model has {tuple(shape)}")
+            deltas.append(DenseDelta(name, param, held_values(ref).detach()))
         elif reference is not None and not _is_modules_to_save(name):
             missing.append(name)
         elif _is_modules_to_save(name):
             original = all_params[_original_module_name(name)]
             deltas.append(DenseDelta(name, param, original.detach(), fisher_param=original))
         else:
-            snapshot = param.detach().to(resolve_device(device, param), resolve_dtype(dtype, param), copy=True)
+            held = held_values(param)
+            snapshot = held.detach().to(resolve_device(device, held), resolve_dtype(dtype, held), copy=True)
             deltas.append(DenseDelta(name, param, snapshot, owned=True))
     if missing:
         raise ValueError(f"ref_model has no weights for: {', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}")
@@ -387,6 +398,15 @@ def local_numel(parameter: torch.Tensor) -> int:
     """Elements this process holds: its partition under ZeRO-3 (`ds_tensor`), else the whole."""
     partition = getattr(parameter, "ds_tensor", None)
     return partition.numel() if partition is not None else parameter.numel()
+
+
+def held_values(parameter: torch.Tensor) -> torch.Tensor:
+    """The values of `parameter` this process holds while no forward gathers it: its flat ZeRO-3
+    partition (`ds_tensor`) when the model was built partitioned (`zero.Init`), else the tensor."""
+    partition = getattr(parameter, "ds_tensor", None)
+    if partition is not None and parameter.numel() != getattr(parameter, "ds_numel", parameter.numel()):
+        return partition
+    return parameter
 
 
 def check_adapters_disable_to_base(model: nn.Module) -> None:

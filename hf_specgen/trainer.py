@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import itertools
 import math
 import os
@@ -15,6 +16,7 @@ from torch import nn
 from transformers import Trainer
 from transformers.trainer_utils import get_last_checkpoint
 
+from . import zero
 from .anchor import Teacher, WeightDelta, is_peft_model, snapshot_nbytes, weight_deltas
 from .args import SpecGenTrainingArguments
 from .regularizers import (
@@ -30,7 +32,8 @@ from .regularizers import (
     estimate_fisher,
 )
 
-STATE_FILE = "specgen_regularizers.safetensors"
+STATE_PREFIX = "specgen_regularizers"
+STATE_FILE = f"{STATE_PREFIX}.safetensors"
 
 
 class SpecGenTrainer(Trainer):
@@ -43,6 +46,14 @@ class SpecGenTrainer(Trainer):
     that each counts the same whatever the gradient accumulation. Both are part of the gradient
     `max_grad_norm` clips; decoupled L2 acts in the optimizer step instead. Each term is logged as
     `loss_<name>` beside `loss_task`.
+
+    Under DeepSpeed ZeRO (1, 2 or 3) the weight terms work on each rank's own partition of the fp32
+    master weights and averaged gradients (`hf_specgen.zero`): once the engine exists, the anchor
+    and the Fisher are cut down to the rank's slices, and the penalties' gradients are added at the
+    start of the ZeRO optimizer's step (after the averaging, before clipping); decoupled L2 hooks
+    the torch optimizer DeepSpeed wraps. A rank's share of a term is logged as world x share, so
+    that the mean over processes `log` takes is the whole model's value. Checkpoints keep one
+    regularizer state file per rank.
     """
 
     def __init__(self, *args: Any, ref_model: nn.Module | None = None, **kwargs: Any) -> None:
@@ -55,6 +66,11 @@ class SpecGenTrainer(Trainer):
         self._log_steps = 0
         self._last_seen_step: int | None = None
         self._hooked_optimizer: torch.optim.Optimizer | None = None
+        self._step_targets: dict[int, list[WeightDelta]] = {}
+        self._zero_optimizer: Any = None  # the ZeRO optimizer the weight terms are bound to
+        self._weight_share = 1  # how many times a process's part of a weight term counts in the mean over processes
+        self._pending_weight_loss: torch.Tensor | None = None
+        self._resume_checkpoint: str | None = None
         self.teacher: Teacher | None = None
         self.deltas: list[WeightDelta] = []
         self.features: ProtectedFeatures | None = None
@@ -63,10 +79,9 @@ class SpecGenTrainer(Trainer):
             return
         if self.model_init is not None:
             raise ValueError("regularizers need the pre-trained model at construction; model_init is not supported")
-        if self.is_deepspeed_enabled and (self._weight_terms or self._step_terms):
+        if self.is_deepspeed_enabled and (self._weight_terms or self._step_terms) and is_peft_model(self.model):
             raise ValueError(
-                "l1_lambda, l2_lambda and ewc_lambda are not supported under DeepSpeed yet: DeepSpeed keeps the "
-                "gradients in its own partitioned buffers"
+                "l1_lambda, l2_lambda and ewc_lambda are not supported for peft models under DeepSpeed yet"
             )
         options = self.args
         if self._batch_terms:
@@ -87,7 +102,8 @@ class SpecGenTrainer(Trainer):
     # ---- memory ---------------------------------------------------------------------------
 
     def anchor_memory(self) -> dict[str, int]:
-        """Bytes added by the pre-trained reference: the weight snapshot, the teacher, the Fisher."""
+        """Bytes this process holds for the pre-trained reference: the weight snapshot, the teacher, the
+        Fisher (under ZeRO, once training has started: this rank's slices, about 1/world of them)."""
         fisher = sum(
             t.numel() * t.element_size()
             for r in self.regularizers
@@ -163,26 +179,51 @@ class SpecGenTrainer(Trainer):
     def training_step(
         self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: torch.Tensor | int | None = None
     ) -> torch.Tensor:
-        """The Trainer's step; on an optimizer step's first micro-batch, also the weight terms' gradients."""
+        """The Trainer's step; on an optimizer step's first micro-batch, also the weight terms' gradients
+        (under DeepSpeed: in the ZeRO optimizer's step, on the micro-batch that ends the step)."""
         if not self.regularizers:
             return super().training_step(model, inputs, num_items_in_batch)
+        if self.is_deepspeed_enabled and (self._weight_terms or self._step_terms):
+            self._bind_zero(self.model_wrapped.optimizer)
         new_step = self._last_seen_step != self.state.global_step
         if new_step:
             self._last_seen_step = self.state.global_step
             self._log_steps += 1
         loss = super().training_step(model, inputs, num_items_in_batch)
-        if new_step and self._weight_terms:
-            loss = loss + self._apply_weight_terms().to(loss.device, loss.dtype)
+        if new_step and self._weight_terms and self._zero_optimizer is None:
+            scaler = getattr(self.accelerator, "scaler", None)
+            grad_scale = float(scaler.get_scale()) if scaler is not None else 1.0
+            self._pending_weight_loss = self._apply_weight_terms(grad_scale)
+        if self._pending_weight_loss is not None:
+            loss = loss + self._pending_weight_loss.to(loss.device, loss.dtype)
+            self._pending_weight_loss = None
         return loss
 
-    def _apply_weight_terms(self) -> torch.Tensor:
-        """Adds L1 / L2 / EWC's closed-form gradients to `.grad` (at the loss scale of fp16 training)."""
-        scaler = getattr(self.accelerator, "scaler", None)
-        grad_scale = float(scaler.get_scale()) if scaler is not None else 1.0
-        values = [reg.apply_(self.deltas, grad_scale).detach().float() for reg in self._weight_terms]
+    def _apply_weight_terms(self, grad_scale: float) -> torch.Tensor:
+        """Adds L1 / L2 / EWC's closed-form gradients at `grad_scale` (fp16's loss scale); returns their sum
+        (this process's part of it, counted `_weight_share` times)."""
+        share = self._weight_share
+        values = [reg.apply_(self.deltas, grad_scale).detach().float() * share for reg in self._weight_terms]
         for reg, value in zip(self._weight_terms, values):
             self._record(reg.log_name, value)
         return torch.stack(values).sum()  # on the weights' device: no host sync per step
+
+    def _apply_weight_terms_to_zero(self, loss_scale: float) -> None:
+        """Run by the ZeRO optimizer as its step starts; `training_step` adds the value to the loss it reports."""
+        self._pending_weight_loss = self._apply_weight_terms(loss_scale)
+
+    def _bind_zero(self, optimizer: Any) -> None:
+        """Moves the weight terms onto this rank's ZeRO partitions, once per engine: slices the anchor
+        (freeing the whole snapshot), loads or estimates the per-rank state, hooks the optimizer steps."""
+        if optimizer is self._zero_optimizer:
+            return
+        self._zero_optimizer = optimizer
+        self._weight_share = self.accelerator.num_processes
+        self.deltas = zero.shard_deltas(self.deltas, optimizer)
+        self._load_or_estimate_state(self._resume_checkpoint)
+        if self._weight_terms:
+            zero.before_zero_step(optimizer, self._apply_weight_terms_to_zero)
+        self._attach_step_terms(optimizer.optimizer, zero.step_targets(self.deltas))
 
     def _loss_is_ga_scaled(self, num_items_in_batch: torch.Tensor | int | None) -> bool:
         """Mirrors `Trainer.training_step`: is the task loss already normalized over the accumulated batch?"""
@@ -208,21 +249,23 @@ class SpecGenTrainer(Trainer):
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         """The Trainer's optimizer (built, or the user's), with the decoupled terms hooked in once."""
         optimizer = super().create_optimizer(model)
-        self._attach_step_terms(getattr(optimizer, "optimizer", optimizer))  # unwrap Accelerate's wrapper
+        targets = {id(d.decayed_parameter): [d] for d in self.deltas}
+        self._attach_step_terms(getattr(optimizer, "optimizer", optimizer), targets)  # unwrap Accelerate's wrapper
         return optimizer
 
-    def _attach_step_terms(self, optimizer: torch.optim.Optimizer) -> None:
+    def _attach_step_terms(self, optimizer: torch.optim.Optimizer, targets: dict[int, list[WeightDelta]]) -> None:
+        """Before each `optimizer.step`, the decoupled terms on `targets[id(p)]` for each stepped tensor `p`."""
+        self._step_targets = targets
         if not self._step_terms or optimizer is self._hooked_optimizer:
             return
         self._hooked_optimizer = optimizer
-        by_param = {id(d.decayed_parameter): d for d in self.deltas}
 
         def before_step(opt: torch.optim.Optimizer, _args: Any, _kwargs: Any) -> None:
             for group in opt.param_groups:
-                deltas = [by_param[id(p)] for p in group["params"] if id(p) in by_param]
+                deltas = [d for p in group["params"] for d in self._step_targets.get(id(p), ())]
                 for reg in self._step_terms:
                     if deltas:
-                        self._record(reg.log_name, reg.before_step_(group["lr"], deltas))
+                        self._record(reg.log_name, reg.before_step_(group["lr"], deltas) * self._weight_share)
 
         optimizer.register_step_pre_hook(before_step)
 
@@ -245,10 +288,21 @@ class SpecGenTrainer(Trainer):
     # ---- state: Fisher estimation, checkpoints --------------------------------------------------
 
     def _prepare_regularizers(self, checkpoint: str | None) -> None:
-        """Loads the regularizer state saved with `checkpoint`, and estimates what is still missing."""
-        path = os.path.join(checkpoint, STATE_FILE) if checkpoint else None
+        """Loads the regularizer state saved with `checkpoint`, and estimates what is still missing;
+        under DeepSpeed once the engine has partitioned the weights (`_bind_zero`)."""
+        self._zero_optimizer, self._resume_checkpoint = None, checkpoint
+        if not (self.is_deepspeed_enabled and (self._weight_terms or self._step_terms)):
+            self._load_or_estimate_state(checkpoint)
+
+    def _load_or_estimate_state(self, checkpoint: str | None) -> None:
+        path = os.path.join(checkpoint, self._state_file()) if checkpoint else None
         if path and os.path.isfile(path):
             self._load_regularizer_state(path)
+        elif path and glob.glob(os.path.join(checkpoint, f"{STATE_PREFIX}*.safetensors")):
+            raise ValueError(
+                f"{checkpoint} holds the regularizer state of another layout than {self._state_file()} "
+                "(another number of processes, or with / without ZeRO): resume with the layout it was saved with"
+            )
         for reg in self.regularizers:
             if isinstance(reg, EWC) and reg.fisher is None:
                 reg.fisher = self._estimate_fisher(reg)
@@ -294,16 +348,22 @@ class SpecGenTrainer(Trainer):
     def _anchor_fingerprint(self) -> float:
         return sum(d.fingerprint() for d in self.deltas)
 
+    def _state_file(self) -> str:
+        """The regularizer state's file in a checkpoint: one per rank once bound to ZeRO partitions."""
+        if self._zero_optimizer is None:
+            return STATE_FILE
+        return f"{STATE_PREFIX}.rank{self.args.process_index}-of-{self.args.world_size}.safetensors"
+
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         super()._save_optimizer_and_scheduler(output_dir)
-        if self.regularizers and self.args.should_save:
+        if self.regularizers and (self.args.should_save or self._zero_optimizer is not None):
             tensors = {
                 f"{reg.name}.{key}": value.detach().contiguous().cpu()
                 for reg in self.regularizers
                 for key, value in reg.state_dict().items()
             }
             metadata = {"anchor_fingerprint": repr(self._anchor_fingerprint())}
-            save_file(tensors, os.path.join(output_dir, STATE_FILE), metadata=metadata)
+            save_file(tensors, os.path.join(output_dir, self._state_file()), metadata=metadata)
 
     def _load_regularizer_state(self, path: str) -> None:
         from safetensors import safe_open

@@ -1,10 +1,13 @@
-"""DeepSpeed ZeRO-2 / ZeRO-3 on CPU (gloo, 2 processes), launched with the recipes' Accelerate
-configs as users launch: KD and feature protection give the weights and logged terms of one
-process, with the teacher partitioned under ZeRO-3; the weight-space penalties are refused with a
-clear message until they are partition-local."""
+"""DeepSpeed ZeRO-2 / ZeRO-3 on CPU (gloo, 2 processes), launched as users launch: with the
+recipes' Accelerate configs, and with `TrainingArguments(deepspeed=...)` under torchrun. Every
+regularizer gives the weights and the logged (whole-model) terms of one process: KD and feature
+protection with the teacher partitioned under ZeRO-3; L1, L2-SP (both modes) and EWC on each
+rank's own partition, the anchor and the Fisher cut to about half a model per rank; a ZeRO-3
+run resumed from its checkpoint ends where the uninterrupted one does; CPU offload too."""
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,36 +21,98 @@ from hf_specgen.merge import wise_ft
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "tests" / "scripts" / "train_tiny.py"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+PENALTIES = ("loss", "loss_task", "loss_l1", "loss_l2", "loss_ewc")
 
 
-def launch(output_dir: Path, regularizers: str, config: str | None) -> subprocess.CompletedProcess:
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "recipes" / "accelerate" / f"{config}.yaml"),
-                "--num_processes", "2", "--main_process_port", "0"] if config else [sys.executable]  # fmt: skip
-    return subprocess.run([*launcher, str(SCRIPT), str(output_dir), regularizers], env=ENV, cwd=ROOT,
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launcher(config: str | None) -> list[str]:
+    """One process (None), 2 under torchrun ("torchrun"), or 2 under Accelerate with a recipe's config."""
+    if config is None:
+        return [sys.executable]
+    if config == "torchrun":
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "recipes" / "accelerate" / f"{config}.yaml"),
+            "--num_processes", "2", "--main_process_port", "0"]  # fmt: skip
+
+
+def launch(output_dir: Path, regularizers: str, config: str | None, *options: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*launcher(config), str(SCRIPT), str(output_dir), regularizers, *options], env=ENV, cwd=ROOT,
                           capture_output=True, text=True, timeout=600)  # fmt: skip
+
+
+def launched(output_dir: Path, regularizers: str, config: str | None, *options: str) -> Path:
+    run = launch(output_dir, regularizers, config, *options)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return output_dir
 
 
 def result(output_dir: Path) -> tuple[dict, dict]:
     return torch.load(output_dir / "weights.pt"), json.loads((output_dir / "result.json").read_text())
 
 
+def assert_same_run(one_dir: Path, two_dir: Path, keys: tuple[str, ...], atol: float = 1e-5) -> tuple[dict, dict]:
+    """The same weights (ZeRO-3's partitions gathered) and logged values, step by step."""
+    (one_weights, one), (two_weights, two) = result(one_dir), result(two_dir)
+    assert (one["world_size"], two["world_size"]) == (1, 2)
+    assert set(two_weights) == set(one_weights)
+    for name, weight in one_weights.items():
+        assert two_weights[name].shape == weight.shape and torch.allclose(weight, two_weights[name], atol=atol), name
+    assert len(one["logs"]) == len(two["logs"])
+    for a, b in zip(one["logs"], two["logs"]):
+        for key in keys:
+            assert a[key] == pytest.approx(b[key], rel=1e-5), key
+    return one, two
+
+
+def assert_halved(one: dict, two: dict, kind: str) -> None:
+    """Each of the 2 ranks holds its own half of the anchor / the Fisher: together exactly one copy."""
+    whole, ranks = one["anchor_memory"][0][kind], [rank[kind] for rank in two["anchor_memory"]]
+    assert whole > 0 and sum(ranks) == whole, (whole, ranks)
+    assert all(rank <= whole / 2 * 1.01 for rank in ranks), (whole, ranks)
+
+
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory):
-    output_dir = tmp_path_factory.mktemp("one")
-    assert launch(output_dir, "kd,feature", None).returncode == 0
-    return output_dir
+    return launched(tmp_path_factory.mktemp("one"), "kd,feature,l1", None)
+
+
+@pytest.fixture(scope="module")
+def one_process_penalties(tmp_path_factory):
+    return launched(tmp_path_factory.mktemp("one_penalties"), "l1,l2,ewc", None, "--steps", "4")
+
+
+@pytest.fixture(scope="module")
+def one_process_decoupled(tmp_path_factory):
+    return launched(tmp_path_factory.mktemp("one_decoupled"), "l2d", None, "--steps", "4")
+
+
+@pytest.fixture(scope="module")
+def zero_penalties(tmp_path_factory):
+    """`zero_penalties(config)`: L1, L2-SP and EWC under ZeRO, 4 steps with a checkpoint after 2, launched once."""
+    runs: dict[str, Path] = {}
+
+    def run(config: str) -> Path:
+        if config not in runs:
+            output_dir = tmp_path_factory.mktemp(f"{config}_penalties")
+            runs[config] = launched(output_dir, "l1,l2,ewc", config, "--steps", "4", "--save-steps", "2")
+        return runs[config]
+
+    return run
 
 
 @pytest.mark.parametrize("config", ["zero2", "zero3"])
 def test_distillation_terms_under_zero_match_one_process(config, one_process, tmp_path):
-    run = launch(tmp_path, "kd,feature", config)
-    assert run.returncode == 0, run.stderr[-3000:]
+    """KD and feature protection, with L1 beside them: its anchor is the teacher's copy of the weights
+    in one process, and under ZeRO this rank's slice of it, taken before the teacher is partitioned."""
+    launched(tmp_path, "kd,feature,l1", config)
     one_dir = one_process / "model"
-    (one_weights, one), (two_weights, two) = result(one_process), result(tmp_path)
-    assert (one["world_size"], two["world_size"]) == (1, 2)
-    assert set(two_weights) == set(one_weights)
-    for name, weight in one_weights.items():  # ZeRO-3's partitions gathered for the comparison
-        assert two_weights[name].shape == weight.shape and torch.allclose(weight, two_weights[name], atol=1e-5), name
+    one, two = assert_same_run(one_process, tmp_path, ("loss", "loss_task", "loss_kd", "loss_feature", "loss_l1"))
+    one_weights, two_weights = result(one_process)[0], result(tmp_path)[0]
     teacher = two["teacher"]
     if config == "zero3":  # partitioned like the model: about half on each of 2 ranks (partitions are padded)
         assert teacher["total"] / 2 <= teacher["local"] < teacher["total"] / 2 * 1.01, teacher
@@ -59,14 +124,65 @@ def test_distillation_terms_under_zero_match_one_process(config, one_process, tm
     merged = OPTForCausalLM.from_pretrained(wise_ft(one_dir, tmp_path / "model", 0.5, tmp_path / "merged")).state_dict()
     for name in saved:
         assert torch.allclose(merged[name], (one_weights[name] + two_weights[name]) / 2, atol=1e-6), name
-    assert len(one["logs"]) == len(two["logs"]) == 3
-    for a, b in zip(one["logs"], two["logs"]):
-        for key in ("loss", "loss_task", "loss_kd", "loss_feature"):
+    assert len(one["logs"]) == 3
+
+
+@pytest.mark.parametrize("config", ["zero2", "zero3"])
+def test_weight_penalties_under_zero_match_one_process(config, zero_penalties, one_process_penalties):
+    """Same weights and whole-model L1 / L2 / EWC values; the same gradient norm, so the penalties'
+    gradients are clipped with the task gradient (max_grad_norm 1 < the norm) as in one process."""
+    one, two = assert_same_run(one_process_penalties, zero_penalties(config), (*PENALTIES, "grad_norm"))
+    assert len(one["logs"]) == 4 and one["logs"][-1]["loss_ewc"] > 0
+    assert_halved(one, two, "weights")  # the anchor: about half of the one-process snapshot per rank
+    assert_halved(one, two, "fisher")
+    assert one["fisher_estimated"] and two["fisher_estimated"]
+
+
+@pytest.mark.parametrize("config", ["zero2", "zero3"])
+def test_decoupled_l2_under_zero_matches_one_process(config, one_process_decoupled, tmp_path):
+    launched(tmp_path, "l2d", config, "--steps", "4")
+    one, two = assert_same_run(one_process_decoupled, tmp_path, ("loss", "loss_task", "l2_distance"))
+    assert "loss_l2" not in one["logs"][0] and one["logs"][0]["l2_distance"] > 0
+    assert_halved(one, two, "weights")
+
+
+def test_zero3_resume_continues_to_the_uninterrupted_weights(zero_penalties, tmp_path):
+    """Resumed from the step-2 checkpoint in a fresh launch: the per-rank Fisher comes from the
+    checkpoint (not re-estimated at the trained weights) and the run ends where the uninterrupted
+    one did. The resumed launch loads the model partitioned (zero.Init), so its anchor is never
+    whole on a rank and is sliced from each weight's partition."""
+    full_dir = zero_penalties("zero3")
+    checkpoint = full_dir / "checkpoint-2"
+    assert sorted(p.name for p in checkpoint.glob("specgen_regularizers*")) == [
+        "specgen_regularizers.rank0-of-2.safetensors",
+        "specgen_regularizers.rank1-of-2.safetensors",
+    ]
+    launched(tmp_path, "l1,l2,ewc", "zero3", "--steps", "4", "--resume", str(checkpoint), "--zero-init")
+    (full_weights, full), (resumed_weights, resumed) = result(full_dir), result(tmp_path)
+    assert not resumed["fisher_estimated"]
+    assert resumed["anchor_at_start"] == full["anchor_memory"][0]["weights"]  # half from the start
+    for name, weight in full_weights.items():
+        assert torch.allclose(weight, resumed_weights[name], atol=1e-6), name
+    for a, b in zip(full["logs"][2:], resumed["logs"][2:]):
+        for key in PENALTIES:
             assert a[key] == pytest.approx(b[key], rel=1e-5), key
 
 
-def test_weight_penalties_are_refused_under_deepspeed(tmp_path):
-    run = launch(tmp_path, "l2", "zero3")
-    assert run.returncode != 0
-    assert "l1_lambda, l2_lambda and ewc_lambda are not supported under DeepSpeed yet" in run.stderr
-    assert not (tmp_path / "weights.pt").exists()
+def test_zero3_cpu_offload_matches_one_process(tmp_path_factory):
+    """ZeRO-3 with parameters and optimizer state in CPU memory, stepped by DeepSpeed's CPU Adam (on a
+    GPU the local API hands out copies of these partitions, written back): L1, EWC and decoupled L2
+    together, against torch's AdamW in one process."""
+    options = ("--steps", "4", "--optim", "adamw_torch")
+    one_dir = launched(tmp_path_factory.mktemp("one_adamw"), "l1,l2d,ewc", None, *options)
+    two_dir = launched(tmp_path_factory.mktemp("zero3_offload"), "l1,l2d,ewc", "zero3_offload", *options)
+    one, two = assert_same_run(one_dir, two_dir, ("loss", "loss_task", "loss_l1", "loss_ewc", "l2_distance"))
+    assert_halved(one, two, "weights")
+
+
+def test_deepspeed_json_in_training_arguments_matches_one_process(one_process_penalties, tmp_path):
+    """`TrainingArguments(deepspeed="recipes/deepspeed/zero2.json")` under torchrun, "auto" values filled by the
+    Trainer; 2 micro-batches of 1 row per step on each rank: the penalties still count once per step."""
+    config = str(ROOT / "recipes" / "deepspeed" / "zero2.json")
+    launched(tmp_path, "l1,l2,ewc", "torchrun", "--steps", "4", "--accumulation", "2", "--deepspeed", config)
+    one, two = assert_same_run(one_process_penalties, tmp_path, PENALTIES)
+    assert_halved(one, two, "weights")

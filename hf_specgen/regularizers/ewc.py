@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -31,16 +31,36 @@ def estimate_fisher(
     Dividing by the number of supervised tokens `n_x` puts F on the scale of the curvature of the
     task loss, which is a per-token mean. Computed and stored in float32 on `device` (default: each
     weight's device); the model is run in eval mode and gradients go to no `.grad`.
+
+    Each weight's gradient is squared into its Fisher in a hook as soon as backward produces it,
+    and only the part its delta regularizes is kept (`WeightDelta.local_gradient`): under ZeRO-3,
+    where each layer is gathered for its forward and backward only, no whole-model gradient is
+    ever held and each rank stores the slice of F it owns.
     """
     params = [d.fisher_parameter() for d in deltas]
     requires_grad = [p.requires_grad for p in params]
-    fisher = [torch.zeros(p.shape, dtype=torch.float32, device=device or p.device) for p in params]
+    fisher = [
+        torch.zeros(d.local_shape, dtype=torch.float32, device=device or p.device) for d, p in zip(deltas, params)
+    ]
+    weight = [0.0]  # 1 / n_x of the example being differentiated
+
+    def square_into(delta: WeightDelta, acc: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        def hook(grad: torch.Tensor) -> torch.Tensor:
+            local = delta.local_gradient(grad).to(acc.device, torch.float32)
+            acc.addcmul_(local, local, value=weight[0])
+            # what autograd.grad returns is unused: a broadcast zero, which takes no memory
+            return torch.zeros((), dtype=grad.dtype, device=grad.device).expand(grad.shape)
+
+        return hook
+
     was_training = model.training
     model.eval()
     count = 0
+    hooks = []
     try:
         for p in params:
             p.requires_grad_(True)
+        hooks = [p.register_hook(square_into(d, acc)) for d, p, acc in zip(deltas, params, fisher)]
         for example in examples:
             labels = example.get("labels")
             outputs = model(**{k: v for k, v in example.items() if k != "labels"})
@@ -55,15 +75,13 @@ def estimate_fisher(
                 targets = _sample(log_probs.detach(), generator)
             elif targets is None:
                 raise ValueError("ewc_fisher='empirical' needs labels in the training examples")
-            n_tokens = max(targets.numel(), 1)
+            weight[0] = 1.0 / max(targets.numel(), 1)
             score = log_probs.gather(-1, targets.unsqueeze(-1)).sum()
-            grads = torch.autograd.grad(score, params, allow_unused=True)
-            for acc, grad in zip(fisher, grads):
-                if grad is not None:
-                    grad = grad.to(acc.device, torch.float32)
-                    acc.addcmul_(grad, grad, value=1.0 / n_tokens)
+            torch.autograd.grad(score, params, allow_unused=True)
             count += 1
     finally:
+        for handle in hooks:
+            handle.remove()
         for p, flag in zip(params, requires_grad):
             p.requires_grad_(flag)
         model.train(was_training)

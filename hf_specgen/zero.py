@@ -1,0 +1,189 @@
+"""The weight terms (L1, L2-SP, EWC) under DeepSpeed ZeRO, on each rank's own partition.
+
+ZeRO keeps the fp32 master weights and the averaged gradients partitioned: ZeRO-1/2 split one
+flat buffer per parameter group across the ranks (a weight may straddle two), ZeRO-3 splits every
+weight. Each rank therefore regularizes only the elements it owns, as a `ShardDelta`: its slice
+of the master weight minus the same slice of the anchor, with the penalty's gradient written into
+its slice of the averaged gradient. The terms are elementwise, so the slices together are the
+whole model's term: nothing is gathered, and the anchor and the Fisher cost 1/world per rank.
+
+When: DeepSpeed's engine steps inside `accelerator.backward`, too late for a Trainer callback,
+and a gradient added before the averaging across ranks would come out 1/world too small. So the
+penalty runs first thing in the ZeRO optimizer's `step`: after the averaging, before the global
+norm is taken and clipped, at the loss scale of the gradients (fp16), once per optimizer step.
+Decoupled decay hooks the wrapped torch optimizer instead, like in one process, and finds its
+slices through the flat fp32 partition that optimizer steps.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from .anchor import DenseDelta, WeightDelta
+
+
+class Partition:
+    """One weight's slice on this rank: elements `[start, start + numel)` of the flattened weight."""
+
+    start: int
+    numel: int
+    flat: torch.Tensor  # the fp32 buffer the wrapped torch optimizer steps, which holds the slice
+
+    def master(self) -> torch.Tensor:
+        """The slice of the fp32 master weight (a copy under CPU offload: write with `add_to_master_`)."""
+        raise NotImplementedError
+
+    def add_to_master_(self, value: torch.Tensor, alpha: float) -> None:
+        raise NotImplementedError
+
+    def add_to_grad_(self, value: torch.Tensor, alpha: float) -> None:
+        """Adds to the slice of the averaged gradient (between backward and the optimizer step)."""
+        raise NotImplementedError
+
+
+class Zero3Partition(Partition):
+    """Through DeepSpeed's local API: each weight's `ds_tensor` partition, padded on the last rank."""
+
+    def __init__(self, param: torch.nn.Parameter, optimizer: Any) -> None:
+        from deepspeed.utils import (
+            safe_get_local_fp32_param,
+            safe_get_local_grad,
+            safe_set_local_fp32_param,
+            safe_set_local_grad,
+        )
+
+        self.param = param
+        size = param.ds_tensor.ds_numel
+        self.start = size * dist.get_rank(group=param.ds_process_group)
+        self.numel = max(0, min(size, param.ds_numel - self.start))  # the padding is no weight
+        self.flat = optimizer.fp32_partitioned_groups_flat[optimizer.grad_position[optimizer.get_param_id(param)][0]]
+        self._get_master, self._set_master = safe_get_local_fp32_param, safe_set_local_fp32_param
+        self._get_grad, self._set_grad = safe_get_local_grad, safe_set_local_grad
+
+    def master(self) -> torch.Tensor:
+        return self._get_master(self.param)[: self.numel]
+
+    def add_to_master_(self, value: torch.Tensor, alpha: float) -> None:
+        _add_through(self._get_master, self._set_master, self.param, self.numel, value, alpha)
+
+    def add_to_grad_(self, value: torch.Tensor, alpha: float) -> None:
+        _add_through(self._get_grad, self._set_grad, self.param, self.numel, value, alpha)
+
+
+class Zero12Partition(Partition):
+    """Through the fragment map ZeRO-1/2 keep on each weight (`_hp_mapping`, what DeepSpeed's
+    `safe_get_full_*` read): the part of the weight inside this rank's flat fp32 partition."""
+
+    def __init__(self, param: torch.nn.Parameter, optimizer: Any) -> None:
+        self.param = param
+        mapping = param._hp_mapping
+        self.start, self.numel = mapping.lp_fragment_address.start, mapping.lp_fragment_address.numel
+        self.flat = optimizer.single_partition_of_fp32_groups[mapping.param_group_index]
+
+    def master(self) -> torch.Tensor:
+        return self.param._hp_mapping.hp_fragment  # looked up each time: offloading states relinks it
+
+    def add_to_master_(self, value: torch.Tensor, alpha: float) -> None:
+        self.master().add_(value.to(self.flat.device), alpha=alpha)
+
+    def add_to_grad_(self, value: torch.Tensor, alpha: float) -> None:
+        grad = self.param._hp_mapping.get_lp_grad_fragment(self.param._index_in_param_group).view(-1)
+        if grad.numel() == self.param.numel():  # a whole-weight accumulation buffer (bf16): our fragment of it
+            grad = grad.narrow(0, self.start, self.numel)
+        grad.add_(value.to(grad.device, grad.dtype), alpha=alpha)
+
+
+def _add_through(
+    get: Callable, set_: Callable, param: torch.nn.Parameter, numel: int, value: torch.Tensor, alpha: float
+) -> None:
+    """Adds `alpha * value` to the first `numel` elements of a ZeRO-3 partition read with `get`."""
+    partition = get(param)  # a view, or a copy under offload: written back either way
+    partition[:numel].add_(value.to(partition.device, partition.dtype), alpha=alpha)
+    set_(param, partition)
+
+
+class ShardDelta(DenseDelta):
+    """`theta - theta_pre` on this rank's slice of one weight, flat: ZeRO's fp32 master slice minus
+    the anchor's slice; its gradient goes into ZeRO's averaged gradient slice."""
+
+    def __init__(self, delta: DenseDelta, partition: Partition) -> None:
+        super().__init__(delta.name, delta.param, _local_anchor(delta.reference, partition), owned=True)
+        self.partition = partition
+
+    def delta(self) -> torch.Tensor:
+        master = self.partition.master()
+        return master.float() - self.reference.to(master.device, torch.float32)
+
+    @torch.no_grad()
+    def add_grad_(self, grad_delta: torch.Tensor, alpha: float) -> None:
+        self.partition.add_to_grad_(grad_delta, alpha)
+
+    @property
+    def local_shape(self) -> torch.Size:
+        return torch.Size([self.partition.numel])
+
+    def local_gradient(self, grad: torch.Tensor) -> torch.Tensor:
+        return grad.reshape(-1).narrow(0, self.partition.start, self.partition.numel)
+
+    @torch.no_grad()
+    def decay_(self, factor: float) -> torch.Tensor:
+        delta = self.delta()
+        self.partition.add_to_master_(delta, -factor)
+        return torch.dot(delta, delta)
+
+
+def _local_anchor(reference: torch.Tensor, partition: Partition) -> torch.Tensor:
+    """This rank's slice of the anchor, copied out of a whole snapshot (which can then be freed)."""
+    flat = reference.reshape(-1)
+    if flat.numel() == partition.numel:  # already this rank's slice (a rebind), or the whole weight is ours
+        return flat
+    held_is_partition = isinstance(partition, Zero3Partition) and flat.numel() == partition.param.ds_tensor.ds_numel
+    start = 0 if held_is_partition else partition.start  # snapshot of a model built partitioned (`zero.Init`)
+    return flat.narrow(0, start, partition.numel).clone()
+
+
+def shard_deltas(deltas: Sequence[DenseDelta], optimizer: Any) -> list[ShardDelta]:
+    """Each dense delta's slice on this rank (none where the rank owns no element of the weight)."""
+    stage3 = hasattr(optimizer, "fp32_partitioned_groups_flat")
+    if not stage3 and not hasattr(optimizer, "single_partition_of_fp32_groups"):
+        raise ValueError(
+            "l1_lambda, l2_lambda and ewc_lambda under DeepSpeed work with its ZeRO stage 1/2 and stage 3 "
+            f"optimizers, not with a {type(optimizer).__name__}"
+        )
+    shards = []
+    for d in deltas:
+        if stage3:
+            partition: Partition = Zero3Partition(d.param, optimizer)
+        elif getattr(d.param, "_hp_mapping", None) is not None:
+            partition = Zero12Partition(d.param, optimizer)
+        else:
+            continue  # ZeRO-1/2: no element of this weight is in this rank's partition
+        if partition.numel > 0:
+            shards.append(ShardDelta(d, partition))
+    return shards
+
+
+def step_targets(deltas: Sequence[ShardDelta]) -> dict[int, list[WeightDelta]]:
+    """The slices each flat fp32 partition holds, by `id` of the tensor the torch optimizer steps."""
+    targets: dict[int, list[WeightDelta]] = {}
+    for d in deltas:
+        targets.setdefault(id(d.partition.flat), []).append(d)
+    return targets
+
+
+def before_zero_step(optimizer: Any, hook: Callable[[float], None]) -> None:
+    """Calls `hook(loss_scale)` at the start of each step of the ZeRO optimizer `optimizer`: the
+    gradients are averaged and partitioned, their norm not yet taken nor clipped."""
+    step = optimizer.step
+
+    @functools.wraps(step)
+    def step_after_hook(*args: Any, **kwargs: Any) -> Any:
+        hook(float(getattr(optimizer, "loss_scale", 1.0)))
+        return step(*args, **kwargs)
+
+    optimizer.step = step_after_hook
