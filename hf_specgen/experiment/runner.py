@@ -32,6 +32,7 @@ from .config import ConfigError
 from .methods import Method, parse_methods
 from .recipe import ExperimentArguments, Recipe
 
+TRAINING_LOG = "specgen_training.json"  # beside the fine-tuned model
 # Training arguments that do not change a run's results (where it logs, saves or is launched).
 _NOT_IN_KEY = {
     "output_dir", "logging_dir", "logging_strategy", "logging_steps", "logging_first_step", "report_to",
@@ -138,12 +139,15 @@ class _Run:
         start = time.perf_counter()
         result = trainer.train(resume_from_checkpoint=checkpoint)
         partial = self.directory / "finetuned.partial"
+        if state.is_main_process and partial.exists():  # left by a save that was interrupted
+            shutil.rmtree(partial)
+        state.wait_for_everyone()
         trainer.save_model(str(partial))  # every process: ZeRO-3 gathers the weights to write them
         if state.is_main_process:
             processor.save_pretrained(partial)
             metrics = {"train_s": round(time.perf_counter() - start, 1), "steps": result.global_step,
                        "train_loss": result.training_loss, "resumed_from": checkpoint}  # fmt: skip
-            (partial / "specgen_training.json").write_text(json.dumps(metrics, indent=2))
+            (partial / TRAINING_LOG).write_text(json.dumps(metrics, indent=2))
             partial.rename(self.finetuned)
             shutil.rmtree(args.output_dir, ignore_errors=True)  # its checkpoints were for resuming only
         state.wait_for_everyone()
@@ -169,7 +173,7 @@ class _Run:
         models = dict(direct)
         if to_merge:
             models.update(wise_ft_sweep(self.recipe.pretrained, self.finetuned, to_merge, merged_root, overwrite=True))
-        training = json.loads((self.finetuned / "specgen_training.json").read_text())
+        training = self.training_log()
         hyperparameter, value = self.method.hyperparameter(self.base, self.experiment.lora_r)
         for alpha in missing:
             start = time.perf_counter()
@@ -183,8 +187,12 @@ class _Run:
         if merged_root.is_dir() and not self.experiment.keep_merged_models:
             shutil.rmtree(merged_root)
 
+    def training_log(self) -> dict[str, Any]:
+        """What `train` measured: seconds, optimizer steps, final loss, the checkpoint it resumed from."""
+        return json.loads((self.finetuned / TRAINING_LOG).read_text())
+
     def summarize(self, records: list[ResultRecord]) -> None:
-        training = json.loads((self.finetuned / "specgen_training.json").read_text())
+        training = self.training_log()
         points = " | ".join(f"alpha {r.alpha:g}: {r.speciality_score:.3f} / {r.generality_score:.3f}" for r in records)
         print(f"[{self.recipe.name}] {self.method.name}: {training['steps']} steps in {training['train_s']:.0f} s; "
               f"speciality / generality {points}", flush=True)  # fmt: skip
