@@ -219,3 +219,13 @@ def test_combine_reports_one_section_per_report_with_its_own_plot(tmp_path, tabl
     with pytest.raises(ValueError, match="holds no report.json"):
         report.combine_reports([tmp_path / "demo" / "lm", tmp_path / "missing"], tmp_path / "other")
     assert not (tmp_path / "other").exists()
+
+
+def test_directories_skip_reports_and_model_directories(tmp_path, table_records):
+    run = tmp_path / "runs" / "full"
+    (run / "finetuned").mkdir(parents=True)
+    (run / "finetuned" / "config.json").write_text('{"model_type": "opt"}')
+    (run / "finetuned" / "tokenizer_config.json").write_text("{}")
+    table_records[0].save(run / "records" / "alpha-1.json")
+    write_report(table_records, tmp_path / "runs")
+    assert load_records(tmp_path / "runs") == [table_records[0]]

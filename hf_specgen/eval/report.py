@@ -145,13 +145,13 @@ def _record(data: Any, where: str) -> ResultRecord:
 
 def load_records(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> list[ResultRecord]:
     """Records from JSON files (one record or a list of records each) and directories (every
-    `*.json` below but `report.json`, recursively, in sorted order), in the order given."""
+    `*.json` below, recursively, in sorted order, but `report.json` and what lies in model
+    directories), in the order given."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     records = []
     for path in map(Path, paths):
-        # a directory's report.json is a report of records, not one: re-reporting a results tree works
-        files = sorted(p for p in path.rglob("*.json") if p.is_file() and p.name != _PATHS["json"]) if path.is_dir() else [path]
+        files = sorted(p for p in path.rglob("*.json") if _may_be_record(p)) if path.is_dir() else [path]
         if not files:
             raise ValueError(f"{path}: directory holds no *.json files")
         for file in files:
@@ -161,6 +161,13 @@ def load_records(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> list
             else:
                 records.append(_record(data, str(file)))
     return records
+
+
+def _may_be_record(path: Path) -> bool:
+    """Not a report (a report of records, so re-reporting a results tree works) nor a file of a
+    model directory (config.json, tokenizer files, ... of the models a recipe's runs keep)."""
+    in_model_directory = any(p.is_file() for p in (path.parent / "config.json", path.parent / "adapter_config.json"))
+    return path.is_file() and path.name != _PATHS["json"] and not in_model_directory
 
 
 def _dominates(a: ResultRecord, b: ResultRecord) -> bool:
@@ -219,18 +226,26 @@ def _is_reference(record: ResultRecord) -> bool:
 
 
 def plot(records: Sequence[ResultRecord], path: str | os.PathLike, title: str = DEFAULT_TITLE) -> Path:
-    """PNG of generality against speciality: one curve per method in order of strength and alpha,
-    the pre-trained point as a star, the Pareto front as a dashed staircase with ringed points.
+    """PNG of generality against speciality: one curve per method in order of strength and alpha
+    (points marked with their alpha when the method has one strength, given in the legend), the
+    pre-trained point as a star, the Pareto front as a dashed staircase with ringed points.
 
     Drawn on a bare `Figure` (Agg), so it needs no display and leaves pyplot's state alone."""
     figure = Figure(figsize=(7, 5), layout="constrained")
     ax = figure.add_subplot()
     methods = dict.fromkeys(r.method for r in sorted(records, key=_order) if r.method not in REFERENCE_METHODS)
+    origin = [r for r in records if r.method in REFERENCE_METHODS][:1]  # alpha 0 of every WiSE-FT curve
     for method in methods:
         curve = sorted((r for r in records if r.method == method), key=_order)
-        ax.plot([r.speciality_score for r in curve], [r.generality_score for r in curve], marker="o", label=method)
+        line = origin + curve if all(r.alpha is not None for r in curve) else curve
+        strengths = {(r.hyperparameter, r.value) for r in curve}
+        label, annotate = method, (lambda r: r.setting)
+        if len(strengths) == 1 and all(r.alpha is not None for r in curve):  # one strength: in the legend; alphas on the points
+            (name, value), annotate = strengths.pop(), (lambda r: f"{r.alpha:g}")
+            label = f"{method} ({name}={value:g})" if name is not None else method
+        ax.plot([r.speciality_score for r in line], [r.generality_score for r in line], marker="o", label=label, markevery=slice(len(line) - len(curve), None))
         for r in curve:
-            ax.annotate(r.setting, (r.speciality_score, r.generality_score), xytext=(4, 4),
+            ax.annotate(annotate(r), (r.speciality_score, r.generality_score), xytext=(4, 4),
                         textcoords="offset points", fontsize=7)  # fmt: skip
     references = [r for r in records if _is_reference(r)]
     if references:
