@@ -27,7 +27,7 @@ from transformers import CLIPModel, CLIPProcessor
 
 from hf_specgen import SpecGenTrainer, SpecGenTrainingArguments
 from hf_specgen.data.image_classification import ClassPromptCollator, class_prompt_loss, freeze_text_tower
-from hf_specgen.eval.clip import domain_accuracies
+from hf_specgen.eval.clip import accuracy, zero_shot_head
 from hf_specgen.experiment import ConfigError, Recipe, check_model, load_split
 
 TEMPLATES = [
@@ -150,7 +150,8 @@ class ClipImageNet(Recipe):
         o = self.options
         return {
             role: {
-                name: domain_accuracies(model, processor, {name: data}, names, o.templates, o.eval_batch_size)[name]
+                name: accuracy(model, processor, data, zero_shot_head(model, processor, names, o.templates),
+                               o.eval_batch_size, o.image_column, o.label_column)  # fmt: skip
                 for name, (data, names) in sets.items()
             }
             for role, sets in self._sets.items()

@@ -22,7 +22,8 @@ from hf_specgen import SpecGenTrainingArguments
 from hf_specgen.eval.report import ResultRecord, best_generality
 from hf_specgen.experiment import ConfigError, ExperimentArguments, Method, parse_config, parse_methods, run_experiment
 from hf_specgen.merge import wise_ft
-from hf_specgen.tiny import GENERAL_TASKS, lm_path
+from hf_specgen.tiny import GENERAL_TASKS, clip_path, lm_path
+from hf_specgen.tiny.names import tiny_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "recipes" / "configs"
@@ -281,6 +282,23 @@ def test_clip_class_names_from_labels_ids_and_indices():
     assert module.class_names(labelled("0", "2"), "label", {}, fallback=["tench", "goldfish", "shark"]) == ["tench", "shark"]
     assert module.parse_set("v2=data/imagenet-v2") == ("v2", "data/imagenet-v2", "test")
     assert module.parse_set("val=ILSVRC/imagenet-1k:validation") == ("val", "ILSVRC/imagenet-1k", "validation")
+
+
+def test_clip_evaluation_reads_the_configured_columns():
+    module = load_recipe("clip_imagenet")
+    photos = tiny_dataset("hf_specgen/tiny-domains/photo", "test").select(range(30))
+    names = module.class_names(photos, "label", {})
+
+    def scores(image_column: str, label_column: str) -> dict:
+        options = module.ImageClassificationArguments(image_column=image_column, label_column=label_column,
+                                                      templates=["a photo of a {}."])  # fmt: skip
+        recipe = module.ClipImageNet(options, seed=0)
+        data = photos.rename_columns({"image": image_column, "label": label_column})
+        recipe._sets = {"speciality": {"photo": (data, names)}, "generality": {"photo_again": (data, names)}}
+        return recipe.evaluate(clip_path())
+
+    default, renamed = scores("image", "label"), scores("img", "y")
+    assert renamed == default and 0.0 < default["speciality"]["photo"] <= 1.0
 
 
 def test_clip_recipe_refuses_a_malformed_evaluation_set(tmp_path):
