@@ -22,11 +22,9 @@ from typing import Any
 from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq
 
 from hf_specgen import SpecGenTrainer, SpecGenTrainingArguments
-from hf_specgen.data.medmcqa import COLUMNS, tokenize_for_training
+from hf_specgen.data.medmcqa import TRAINING_COLUMNS, tokenize_for_training
 from hf_specgen.eval.suites import LM_SUITES, check_suites, evaluate_suites
 from hf_specgen.experiment import Recipe, check_model, load_split
-
-TRAINING_COLUMNS = [c for c in COLUMNS if c in ("question", "opa", "opb", "opc", "opd", "cop")]
 
 
 @dataclass

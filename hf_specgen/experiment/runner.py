@@ -76,7 +76,7 @@ def _key(*parts: Any) -> str:
 
 def _reference(recipe: Recipe, root: Path, state: PartialState) -> ResultRecord:
     """The pre-trained model's scores (every method's alpha = 0), evaluated once."""
-    key = _key(recipe.fingerprint()["model"], recipe.eval_fingerprint())
+    key = _key(recipe.options.model_name_or_path, recipe.eval_fingerprint())
     path = root / "runs" / recipe.reference_method / f"records-{key}" / "record.json"
     if state.is_main_process and not path.is_file():
         start = time.perf_counter()
