@@ -29,7 +29,6 @@ def parse_config(dataclass_types: Sequence[type], argv: Sequence[str] | None = N
 
     `--push-to-hub REPO_ID` is accepted as a shorthand for `--push_to_hub --hub_model_id REPO_ID`.
     """
-
     parser = HfArgumentParser(dataclass_types)
     parser.add_argument("--config", type=Path, help="YAML preset; command-line arguments override it")
     argv = _hub_shorthand(list(sys.argv[1:] if argv is None else argv))
