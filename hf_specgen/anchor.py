@@ -337,10 +337,13 @@ class Teacher:
         elif is_peft_model(model):
             check_adapters_disable_to_base(model)
             return cls(model, adapters_disabled=True)
+        elif is_partitioned(model):
+            frozen = partitioned_copy(model)
         else:
             frozen = copy.deepcopy(model)
-        first = next(frozen.parameters())
-        frozen.to(device=resolve_device(device, first), dtype=resolve_dtype(dtype, first))
+        if not is_partitioned(frozen):  # a partitioned copy keeps the model's dtype and DeepSpeed's placement
+            first = next(frozen.parameters())
+            frozen.to(device=resolve_device(device, first), dtype=resolve_dtype(dtype, first))
         frozen.eval().requires_grad_(False)
         return cls(frozen, adapters_disabled=False)
 
@@ -392,6 +395,29 @@ class Teacher:
         moved = {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items() if k != "labels"}
         with self.mode() as module:
             return module(**moved)
+
+
+def is_partitioned(model: nn.Module) -> bool:
+    """Whether `model` was built partitioned by ZeRO-3 (`deepspeed.zero.Init`, as `from_pretrained`
+    builds it once `TrainingArguments` enabled ZeRO-3): its parameters are empty outside a forward."""
+    return any(hasattr(p, "ds_id") for p in model.parameters())
+
+
+def partitioned_copy(model: nn.Module) -> nn.Module:
+    """A copy of a partitioned model, partitioned the same way: the architecture built again under
+    `zero.Init`, each rank copying its own partitions (nothing gathered, 1/world of the model per
+    rank). A deep copy would duplicate DeepSpeed's bookkeeping, not the weights."""
+    frozen = type(model)._from_config(model.config, dtype=next(model.parameters()).ds_tensor.dtype)
+    if not is_partitioned(frozen):
+        raise RuntimeError("copying a ZeRO-3 partitioned model needs the DeepSpeed configuration alive (TrainingArguments)")
+    pairs = [*zip(model.parameters(), frozen.parameters()), *zip(model.buffers(), frozen.buffers())]
+    with torch.no_grad():
+        for source, target in pairs:
+            if hasattr(source, "ds_id"):
+                target.ds_tensor.copy_(source.ds_tensor)
+            else:
+                target.copy_(source)
+    return frozen
 
 
 def local_numel(parameter: torch.Tensor) -> int:

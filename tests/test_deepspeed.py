@@ -105,11 +105,13 @@ def zero_penalties(tmp_path_factory):
     return run
 
 
-@pytest.mark.parametrize("config", ["zero2", "zero3"])
-def test_distillation_terms_under_zero_match_one_process(config, one_process, tmp_path):
+@pytest.mark.parametrize(("config", "options"), [("zero2", ()), ("zero3", ()), ("zero3", ("--zero-init",))])
+def test_distillation_terms_under_zero_match_one_process(config, options, one_process, tmp_path):
     """KD and feature protection, with L1 beside them: its anchor is the teacher's copy of the weights
-    in one process, and under ZeRO this rank's slice of it, taken before the teacher is partitioned."""
-    launched(tmp_path, "kd,feature,l1", config)
+    in one process, and under ZeRO this rank's slice of it, taken before the teacher is partitioned.
+    With `--zero-init` the model is loaded partitioned, as `from_pretrained` loads it once
+    TrainingArguments enabled ZeRO-3: the teacher is then a partitioned copy made partition by partition."""
+    launched(tmp_path, "kd,feature,l1", config, *options)
     one_dir = one_process / "model"
     one, two = assert_same_run(one_process, tmp_path, ("loss", "loss_task", "loss_kd", "loss_feature", "loss_l1"))
     one_weights, two_weights = result(one_process)[0], result(tmp_path)[0]
