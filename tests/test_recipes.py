@@ -27,11 +27,13 @@ from hf_specgen.tiny.names import tiny_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "recipes" / "configs"
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
 
-def launcher(processes: int) -> list[str]:
-    return [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", str(processes), "--num_machines", "1",
-            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]  # fmt: skip
+def launcher(processes: int, config: str | None = None) -> list[str]:
+    """`accelerate launch` on CPU, or with one of the recipes' Accelerate configs (`config`)."""
+    machine = ["--config_file", str(ROOT / "recipes" / "accelerate" / f"{config}.yaml")] if config else [
+        "--cpu", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
+    return [sys.executable, "-m", "accelerate.commands.launch", *machine, "--num_processes", str(processes), "--main_process_port", "0"]
 
 
 LM_ARGS = ["--config", str(CONFIGS / "galactica_med_tiny.yaml"), "--methods", "full", "l2", "--alphas", "0", "0.5", "1",
@@ -46,9 +48,9 @@ def load_recipe(name: str):
     return module
 
 
-def launch(script: str, output_dir: Path, *args: str, processes: int = 1) -> str:
-    run = subprocess.run([*launcher(processes), str(ROOT / "recipes" / script), "--output_dir", str(output_dir), *args],
-                         env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=900)  # fmt: skip
+def launch(script: str, output_dir: Path, *args: str, processes: int = 1, config: str | None = None) -> str:
+    run = subprocess.run([*launcher(processes, config), str(ROOT / "recipes" / script), "--output_dir", str(output_dir), *args],
+                         env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert run.returncode == 0, run.stderr[-4000:]
     return run.stdout
 
@@ -118,6 +120,24 @@ def test_lm_recipe_on_two_processes_trains_together_and_scores_once(tmp_path):
     assert json.loads((finetuned / "specgen_training.json").read_text())["steps"] == 2
     report = json.loads((tmp_path / "ddp" / "report.json").read_text())
     assert [(r["method"], r["alpha"]) for r in report["records"]] == [("pre-trained", None), ("full", 1.0)]
+
+
+def test_lm_recipe_under_zero3_partitions_training_and_scores_on_one_process(tmp_path):
+    """ZeRO-3 on 2 processes: the model loads partitioned (zero.Init), L2 works on each rank's
+    partition, KD's teacher is a partitioned copy, and the main process loads whole models to merge
+    and score while the other waits (a partitioned load there would be a collective it never joins)."""
+    stdout = launch("galactica_med.py", tmp_path / "z3", "--config", str(CONFIGS / "galactica_med_tiny.yaml"),
+                    "--methods", "l2", "kd", "--alphas", "0.5", "1", "--max_steps", "2", "--eval_limit", "4",
+                    "--disable_tqdm", "true", processes=2, config="zero3")  # fmt: skip
+    assert [line.split(":")[0] for line in stdout.splitlines() if line.startswith("[galactica_med] ")] == [
+        "[galactica_med] pre-trained", "[galactica_med] l2", "[galactica_med] kd"]
+    pretrained = load_file(lm_path() / "model.safetensors")
+    for method in ("l2", "kd"):
+        (finetuned,) = run_files(tmp_path / "z3", f"{method}-*/finetuned")
+        weights = load_file(finetuned / "model.safetensors")  # consolidated from the partitions
+        assert weights.keys() == pretrained.keys() and any(not torch.equal(weights[k], v) for k, v in pretrained.items())
+    report = json.loads((tmp_path / "z3" / "report.json").read_text())
+    assert len(report["records"]) == 5
 
 
 def test_clip_recipe_through_accelerate_launch(tmp_path):

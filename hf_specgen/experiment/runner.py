@@ -11,12 +11,14 @@ run on the main process while the others wait.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import hashlib
 import json
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -65,9 +67,27 @@ def run_experiment(
         title = experiment.report_title or f"{recipe.name}: {DEFAULT_TITLE.lower()}"
         write_report(records, root, title=title, keep=experiment.keep_speciality)
         if base.push_to_hub:
-            publish(records, runs, experiment.keep_speciality, base, hub_api)
+            with _one_process_models():
+                publish(records, runs, experiment.keep_speciality, base, hub_api)
     state.wait_for_everyone()
     return records
+
+
+@contextlib.contextmanager
+def _one_process_models() -> Iterator[None]:
+    """Models the main process loads alone (to merge or score) are loaded whole: under ZeRO-3,
+    `from_pretrained` would otherwise enter `deepspeed.zero.Init`, a collective that the waiting
+    processes never join."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    reference = hf_deepspeed._hf_deepspeed_config_weak_ref
+    config = reference() if reference is not None else None
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        if config is not None:
+            hf_deepspeed.set_hf_deepspeed_config(config)
 
 
 def _key(*parts: Any) -> str:
@@ -80,7 +100,8 @@ def _reference(recipe: Recipe, root: Path, state: PartialState) -> ResultRecord:
     path = root / "runs" / recipe.reference_method / f"records-{key}" / "record.json"
     if state.is_main_process and not path.is_file():
         start = time.perf_counter()
-        scores = recipe.evaluate(Path(recipe.pretrained))
+        with _one_process_models():
+            scores = recipe.evaluate(Path(recipe.pretrained))
         cost = {"eval_s": round(time.perf_counter() - start, 1)}
         ResultRecord(method=recipe.reference_method, cost=cost, model=recipe.pretrained, **scores).save(path)
     state.wait_for_everyone()
@@ -119,7 +140,8 @@ class _Run:
         if not self.finetuned.is_dir():
             self.train(state)
         if state.is_main_process:
-            self.score_merges()
+            with _one_process_models():
+                self.score_merges()
         state.wait_for_everyone()
         records = [ResultRecord.load(self.record_path(a)) for a in self.alphas]
         if state.is_main_process:
