@@ -113,19 +113,19 @@ class ClipImageNet(Recipe):
     def __init__(self, options: ImageClassificationArguments, seed: int) -> None:
         super().__init__(options, seed)
         self._sets: dict[str, dict[str, tuple[datasets.Dataset, list[str]]]] = {}  # role -> name -> (set, class names)
-        self._readable: dict[str, str] = {}
+        self._train_names: list[str] = []
 
     def prepare(self) -> None:
         o = self.options
         self.pretrained = check_model(o.model_name_or_path)
         self.train_data = self._load(o.train_dataset, o.train_split, o.max_train_samples)
-        self._readable = readable_names(o.class_names_file)
-        train_names = class_names(self.train_data, o.label_column, self._readable)
+        readable = readable_names(o.class_names_file)
+        self._train_names = class_names(self.train_data, o.label_column, readable)
         for role, specs in (("speciality", o.speciality_sets), ("generality", o.generality_sets)):
             self._sets[role] = {}
             for name, source, split in map(parse_set, specs):
                 data = self._load(source, split, o.eval_max_samples)
-                self._sets[role][name] = (data, class_names(data, o.label_column, self._readable, fallback=train_names))
+                self._sets[role][name] = (data, class_names(data, o.label_column, readable, fallback=self._train_names))
 
     def _load(self, source: str, split: str, max_samples: int | None) -> datasets.Dataset:
         o = self.options
@@ -138,7 +138,7 @@ class ClipImageNet(Recipe):
 
     def build_trainer(self, model: Any, processor: Any, args: SpecGenTrainingArguments) -> SpecGenTrainer:
         o = self.options
-        prompts = [o.templates[0].format(n) for n in class_names(self.train_data, o.label_column, self._readable)]
+        prompts = [o.templates[0].format(n) for n in self._train_names]
         return SpecGenTrainer(
             model=model, args=dataclasses.replace(args, remove_unused_columns=False),  # keep the image column
             train_dataset=self.train_data, compute_loss_func=class_prompt_loss,

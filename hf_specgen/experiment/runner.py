@@ -126,15 +126,16 @@ class _Run:
     root: Path
 
     def __post_init__(self) -> None:
-        lora = dataclasses.asdict(self.experiment) if self.method.lora else None
-        lora = {k: v for k, v in (lora or {}).items() if k.startswith("lora_")} or None
+        options = dataclasses.asdict(self.experiment)
+        lora = {k: v for k, v in options.items() if k.startswith("lora_")} if self.method.lora else None
         training = {k: v for k, v in self.method.training_arguments(self.base).to_dict().items() if k not in _NOT_IN_KEY}
         self.directory = self.root / "runs" / f"{self.method.name}-{_key(self.recipe.fingerprint(), training, lora)}"
         self.finetuned = self.directory / "finetuned"
+        self.records = self.directory / f"records-{_key(self.recipe.eval_fingerprint())}"
         self.alphas = [a for a in self.experiment.alphas if a > 0]  # alpha 0 is the pre-trained model itself
 
     def record_path(self, alpha: float) -> Path:
-        return self.directory / f"records-{_key(self.recipe.eval_fingerprint())}" / f"{alpha_dirname(alpha)}.json"
+        return self.records / f"{alpha_dirname(alpha)}.json"
 
     def execute(self, state: PartialState) -> list[ResultRecord]:
         if not self.finetuned.is_dir():
