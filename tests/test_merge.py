@@ -587,7 +587,7 @@ def test_failure_mid_write_leaves_nothing(opt, tmp_path, monkeypatch, target, na
     count["n"], flushed[:] = 0, []
     with pytest.raises(type(error)):
         wise_ft_sweep(opt["pre"], opt["ft"], [0.2, 0.8], parent / "sweep", max_shard_size="3KB")
-    assert count["n"] == 21 and flushed
+    assert count["n"] in (21, 22) and flushed  # the other alpha's writer thread may be inside `add` too
     assert list(parent.iterdir()) == []
 
 

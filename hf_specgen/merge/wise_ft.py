@@ -1,9 +1,10 @@
 """WiSE-FT: `theta = (1 - alpha) * theta_pre + alpha * theta_ft`, streamed from disk to disk.
 
 Each input tensor is read once per pass (memory-mapped), interpolated for every alpha asked
-for, and handed to one sharded writer per alpha: peak memory is a few tensors plus one output
-shard per alpha, never a whole model. Output directories are written under a temporary name
-and renamed at the end, so a failure (bad input, full disk, Ctrl-C) leaves no partial output.
+for, and handed to one sharded writer per alpha, each on a thread of its own (see `writer`):
+peak memory is a few tensors and a staging buffer per alpha, never a whole model or shard.
+Output directories are written under a temporary name and renamed at the end, so a failure
+(bad input, full disk, Ctrl-C) leaves no partial output.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from .errors import MergeError
 from .hub import push_folder
 from .lora import ADAPTER_CONFIG, LoraAdapter, is_lora_adapter
 from .plan import MergePlan, conv1d_modules, meta_model, plan_adapter_scaling, plan_lora_merge, plan_merge, tied_groups
-from .writer import ShardedWriter, header_room
+from .writer import ConcurrentWriters, ShardedWriter, header_room
 
 # Side files a model directory needs besides its weights (config, tokenizer, processors).
 SIDE_FILES = [
@@ -129,16 +130,14 @@ def _write(
     """One pass over the input tensors, every alpha written beside the others."""
     limit = convert_file_size_to_int(max_shard_size)
     room = header_room([tensor.key for tensor in merge.plan.tensors])
-    writers = [ShardedWriter(d, limit, merge.weights_name, room) for d in directories]
+    writers = ConcurrentWriters([ShardedWriter(d, limit, merge.weights_name, room) for d in directories])
     try:
         for tensor in merge.plan.tensors:
-            for writer, merged in zip(writers, tensor.compute(alphas)):
-                writer.add(tensor.key, merged)
-        for writer in writers:
-            writer.close()
+            for index, merged in enumerate(tensor.compute(alphas)):
+                writers.add(index, tensor.key, merged)
+        writers.close()
     except BaseException:
-        for writer in writers:
-            writer.abort()
+        writers.abort()
         raise
     for directory, alpha in zip(directories, alphas):
         _copy_side_files(merge, directory, dtype)

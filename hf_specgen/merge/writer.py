@@ -4,14 +4,27 @@ Each tensor's bytes go to disk when it is added: a shard in progress costs no me
 safetensors file starts with its header (names, dtypes, shapes, offsets), which is only known at
 the end, so room for it is reserved first and filled in, padded with spaces as the format
 allows, when the shard is closed.
+
+Shards are written with `O_DIRECT` where the file system allows it: the bytes go from an aligned
+staging buffer to the disk without passing through the page cache, so a merge of a model larger
+than memory neither evicts the machine's cache nor waits on dirty-page throttling, and its cost
+is the disk's bandwidth. Elsewhere (tmpfs, some network file systems, no `O_DIRECT`) the writes
+are ordinary buffered ones; both give the same bytes.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import mmap
+import os
 import struct
+import threading
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import torch
 
@@ -19,12 +32,109 @@ from .checkpoint import SAFETENSORS_DTYPES
 
 _DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 _ENTRY_ROOM = 192  # header bytes per tensor besides its name: dtype, shape and offsets as JSON
+ALIGNMENT = 4096  # O_DIRECT: memory, file offsets and lengths in multiples of this (512- and 4096-byte sectors)
+STAGING_BYTES = 16 * 2**20  # per shard writer: what O_DIRECT writes at once
 
 
 def header_room(keys: list[str]) -> int:
     """Header bytes to reserve for a shard that may hold any of `keys` (a multiple of 8)."""
     room = 64 + sum(len(key.encode()) + _ENTRY_ROOM for key in keys)
     return room + (-room % 8)
+
+
+class _ShardFile:
+    """One shard file, written sequentially, then its reserved header rewritten at offset 0.
+
+    Direct: bytes are gathered in a page-aligned staging buffer and written a full buffer at a
+    time; the last, partial buffer is padded to the alignment and the file truncated back to its
+    size. A file system that refuses `O_DIRECT` (at open or at the first write: `EINVAL`) gets
+    the same bytes through the page cache.
+    """
+
+    def __init__(self, path: Path, staging: torch.Tensor | None) -> None:
+        self.path, self.size = path, 0
+        self._staging, self._fill = staging, 0
+        self._buffered: BinaryIO | None = None
+        self._fd = -1
+        if staging is not None:
+            try:
+                self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
+            except OSError as error:
+                if error.errno != errno.EINVAL:
+                    raise
+        if self._fd < 0:
+            self._staging = None
+            self._buffered = open(path, "wb")  # noqa: SIM115 - closed in finish/abort
+
+    @property
+    def direct(self) -> bool:
+        return self._staging is not None
+
+    def write(self, data: torch.Tensor) -> None:
+        """Appends the bytes of `data`, a flat uint8 tensor."""
+        self.size += data.numel()
+        done = 0
+        while self._staging is not None and done < data.numel():
+            take = min(data.numel() - done, self._staging.numel() - self._fill)
+            self._staging[self._fill : self._fill + take].copy_(data[done : done + take])
+            self._fill, done = self._fill + take, done + take
+            if self._fill == self._staging.numel():
+                self._flush(self._fill)
+        if done < data.numel():  # buffered, from the start or since a fallback
+            self._buffered.write(memoryview(data[done:].numpy()))
+
+    def _flush(self, length: int) -> None:
+        """Writes the staged bytes (`length`, aligned, of which `self._fill` are data)."""
+        view = memoryview(self._staging.numpy())[:length]
+        try:
+            self._write_direct(view)
+        except OSError as error:
+            if error.errno != errno.EINVAL:
+                raise
+            self._fall_back_to_buffered(view[: self._fill])
+        self._fill = 0
+
+    def _write_direct(self, view: memoryview) -> None:
+        written = 0
+        while written < len(view):
+            written += os.write(self._fd, view[written:])
+
+    def _fall_back_to_buffered(self, pending: memoryview) -> None:
+        """`O_DIRECT` opened but the first write was refused: the rest goes through the page cache."""
+        offset = os.lseek(self._fd, 0, os.SEEK_CUR)
+        os.close(self._fd)
+        self._fd = -1
+        self._buffered = open(self.path, "r+b")  # noqa: SIM115 - closed in finish/abort
+        self._buffered.seek(offset)
+        self._buffered.write(pending)
+        self._staging = None
+
+    def finish(self, header: bytes) -> None:
+        """Writes what is staged, then `header` over the reserved room at the start, and closes."""
+        if self._staging is not None and self._fill:
+            length = self._fill + (-self._fill % ALIGNMENT)
+            self._staging[self._fill : length] = 0
+            self._flush(length)
+            if self._staging is not None:
+                os.ftruncate(self._fd, self.size)
+        if self._staging is not None:  # the header's length is aligned, so is each piece of it
+            header_bytes = torch.frombuffer(bytearray(header), dtype=torch.uint8)
+            for start in range(0, len(header), self._staging.numel()):
+                piece = header_bytes[start : start + self._staging.numel()]
+                self._staging[: piece.numel()].copy_(piece)
+                os.pwrite(self._fd, memoryview(self._staging.numpy())[: piece.numel()], start)
+        else:
+            self._buffered.seek(0)
+            self._buffered.write(header)
+        self.abort()
+
+    def abort(self) -> None:
+        if self._buffered is not None:
+            self._buffered.close()
+            self._buffered = None
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
 
 class ShardedWriter:
@@ -34,10 +144,13 @@ class ShardedWriter:
     alone) and the index its `weight_map` in `close()`, once their number is known.
     """
 
-    def __init__(self, directory: Path, max_shard_size: int, name: str, header_bytes: int) -> None:
+    def __init__(self, directory: Path, max_shard_size: int, name: str, header_bytes: int, direct: bool = True) -> None:
         self.directory, self.max_shard_size, self.name = directory, max_shard_size, name
-        self.header_bytes = header_bytes
-        self._file: BinaryIO | None = None
+        # with the 8-byte length before it, the header ends on an aligned offset: the header's own
+        # write at the end, and the tensor data after it, are aligned for O_DIRECT
+        self.header_bytes = header_bytes + (-(header_bytes + 8) % ALIGNMENT)
+        self._staging = _aligned_buffer(STAGING_BYTES) if direct and hasattr(os, "O_DIRECT") else None
+        self._file: _ShardFile | None = None
         self._entries: dict[str, dict] = {}
         self._shard_bytes = 0
         self._written: list[tuple[Path, list[str]]] = []
@@ -49,8 +162,7 @@ class ShardedWriter:
             self._close_shard()
         if self._file is None:
             self._open_shard()
-        data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
-        self._file.write(memoryview(data))
+        self._file.write(tensor.detach().contiguous().reshape(-1).view(torch.uint8))
         offsets = [self._shard_bytes, self._shard_bytes + size]
         self._entries[key] = {"dtype": _DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape), "data_offsets": offsets}
         self._shard_bytes += size
@@ -58,24 +170,24 @@ class ShardedWriter:
 
     def _open_shard(self) -> None:
         path = self.directory / f"{self.name}-{len(self._written) + 1:05d}.safetensors.part"
-        self._file = open(path, "wb")  # noqa: SIM115 - closed in _close_shard
-        self._file.write(b"\0" * (8 + self.header_bytes))
+        self._file = _ShardFile(path, self._staging)
+        self._file.write(torch.zeros(8 + self.header_bytes, dtype=torch.uint8))
         self._written.append((path, []))
 
     def _close_shard(self) -> None:
         header = json.dumps({"__metadata__": {"format": "pt"}, **self._entries}, separators=(",", ":")).encode()
         if len(header) > self.header_bytes:
             raise RuntimeError(f"safetensors header of {len(header)} bytes overflows the {self.header_bytes} reserved")
-        self._file.seek(0)
-        self._file.write(struct.pack("<Q", self.header_bytes) + header.ljust(self.header_bytes, b" "))
-        self._file.close()
+        self._file.finish(struct.pack("<Q", self.header_bytes) + header.ljust(self.header_bytes, b" "))
+        if not self._file.direct:
+            self._staging = None  # O_DIRECT refused in this directory: the next shards go buffered at once
         self._written[-1][1].extend(self._entries)
         self._file, self._entries, self._shard_bytes = None, {}, 0
 
     def abort(self) -> None:
         """Closes the shard in progress (the caller removes the directory)."""
         if self._file is not None:
-            self._file.close()
+            self._file.abort()
             self._file = None
 
     def close(self) -> list[Path]:
@@ -98,3 +210,56 @@ class ShardedWriter:
         index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
         (self.directory / f"{self.name}.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True))
         return finals
+
+
+class ConcurrentWriters:
+    """Feeds several `ShardedWriter`s, each from a thread of its own, in the order tensors come.
+
+    Copying a tensor into the page cache is most of a merge's time, and `write` releases the GIL:
+    here it runs while the next tensor is being computed and, in a sweep, beside the other alphas'
+    writes. At most `max_pending` tensors wait for their writer, which bounds the memory they hold.
+    The first failure stops every writer and is raised by the next `add` or by `close`.
+    """
+
+    def __init__(self, writers: list[ShardedWriter], max_pending: int = 3) -> None:
+        self.writers, self.max_pending = writers, max_pending
+        self._threads = [ThreadPoolExecutor(1, thread_name_prefix="specgen-writer") for _ in writers]
+        self._pending: deque[Future] = deque()
+        self._failed = threading.Event()
+
+    def add(self, index: int, key: str, tensor: torch.Tensor) -> None:
+        while len(self._pending) >= self.max_pending:
+            self._pending.popleft().result()
+        self._pending.append(self._threads[index].submit(self._run, self.writers[index].add, key, tensor))
+
+    def _run(self, method: Callable[..., Any], *args: Any) -> None:
+        if self._failed.is_set():
+            return  # another write failed: the caller raises that error
+        try:
+            method(*args)
+        except BaseException:
+            self._failed.set()
+            raise
+
+    def close(self) -> None:
+        """Waits for every write, then finishes each writer's shards and index."""
+        self._pending.extend(t.submit(self._run, w.close) for t, w in zip(self._threads, self.writers))
+        while self._pending:
+            self._pending.popleft().result()
+        self._shutdown(cancel=False)
+
+    def abort(self) -> None:
+        """Stops the writers (the write in progress ends first) and closes their open shards."""
+        self._failed.set()
+        self._shutdown(cancel=True)
+        for writer in self.writers:
+            writer.abort()
+
+    def _shutdown(self, cancel: bool) -> None:
+        for thread in self._threads:
+            thread.shutdown(wait=True, cancel_futures=cancel)
+
+
+def _aligned_buffer(size: int) -> torch.Tensor:
+    """A page-aligned uint8 buffer (an anonymous mapping), as `O_DIRECT` needs."""
+    return torch.frombuffer(mmap.mmap(-1, size), dtype=torch.uint8)
