@@ -397,7 +397,9 @@ def markdown(report: dict[str, Any]) -> str:
         f"(max_shard_size {PRETRAINED_SHARD}), finetuned {ckpt['finetuned']['bytes'] / MB:.0f} MB in "
         f"{len(ckpt['finetuned']['shards'])} shards ({FINETUNED_SHARD}); outputs written with max shard size "
         f"{OUTPUT_SHARD}. Largest shard: {ckpt['largest_shard_bytes'] / MB:.0f} MB. Each run is a child process, "
-        f"{settings['repeats']} times; inputs in the page cache, disk synced before each run, outputs not synced. "
+        f"{settings['repeats']} times; inputs in the page cache, disk synced before each run, outputs not synced "
+        "(hf_specgen writes with O_DIRECT where the file system allows it: its outputs are on the disk when it "
+        "exits; copytree's and mergekit's are in the page cache, written back after the measurement). "
         f"{settings['machine']['cpus']} CPUs, {settings['threads']} torch threads; torch {versions['torch']}, "
         f"transformers {versions['transformers']}, safetensors {versions['safetensors']}; hf_specgen at "
         f"{settings['revision']}.",
@@ -448,7 +450,8 @@ def markdown(report: dict[str, Any]) -> str:
     lines += [
         "",
         "RSS counts two kinds of pages. anon: the process's own memory: the interpreter and its imports (the "
-        "`import` row), the tensors being interpolated, and the shards waiting to be written. file: pages of "
+        "`import` row), the tensors being interpolated and waiting to be written (mergekit: the output shard it fills; "
+        "hf_specgen: one 16 MB staging buffer per output). file: pages of "
         "files mapped by the process: its shared libraries and the memory-mapped safetensors inputs (`safe_open` "
         "returns zero-copy views of a private mapping of the file, so every page read stays resident in the "
         "process until that file is unmapped). Those are clean page-cache pages the kernel can reclaim, but "
