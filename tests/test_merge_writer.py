@@ -127,6 +127,13 @@ class RecordingWriter:
         self.aborted = True
 
 
+def feed(concurrent, tensors):
+    """Tensors t0, t1, ... to each writer in turn, as a merge hands them over."""
+    for i in range(tensors):
+        for index in range(len(concurrent.writers)):
+            concurrent.add(index, f"t{i}", torch.zeros(1))
+
+
 def test_writers_run_concurrently_each_in_order():
     started = [threading.Event(), threading.Event()]
     overlapped = []
@@ -138,9 +145,7 @@ def test_writers_run_concurrently_each_in_order():
 
     writers = [RecordingWriter(wait_for_the_other), RecordingWriter(wait_for_the_other)]
     concurrent = ConcurrentWriters(writers, max_pending=2)
-    for i in range(5):
-        for index in range(2):
-            concurrent.add(index, f"t{i}", torch.zeros(1))
+    feed(concurrent, tensors=5)
     concurrent.close()
     assert overlapped and all(overlapped)
     assert all(w.keys == [f"t{i}" for i in range(5)] and w.closed for w in writers)
@@ -177,9 +182,7 @@ def test_first_failure_stops_every_writer_and_is_raised():
 
     writers = [RecordingWriter(first), RecordingWriter(second)]
     concurrent = ConcurrentWriters(writers, max_pending=10)
-    for i in range(5):
-        for index in range(2):
-            concurrent.add(index, f"t{i}", torch.zeros(1))
+    feed(concurrent, tensors=5)
     submitted.set()
     with pytest.raises(OSError, match="No space left"):
         concurrent.close()
