@@ -181,10 +181,16 @@ def test_zero3_cpu_offload_matches_one_process(tmp_path_factory):
     assert_halved(one, two, "weights")
 
 
-def test_deepspeed_json_in_training_arguments_matches_one_process(one_process_penalties, tmp_path):
+@pytest.mark.parametrize("stage", [2, 1])
+def test_deepspeed_json_in_training_arguments_matches_one_process(stage, one_process_penalties, tmp_path):
     """`TrainingArguments(deepspeed="recipes/deepspeed/zero2.json")` under torchrun, "auto" values filled by the
-    Trainer; 2 micro-batches of 1 row per step on each rank: the penalties still count once per step."""
-    config = str(ROOT / "recipes" / "deepspeed" / "zero2.json")
-    launched(tmp_path, "l1,l2,ewc", "torchrun", "--steps", "4", "--accumulation", "2", "--deepspeed", config)
-    one, two = assert_same_run(one_process_penalties, tmp_path, PENALTIES)
+    Trainer; 2 micro-batches of 1 row per step on each rank: the penalties still count once per step. ZeRO-1
+    (the same file at stage 1: optimizer state partitioned, gradients whole until the step) too."""
+    config = json.loads((ROOT / "recipes" / "deepspeed" / "zero2.json").read_text())
+    config["zero_optimization"]["stage"] = stage
+    config_file = tmp_path / f"zero{stage}.json"
+    config_file.write_text(json.dumps(config))
+    output_dir = tmp_path / "run"
+    launched(output_dir, "l1,l2,ewc", "torchrun", "--steps", "4", "--accumulation", "2", "--deepspeed", str(config_file))
+    one, two = assert_same_run(one_process_penalties, output_dir, PENALTIES)
     assert_halved(one, two, "weights")
