@@ -140,10 +140,14 @@ def test_lm_recipe_under_zero3_partitions_training_and_scores_on_one_process(tmp
     assert len(report["records"]) == 5
 
 
-def test_clip_recipe_through_accelerate_launch(tmp_path):
+def test_clip_recipe_on_two_processes(tmp_path):
+    """`accelerate launch` with 2 processes (DDP, gloo): both train (KD's teacher on each), the main
+    one merges and scores, the other waits; records and summaries are written once."""
     stdout = launch("clip_imagenet.py", tmp_path / "demo", "--config", str(CONFIGS / "clip_tiny.yaml"),
                     "--methods", "full", "kd", "--alphas", "0.5", "1", "--max_steps", "3", "--eval_max_samples", "40",
-                    "--disable_tqdm", "true")  # fmt: skip
+                    "--disable_tqdm", "true", processes=2)  # fmt: skip
+    finetuned = run_files(tmp_path / "demo", "*/finetuned")
+    assert len(finetuned) == 2 and all(json.loads((f / "specgen_training.json").read_text())["steps"] == 3 for f in finetuned)
     records = [ResultRecord.from_dict(r) for r in json.loads((tmp_path / "demo" / "report.json").read_text())["records"]]
     assert {(r.method, r.alpha) for r in records} == {("zero-shot", None), ("full", 0.5), ("full", 1.0), ("kd", 0.5), ("kd", 1.0)}
     for record in records:
