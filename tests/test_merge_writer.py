@@ -152,20 +152,25 @@ def test_writers_run_concurrently_each_in_order():
     assert not writers[0].threads & writers[1].threads and threading.get_ident() not in writers[0].threads
 
 
-def test_pending_tensors_are_bounded():
+@pytest.mark.parametrize(
+    ("max_pending", "max_pending_bytes", "waiting"),
+    [(3, 2**20, 3), (10, 16, 2), (10, 4, 1)],  # by count; by bytes (8 per tensor); one tensor over the bytes
+    ids=["count", "bytes", "one_at_least"],
+)
+def test_pending_tensors_are_bounded(max_pending, max_pending_bytes, waiting):
     release = threading.Event()
     writer = RecordingWriter(lambda w, key: release.wait(timeout=10))
-    concurrent = ConcurrentWriters([writer], max_pending=3)
-    for i in range(3):
-        concurrent.add(0, f"t{i}", torch.zeros(1))  # the writer is blocked: these three wait
-    fourth = threading.Thread(target=concurrent.add, args=(0, "t3", torch.zeros(1)))
-    fourth.start()
-    fourth.join(timeout=0.5)
-    assert fourth.is_alive() and writer.keys == []  # the fourth waits for a free place
+    concurrent = ConcurrentWriters([writer], max_pending=max_pending, max_pending_bytes=max_pending_bytes)
+    for i in range(waiting):
+        concurrent.add(0, f"t{i}", torch.zeros(2))  # the writer is blocked: these wait
+    extra = threading.Thread(target=concurrent.add, args=(0, "extra", torch.zeros(2)))
+    extra.start()
+    extra.join(timeout=0.5)
+    assert extra.is_alive() and writer.keys == []  # one more waits for a free place
     release.set()
-    fourth.join(timeout=10)
+    extra.join(timeout=10)
     concurrent.close()
-    assert writer.keys == ["t0", "t1", "t2", "t3"]
+    assert writer.keys == [*(f"t{i}" for i in range(waiting)), "extra"]
 
 
 def test_first_failure_stops_every_writer_and_is_raised():

@@ -217,20 +217,31 @@ class ConcurrentWriters:
 
     Copying a tensor into the page cache is most of a merge's time, and `write` releases the GIL:
     here it runs while the next tensor is being computed and, in a sweep, beside the other alphas'
-    writes. At most `max_pending` tensors wait for their writer, which bounds the memory they hold.
+    writes. At most `max_pending` tensors, and `max_pending_bytes` of them (or one tensor, however
+    large), wait for their writer: that bounds the memory they hold.
     The first failure stops every writer and is raised by the next `add` or by `close`.
     """
 
-    def __init__(self, writers: list[ShardedWriter], max_pending: int = 3) -> None:
-        self.writers, self.max_pending = writers, max_pending
+    def __init__(self, writers: list[ShardedWriter], max_pending: int = 3, max_pending_bytes: int = 256 * 2**20) -> None:
+        self.writers, self.max_pending, self.max_pending_bytes = writers, max_pending, max_pending_bytes
         self._threads = [ThreadPoolExecutor(1, thread_name_prefix="specgen-writer") for _ in writers]
-        self._pending: deque[Future] = deque()
+        self._pending: deque[tuple[Future, int]] = deque()  # (write, bytes), oldest first
+        self._pending_bytes = 0
         self._failed = threading.Event()
 
     def add(self, index: int, key: str, tensor: torch.Tensor) -> None:
-        while len(self._pending) >= self.max_pending:
-            self._pending.popleft().result()
-        self._pending.append(self._threads[index].submit(self._run, self.writers[index].add, key, tensor))
+        size = tensor.numel() * tensor.element_size()
+        while self._pending and (
+            len(self._pending) >= self.max_pending or self._pending_bytes + size > self.max_pending_bytes
+        ):
+            self._wait_oldest()
+        self._pending.append((self._threads[index].submit(self._run, self.writers[index].add, key, tensor), size))
+        self._pending_bytes += size
+
+    def _wait_oldest(self) -> None:
+        future, size = self._pending.popleft()
+        self._pending_bytes -= size
+        future.result()
 
     def _run(self, method: Callable[..., Any], *args: Any) -> None:
         if self._failed.is_set():
@@ -243,9 +254,9 @@ class ConcurrentWriters:
 
     def close(self) -> None:
         """Waits for every write, then finishes each writer's shards and index."""
-        self._pending.extend(t.submit(self._run, w.close) for t, w in zip(self._threads, self.writers))
+        self._pending.extend((t.submit(self._run, w.close), 0) for t, w in zip(self._threads, self.writers))
         while self._pending:
-            self._pending.popleft().result()
+            self._wait_oldest()
         self._shutdown(cancel=False)
 
     def abort(self) -> None:
