@@ -215,11 +215,11 @@ class ShardedWriter:
 class ConcurrentWriters:
     """Feeds several `ShardedWriter`s, each from a thread of its own, in the order tensors come.
 
-    Copying a tensor into the page cache is most of a merge's time, and `write` releases the GIL:
-    here it runs while the next tensor is being computed and, in a sweep, beside the other alphas'
-    writes. At most `max_pending` tensors, and `max_pending_bytes` of them (or one tensor, however
-    large), wait for their writer: that bounds the memory they hold.
-    The first failure stops every writer and is raised by the next `add` or by `close`.
+    Writing a tensor out is most of a merge's time, and `write` releases the GIL: here it runs
+    while the next tensor is being computed and, in a sweep, beside the other alphas' writes. At
+    most `max_pending` tensors, and `max_pending_bytes` of them (or one tensor, however large),
+    wait for their writer: that bounds the memory they hold. The first failure stops every writer
+    (writes queued behind it are dropped) and is raised by the `add` or `close` that waits for it.
     """
 
     def __init__(self, writers: list[ShardedWriter], max_pending: int = 3, max_pending_bytes: int = 256 * 2**20) -> None:
