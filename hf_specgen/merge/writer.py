@@ -64,7 +64,7 @@ class _ShardFile:
                     raise
         if self._fd < 0:
             self._staging = None
-            self._buffered = open(path, "wb")  # noqa: SIM115 - closed in finish/abort
+            self._buffered = open(path, "wb")  # noqa: SIM115 - closed in close()
 
     @property
     def direct(self) -> bool:
@@ -104,7 +104,7 @@ class _ShardFile:
         offset = os.lseek(self._fd, 0, os.SEEK_CUR)
         os.close(self._fd)
         self._fd = -1
-        self._buffered = open(self.path, "r+b")  # noqa: SIM115 - closed in finish/abort
+        self._buffered = open(self.path, "r+b")  # noqa: SIM115 - closed in close()
         self._buffered.seek(offset)
         self._buffered.write(pending)
         self._staging = None
@@ -126,9 +126,9 @@ class _ShardFile:
         else:
             self._buffered.seek(0)
             self._buffered.write(header)
-        self.abort()
+        self.close()
 
-    def abort(self) -> None:
+    def close(self) -> None:
         if self._buffered is not None:
             self._buffered.close()
             self._buffered = None
@@ -187,7 +187,7 @@ class ShardedWriter:
     def abort(self) -> None:
         """Closes the shard in progress (the caller removes the directory)."""
         if self._file is not None:
-            self._file.abort()
+            self._file.close()
             self._file = None
 
     def close(self) -> list[Path]:
