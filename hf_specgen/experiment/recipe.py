@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+import torch
 from transformers import PreTrainedModel
 
 from ..args import SpecGenTrainingArguments
@@ -93,6 +94,9 @@ class Recipe(ABC):
             run_experiment(cls(options, training.seed), experiment, training)
         except ConfigError as error:
             sys.exit(f"{cls.name}.py: error: {error}")
+        finally:  # torch's documented shutdown: no process group left to the interpreter's exit
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.destroy_process_group()
 
     @abstractmethod
     def prepare(self) -> None:
