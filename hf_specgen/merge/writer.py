@@ -37,9 +37,9 @@ STAGING_BYTES = 16 * 2**20  # per shard writer: what O_DIRECT writes at once
 
 
 def header_room(keys: list[str]) -> int:
-    """Header bytes to reserve for a shard that may hold any of `keys` (a multiple of 8)."""
-    room = 64 + sum(len(key.encode()) + _ENTRY_ROOM for key in keys)
-    return room + (-room % 8)
+    """Header bytes to reserve for a shard that may hold any of `keys` (`ShardedWriter` rounds it up
+    to end on an aligned offset)."""
+    return 64 + sum(len(key.encode()) + _ENTRY_ROOM for key in keys)
 
 
 class _ShardFile:
