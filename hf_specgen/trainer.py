@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import Trainer
+from transformers.trainer_pt_utils import nested_gather
 from transformers.trainer_utils import get_last_checkpoint
 
 from . import zero
@@ -280,7 +281,8 @@ class SpecGenTrainer(Trainer):
         if "loss" in logs and self._log_sums:
             names = list(self._log_sums)
             values = torch.stack([self._log_sums[n].to(self.args.device) for n in names])
-            values = self.accelerator.gather(values).reshape(-1, len(names)).mean(0) / max(self._log_steps, 1)
+            # the Trainer's own reduction of `loss` (accelerate's state may count one process under DeepSpeed on CPU)
+            values = nested_gather(values, self.args.parallel_mode).reshape(-1, len(names)).mean(0) / max(self._log_steps, 1)
             logs.update({n: v.item() for n, v in zip(names, values)})
             self._log_sums, self._log_steps = {}, 0
         super().log(logs, *args, **kwargs)
