@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, fields
+
+import torch
 
 from transformers import TrainingArguments
 
@@ -79,6 +82,7 @@ class SpecGenTrainingArguments(TrainingArguments):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        _check_floats(self)
         for name in ("l1_lambda", "l2_lambda", "ewc_lambda", "kd_lambda", "feature_lambda"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -89,8 +93,44 @@ class SpecGenTrainingArguments(TrainingArguments):
         _check_choice("l2_mode", self.l2_mode, L2_MODES)
         _check_choice("ewc_fisher", self.ewc_fisher, FISHER_TYPES)
         _check_choice("anchor_dtype", self.anchor_dtype, ANCHOR_DTYPES)
+        _check_device("anchor_device", self.anchor_device)
         if not self.feature_layers:
             raise ValueError("feature_layers must name at least one hidden-state index")
+
+
+# Fields of this class that must be finite numbers (NaN passes `x < 0`; inf trains to NaN weights).
+FINITE_FIELDS = ("l1_lambda", "l2_lambda", "ewc_lambda", "kd_lambda", "kd_temperature", "feature_lambda")
+
+
+def _check_floats(args: TrainingArguments) -> None:
+    """Every regularizer float finite; no float field of `TrainingArguments` NaN (never a meaningful value)."""
+    for f in fields(args):
+        value = getattr(args, f.name, None)
+        if not isinstance(value, float) or isinstance(value, bool):
+            continue
+        if f.name in FINITE_FIELDS and not math.isfinite(value):
+            raise ValueError(f"{f.name} must be a finite number, got {value}")
+        if math.isnan(value):
+            raise ValueError(f"{f.name} must be a number, got nan")
+
+
+def _check_device(name: str, value: str) -> None:
+    """`value` is 'auto' or a device torch knows and this machine has."""
+    if value == "auto":
+        return
+    try:
+        device = torch.device(value)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"{name} must be 'auto' or a torch device such as 'cpu' or 'cuda:0', got {value!r}") from None
+    if device.type == "cpu":
+        return
+    backend = getattr(torch, device.type, None)
+    available = getattr(backend, "is_available", None)
+    if available is None or not available():
+        raise ValueError(f"{name}={value!r}: no {device.type} device is available on this machine")
+    count = getattr(backend, "device_count", None)
+    if device.index is not None and count is not None and device.index >= count():
+        raise ValueError(f"{name}={value!r}: this machine has {count()} {device.type} device(s)")
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:

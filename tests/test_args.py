@@ -1,6 +1,7 @@
 """SpecGenTrainingArguments: defaults, parsing, and clear errors on bad values."""
 
 import json
+import re
 
 import pytest
 from transformers import HfArgumentParser, TrainingArguments
@@ -58,10 +59,21 @@ def test_parses_from_json_and_yaml(tmp_path, suffix):
         ({"ewc_num_samples": 0}, "ewc_num_samples"),
         ({"anchor_dtype": "int8"}, "anchor_dtype"),
         ({"feature_layers": []}, "feature_layers"),
+        # NaN passes `x < 0`: it used to switch L2 off silently; inf trained to NaN weights
+        ({"l2_lambda": float("nan")}, "l2_lambda must be a finite number"),
+        ({"kd_lambda": float("inf")}, "kd_lambda must be a finite number"),
+        ({"l1_lambda": float("-inf")}, "l1_lambda must be a finite number"),
+        ({"ewc_lambda": float("nan")}, "ewc_lambda must be a finite number"),
+        ({"feature_lambda": float("inf")}, "feature_lambda must be a finite number"),
+        ({"kd_temperature": float("nan")}, "kd_temperature must be a finite number"),
+        ({"kd_temperature": float("inf")}, "kd_temperature must be a finite number"),
+        ({"learning_rate": float("nan")}, "learning_rate must be a number"),
+        ({"anchor_device": "bogus"}, "anchor_device must be 'auto' or a torch device"),
+        ({"anchor_device": "cuda:99"}, "anchor_device='cuda:99'"),
     ],
 )
 def test_bad_values_raise_naming_the_field(tmp_path, kwargs, field):
-    with pytest.raises(ValueError, match=field):
+    with pytest.raises(ValueError, match=re.escape(field)):
         SpecGenTrainingArguments(output_dir=str(tmp_path), **kwargs)
 
 
