@@ -28,7 +28,7 @@ from transformers import CLIPModel, CLIPProcessor
 from hf_specgen import SpecGenTrainer, SpecGenTrainingArguments
 from hf_specgen.data.image_classification import ClassPromptCollator, class_prompt_loss, freeze_text_tower
 from hf_specgen.eval.clip import accuracy, zero_shot_head
-from hf_specgen.experiment import ConfigError, Recipe, check_model, load_split
+from hf_specgen.experiment import ConfigError, Recipe, check_model, is_local_path, load_split
 
 TEMPLATES = [
     "a photo of a {}.", "a low-resolution photo of a {}.", "a close-up photo of the {}.", "a drawing of a {}.",
@@ -69,11 +69,11 @@ class ImageClassificationArguments:
             raise ValueError(f"templates must each contain '{{}}' for the class name, got {self.templates}")
 
 
-def parse_set(spec: str) -> tuple[str, str, str]:
+def parse_set(spec: str, field_name: str = "evaluation set") -> tuple[str, str, str]:
     """`NAME=SOURCE[:SPLIT]` -> (name, source, split), split `test` by default."""
     name, sep, source = spec.partition("=")
     if not sep or not name or not source:
-        raise ConfigError(f"evaluation set {spec!r} is not NAME=SOURCE[:SPLIT]")
+        raise ConfigError(f"{field_name}: {spec!r} is not NAME=SOURCE[:SPLIT]")
     source, _, split = source.partition(":")
     return name, source, split or "test"
 
@@ -115,15 +115,32 @@ class ClipImageNet(Recipe):
         self._sets: dict[str, dict[str, tuple[datasets.Dataset, list[str]]]] = {}  # role -> name -> (set, class names)
         self._train_names: list[str] = []
 
+    def evaluation_sets(self) -> dict[str, list[tuple[str, str, str]]]:
+        """Role -> its sets as (name, source, split)."""
+        o = self.options
+        return {role: [parse_set(spec, f"{role}_sets") for spec in specs]
+                for role, specs in (("speciality", o.speciality_sets), ("generality", o.generality_sets))}  # fmt: skip
+
+    def local_paths(self) -> dict[str, str]:
+        o = self.options
+        sources = {"train_dataset": o.train_dataset}
+        for role, sets in self.evaluation_sets().items():
+            sources.update({f"{role}_sets ({name})": source for name, source, _ in sets})
+        paths = {**super().local_paths(), **{k: v for k, v in sources.items() if is_local_path(v)}}
+        if o.class_names_file is not None:  # always a local file
+            paths["class_names_file"] = o.class_names_file
+        return paths
+
     def prepare(self) -> None:
         o = self.options
+        sets = self.evaluation_sets()
+        readable = readable_names(o.class_names_file)
         self.pretrained = check_model(o.model_name_or_path)
         self.train_data = self._load(o.train_dataset, o.train_split, o.max_train_samples)
-        readable = readable_names(o.class_names_file)
         self._train_names = class_names(self.train_data, o.label_column, readable)
-        for role, specs in (("speciality", o.speciality_sets), ("generality", o.generality_sets)):
+        for role, role_sets in sets.items():
             self._sets[role] = {}
-            for name, source, split in map(parse_set, specs):
+            for name, source, split in role_sets:
                 data = self._load(source, split, o.eval_max_samples)
                 self._sets[role][name] = (data, class_names(data, o.label_column, readable, fallback=self._train_names))
 

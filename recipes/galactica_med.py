@@ -24,7 +24,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq
 from hf_specgen import SpecGenTrainer, SpecGenTrainingArguments
 from hf_specgen.data.medmcqa import TRAINING_COLUMNS, tokenize_for_training
 from hf_specgen.eval.suites import LM_SUITES, check_suites, evaluate_suites
-from hf_specgen.experiment import Recipe, check_model, load_split
+from hf_specgen.experiment import Recipe, check_model, is_local_path, load_split
 
 
 @dataclass
@@ -48,6 +48,10 @@ class MedMCQAArguments:
 class GalacticaMed(Recipe):
     name = "galactica_med"
     arguments = MedMCQAArguments
+
+    def local_paths(self) -> dict[str, str]:
+        name = self.options.dataset_name
+        return {**super().local_paths(), **({"dataset_name": name} if is_local_path(name) else {})}
 
     def prepare(self) -> None:
         check_suites(self.options.eval_suites, both_sides=True)

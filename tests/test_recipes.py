@@ -267,9 +267,10 @@ def json_medmcqa_without_answer(tmp_path):
         (["--methods", "full", "sgd"], "unknown method 'sgd'"),
         (["--methods", "l2", "--l2_lambda", "0"], "needs l2_lambda > 0"),
         (["--alphas", "0", "1.5"], r"alphas must lie in \[0, 1\]"),
-        (["--dataset_name", "/nonexistent/medmcqa"], "'/nonexistent/medmcqa', split 'train', cannot be loaded"),
+        (["--dataset_name", "/nonexistent/medmcqa"], "dataset_name '/nonexistent/medmcqa' does not exist"),
         (["--dataset_name", "hf_specgen/tiny-medmcqa", "--train_split", "dev"], "not 'dev'"),
-        (["--model_name_or_path", "/nonexistent/model"], "model '/nonexistent/model' cannot be loaded"),
+        (["--model_name_or_path", "/nonexistent/model"], "model_name_or_path '/nonexistent/model' does not exist"),
+        (["--model_name_or_path", "{answerless}"], "model '.*medmcqa' cannot be loaded"),  # a folder, not a model
         (["--eval_suites", "tiny_medmcqa", "nope"], r"unknown suite\(s\) \['nope'\]"),
         (["--eval_suites", "tiny_general"], "measure no speciality"),
         (["--push_to_hub"], "push_to_hub needs hub_model_id"),
@@ -292,6 +293,100 @@ def test_bad_configuration_stops_before_training_with_one_message(args, message,
     assert error.startswith("galactica_med.py: error: ") and len(error.strip().splitlines()) == 1, error
     assert re.search(message, error), error
     assert not output_dir.exists()  # nothing written
+
+
+def counting_calls(monkeypatch, recipe_class) -> list[str]:
+    """Records `prepare` (the recipe's loading of model and data) and makes `evaluate` (scoring) a failure."""
+    calls = []
+    prepare = recipe_class.prepare
+
+    def counted_prepare(self):
+        calls.append("prepare")
+        prepare(self)
+
+    def evaluate(self, model_dir):
+        calls.append("evaluate")
+        raise AssertionError(f"scored {model_dir} although the configuration cannot run")
+
+    monkeypatch.setattr(recipe_class, "prepare", counted_prepare)
+    monkeypatch.setattr(recipe_class, "evaluate", evaluate)
+    return calls
+
+
+def stop_message(main, argv: list[str]) -> str:
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert isinstance(stop.value.code, str), stop.value.code
+    assert len(stop.value.code.splitlines()) == 1, stop.value.code
+    return stop.value.code
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A directory that refuses new files: mode 0o500, or where that does not stop this user (root
+    bypasses modes), /proc/self (procfs creates no files for anyone)."""
+    folder = tmp_path / "read_only"
+    folder.mkdir()
+    folder.chmod(0o500)
+    try:
+        (folder / "probe").touch()
+    except PermissionError:
+        yield folder, "Permission denied"
+    else:
+        (folder / "probe").unlink()
+        yield Path("/proc/self"), "No such file or directory"
+    folder.chmod(0o700)
+
+
+@pytest.mark.parametrize("case", ["under_a_file", "is_a_file", "read_only"])
+def test_unwritable_output_dir_stops_before_any_work(case, tmp_path, read_only_dir, monkeypatch):
+    """Found before the model and data are loaded (`prepare`), let alone scored (`evaluate`)."""
+    module = load_recipe("galactica_med")
+    calls = counting_calls(monkeypatch, module.GalacticaMed)
+    (tmp_path / "file").write_text("in the way")
+    output_dir, reason = {
+        "under_a_file": (tmp_path / "file" / "out", "'.*/file' is not a directory"),
+        "is_a_file": (tmp_path / "file", "'.*/file' is not a directory"),
+        "read_only": read_only_dir,
+    }[case]
+    error = stop_message(module.GalacticaMed.main, ["--config", str(CONFIGS / "galactica_med_tiny.yaml"), "--output_dir", str(output_dir)])
+    assert re.match(rf"galactica_med.py: error: output_dir '{re.escape(str(output_dir))}'.*{reason}", error), error
+    assert calls == []
+    assert (tmp_path / "file").read_text() == "in the way" and sorted(p.name for p in tmp_path.iterdir()) == ["file", "read_only"]
+
+
+def test_output_dir_created_for_the_check_is_removed_when_the_configuration_fails(tmp_path):
+    module = load_recipe("galactica_med")
+    output_dir = tmp_path / "new" / "out"
+    error = stop_message(module.GalacticaMed.main, ["--config", str(CONFIGS / "galactica_med_tiny.yaml"),
+                                                    "--output_dir", str(output_dir), "--train_split", "dev"])  # fmt: skip
+    assert "not 'dev'" in error and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("recipe", "args", "message"),
+    [
+        ("galactica_med", ["--model_name_or_path", "./no/model"], "model_name_or_path './no/model' does not exist"),
+        ("galactica_med", ["--dataset_name", "{tmp}/no/medmcqa"], "dataset_name '.*/no/medmcqa' does not exist"),
+        ("clip_imagenet", ["--train_dataset", "{tmp}/no/photos"], "train_dataset '.*/no/photos' does not exist"),
+        ("clip_imagenet", ["--class_names_file", "names.json"], "class_names_file 'names.json' does not exist"),
+        ("clip_imagenet", ["--generality_sets", "sketch=hf_specgen/tiny-domains/sketch:test", "paint={tmp}/no/painting:test"],
+         r"generality_sets \(paint\) '.*/no/painting' does not exist"),
+        ("clip_imagenet", ["--speciality_sets", "photo"], r"speciality_sets: 'photo' is not NAME=SOURCE\[:SPLIT\]"),
+    ],
+)  # fmt: skip
+def test_missing_local_paths_stop_before_any_work(recipe, args, message, tmp_path, monkeypatch):
+    """Every local path of the configuration is checked before the model and data sets load (a
+    missing class-names file or last evaluation folder was found after loading the training set)."""
+    monkeypatch.chdir(tmp_path)
+    module = load_recipe(recipe)
+    recipe_class = module.GalacticaMed if recipe == "galactica_med" else module.ClipImageNet
+    calls = counting_calls(monkeypatch, recipe_class)
+    preset = "galactica_med_tiny" if recipe == "galactica_med" else "clip_tiny"
+    argv = ["--config", str(CONFIGS / f"{preset}.yaml"), "--output_dir", str(tmp_path / "out"), *(a.replace("{tmp}", str(tmp_path)) for a in args)]
+    error = stop_message(recipe_class.main, argv)
+    assert re.match(rf"{recipe}.py: error: {message}", error), error
+    assert calls == [] and list(tmp_path.iterdir()) == []
 
 
 def test_clip_class_names_from_labels_ids_and_indices():

@@ -22,6 +22,7 @@ from ..eval.report import KEEP_SPECIALITY
 from ..eval.suites import Role
 from .config import ConfigError, parse_config
 from .methods import METHODS
+from .sources import is_local_path
 
 
 @dataclass
@@ -97,6 +98,13 @@ class Recipe(ABC):
         finally:  # torch's documented shutdown: no process group left to the interpreter's exit
             if torch.distributed.is_available() and torch.distributed.is_initialized():
                 torch.distributed.destroy_process_group()
+
+    def local_paths(self) -> dict[str, str]:
+        """The options naming local files or folders, as `{field: path}`: `run_experiment` checks
+        that they exist before anything loads. Here `model_name_or_path` when it is a local path
+        (`is_local_path`); recipes add their data sets and other files."""
+        name = self.options.model_name_or_path
+        return {"model_name_or_path": name} if is_local_path(name) else {}
 
     @abstractmethod
     def prepare(self) -> None:

@@ -33,6 +33,7 @@ from ..merge.wise_ft import alpha_dirname
 from .config import ConfigError
 from .methods import Method, parse_methods
 from .recipe import ExperimentArguments, Recipe
+from .sources import check_output_dir, check_paths, remove_created
 
 TRAINING_LOG = "specgen_training.json"  # beside the fine-tuned model
 # Training arguments that do not change a run's results (where it logs, saves or is launched).
@@ -49,16 +50,20 @@ def run_experiment(
 ) -> list[ResultRecord]:
     """Runs every method of `experiment` on `recipe`; returns the records the report was made of."""
     state = PartialState()
+    root = Path(base.output_dir)
+    created: list[Path] = []
     try:
         methods = parse_methods(experiment.methods, base)
         if base.push_to_hub and not base.hub_model_id:
             raise ValueError("push_to_hub needs hub_model_id (or --push-to-hub REPO_ID): where to publish")
+        check_paths(recipe.local_paths())
+        created = check_output_dir(root)  # before the model and data load, let alone get scored
         recipe.prepare()
-    except ConfigError:
+    except BaseException as error:
+        remove_created(created)  # nothing is written when the configuration cannot run
+        if isinstance(error, ValueError) and not isinstance(error, ConfigError):  # a method, suite or option
+            raise ConfigError(str(error)) from error
         raise
-    except ValueError as error:  # a method, suite or option the recipe cannot run
-        raise ConfigError(str(error)) from error
-    root = Path(base.output_dir)
     records = [_reference(recipe, root, state)]
     runs = [_Run(recipe, method, experiment, base, root) for method in methods]
     for run in runs:

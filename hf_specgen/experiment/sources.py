@@ -1,12 +1,17 @@
 """A recipe's model and data sets by name (a tiny one, a local folder, or a Hub id), checked before
-training: a missing model, data set, split or column is one clear `ConfigError`."""
+training: a missing model, data set, split or column is one clear `ConfigError`; so are a local
+path that does not exist and an output directory that cannot be written, before anything loads."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import datasets
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 
 from ..data.image_classification import load_image_set
 from ..tiny.names import is_tiny_dataset, model_location, tiny_dataset
@@ -47,3 +52,62 @@ def check_model(name: str) -> str:
     except (OSError, ValueError) as error:  # not found, offline, or not a model directory
         raise ConfigError(f"model {name!r} cannot be loaded: {error}") from error
     return location
+
+
+def is_local_path(name: str) -> bool:
+    """Whether a "Hub id or directory" names a local file or folder: it exists, starts like a path
+    (`/`, `./`, `../`, `~`), or cannot be a Hub id (`data/domainnet/real`: two slashes); tiny names
+    are not. An absent `namespace/name` is left to its loader (a Hub id, or a typo it reports)."""
+    if model_location(name) != name or is_tiny_dataset(name):
+        return False
+    if os.path.exists(name) or name in (".", "..") or name.startswith(("/", "./", "../", "~")):
+        return True
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return True
+    return False
+
+
+def check_paths(paths: Mapping[str, str]) -> None:
+    """Each local path of the configuration (field -> path) exists and can be read; the first that
+    does not is a `ConfigError` naming its field."""
+    for field_name, name in paths.items():
+        path = Path(name).expanduser()
+        if not path.exists():
+            raise ConfigError(f"{field_name} {name!r} does not exist")
+        if not os.access(path, os.R_OK | (os.X_OK if path.is_dir() else 0)):
+            raise ConfigError(f"{field_name} {name!r} cannot be read: permission denied")
+
+
+def check_output_dir(output_dir: str | os.PathLike) -> list[Path]:
+    """Creates `output_dir` if missing and writes and removes a probe file in it, so that a directory
+    that cannot be written is a `ConfigError` (naming `output_dir` and the reason) before any work.
+    Returns the directories it created, deepest first, for `remove_created` if the run stops."""
+    path = Path(output_dir)
+    created, existing = [], path.absolute()
+    while not os.path.exists(existing) and existing != existing.parent:
+        created.append(existing)
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"output_dir {str(output_dir)!r} cannot be created: {str(existing)!r} is not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-probe-") as probe:
+            probe.write(b"probe")
+            probe.flush()
+    except OSError as error:
+        remove_created(created)
+        raise ConfigError(f"output_dir {str(output_dir)!r} cannot be written: {error.strerror or error}") from error
+    return created
+
+
+def remove_created(directories: Sequence[Path]) -> None:
+    """Removes the directories `check_output_dir` created (deepest first) that are still empty."""
+    for directory in directories:
+        try:
+            directory.rmdir()
+        except FileNotFoundError:  # removed by another process of the launch
+            continue
+        except OSError:  # not empty: another process writes there
+            break
