@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .merge import MergeError, PushError, wise_ft, wise_ft_sweep
+from .merge.output import MARKER
 
 
 def _alphas(text: str) -> list[float]:
@@ -23,7 +24,16 @@ def _add_merge_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-dir", required=True, type=Path)
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="output dtype (default: the fine-tuned model's)")
     parser.add_argument("--max-shard-size", default="5GB", help="largest output shard, e.g. 5GB, 500MB")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    parser.add_argument(
+        "--overwrite", action="store_true",
+        help=f"replace OUTPUT_DIR if a previous merge wrote it (it holds {MARKER}) or it is empty: everything in it "
+             "is removed; never an input model or adapter directory, nor one containing or inside an input",
+    )  # fmt: skip
+    parser.add_argument(
+        "--overwrite-any", action="store_true",
+        help="replace OUTPUT_DIR whatever it holds (a directory is removed with everything in it, a file deleted); "
+             "still never an input",
+    )  # fmt: skip
     parser.add_argument("--extrapolate", action="store_true", help="allow alpha outside [0, 1]")
     parser.add_argument("--keep-adapter", action="store_true", help="LoRA: write an adapter scaled by alpha, not a full model")
 
@@ -106,7 +116,7 @@ def _report(args: argparse.Namespace) -> None:
 
 def _merge(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     common = dict(
-        dtype=args.dtype, max_shard_size=args.max_shard_size, overwrite=args.overwrite,
+        dtype=args.dtype, max_shard_size=args.max_shard_size, overwrite="any" if args.overwrite_any else args.overwrite,
         extrapolate=args.extrapolate, keep_adapter=args.keep_adapter,
     )  # fmt: skip
     if args.command == "merge":

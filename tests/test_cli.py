@@ -62,7 +62,7 @@ def test_sweep_writes_every_alpha(opt, tmp_path, capsys):
     assert run(["sweep", "--pretrained", opt["pre"], "--finetuned", opt["ft"], "--alphas", "0,0.5,1", "--output-dir", out]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines == [f"alpha=0: {out / 'alpha-0'}", f"alpha=0.5: {out / 'alpha-0.5'}", f"alpha=1: {out / 'alpha-1'}"]
-    assert sorted(p.name for p in out.iterdir()) == ["alpha-0", "alpha-0.5", "alpha-1"]
+    assert sorted(p.name for p in out.iterdir()) == ["alpha-0", "alpha-0.5", "alpha-1", "specgen_merge.json"]
     for alpha in (0.0, 0.5, 1.0):
         single = wise_ft(str(opt["pre"]), str(opt["ft"]), alpha, tmp_path / f"single-{alpha}")
         assert same_files(out / f"alpha-{alpha:g}", single)
@@ -103,7 +103,7 @@ def test_existing_output_exit_2_and_overwrite(opt, tmp_path, capsys):
     expect_usage_error(["sweep", "--pretrained", opt["pre"], "--finetuned", opt["ft"], "--alphas", "0,1", "--output-dir", out],
                        capsys, "already exists")  # fmt: skip
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
-    assert run(merge_args(opt, out, "0.3", "--overwrite")) == 0
+    assert run(merge_args(opt, out, "0.3", "--overwrite-any")) == 0
     assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
 
 

@@ -456,7 +456,7 @@ def test_side_files_come_from_the_finetuned_model(opt, tmp_path):
 
     out = wise_ft(pre_dir, ft_dir, 0.5, tmp_path / "out")
     side = ft_files - {"model.safetensors", "training_args.bin"}
-    assert {p.name for p in out.iterdir()} == side | {"model.safetensors", "README.md"}
+    assert {p.name for p in out.iterdir()} == side | {"model.safetensors", "README.md", "specgen_merge.json"}
     for name in side:
         assert (out / name).read_bytes() == (ft_dir / name).read_bytes(), name
     tokenizer = AutoTokenizer.from_pretrained(out)
@@ -512,7 +512,9 @@ def test_sweep_reads_each_tensor_once_and_matches_single_merges(opt, tmp_path, m
     assert reads == expected_reads
     monkeypatch.undo()
     assert outs == {a: tmp_path / "sweep" / alpha_dirname(a) for a in alphas}
-    assert sorted(p.name for p in (tmp_path / "sweep").iterdir()) == ["alpha-0", "alpha-0.25", "alpha-0.5", "alpha-1"]
+    assert sorted(p.name for p in (tmp_path / "sweep").iterdir()) == [
+        "alpha-0", "alpha-0.25", "alpha-0.5", "alpha-1", "specgen_merge.json"
+    ]  # fmt: skip
     for alpha, out in outs.items():
         single = wise_ft(opt["pre_sharded"], opt["ft"], alpha, tmp_path / f"single-{alpha}", max_shard_size="4KB")
         assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in single.iterdir())
@@ -604,17 +606,17 @@ def test_existing_output_refused_without_overwrite_replaced_with_it(opt, tmp_pat
     # a failure while overwriting keeps the old output
     fail_after(monkeypatch, ShardedWriter, "add", 3, OSError("disk full"))
     with pytest.raises(OSError):
-        wise_ft(opt["pre"], opt["ft"], 0.5, out, overwrite=True)
+        wise_ft(opt["pre"], opt["ft"], 0.5, out, overwrite="any")
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
     monkeypatch.undo()
 
-    wise_ft(opt["pre"], opt["ft"], 0.5, out, overwrite=True)
+    wise_ft(opt["pre"], opt["ft"], 0.5, out, overwrite="any")
     assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
     merged = read_weights(out)
     assert_interpolated(merged["model.decoder.final_layer_norm.weight"], opt["pre_sd"]["model.decoder.final_layer_norm.weight"],
                         opt["ft_sd"]["model.decoder.final_layer_norm.weight"], 0.5)  # fmt: skip
     wise_ft_sweep(opt["pre"], opt["ft"], [0.0, 1.0], out, overwrite=True)
-    assert sorted(p.name for p in out.iterdir()) == ["alpha-0", "alpha-1"]
+    assert sorted(p.name for p in out.iterdir()) == ["alpha-0", "alpha-1", "specgen_merge.json"]
     assert leftovers(tmp_path) == []
 
 

@@ -133,7 +133,8 @@ def test_lora_side_files_come_from_base_and_adapter(tmp_path):
     (adapter_dir / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 12}))
     out = wise_ft(base_dir, adapter_dir, 0.5, tmp_path / "out")
     names = {p.name for p in out.iterdir()}
-    assert names == {"model.safetensors", "config.json", "generation_config.json", "tokenizer_config.json", "README.md"}
+    assert names == {"model.safetensors", "config.json", "generation_config.json", "tokenizer_config.json", "README.md",
+                     "specgen_merge.json"}
     assert (out / "config.json").read_bytes() == (base_dir / "config.json").read_bytes()
     assert (out / "tokenizer_config.json").read_bytes() == (adapter_dir / "tokenizer_config.json").read_bytes()
     assert "adapter" not in " ".join(names)
@@ -144,7 +145,8 @@ def test_keep_adapter_scales_the_effect_by_alpha(tmp_path, config):
     alpha = 0.3
     base_dir, adapter_dir, model = adapted(tmp_path, **CONFIGS[config])
     out = wise_ft(base_dir, adapter_dir, alpha, tmp_path / "out", keep_adapter=True)
-    assert {p.name for p in out.iterdir()} == {"adapter_model.safetensors", "adapter_config.json", "README.md"}
+    assert {p.name for p in out.iterdir()} == {"adapter_model.safetensors", "adapter_config.json", "README.md",
+                                               "specgen_merge.json"}
     assert (out / "adapter_config.json").read_bytes() == (adapter_dir / "adapter_config.json").read_bytes()
     loaded = PeftModel.from_pretrained(tiny_opt(), out)
     original, scaled = lora_layers(model), lora_layers(loaded)

@@ -29,6 +29,7 @@ from .checkpoint import Checkpoint, resolve
 from .errors import MergeError
 from .hub import push_folder
 from .lora import ADAPTER_CONFIG, LoraAdapter, is_lora_adapter
+from .output import Overwrite, check_output_dir, write_marker
 from .plan import MergePlan, conv1d_modules, meta_model, plan_adapter_scaling, plan_lora_merge, plan_merge, tied_groups
 from .writer import ConcurrentWriters, ShardedWriter, header_room
 
@@ -81,12 +82,6 @@ def _check_alphas(alphas: Sequence[float], extrapolate: bool) -> list[float]:
     if len(set(alphas)) != len(alphas):
         raise MergeError(f"alphas repeat: {list(alphas)}")
     return [float(a) for a in alphas]
-
-
-def _refuse_existing(output_dir: Path, overwrite: bool) -> None:
-    """Checked before the inputs are read, so that a refused merge costs nothing."""
-    if output_dir.exists() and not overwrite:
-        raise MergeError(f"{output_dir} already exists; pass overwrite=True (--overwrite) to replace it")
 
 
 @contextlib.contextmanager
@@ -142,6 +137,7 @@ def _write(
     for directory, alpha in zip(directories, alphas):
         _copy_side_files(merge, directory, dtype)
         write_model_card(directory, *merge.sources, alpha=alpha, scores=scores)
+        write_marker(directory, *merge.sources, alpha=alpha)
 
 
 def wise_ft(
@@ -154,7 +150,7 @@ def wise_ft(
     private: bool = False,
     dtype: str | None = None,
     max_shard_size: str | int = "5GB",
-    overwrite: bool = False,
+    overwrite: Overwrite = False,
     extrapolate: bool = False,
     keep_adapter: bool = False,
     scores: str | None = None,
@@ -162,15 +158,34 @@ def wise_ft(
 ) -> Path:
     """Writes the WiSE-FT merge at `alpha` to `output_dir` and optionally pushes it to the Hub.
 
-    `pretrained` / `finetuned` are model directories or Hub ids; a LoRA adapter directory as
-    `finetuned` gives the full model `W0 + alpha * scale * B @ A` (or, with `keep_adapter`, an
-    adapter whose effect is `alpha * scale * B @ A`). `scores`, a Markdown table (e.g. the
-    speciality/generality report's), goes into the model card. `hub_api` is an `HfApi`-like
-    object (default: `huggingface_hub.HfApi()`, whose token comes from the environment or login).
+    Everything that can be checked without writing is checked first (alpha, output directory,
+    inputs, shapes), raising a `MergeError`; the output is written under a temporary name and
+    renamed at the end, so a failure leaves nothing behind.
+
+    Args:
+        pretrained: the pre-trained model: a directory or a Hub id.
+        finetuned: the fine-tuned model, or a LoRA adapter directory (giving the full model
+            `W0 + alpha * scale * B @ A`, or with `keep_adapter` an adapter of that effect).
+        alpha: 0 is the pre-trained model, 1 the fine-tuned one; outside [0, 1] needs `extrapolate`.
+        output_dir: the directory to write; never an input, nor inside or around one.
+        push_to_hub: a Hub repository id to upload the merge to (checked before merging).
+        private: create that repository private.
+        dtype: "float32", "bfloat16" or "float16"; default: the fine-tuned model's.
+        max_shard_size: the largest output shard, e.g. "5GB", "500MB" or a number of bytes.
+        overwrite: False: refuse an existing `output_dir`; True: replace it if a previous merge
+            wrote it (it holds `specgen_merge.json`) or it is empty; "any": replace whatever it is.
+        extrapolate: allow alpha outside [0, 1].
+        keep_adapter: with a LoRA adapter, write an adapter whose effect is scaled by alpha.
+        scores: a Markdown table (e.g. the speciality/generality report's) for the model card.
+        hub_api: an `HfApi`-like object (default: `huggingface_hub.HfApi()`, whose token comes
+            from `HF_TOKEN` or the login).
+
+    Returns:
+        `output_dir`.
     """
     (alpha,) = _check_alphas([alpha], extrapolate)
     output_dir = Path(output_dir)
-    _refuse_existing(output_dir, overwrite)
+    check_output_dir(output_dir, [pretrained, finetuned], overwrite)
     merge = _prepare(pretrained, finetuned, dtype, keep_adapter)
     with _atomic_directory(output_dir) as temporary:
         _write(merge, [alpha], [temporary], dtype=dtype, max_shard_size=max_shard_size, scores=scores)
@@ -191,23 +206,33 @@ def wise_ft_sweep(
     *,
     dtype: str | None = None,
     max_shard_size: str | int = "5GB",
-    overwrite: bool = False,
+    overwrite: Overwrite = False,
     extrapolate: bool = False,
     keep_adapter: bool = False,
 ) -> dict[float, Path]:
-    """Writes one merge per alpha to `output_dir/alpha-<alpha>/`, reading each input tensor once."""
+    """Writes one merge per alpha to `output_dir/alpha-<alpha>/`, reading each input tensor once.
+
+    Args:
+        pretrained, finetuned, dtype, max_shard_size, extrapolate, keep_adapter: as in `wise_ft`.
+        alphas: the alphas, distinct.
+        output_dir: the sweep's root; `overwrite` applies to it as in `wise_ft`.
+
+    Returns:
+        Each alpha's output directory.
+    """
     alphas = _check_alphas(list(alphas), extrapolate)
     names = [alpha_dirname(a) for a in alphas]
     if len(set(names)) != len(names):  # alphas equal to 6 significant digits would share a directory
         raise MergeError(f"alphas {alphas} give the same output directory names: {names}")
     output_dir = Path(output_dir)
-    _refuse_existing(output_dir, overwrite)
+    check_output_dir(output_dir, [pretrained, finetuned], overwrite)
     merge = _prepare(pretrained, finetuned, dtype, keep_adapter)
     with _atomic_directory(output_dir) as temporary:
         directories = [temporary / alpha_dirname(a) for a in alphas]
         for d in directories:
             d.mkdir()
         _write(merge, alphas, directories, dtype=dtype, max_shard_size=max_shard_size)
+        write_marker(temporary, *merge.sources, alphas=alphas)
     return {a: output_dir / alpha_dirname(a) for a in alphas}
 
 

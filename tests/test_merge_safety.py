@@ -1,0 +1,119 @@
+"""What a merge refuses and what it never touches: its inputs, other people's files, half-written
+output after an error or a signal; and the one-line errors and exit codes of `specgen`."""
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import huggingface_hub
+import pytest
+
+from hf_specgen.merge import MergeError, wise_ft, wise_ft_sweep
+from test_cli import expect_usage_error, merge_args, run
+from test_merge import leftovers, opt, read_weights  # noqa: F401 - opt: fixture
+
+MARKER = "specgen_merge.json"
+
+
+def tree(directory):
+    """Every file and directory under `directory`, with a digest of each file's bytes."""
+    directory = Path(directory)
+    return {
+        str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+        for p in sorted(directory.rglob("*"))
+    }
+
+
+@pytest.fixture
+def project(opt, tmp_path):
+    """`proj/` holding the pre-trained and the fine-tuned model, as users lay out their runs."""
+    root = tmp_path / "proj"
+    shutil.copytree(opt["pre"], root / "pre")
+    shutil.copytree(opt["ft"], root / "ft")
+    return root
+
+
+# ---- item 17: --overwrite never reaches an input, and replaces only a previous merge --------------
+
+
+def test_output_that_is_contains_or_lies_inside_an_input_is_refused(project, tmp_path):
+    (tmp_path / "link").symlink_to(project / "ft")
+    before = tree(tmp_path)
+    pre, ft = project / "pre", project / "ft"
+    for output, what in [(project, "contains"), (ft, "is"), (ft / "merged", "lies inside"), (tmp_path / "link", "is")]:
+        for overwrite in (True, "any"):
+            with pytest.raises(MergeError, match=re.escape(f"{output}: the output directory {what} the input")):
+                wise_ft(pre, ft, 0.5, output, overwrite=overwrite)
+            with pytest.raises(MergeError, match=re.escape(str(output))):
+                wise_ft_sweep(pre, ft, [0.0, 1.0], output, overwrite=overwrite)
+    assert tree(tmp_path) == before
+
+
+def test_cli_refuses_to_overwrite_its_inputs(project, tmp_path, capsys):
+    before = tree(tmp_path)
+    pre, ft = project / "pre", project / "ft"
+    expect_usage_error(["sweep", "--pretrained", pre, "--finetuned", ft, "--alphas", "0,1", "--output-dir", project,
+                        "--overwrite"], capsys, f"specgen: error: {project}: the output directory contains the input {pre}")  # fmt: skip
+    expect_usage_error(["merge", "--pretrained", pre, "--finetuned", ft, "--alpha", "0.5", "--output-dir", ft,
+                        "--overwrite-any"], capsys, f"specgen: error: {ft}: the output directory is the input {ft}")  # fmt: skip
+    assert tree(tmp_path) == before
+
+
+def test_a_hub_id_protects_the_hugging_face_cache(opt, tmp_path, monkeypatch):
+    cache = tmp_path / "hub-cache"
+    (cache / "models--me--model").mkdir(parents=True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    for output in (cache, cache / "models--me--model", tmp_path):
+        with pytest.raises(MergeError, match=re.escape(f"{output}: the output directory")) as error:
+            wise_ft("me/model", opt["ft"], 0.5, output, overwrite="any")
+        assert "Hugging Face cache" in str(error.value)
+    assert [p.name for p in cache.iterdir()] == ["models--me--model"]
+
+
+def test_overwrite_replaces_a_previous_merge_or_an_empty_directory_only(opt, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    for call in (lambda o: wise_ft(opt["pre"], opt["ft"], 0.5, out, overwrite=o),
+                 lambda o: wise_ft_sweep(opt["pre"], opt["ft"], [0.5], out, overwrite=o)):  # fmt: skip
+        with pytest.raises(MergeError, match=re.escape(f"{out}: already exists")):
+            call(False)
+        with pytest.raises(MergeError, match=re.escape(f"{out}: not written by a merge (no {MARKER})")):
+            call(True)
+    assert tree(out) == {"keep.txt": hashlib.sha256(b"mine").hexdigest()}
+
+    wise_ft(opt["pre"], opt["ft"], 0.5, out, overwrite="any")  # the stronger flag replaces anything
+    marker = json.loads((out / MARKER).read_text())
+    assert marker["pretrained"] == str(opt["pre"]) and marker["finetuned"] == str(opt["ft"]) and marker["alpha"] == 0.5
+    wise_ft_sweep(opt["pre"], opt["ft"], [0.0, 1.0], out, overwrite=True)  # a previous merge: replaced
+    assert sorted(p.name for p in out.iterdir()) == ["alpha-0", "alpha-1", MARKER]
+    assert json.loads((out / MARKER).read_text())["alphas"] == [0.0, 1.0]
+    wise_ft(opt["pre"], opt["ft"], 0.25, out / "alpha-1", overwrite=True)  # one alpha of a sweep: a merge too
+    assert json.loads((out / "alpha-1" / MARKER).read_text())["alpha"] == 0.25
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    wise_ft(opt["pre"], opt["ft"], 0.5, empty, overwrite=True)
+    assert (empty / "model.safetensors").is_file() and leftovers(tmp_path) == []
+    with pytest.raises(MergeError, match="overwrite must be"):
+        wise_ft(opt["pre"], opt["ft"], 0.5, empty, overwrite="yes")
+
+
+def test_cli_overwrite_and_overwrite_any(opt, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    expect_usage_error(merge_args(opt, out, "0.3", "--overwrite"), capsys, f"specgen: error: {out}: not written by a merge",
+                       "--overwrite-any")  # fmt: skip
+    assert (out / "keep.txt").read_text() == "mine"
+    assert run(merge_args(opt, out, "0.3", "--overwrite-any")) == 0
+    assert not (out / "keep.txt").exists() and (out / MARKER).is_file()
+    assert run(merge_args(opt, out, "0.6", "--overwrite")) == 0
+    assert json.loads((out / MARKER).read_text())["alpha"] == 0.6
+    capsys.readouterr()
+    assert run(["merge", "--help"]) == 0
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert f"--overwrite replace OUTPUT_DIR if a previous merge wrote it (it holds {MARKER}) or it is empty: everything in it is removed" in help_text
+    assert "never an input" in help_text
