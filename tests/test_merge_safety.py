@@ -117,3 +117,30 @@ def test_cli_overwrite_and_overwrite_any(opt, tmp_path, capsys):
     help_text = " ".join(capsys.readouterr().out.split())
     assert f"--overwrite replace OUTPUT_DIR if a previous merge wrote it (it holds {MARKER}) or it is empty: everything in it is removed" in help_text
     assert "never an input" in help_text
+
+
+# ---- item 21: permissions from the umask; nothing stray after replacing --------------------------
+
+
+def test_merged_directories_follow_the_umask(opt, tmp_path):
+    previous = os.umask(0o027)
+    try:
+        out = wise_ft(opt["pre"], opt["ft"], 0.5, tmp_path / "out")
+        outs = wise_ft_sweep(opt["pre"], opt["ft"], [0.0, 1.0], tmp_path / "sweep")
+    finally:
+        os.umask(previous)
+    for directory in (out, tmp_path / "sweep", *outs.values()):
+        assert directory.stat().st_mode & 0o777 == 0o750, directory
+    assert (out / "model.safetensors").stat().st_mode & 0o777 == 0o640
+
+
+def test_overwrite_any_replaces_a_file_and_leaves_nothing_beside(opt, tmp_path):
+    out = tmp_path / "out"
+    out.write_text("a file, not a merge")
+    with pytest.raises(MergeError, match=re.escape(f"{out}: not written by a merge")):
+        wise_ft(opt["pre"], opt["ft"], 0.5, out, overwrite=True)
+    assert out.read_text() == "a file, not a merge"
+    wise_ft(opt["pre"], opt["ft"], 0.5, out, overwrite="any")
+    assert out.is_dir() and (out / MARKER).is_file()
+    wise_ft(opt["pre"], opt["ft"], 0.7, out, overwrite=True)  # a directory replaced: nothing beside either
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

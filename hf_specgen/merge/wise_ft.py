@@ -9,13 +9,11 @@ Output directories are written under a temporary name and renamed at the end, so
 
 from __future__ import annotations
 
-import contextlib
 import fnmatch
 import json
 import math
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +22,7 @@ from typing import Any
 import torch
 from transformers.utils.hub import convert_file_size_to_int
 
+from .atomic import atomic_directory
 from .card import write_model_card
 from .checkpoint import Checkpoint, resolve
 from .errors import MergeError
@@ -82,25 +81,6 @@ def _check_alphas(alphas: Sequence[float], extrapolate: bool) -> list[float]:
     if len(set(alphas)) != len(alphas):
         raise MergeError(f"alphas repeat: {list(alphas)}")
     return [float(a) for a in alphas]
-
-
-@contextlib.contextmanager
-def _atomic_directory(output_dir: Path) -> Iterator[Path]:
-    """A temporary directory beside `output_dir`, renamed to it (replacing it) only if the block succeeds."""
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    temporary = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", suffix=".partial", dir=output_dir.parent))
-    try:
-        yield temporary
-    except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True)
-        raise
-    if output_dir.exists():
-        old = temporary.with_suffix(".old")
-        output_dir.rename(old)
-        temporary.rename(output_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        temporary.rename(output_dir)
 
 
 def _copy_side_files(merge: _Merge, directory: Path, dtype: str | None) -> None:
@@ -187,7 +167,7 @@ def wise_ft(
     output_dir = Path(output_dir)
     check_output_dir(output_dir, [pretrained, finetuned], overwrite)
     merge = _prepare(pretrained, finetuned, dtype, keep_adapter)
-    with _atomic_directory(output_dir) as temporary:
+    with atomic_directory(output_dir) as temporary:
         _write(merge, [alpha], [temporary], dtype=dtype, max_shard_size=max_shard_size, scores=scores)
     if push_to_hub:
         push_folder(output_dir, push_to_hub, private=private, api=hub_api, message=f"WiSE-FT merge, alpha={alpha:g}")
@@ -227,7 +207,7 @@ def wise_ft_sweep(
     output_dir = Path(output_dir)
     check_output_dir(output_dir, [pretrained, finetuned], overwrite)
     merge = _prepare(pretrained, finetuned, dtype, keep_adapter)
-    with _atomic_directory(output_dir) as temporary:
+    with atomic_directory(output_dir) as temporary:
         directories = [temporary / alpha_dirname(a) for a in alphas]
         for d in directories:
             d.mkdir()
