@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import datasets
 import pytest
@@ -387,6 +388,42 @@ def test_missing_local_paths_stop_before_any_work(recipe, args, message, tmp_pat
     error = stop_message(recipe_class.main, argv)
     assert re.match(rf"{recipe}.py: error: {message}", error), error
     assert calls == [] and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("args", "field"),
+    [
+        (["--alphas", "0", "nan", "1"], "alphas"),
+        (["--keep_speciality", "inf"], "keep_speciality"),
+        (["--lora_dropout", "nan"], "lora_dropout"),
+        (["--lora_learning_rate", "inf"], "lora_learning_rate"),
+        (["--methods", "l2", "--l2_lambda", "nan"], "l2_lambda"),
+        (["--methods", "full", "l2", "--l2_lambda", "inf"], "l2_lambda"),
+        (["--methods", "kd", "--kd_temperature", "nan"], "kd_temperature"),
+        (["--config", "{nan_preset}"], "lora_dropout"),  # YAML's .nan
+    ],
+)
+def test_non_finite_floats_are_refused_naming_the_field(args, field, tmp_path, monkeypatch):
+    """NaN passes `x < 0` and `x <= 0` checks (`l2_lambda: nan` trained "l2" as a full fine-tune)."""
+    module = load_recipe("galactica_med")
+    calls = counting_calls(monkeypatch, module.GalacticaMed)
+    (tmp_path / "nan.yaml").write_text((CONFIGS / "galactica_med_tiny.yaml").read_text() + "lora_dropout: .nan\n")
+    args = [a.format(nan_preset=tmp_path / "nan.yaml") for a in args]
+    error = stop_message(module.GalacticaMed.main, ["--config", str(CONFIGS / "galactica_med_tiny.yaml"),
+                                                    "--output_dir", str(tmp_path / "out"), *args])  # fmt: skip
+    assert re.match(rf"galactica_med.py: error: .*\b{field}\b.*finite", error), error
+    assert calls == [] and not (tmp_path / "out").exists()
+
+
+def test_parse_methods_refuses_non_finite_strengths_whatever_the_training_arguments_allow():
+    base = SimpleNamespace(l1_lambda=0.0, l2_lambda=float("nan"), ewc_lambda=float("inf"), kd_lambda=1.0,
+                           kd_temperature=float("nan"), feature_lambda=0.0)  # fmt: skip
+    assert parse_methods(["full"], base) == [Method("full", (), False)]
+    for method, field in (("l2", "l2_lambda"), ("ewc", "ewc_lambda"), ("kd", "kd_temperature")):
+        with pytest.raises(ValueError, match=rf"method '{method}' needs {field} .*finite.*, got (nan|inf)"):
+            parse_methods([method], base)
+    with pytest.raises(ValueError, match="alphas must be finite"):
+        ExperimentArguments(alphas=[0.5, float("nan")])
 
 
 def test_clip_class_names_from_labels_ids_and_indices():

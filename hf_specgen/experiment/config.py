@@ -9,6 +9,8 @@ value is reported with the file's name before anything is loaded.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -38,11 +40,23 @@ def parse_config(dataclass_types: Sequence[type], argv: Sequence[str] | None = N
     try:
         # the outputs: one instance per dataclass, a namespace of the other options (--config), the rest
         *instances, _, rest = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+        for instance in instances:
+            check_finite(instance)
     except (ValueError, TypeError) as error:  # a dataclass' own validation (e.g. TrainingArguments')
         raise ConfigError(f"invalid configuration: {error}") from error
     if rest:
         raise ConfigError(f"unknown arguments {rest}")
     return tuple(instances)
+
+
+def check_finite(instance: Any) -> None:
+    """Every float of a dataclass instance, in a field or a list field, is finite; else a `ValueError`
+    naming the field. Range checks alone let NaN through (`nan < 0` and `nan <= 0` are false)."""
+    for f in dataclasses.fields(instance):
+        value = getattr(instance, f.name)
+        items = value if isinstance(value, (list, tuple)) else [value]
+        if any(isinstance(item, float) and not math.isfinite(item) for item in items):
+            raise ValueError(f"{f.name} must be {'finite numbers' if items is value else 'a finite number'}, got {value}")
 
 
 def _preset(parser: argparse.ArgumentParser, path: Path) -> dict[str, Any]:

@@ -8,6 +8,7 @@ and switches the others off, so one configuration holds every method's strength.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 from ..args import SpecGenTrainingArguments
@@ -51,14 +52,19 @@ class Method:
 
 
 def parse_methods(names: list[str], base: SpecGenTrainingArguments) -> list[Method]:
-    """The methods named, checked: known, not repeated, and each regularizer given a strength > 0."""
+    """The methods named, checked: known, not repeated, and each regularizer given a finite strength
+    > 0 (and `kd` a finite temperature > 0), whatever `base`'s own checks let through."""
     if not names:
         raise ValueError("methods is empty: name at least one of " + ", ".join(METHODS))
     if len(set(names)) != len(names):
         raise ValueError(f"methods {names} name a method twice")
     methods = [Method.parse(name) for name in names]
     for method in methods:
-        for r in method.regularizers:
-            if getattr(base, f"{r}_lambda") <= 0:
-                raise ValueError(f"method {method.name!r} needs {r}_lambda > 0 (its strength), got {getattr(base, f'{r}_lambda')}")
+        needs = {f"{r}_lambda": "its strength" for r in method.regularizers}
+        if "kd" in method.regularizers:
+            needs["kd_temperature"] = "the distillation temperature"
+        for name, what in needs.items():
+            value = getattr(base, name)
+            if not math.isfinite(value) or value <= 0:  # isfinite first: NaN passes `<= 0`
+                raise ValueError(f"method {method.name!r} needs {name} > 0 ({what}), a finite number, got {value}")
     return methods

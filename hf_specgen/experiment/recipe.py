@@ -20,7 +20,7 @@ from transformers import PreTrainedModel
 from ..args import SpecGenTrainingArguments
 from ..eval.report import KEEP_SPECIALITY
 from ..eval.suites import Role
-from .config import ConfigError, parse_config
+from .config import ConfigError, check_finite, parse_config
 from .methods import METHODS
 from .sources import is_local_path
 
@@ -58,12 +58,17 @@ class ExperimentArguments:
     report_title: str | None = field(default=None, metadata={"help": "Title of the report's table and plot."})
 
     def __post_init__(self) -> None:
+        check_finite(self)  # first: NaN passes every range check below
         if any(not 0.0 <= a <= 1.0 for a in self.alphas):
             raise ValueError(f"alphas must lie in [0, 1], got {self.alphas}")
         if len(set(self.alphas)) != len(self.alphas):
             raise ValueError(f"alphas {self.alphas} repeat a value")
         if self.lora_r <= 0:
             raise ValueError(f"lora_r must be > 0, got {self.lora_r}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.lora_learning_rate is not None and self.lora_learning_rate <= 0:
+            raise ValueError(f"lora_learning_rate must be > 0, got {self.lora_learning_rate}")
         if not 0.0 < self.keep_speciality <= 1.0:
             raise ValueError(f"keep_speciality must be in (0, 1], got {self.keep_speciality}")
 
