@@ -6,12 +6,17 @@ import json
 import os
 import re
 import shutil
+import signal
+import subprocess
+import sys
+import threading
 from pathlib import Path
 
 import huggingface_hub
 import pytest
 
 from hf_specgen.merge import MergeError, wise_ft, wise_ft_sweep
+from hf_specgen.merge.checkpoint import Checkpoint
 from test_cli import expect_usage_error, merge_args, run
 from test_merge import leftovers, opt, read_weights  # noqa: F401 - opt: fixture
 
@@ -144,3 +149,96 @@ def test_overwrite_any_replaces_a_file_and_leaves_nothing_beside(opt, tmp_path):
     assert out.is_dir() and (out / MARKER).is_file()
     wise_ft(opt["pre"], opt["ft"], 0.7, out, overwrite=True)  # a directory replaced: nothing beside either
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+# ---- item 18: SIGTERM cleans up as Ctrl-C does; what kill -9 leaves, the next merge removes ---------
+
+# `specgen ARGS` whose first tensor read says "writing" (the temporary directory exists) and waits
+SLOW_MERGE = """
+import sys, time
+from hf_specgen.cli import main
+from hf_specgen.merge.checkpoint import Checkpoint
+original = Checkpoint.get
+def get(self, key):
+    if not getattr(get, "waited", False):
+        get.waited = True
+        print("writing", flush=True)
+        time.sleep(60)
+    return original(self, key)
+Checkpoint.get = get
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.fixture
+def slow_merge(opt, tmp_path):
+    """Starts `specgen merge` into OUT in a process of its own, which waits once writing; killed at the end."""
+    script = tmp_path / "slow_merge.py"
+    script.write_text(SLOW_MERGE)
+    processes = []
+
+    def start(out):
+        argv = [sys.executable, script, *map(str, merge_args(opt, out))]
+        processes.append(subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        return processes[-1]
+
+    yield start
+    for process in processes:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+
+
+def test_sigterm_cleans_up_and_what_kill_9_leaves_the_next_merge_removes(opt, tmp_path, slow_merge):
+    parent = tmp_path / "outputs"
+    killed, terminated = slow_merge(parent / "a"), slow_merge(parent / "b")
+    for process in (killed, terminated):  # both are writing
+        assert process.stdout.readline() == "writing\n", process.communicate(timeout=60)
+    killed.send_signal(signal.SIGKILL)
+    killed.communicate(timeout=60)
+    (partial_a,) = [p for p in parent.iterdir() if p.name.startswith(".a.")]
+    (partial_b,) = [p for p in parent.iterdir() if p.name.startswith(".b.")]
+    assert partial_a.is_dir() and partial_b.is_dir()
+    wise_ft(opt["pre"], opt["ft"], 0.5, parent / "c")  # the next merge into the same parent
+    assert not partial_a.exists() and partial_b.is_dir()  # the dead one's partial removed, the live one's kept
+    terminated.send_signal(signal.SIGTERM)
+    _, err = terminated.communicate(timeout=60)
+    assert terminated.returncode == -signal.SIGTERM  # as the default handler ends it: the shell says 143
+    assert "Traceback" not in err
+    assert sorted(p.name for p in parent.iterdir()) == ["c"]
+
+
+class Stop(Exception):
+    pass
+
+
+def test_sigterm_in_process_reaches_the_previous_handler_after_cleanup(opt, tmp_path, monkeypatch):
+    calls = []
+
+    def previous(signum, frame):
+        calls.append(signum)
+        raise Stop
+
+    original_get = Checkpoint.get
+
+    def get(self, key):
+        if len(calls) == 0 and not getattr(get, "sent", False):
+            get.sent = True
+            assert list(tmp_path.iterdir())  # the temporary directory is there
+            signal.raise_signal(signal.SIGTERM)
+        return original_get(self, key)
+
+    monkeypatch.setattr(Checkpoint, "get", get)
+    before = signal.signal(signal.SIGTERM, previous)
+    try:
+        with pytest.raises(Stop):
+            wise_ft(opt["pre"], opt["ft"], 0.5, tmp_path / "out")
+        assert calls == [signal.SIGTERM] and list(tmp_path.iterdir()) == []
+        assert signal.getsignal(signal.SIGTERM) is previous  # restored
+        monkeypatch.undo()
+        thread = threading.Thread(target=wise_ft, args=(opt["pre"], opt["ft"], 0.5, tmp_path / "thread"))
+        thread.start()
+        thread.join()  # no handler can be installed outside the main thread: merged all the same
+        assert (tmp_path / "thread" / MARKER).is_file()
+    finally:
+        signal.signal(signal.SIGTERM, before)

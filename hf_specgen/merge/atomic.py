@@ -1,22 +1,53 @@
 """Writing a directory all at once: under a temporary name beside it, renamed to it at the end.
 
 The temporary directory is created like any directory (its permissions follow the umask) and
-removed if the writing fails. What the new directory replaces (a previous output, or a file) is
-moved aside and removed once the new one is in place.
+removed if the writing fails, is interrupted (Ctrl-C) or terminated: SIGTERM, which `timeout`,
+Slurm and `docker stop` send, is turned into an exception for the time of the write (in the main
+thread), so that the same clean-up runs; the signal is then delivered again to the handler that
+was there before, by default ending the process as SIGTERM does (exit status 128 + 15).
+
+Nothing can clean up after `kill -9`: temporary names carry their owner,
+`.<name>.<random>.<pid>@<host>.partial` (`.old` for what is being replaced), and the next write
+into the same parent removes those of a process of this host that no longer exists.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import secrets
 import shutil
+import signal
+import socket
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+_OWNED = re.compile(r"\..+\.[0-9a-f]{8}\.(?P<pid>\d+)@(?P<host>[A-Za-z0-9-]+)\.(partial|old)")
+
+
+class Terminated(BaseException):
+    """SIGTERM received while a directory was being written (raised in the main thread only)."""
+
+
+def _host() -> str:
+    """This machine, as temporary names spell it (a pid means nothing on another one)."""
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:63] or "host"
+
 
 def _temporary_name(name: str, kind: str) -> str:
-    return f".{name}.{secrets.token_hex(4)}.{kind}"
+    return f".{name}.{secrets.token_hex(4)}.{os.getpid()}@{_host()}.{kind}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def remove_path(path: Path) -> None:
@@ -28,29 +59,76 @@ def remove_path(path: Path) -> None:
             path.unlink()
 
 
+def remove_abandoned(parent: Path) -> list[Path]:
+    """Removes the temporary directories in `parent` left by writes whose process is gone (killed
+    with SIGKILL, or the machine crashed); never one of a live process, nor one of another host.
+
+    Returns:
+        What was removed.
+    """
+    removed = []
+    with contextlib.suppress(OSError):
+        for entry in parent.iterdir():
+            match = _OWNED.fullmatch(entry.name)
+            if match and match["host"] == _host() and not _alive(int(match["pid"])):
+                remove_path(entry)
+                removed.append(entry)
+    return removed
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """SIGTERM raises `Terminated` in the block; after it, the signal goes to the previous handler."""
+    previous = signal.getsignal(signal.SIGTERM)
+    if threading.current_thread() is not threading.main_thread() or previous in (signal.SIG_IGN, None):
+        yield  # handlers belong to the main thread; an ignored SIGTERM stays ignored
+        return
+    received = []
+
+    def handler(signum: int, frame: object) -> None:
+        if not received:  # once: a second SIGTERM must not interrupt the clean-up
+            received.append(signum)
+            raise Terminated(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    except Terminated:
+        signal.signal(signal.SIGTERM, previous)
+        signal.raise_signal(signal.SIGTERM)  # the default ends the process here; a Python handler runs now
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 @contextlib.contextmanager
 def atomic_directory(output_dir: Path) -> Iterator[Path]:
     """A new directory beside `output_dir`, renamed to it (replacing what is there) only if the
-    block succeeds; removed otherwise.
+    block succeeds; removed otherwise, SIGTERM included.
 
     Args:
-        output_dir: the directory to write; its parent is created if needed.
+        output_dir: the directory to write; its parent is created if needed, and cleared of the
+            temporary directories of dead writes (`remove_abandoned`).
 
     Returns:
         (yields) the temporary directory to write into.
     """
     parent = output_dir.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    temporary = parent / _temporary_name(output_dir.name, "partial")
-    temporary.mkdir()  # mode 0o777 less the umask, as any directory (mkdtemp's would be 0o700)
-    old = None
-    try:
-        yield temporary
-        if os.path.lexists(output_dir):
-            old = parent / _temporary_name(output_dir.name, "old")
-            os.rename(output_dir, old)
-        os.rename(temporary, output_dir)
-    finally:
-        for leftover in (temporary, old):
-            if leftover is not None:
-                remove_path(leftover)
+    with _sigterm_raises():
+        parent.mkdir(parents=True, exist_ok=True)
+        remove_abandoned(parent)
+        temporary = parent / _temporary_name(output_dir.name, "partial")
+        temporary.mkdir()  # mode 0o777 less the umask, as any directory (mkdtemp's would be 0o700)
+        old = None
+        try:
+            yield temporary
+            if os.path.lexists(output_dir):
+                old = parent / _temporary_name(output_dir.name, "old")
+                os.rename(output_dir, old)
+            os.rename(temporary, output_dir)
+        finally:
+            if old is not None and os.path.lexists(old) and not os.path.lexists(output_dir):
+                os.rename(old, output_dir)  # interrupted between the two renames: the previous output stays
+            for leftover in (temporary, old):
+                if leftover is not None:
+                    remove_path(leftover)
