@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .merge import MergeError, PushError, wise_ft, wise_ft_sweep
+from .merge import MergeError, MergeWriteError, PushError, wise_ft, wise_ft_sweep
 from .merge.output import MARKER
 
 
@@ -144,10 +144,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             _merge(args, parser)
     except (MergeError, ValueError) as error:
         parser.exit(2, f"specgen: error: {error}\n")
-    except PushError as error:
-        print(f"specgen: error: {error}", file=sys.stderr)
+    except (PushError, OSError) as error:  # the input was fine: writing or uploading failed
+        print(f"specgen: error: {_describe(error)}", file=sys.stderr)
         return 1
     return 0
+
+
+def _describe(error: Exception) -> str:
+    """`<path>: <what is wrong>` where the error names a path (`[Errno 13] ...: 'path'` otherwise)."""
+    if isinstance(error, OSError) and not isinstance(error, MergeWriteError) and error.filename and error.strerror:
+        return f"{error.filename}: {error.strerror}"
+    return str(error)
 
 
 if __name__ == "__main__":

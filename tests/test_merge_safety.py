@@ -1,6 +1,7 @@
 """What a merge refuses and what it never touches: its inputs, other people's files, half-written
 output after an error or a signal; and the one-line errors and exit codes of `specgen`."""
 
+import errno
 import hashlib
 import json
 import os
@@ -18,7 +19,8 @@ import pytest
 from hf_specgen.merge import MergeError, wise_ft, wise_ft_sweep
 from hf_specgen.merge.checkpoint import Checkpoint
 from test_cli import expect_usage_error, merge_args, run
-from test_merge import leftovers, opt, read_weights  # noqa: F401 - opt: fixture
+from hf_specgen.merge.writer import ShardedWriter
+from test_merge import fail_after, leftovers, opt, read_weights  # noqa: F401 - opt: fixture
 
 MARKER = "specgen_merge.json"
 
@@ -242,3 +244,31 @@ def test_sigterm_in_process_reaches_the_previous_handler_after_cleanup(opt, tmp_
         assert (tmp_path / "thread" / MARKER).is_file()
     finally:
         signal.signal(signal.SIGTERM, before)
+
+
+# ---- item 20: a write failure is one line naming the output, exit 1, nothing left behind -----------
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS], ids=["disk_full", "read_only"])
+def test_write_failure_is_one_line_exit_1_and_leaves_nothing(opt, tmp_path, capsys, monkeypatch, code):
+    parent = tmp_path / "outputs"
+    parent.mkdir()
+    if code == errno.ENOSPC:  # the disk fills up after a few tensors
+        fail_after(monkeypatch, ShardedWriter, "add", 3, OSError(code, os.strerror(code)))
+    else:  # the parent refuses new directories (chmod would not stop root)
+        original = os.mkdir
+
+        def mkdir(path, *args, **kwargs):
+            if Path(path).parent == parent:
+                raise OSError(code, os.strerror(code), str(path))
+            return original(path, *args, **kwargs)
+
+        monkeypatch.setattr(os, "mkdir", mkdir)
+    for argv, out in [(merge_args(opt, parent / "out"), parent / "out"),
+                      (["sweep", "--pretrained", opt["pre"], "--finetuned", opt["ft"], "--alphas", "0.2,0.8",
+                        "--output-dir", parent / "sweep"], parent / "sweep")]:  # fmt: skip
+        assert run(argv) == 1
+        captured = capsys.readouterr()
+        assert captured.out == ""
+        assert captured.err == f"specgen: error: {out}: cannot write the merge: {os.strerror(code)}\n"
+        assert list(parent.iterdir()) == []

@@ -24,6 +24,8 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+from .errors import MergeWriteError
+
 _OWNED = re.compile(r"\..+\.[0-9a-f]{8}\.(?P<pid>\d+)@(?P<host>[A-Za-z0-9-]+)\.(partial|old)")
 
 
@@ -112,7 +114,22 @@ def atomic_directory(output_dir: Path) -> Iterator[Path]:
 
     Returns:
         (yields) the temporary directory to write into.
+
+    Raises:
+        MergeWriteError: an `OSError` while writing (disk full, read-only...), naming `output_dir`.
     """
+    try:
+        with _atomic(output_dir) as temporary:
+            yield temporary
+    except OSError as error:
+        reason = error.strerror or str(error)
+        if error.filename and not str(error.filename).startswith(str(output_dir.parent / f".{output_dir.name}.")):
+            reason += f" ({error.filename})"  # an input's file, or the parent: a temporary name would say nothing
+        raise MergeWriteError(error.errno, f"{output_dir}: cannot write the merge: {reason}") from error
+
+
+@contextlib.contextmanager
+def _atomic(output_dir: Path) -> Iterator[Path]:
     parent = output_dir.parent
     with _sigterm_raises():
         parent.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,13 @@
-"""The one exception of merging: its message names the problem (key, file, value)."""
+"""The exceptions of merging: their messages name the problem (path, key, value)."""
 
 
 class MergeError(ValueError):
     """Bad input to a merge: nothing has been written when it is raised."""
+
+
+class MergeWriteError(OSError):
+    """Writing the output failed (disk full, read-only file system, permissions): nothing was left
+    behind, and an output it was to replace is intact. Its message starts with the output path."""
+
+    def __str__(self) -> str:
+        return self.strerror or super().__str__()
