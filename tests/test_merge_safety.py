@@ -15,12 +15,13 @@ from pathlib import Path
 
 import huggingface_hub
 import pytest
+import torch
 
 from hf_specgen.merge import MergeError, wise_ft, wise_ft_sweep
 from hf_specgen.merge.checkpoint import Checkpoint
 from test_cli import expect_usage_error, merge_args, run
 from hf_specgen.merge.writer import ShardedWriter
-from test_merge import fail_after, leftovers, opt, read_weights  # noqa: F401 - opt: fixture
+from test_merge import _Payload, fail_after, leftovers, opt, read_weights  # noqa: F401 - opt: fixture
 
 MARKER = "specgen_merge.json"
 
@@ -272,3 +273,61 @@ def test_write_failure_is_one_line_exit_1_and_leaves_nothing(opt, tmp_path, caps
         assert captured.out == ""
         assert captured.err == f"specgen: error: {out}: cannot write the merge: {os.strerror(code)}\n"
         assert list(parent.iterdir()) == []
+
+
+# ---- item 19: corrupt or missing input is one line naming the file, exit 2, nothing written ---------
+
+
+def corrupt(opt, root, case):
+    """A copy of the fine-tuned model (or an adapter) broken as `case` says: (its directory, the bad file)."""
+    ft = root / "ft"
+    shutil.copytree(opt["ft_sharded" if case.startswith("index") else "ft"], ft)
+    index = ft / "model.safetensors.index.json"
+    if case == "truncated_shard":
+        bad = ft / "model.safetensors"
+        bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])
+    elif case == "index_missing_shard":
+        bad = index
+        (ft / json.loads(index.read_text())["weight_map"]["model.decoder.final_layer_norm.weight"]).unlink()
+    elif case == "index_without_weight_map":
+        bad = index
+        index.write_text(json.dumps({"metadata": {"total_size": 1}}))
+    elif case == "index_malformed":
+        bad = index
+        index.write_text('{"weight_map": {"a": ')
+    elif case == "config_malformed":
+        bad = ft / "config.json"
+        bad.write_text("{'model_type': 'opt'}")
+    elif case == "adapter_config_malformed":
+        bad = ft / "adapter_config.json"
+        bad.write_text("{")
+    else:  # a .bin instead of the safetensors
+        (ft / "model.safetensors").unlink()
+        bad = ft / "pytorch_model.bin"
+        state = {"model.decoder.final_layer_norm.weight": torch.zeros(16)}
+        if case == "bin_legacy":
+            torch.save(state, bad, _use_new_zipfile_serialization=False)
+        else:
+            torch.save({**state, "x": _Payload(str(root / "pwned"))}, bad)
+    return ft, bad
+
+
+@pytest.mark.parametrize("case, what", [
+    ("truncated_shard", "not a readable safetensors file"),
+    ("index_missing_shard", "names model-0000"),
+    ("index_without_weight_map", "no weight_map"),
+    ("index_malformed", "malformed JSON"),
+    ("config_malformed", "malformed JSON"),
+    ("adapter_config_malformed", "malformed JSON"),
+    ("bin_legacy", "legacy"),
+    ("bin_pickled", "pickled objects"),
+])  # fmt: skip
+def test_corrupt_input_is_one_line_naming_the_file(opt, tmp_path, capsys, case, what):
+    ft, bad = corrupt(opt, tmp_path, case)
+    out = tmp_path / "outputs" / "out"
+    err = expect_usage_error(["merge", "--pretrained", opt["pre"], "--finetuned", ft, "--alpha", "0.5", "--output-dir", out],
+                             capsys, f"specgen: error: {bad}: ", what)  # fmt: skip
+    assert err.count("\n") == 1 and "Traceback" not in err and "weights_only=False" not in err
+    if case.startswith("bin"):
+        assert "convert it to safetensors with a tool you trust" in err
+    assert not (tmp_path / "outputs").exists() and not (tmp_path / "pwned").exists()

@@ -3,6 +3,10 @@
 Like mergekit's lazy loader: safetensors files are memory-mapped and a tensor is read only when
 asked for, so a merge holds a few tensors, never a whole model, whatever the sharding. `.bin`
 checkpoints are loaded with `weights_only=True` (and memory-mapped), one file at a time.
+
+Every file is checked when the checkpoint is opened, before a merge writes anything: a truncated
+shard, an index naming a missing shard or without `weight_map`, malformed JSON, a legacy or
+pickled `.bin` each raise a `MergeError` whose message starts with the file's path.
 """
 
 from __future__ import annotations
@@ -10,11 +14,13 @@ from __future__ import annotations
 import functools
 import json
 import os
+import pickle
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from .errors import MergeError
 
@@ -28,6 +34,20 @@ SAFETENSORS_DTYPES = {
 HUB_PATTERNS = [
     "*.safetensors", "*.bin", "*.json", "*.jinja", "*.model", "*.txt", "*.tiktoken",
 ]  # fmt: skip
+
+
+# A .bin that cannot be loaded safely: what to do instead (never weights_only=False on a file one did not make)
+_CONVERT = "convert it to safetensors with a tool you trust"
+
+
+def read_json(path: Path) -> Any:
+    """The JSON in `path`; a `MergeError` starting with the path where it cannot be read or parsed."""
+    try:
+        return json.loads(path.read_text())
+    except OSError as error:
+        raise MergeError(f"{path}: cannot be read: {error.strerror or error}") from error
+    except ValueError as error:  # JSONDecodeError, or bytes that are not UTF-8
+        raise MergeError(f"{path}: malformed JSON ({error})") from error
 
 
 def resolve(source: str | os.PathLike) -> Path:
@@ -61,13 +81,22 @@ class Checkpoint:
         self._bin_cache: tuple[Path, dict[str, torch.Tensor]] | None = None
         for file in self.files:
             if file.suffix == ".safetensors":
-                with safe_open(file, framework="pt") as f:
-                    for key in f.keys():
-                        tensor_slice = f.get_slice(key)
-                        self._add(key, file, tuple(tensor_slice.get_shape()), SAFETENSORS_DTYPES[tensor_slice.get_dtype()])
+                self._read_header(file)
             else:
                 for key, tensor in self._load_bin(file).items():
                     self._add(key, file, tuple(tensor.shape), tensor.dtype)
+
+    def _read_header(self, file: Path) -> None:
+        try:
+            with safe_open(file, framework="pt") as f:
+                entries = [(key, f.get_slice(key)) for key in f.keys()]
+                for key, tensor_slice in entries:
+                    dtype = tensor_slice.get_dtype()
+                    if dtype not in SAFETENSORS_DTYPES:
+                        raise MergeError(f"{file}: tensor {key!r} has dtype {dtype}, which a merge does not handle")
+                    self._add(key, file, tuple(tensor_slice.get_shape()), SAFETENSORS_DTYPES[dtype])
+        except (SafetensorError, OSError) as error:  # truncated, not safetensors at all, unreadable
+            raise MergeError(f"{file}: not a readable safetensors file ({error})") from error
 
     def _add(self, key: str, file: Path, shape: tuple[int, ...], dtype: torch.dtype) -> None:
         if key in self._key_to_file:
@@ -78,16 +107,29 @@ class Checkpoint:
         d = self.directory
         for index in (d / f"{name}.safetensors.index.json", d / f"{name}.bin.index.json" if name == "model" else None):
             if index is not None and index.is_file():
-                weight_map = json.loads(index.read_text())["weight_map"]
-                return [d / f for f in dict.fromkeys(weight_map.values())]
+                return self._indexed_files(index)
         for single in (f"{name}.safetensors", "pytorch_model.bin" if name == "model" else f"{name}.bin"):
             if (d / single).is_file():
                 return [d / single]
         raise MergeError(f"{d}: no {name}.safetensors, sharded index or .bin weights found")
 
+    def _indexed_files(self, index: Path) -> list[Path]:
+        content = read_json(index)
+        weight_map = content.get("weight_map") if isinstance(content, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise MergeError(f"{index}: no weight_map (tensor name -> shard file) in this index")
+        files = [self.directory / f for f in dict.fromkeys(weight_map.values())]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise MergeError(
+                f"{index}: names {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}, "
+                f"which {'is' if len(missing) == 1 else 'are'} not in {self.directory}"
+            )
+        return files
+
     def _load_bin(self, file: Path) -> dict[str, torch.Tensor]:
         if self._bin_cache is None or self._bin_cache[0] != file:
-            self._bin_cache = (file, torch.load(file, map_location="cpu", weights_only=True, mmap=True))
+            self._bin_cache = (file, _load_bin_safely(file))
         return self._bin_cache[1]
 
     def keys(self) -> list[str]:
@@ -116,5 +158,37 @@ class Checkpoint:
 
     @functools.cached_property
     def config(self) -> dict[str, Any] | None:
-        path = self.directory / "config.json"
-        return json.loads(path.read_text()) if path.is_file() else None
+        return read_config(self.directory)
+
+
+def read_config(directory: Path) -> dict[str, Any] | None:
+    """The `config.json` of a model directory, None where there is none; a `MergeError` naming it if malformed."""
+    path = directory / "config.json"
+    if not path.is_file():
+        return None
+    config = read_json(path)
+    if not isinstance(config, dict):
+        raise MergeError(f"{path}: not a model config (a JSON object)")
+    return config
+
+
+def _load_bin_safely(file: Path) -> dict[str, torch.Tensor]:
+    """A `.bin` state dict, loaded with `weights_only=True`: tensors and plain containers, no code."""
+    if not zipfile.is_zipfile(file):
+        raise MergeError(
+            f"{file}: not a zip-format PyTorch checkpoint (a legacy torch.save format, or not a checkpoint at all), "
+            f"which cannot be loaded safely; {_CONVERT}"
+        )
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError:
+        raise MergeError(
+            f"{file}: holds pickled objects other than tensors, which are not loaded (unpickling them could run "
+            f"code); {_CONVERT}"
+        ) from None  # torch's own message suggests weights_only=False
+    except (OSError, RuntimeError, ValueError, EOFError) as error:  # a damaged zip, an unreadable file
+        reason = str(error).splitlines()[0] if str(error) and "weights_only" not in str(error) else type(error).__name__
+        raise MergeError(f"{file}: cannot be read as a PyTorch checkpoint ({reason})") from None
+    if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
+        raise MergeError(f"{file}: not a state dict (a mapping of names to tensors)")
+    return state

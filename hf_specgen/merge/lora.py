@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, read_json
 from .errors import MergeError
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -45,7 +44,9 @@ class LoraAdapter:
         transposed; None to trust the adapter config's `fan_in_fan_out` for every layer."""
         self.directory = directory
         self.conv1d_modules = conv1d_modules
-        self.config = json.loads((directory / ADAPTER_CONFIG).read_text())
+        self.config = read_json(directory / ADAPTER_CONFIG)
+        if not isinstance(self.config, dict):
+            raise MergeError(f"{directory / ADAPTER_CONFIG}: not an adapter config (a JSON object)")
         self._check_supported()
         self.checkpoint = Checkpoint(directory, weights_name="adapter_model")
         factors: dict[str, dict[str, str]] = {}

@@ -24,7 +24,7 @@ from transformers.utils.hub import convert_file_size_to_int
 
 from .atomic import atomic_directory
 from .card import write_model_card
-from .checkpoint import Checkpoint, resolve
+from .checkpoint import Checkpoint, read_config, resolve
 from .errors import MergeError
 from .hub import push_folder
 from .lora import ADAPTER_CONFIG, LoraAdapter, is_lora_adapter
@@ -49,6 +49,17 @@ class _Merge:
     side_dirs: list[Path]  # later ones override earlier ones
     weights_name: str  # "model", or "adapter_model" for --keep-adapter
     sources: tuple[str, str]
+    config: dict[str, Any] | None = None  # what the output's config.json says, before the plan's updates
+
+
+def _output_config(side_dirs: list[Path]) -> dict[str, Any] | None:
+    """The config the output gets (the last side directory's), read now: a malformed one is refused
+    before anything is written."""
+    for directory in reversed(side_dirs):
+        config = read_config(directory)
+        if config is not None:
+            return config
+    return None
 
 
 def _prepare(pretrained: str | os.PathLike, finetuned: str | os.PathLike, dtype: str | None, keep_adapter: bool) -> _Merge:
@@ -64,10 +75,12 @@ def _prepare(pretrained: str | os.PathLike, finetuned: str | os.PathLike, dtype:
         tied = tied_groups(architecture)
         if keep_adapter:
             return _Merge(plan_adapter_scaling(base, adapter, tied, torch_dtype), [ft_dir], "adapter_model", sources)
-        return _Merge(plan_lora_merge(base, adapter, tied, torch_dtype), [pre_dir, ft_dir], "model", sources)
-    if keep_adapter:
+        plan, side_dirs = plan_lora_merge(base, adapter, tied, torch_dtype), [pre_dir, ft_dir]
+    elif keep_adapter:
         raise MergeError(f"keep_adapter needs a LoRA adapter directory as finetuned; {finetuned} has no {ADAPTER_CONFIG}")
-    return _Merge(plan_merge(base, Checkpoint(ft_dir), torch_dtype), [ft_dir], "model", sources)
+    else:
+        plan, side_dirs = plan_merge(base, Checkpoint(ft_dir), torch_dtype), [ft_dir]
+    return _Merge(plan, side_dirs, "model", sources, _output_config(side_dirs))
 
 
 def _check_alphas(alphas: Sequence[float], extrapolate: bool) -> list[float]:
@@ -89,13 +102,11 @@ def _copy_side_files(merge: _Merge, directory: Path, dtype: str | None) -> None:
         for file in sorted(source.iterdir()):
             if file.is_file() and any(fnmatch.fnmatch(file.name, p) for p in patterns):
                 shutil.copy2(file, directory / file.name)
-    config_path = directory / "config.json"
-    if config_path.is_file() and (dtype is not None or merge.plan.config_updates):
-        config = json.loads(config_path.read_text())
-        config.update(merge.plan.config_updates)
+    if merge.config is not None and (dtype is not None or merge.plan.config_updates):
+        config = {**merge.config, **merge.plan.config_updates}
         if dtype is not None:
             config.update({k: dtype for k in [k for k in ("dtype", "torch_dtype") if k in config] or ["dtype"]})
-        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def _write(
