@@ -331,3 +331,20 @@ def test_corrupt_input_is_one_line_naming_the_file(opt, tmp_path, capsys, case, 
     if case.startswith("bin"):
         assert "convert it to safetensors with a tool you trust" in err
     assert not (tmp_path / "outputs").exists() and not (tmp_path / "pwned").exists()
+
+
+# ---- item 23: --max-shard-size checked first, positive -----------------------------------------------
+
+
+@pytest.mark.parametrize("size", ["abc", "0", "-5GB", "0GB", 0, -1, True, "1.5GB"])
+def test_bad_max_shard_size_is_refused_before_anything(opt, tmp_path, capsys, size):
+    # the inputs do not exist: the size is checked before they are looked for
+    with pytest.raises(MergeError, match=re.escape(f"max_shard_size (--max-shard-size) must be a positive size such as 5GB or 500MB, got {size!r}")):
+        wise_ft(tmp_path / "nope", tmp_path / "nada", 0.5, tmp_path / "out", max_shard_size=size)
+    with pytest.raises(MergeError, match="max_shard_size"):
+        wise_ft_sweep(tmp_path / "nope", tmp_path / "nada", [0.5], tmp_path / "out", max_shard_size=size)
+    if isinstance(size, str):
+        expect_usage_error(merge_args(opt, tmp_path / "out", "0.5", f"--max-shard-size={size}"), capsys,
+                           f"specgen: error: max_shard_size (--max-shard-size) must be a positive size", repr(size))  # fmt: skip
+    assert list(tmp_path.iterdir()) == []
+    assert (wise_ft(opt["pre"], opt["ft"], 0.5, tmp_path / "bytes", max_shard_size=3000) / "model.safetensors.index.json").is_file()

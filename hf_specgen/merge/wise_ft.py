@@ -96,6 +96,22 @@ def _check_alphas(alphas: Sequence[float], extrapolate: bool) -> list[float]:
     return [float(a) for a in alphas]
 
 
+def _check_shard_size(max_shard_size: str | int) -> int:
+    """Bytes, from e.g. "5GB", "500MB" or an int; anything else, or not positive, is a `MergeError`."""
+    problem = MergeError(
+        f"max_shard_size (--max-shard-size) must be a positive size such as 5GB or 500MB, got {max_shard_size!r}"
+    )
+    if isinstance(max_shard_size, bool) or not isinstance(max_shard_size, (str, int)):
+        raise problem
+    try:
+        limit = convert_file_size_to_int(max_shard_size)
+    except (ValueError, OverflowError):
+        raise problem from None
+    if limit <= 0:
+        raise problem
+    return limit
+
+
 def _copy_side_files(merge: _Merge, directory: Path, dtype: str | None) -> None:
     patterns = [ADAPTER_CONFIG] if merge.weights_name == "adapter_model" else SIDE_FILES
     for source in merge.side_dirs:
@@ -114,7 +130,7 @@ def _write(
     scores: str | None = None,
 ) -> None:  # fmt: skip
     """One pass over the input tensors, every alpha written beside the others."""
-    limit = convert_file_size_to_int(max_shard_size)
+    limit = _check_shard_size(max_shard_size)
     room = header_room([tensor.key for tensor in merge.plan.tensors])
     writers = ConcurrentWriters([ShardedWriter(d, limit, merge.weights_name, room) for d in directories])
     try:
@@ -175,6 +191,7 @@ def wise_ft(
         `output_dir`.
     """
     (alpha,) = _check_alphas([alpha], extrapolate)
+    _check_shard_size(max_shard_size)
     output_dir = Path(output_dir)
     check_output_dir(output_dir, [pretrained, finetuned], overwrite)
     merge = _prepare(pretrained, finetuned, dtype, keep_adapter)
@@ -215,6 +232,7 @@ def wise_ft_sweep(
     names = [alpha_dirname(a) for a in alphas]
     if len(set(names)) != len(names):  # alphas equal to 6 significant digits would share a directory
         raise MergeError(f"alphas {alphas} give the same output directory names: {names}")
+    _check_shard_size(max_shard_size)
     output_dir = Path(output_dir)
     check_output_dir(output_dir, [pretrained, finetuned], overwrite)
     merge = _prepare(pretrained, finetuned, dtype, keep_adapter)
