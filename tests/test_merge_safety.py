@@ -348,3 +348,12 @@ def test_bad_max_shard_size_is_refused_before_anything(opt, tmp_path, capsys, si
                            f"specgen: error: max_shard_size (--max-shard-size) must be a positive size", repr(size))  # fmt: skip
     assert list(tmp_path.iterdir()) == []
     assert (wise_ft(opt["pre"], opt["ft"], 0.5, tmp_path / "bytes", max_shard_size=3000) / "model.safetensors.index.json").is_file()
+
+
+def test_missing_input_directory_is_one_line_naming_it(opt, tmp_path, capsys):
+    missing = tmp_path / "runs" / "checkpoint-500"
+    err = expect_usage_error(["merge", "--pretrained", opt["pre"], "--finetuned", missing, "--alpha", "0.5", "--output-dir",
+                              tmp_path / "out"], capsys, f"specgen: error: {missing}: no such directory")  # fmt: skip
+    assert "Repo id" not in err and "PosixPath" not in err
+    with pytest.raises(MergeError, match=re.escape("me/not-here: cannot find it as a local directory or on the Hub")):
+        wise_ft(opt["pre"], "me/not-here", 0.5, tmp_path / "out")  # offline here

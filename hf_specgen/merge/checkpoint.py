@@ -57,15 +57,20 @@ def resolve(source: str | os.PathLike) -> Path:
     if path.is_dir():
         return path
     if path.exists():
-        raise MergeError(f"{source} is a file; expected a model directory or a Hub id")
+        raise MergeError(f"{source}: a file; expected a model directory or a Hub id")
     from huggingface_hub import list_repo_files, snapshot_download
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
 
+    try:
+        validate_repo_id(str(source))
+    except HFValidationError:
+        raise MergeError(f"{source}: no such directory (nor a Hub id)") from None
     try:
         files = list_repo_files(str(source))
         patterns = [p for p in HUB_PATTERNS if not (p == "*.bin" and any(f.endswith(".safetensors") for f in files))]
         return Path(snapshot_download(str(source), allow_patterns=patterns))
     except Exception as error:  # offline, unknown repository, gated...: one clear message
-        raise MergeError(f"cannot find {source!r} as a local directory or on the Hub: {error}") from error
+        raise MergeError(f"{source}: cannot find it as a local directory or on the Hub: {error}") from error
 
 
 class Checkpoint:
