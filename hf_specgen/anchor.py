@@ -17,11 +17,13 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import nn
+
+from .batches import reference_inputs
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # LoRA initialisations that rewrite the base weights: with adapters disabled the model is then
@@ -74,8 +76,13 @@ class WeightDelta:
         return torch.dot(flat, flat)
 
     def fisher_parameter(self) -> torch.Tensor:
-        """The tensor whose gradient is the gradient with respect to the effective weight."""
-        raise NotImplementedError
+        """The tensor whose gradient is the gradient with respect to the effective weight, in the
+        pre-trained forward the Fisher is estimated with."""
+        return self._fisher_param
+
+    def bind_fisher_parameter(self, parameter: torch.Tensor) -> None:
+        """Estimate the Fisher through `parameter` (the same weight in a reference model) instead."""
+        self._fisher_param = parameter
 
     @property
     def local_shape(self) -> torch.Size:
@@ -94,7 +101,7 @@ class WeightDelta:
 
     @property
     def trainable(self) -> list[nn.Parameter]:
-        """The optimizer's parameters this delta is made of."""
+        """The optimizer's parameters this delta is made of that train (`requires_grad`)."""
         raise NotImplementedError
 
     @property
@@ -102,9 +109,24 @@ class WeightDelta:
         """The parameter `decay_` changes (the optimizer step that updates it applies decoupled decay)."""
         raise NotImplementedError
 
-    def fingerprint(self) -> float:
-        """A cheap checksum of the pre-trained value, to detect a resume from another anchor."""
-        raise NotImplementedError
+
+def is_coarser(reference: torch.dtype, weight: torch.dtype) -> bool:
+    """Whether an anchor in `reference` dtype rounds weights held in `weight` dtype (e.g. bf16 of fp32)."""
+    return torch.finfo(reference).eps > torch.finfo(weight).eps
+
+
+def anchor_difference(theta: torch.Tensor, reference: torch.Tensor, coarse: bool) -> torch.Tensor:
+    """`theta - theta_pre` in float32, `theta_pre` being `reference`.
+
+    A coarse anchor (`anchor_dtype` rounder than the weights) has a dead zone: where `theta` still
+    rounds to its anchor value the difference is 0, so that every term and its gradient are 0 at
+    the pre-trained weights whatever the anchor dtype (without it, `theta - bf16(theta)` would give
+    L1 a full-size subgradient on every weight from the first step)."""
+    ref = reference.to(theta.device)
+    difference = theta.float() - ref.float()
+    if coarse:
+        difference.masked_fill_(theta.to(ref.dtype) == ref, 0.0)
+    return difference
 
 
 class DenseDelta(WeightDelta):
@@ -119,20 +141,18 @@ class DenseDelta(WeightDelta):
     ) -> None:
         self.name, self.param, self.reference = name, param, reference
         self.owned = owned  # True when `reference` is a snapshot made for this delta alone
+        self.coarse = reference.is_floating_point() and is_coarser(reference.dtype, param.dtype)
         # The weight the pre-trained forward runs through: `param` itself, except for a peft
         # `modules_to_save` copy, which the adapter-disabled forward (where the Fisher is estimated)
-        # bypasses for its `original_module`.
+        # bypasses for its `original_module`, or a reference model's weight (`bind_fisher_parameter`).
         self._fisher_param = param if fisher_param is None else fisher_param
 
     def delta(self) -> torch.Tensor:
-        return self.param.float() - self.reference.to(self.param.device, torch.float32)
+        return anchor_difference(self.param, self.reference, self.coarse)
 
     @torch.no_grad()
     def add_grad_(self, grad_delta: torch.Tensor, alpha: float) -> None:
         _accumulate_grad(self.param, grad_delta, alpha)
-
-    def fisher_parameter(self) -> torch.Tensor:
-        return self._fisher_param
 
     @torch.no_grad()
     def decay_(self, factor: float) -> torch.Tensor:
@@ -149,79 +169,125 @@ class DenseDelta(WeightDelta):
     def decayed_parameter(self) -> nn.Parameter:
         return self.param
 
-    def fingerprint(self) -> float:
-        return float(self.reference.double().sum())
-
 
 class LoraDelta(WeightDelta):
-    """`scale * B @ A` of one adapter on one peft `LoraLayer`, in the base weight's layout."""
+    """The effective delta of one peft `LoraLayer`, in the base weight's layout: the sum over its
+    active adapters of `scale_a * B_a @ A_a`.
 
-    def __init__(self, name: str, layer: nn.Module, adapter: str) -> None:
-        self.name, self.layer, self.adapter = name, layer, adapter
-        self.embedding = adapter in getattr(layer, "lora_embedding_A", {})
-        if self.embedding:
-            self.A, self.B = layer.lora_embedding_A[adapter], layer.lora_embedding_B[adapter]
-        else:
-            self.A, self.B = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
-        if self.A.dim() != 2 or self.B.dim() != 2:
-            raise ValueError(f"{name}: only linear and embedding LoRA layers are supported, got {type(layer).__name__}")
+    With several active adapters the terms act on that sum (the weight's change from the
+    pre-trained one), never on each adapter alone. Written as one low-rank product
+    `B_cat @ A_cat` with `B_cat = [scale_a * B_a]` side by side and `A_cat = [A_a]` stacked, the
+    squared norm is `<B_cat^T B_cat, A_cat A_cat^T>`: Gram matrices of the total rank, never the
+    `out x in` product. Gradients go to the factors that train only (a frozen `lora_A`, as in
+    LoRA-FA, gets none).
+    """
+
+    def __init__(self, name: str, layer: nn.Module, adapters: str | list[str]) -> None:
+        self.name, self.layer = name, layer
+        self._fisher_param: torch.Tensor | None = None  # default: the frozen base weight
+        self.adapters = [adapters] if isinstance(adapters, str) else list(adapters)
+        self.embedding = self.adapters[0] in getattr(layer, "lora_embedding_A", {})
+        self.factors: list[tuple[str, nn.Parameter, nn.Parameter]] = []  # (adapter, A, B)
+        for adapter in self.adapters:
+            if self.embedding:
+                a, b = layer.lora_embedding_A[adapter], layer.lora_embedding_B[adapter]
+            else:
+                a, b = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+            if a.dim() != 2 or b.dim() != 2:
+                raise ValueError(f"{name}: only linear and embedding LoRA layers are supported, got {type(layer).__name__}")
+            self.factors.append((adapter, a, b))
+
+    # One adapter's factors (the common case), by name.
+    @property
+    def A(self) -> nn.Parameter:  # noqa: N802 - LoRA's own notation
+        return self._single()[1]
+
+    @property
+    def B(self) -> nn.Parameter:  # noqa: N802
+        return self._single()[2]
 
     @property
     def scale(self) -> float:
-        return float(self.layer.scaling[self.adapter])
+        return self._scale(self._single()[0])
+
+    def _single(self) -> tuple[str, nn.Parameter, nn.Parameter]:
+        if len(self.factors) != 1:
+            raise AttributeError(f"{self.name} has {len(self.factors)} active adapters: read `factors`")
+        return self.factors[0]
+
+    def _scale(self, adapter: str) -> float:
+        return float(self.layer.scaling[adapter])
 
     @property
     def transposed(self) -> bool:
         """Whether the base weight's layout is that of `(B @ A).T` (embeddings, `fan_in_fan_out`)."""
         return self.embedding or getattr(self.layer, "fan_in_fan_out", False)
 
+    def _stacked(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """`B_cat` (scales folded in) and `A_cat`, in float32."""
+        if len(self.factors) == 1:
+            adapter, a, b = self.factors[0]
+            return self._scale(adapter) * b.float(), a.float()
+        b_cat = torch.cat([self._scale(adapter) * b.float() for adapter, _, b in self.factors], dim=1)
+        return b_cat, torch.cat([a.float() for _, a, _ in self.factors], dim=0)
+
     def delta(self) -> torch.Tensor:
-        product = self.scale * (self.B.float() @ self.A.float())
+        b, a = self._stacked()
+        product = b @ a
         return product.T if self.transposed else product
 
     def squared_norm(self) -> torch.Tensor:
-        # ||s B A||_F^2 = s^2 tr(A^T B^T B A) = s^2 <B^T B, A A^T>: two r x r Gram matrices,
-        # never the out x in product.
-        a, b = self.A.float(), self.B.float()
-        return self.scale**2 * ((b.T @ b) * (a @ a.T)).sum()
+        # ||B A||_F^2 = tr(A^T B^T B A) = <B^T B, A A^T>: Gram matrices of the rank, never out x in.
+        b, a = self._stacked()
+        return ((b.T @ b) * (a @ a.T)).sum()
 
     @torch.no_grad()
     def add_grad_(self, grad_delta: torch.Tensor, alpha: float) -> None:
-        # delta = s B A, so dP/dB = s G A^T and dP/dA = s B^T G, with G = dP/d(B A layout)
+        # delta = sum_a s_a B_a A_a, so dP/dB_a = s_a G A_a^T and dP/dA_a = s_a B_a^T G, G = dP/d(B A layout)
         g = grad_delta.T if self.transposed else grad_delta
-        a, b = self.A.float(), self.B.float()
-        _accumulate_grad(self.B, g @ a.T, alpha * self.scale)
-        _accumulate_grad(self.A, b.T @ g, alpha * self.scale)
+        for adapter, a, b in self.factors:
+            s = self._scale(adapter)
+            if b.requires_grad:
+                _accumulate_grad(b, g @ a.float().T, alpha * s)
+            if a.requires_grad:
+                _accumulate_grad(a, b.float().T @ g, alpha * s)
 
     @torch.no_grad()
     def squared_norm_and_grad_(self, alpha: float) -> torch.Tensor:
-        # d/dB s^2 <B^T B, A A^T> = 2 s^2 B (A A^T), d/dA = 2 s^2 (B^T B) A: r x r work again
-        a, b = self.A.float(), self.B.float()
+        # P = <B^T B, A A^T> over the stacked factors: dP/dB_cat = 2 B_cat (A A^T), dP/dA_cat = 2 (B^T B) A_cat,
+        # then each adapter's columns / rows of them (times s_a for B_a, whose scale B_cat folds in).
+        b, a = self._stacked()
         gram_a, gram_b = a @ a.T, b.T @ b
-        factor = 2.0 * alpha * self.scale**2
-        _accumulate_grad(self.B, b @ gram_a, factor)
-        _accumulate_grad(self.A, gram_b @ a, factor)
-        return self.scale**2 * (gram_b * gram_a).sum()
+        grad_b, grad_a = (b @ gram_a) * (2.0 * alpha), (gram_b @ a) * (2.0 * alpha)
+        start = 0
+        for adapter, a_param, b_param in self.factors:
+            rank = a_param.shape[0]
+            if b_param.requires_grad:
+                _accumulate_grad(b_param, grad_b[:, start : start + rank], self._scale(adapter))
+            if a_param.requires_grad:
+                _accumulate_grad(a_param, grad_a[start : start + rank], 1.0)
+            start += rank
+        return (gram_b * gram_a).sum()
 
     def fisher_parameter(self) -> torch.Tensor:
-        return self.layer.get_base_layer().weight
+        return self.layer.get_base_layer().weight if self._fisher_param is None else self._fisher_param
 
     @torch.no_grad()
     def decay_(self, factor: float) -> torch.Tensor:
+        """Scales each adapter's trainable B (or A where B is frozen) by `1 - factor`: the delta exactly,
+        when every adapter trains."""
         squared = self.squared_norm()
-        self.B.mul_(1.0 - factor)  # scales B @ A, hence the effective delta, by exactly (1 - factor)
+        for _, a, b in self.factors:
+            (b if b.requires_grad else a).mul_(1.0 - factor)
         return squared
 
     @property
     def trainable(self) -> list[nn.Parameter]:
-        return [self.A, self.B]
+        return [p for _, a, b in self.factors for p in (a, b) if p.requires_grad]
 
     @property
     def decayed_parameter(self) -> nn.Parameter:
-        return self.B
-
-    def fingerprint(self) -> float:
-        return float(self.fisher_parameter().double().sum())
+        return next(b if b.requires_grad else a for _, a, b in self.factors if a.requires_grad or b.requires_grad)
 
 
 def _accumulate_grad(param: nn.Parameter, grad: torch.Tensor, alpha: float) -> None:
@@ -231,7 +297,9 @@ def _accumulate_grad(param: nn.Parameter, grad: torch.Tensor, alpha: float) -> N
         param.grad.add_(grad.to(param.grad.dtype), alpha=alpha)
 
 
-def _lora_deltas(model: nn.Module) -> list[LoraDelta]:
+def _lora_deltas(model: nn.Module, *, refuse_dora: bool = True) -> list[LoraDelta]:
+    """One `LoraDelta` per peft LoRA layer with a trainable factor, over all its active adapters
+    (DoRA refused: its weight change is no such delta; `refuse_dora=False` to list the layers anyway)."""
     try:
         from peft.tuners.lora import LoraLayer
     except ImportError:  # pragma: no cover
@@ -240,16 +308,18 @@ def _lora_deltas(model: nn.Module) -> list[LoraDelta]:
     for name, module in model.named_modules():
         if not isinstance(module, LoraLayer):
             continue
-        for adapter in module.active_adapters:
-            if adapter not in module.lora_A and adapter not in getattr(module, "lora_embedding_A", {}):
-                continue
-            if module.use_dora.get(adapter, False):
+        adapters = [
+            a for a in module.active_adapters if a in module.lora_A or a in getattr(module, "lora_embedding_A", {})
+        ]
+        for adapter in adapters:
+            if refuse_dora and module.use_dora.get(adapter, False):
                 raise ValueError(
                     f"{name}: DoRA adapters are not supported by the distance regularizers: their effective "
                     "weight change is not scale * B @ A"
                 )
-            delta = LoraDelta(f"{name}.base_layer.weight", module, adapter)
-            if any(p.requires_grad for p in delta.trainable):
+        if adapters:
+            delta = LoraDelta(f"{name}.base_layer.weight", module, adapters)
+            if delta.trainable:
                 deltas.append(delta)
     return deltas
 
@@ -260,15 +330,23 @@ def weight_deltas(
     reference: nn.Module | None = None,
     dtype: str = "auto",
     device: str = "auto",
+    fisher_at_reference: bool = False,
 ) -> list[WeightDelta]:
     """One `WeightDelta` per trainable weight of `model`, tied weights once.
 
-    `reference` is a module holding the pre-trained weights under the same parameter names (the
-    frozen teacher, or a user-supplied `ref_model`); without it the trainable weights are copied
-    in `dtype` to `device`.
+    Args:
+        model: the model being fine-tuned (a peft model's LoRA layers give `LoraDelta`s).
+        reference: a module holding the pre-trained weights under the same parameter names (the
+            frozen teacher, or a user-supplied `ref_model`); without it the trainable weights are
+            copied in `dtype` to `device`.
+        fisher_at_reference: estimate EWC's Fisher through `reference`'s weights (a `ref_model`),
+            not through the model's own.
+
+    Returns:
+        The deltas, LoRA layers first.
     """
     deltas: list[WeightDelta] = list(_lora_deltas(model))
-    covered = {id(p) for d in deltas for p in d.trainable}
+    covered = {id(p) for d in deltas for _, a, b in d.factors for p in (a, b)}
     all_params = dict(model.named_parameters(remove_duplicate=False))
     ref_params = dict(reference.named_parameters(remove_duplicate=False)) if reference is not None else {}
     missing = []
@@ -293,7 +371,54 @@ def weight_deltas(
             deltas.append(DenseDelta(name, param, snapshot, owned=True))
     if missing:
         raise ValueError(f"ref_model has no weights for: {', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}")
+    if fisher_at_reference and reference is not None:
+        for d in deltas:
+            d.bind_fisher_parameter(_reference_parameter(ref_params, d.name))
     return deltas
+
+
+def _reference_parameter(ref_params: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+    """The reference model's weight for the model's weight `name` (peft prefixes and copies removed)."""
+    for candidate in (name, _peft_free_name(name), _peft_free_name(_without_modules_to_save(name))):
+        if candidate in ref_params:
+            return ref_params[candidate]
+    raise ValueError(f"ref_model has no weight for {name}")
+
+
+def _without_modules_to_save(name: str) -> str:
+    # "...lm_head.modules_to_save.default.weight" -> "...lm_head.weight"
+    if not _is_modules_to_save(name):
+        return name
+    head, tail = name.split(".modules_to_save.", 1)
+    return f"{head}.{tail.split('.', 1)[1]}"
+
+
+def reference_fingerprint(model: nn.Module, reference: nn.Module | None = None) -> float:
+    """A checksum of the pre-trained values of `model`'s trainable weights, whichever terms are on:
+    the sum (in float64) of the base weights of its LoRA layers and of the other trainable weights
+    as `reference` (a `ref_model`) holds them, or as the model holds them when the trainer is built.
+
+    Under ZeRO-3 a model built partitioned (`zero.Init`) holds partitions: their sums are added
+    over the processes, so the checksum is the whole model's however it is partitioned.
+    """
+    ref_params = dict(reference.named_parameters(remove_duplicate=False)) if reference is not None else {}
+    lora = _lora_deltas(model, refuse_dora=False)
+    covered = {id(p) for d in lora for _, a, b in d.factors for p in (a, b)}
+    values = [d.layer.get_base_layer().weight for d in lora]
+    for name, param in model.named_parameters():
+        if param.requires_grad and id(param) not in covered:
+            values.append(_reference_parameter(ref_params, name) if ref_params else param)
+    total = torch.zeros((), dtype=torch.float64)
+    partitioned = False
+    for value in values:
+        held = local_values(value)
+        partitioned = partitioned or held is not value
+        total += held.detach().double().sum().cpu()
+    if partitioned and torch.distributed.is_available() and torch.distributed.is_initialized():
+        device = held.device if torch.distributed.get_backend() != "gloo" else torch.device("cpu")
+        total = total.to(device)
+        torch.distributed.all_reduce(total)
+    return float(total)
 
 
 def _is_modules_to_save(name: str) -> bool:
@@ -390,9 +515,11 @@ class Teacher:
             self.module.train(was_training)
 
     @torch.no_grad()
-    def __call__(self, inputs: dict[str, Any]) -> Any:
+    def __call__(self, inputs: dict[str, Any], label_names: Sequence[str] = ()) -> Any:
+        """The teacher's outputs on a training batch (its labels left out, `batches.reference_inputs`)."""
         device = self.device
-        moved = {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items() if k != "labels"}
+        kept = reference_inputs(self.module, inputs, label_names)
+        moved = {k: v.to(device) if torch.is_tensor(v) else v for k, v in kept.items()}
         with self.mode() as module:
             return module(**moved)
 
@@ -433,6 +560,19 @@ def held_values(parameter: torch.Tensor) -> torch.Tensor:
     if partition is not None and parameter.numel() != getattr(parameter, "ds_numel", parameter.numel()):
         return partition
     return parameter
+
+
+def local_values(parameter: torch.Tensor) -> torch.Tensor:
+    """The elements of `parameter` this process holds: under ZeRO-3 partitioning, its own partition
+    without the padding of the last rank; else the whole tensor (the object itself)."""
+    partition = getattr(parameter, "ds_tensor", None)
+    if partition is None or parameter.numel() == getattr(parameter, "ds_numel", parameter.numel()):
+        return parameter
+    import torch.distributed as dist
+
+    size = partition.ds_numel
+    start = size * dist.get_rank(group=parameter.ds_process_group)
+    return partition.reshape(-1).narrow(0, 0, max(0, min(size, parameter.ds_numel - start)))
 
 
 def check_adapters_disable_to_base(model: nn.Module) -> None:

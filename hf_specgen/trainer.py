@@ -18,7 +18,17 @@ from transformers.trainer_pt_utils import nested_gather
 from transformers.trainer_utils import get_last_checkpoint
 
 from . import zero
-from .anchor import Teacher, WeightDelta, is_peft_model, snapshot_nbytes, weight_deltas
+from .anchor import (
+    DenseDelta,
+    Teacher,
+    WeightDelta,
+    is_partitioned,
+    is_peft_model,
+    reference_fingerprint,
+    snapshot_nbytes,
+    weight_deltas,
+)
+from .batches import task_labels, unwrap_peft
 from .args import SpecGenTrainingArguments
 from .regularizers import (
     EWC,
@@ -32,9 +42,11 @@ from .regularizers import (
     build_regularizers,
     estimate_fisher,
 )
+from .regularizers.positions import is_contrastive, output_classes
 
 STATE_PREFIX = "specgen_regularizers"
 STATE_FILE = f"{STATE_PREFIX}.safetensors"
+REFERENCE_KEY = "reference_fingerprint"  # metadata: checksum of the pre-trained weights the run was regularized toward
 
 
 class SpecGenTrainer(Trainer):
@@ -76,15 +88,26 @@ class SpecGenTrainer(Trainer):
         self.deltas: list[WeightDelta] = []
         self.features: ProtectedFeatures | None = None
         self._teacher_kwargs: dict[str, Any] = {}
+        self._ref_model = ref_model
+        self._reference_fingerprint: float | None = None
+        self._built_shapes: dict[str, tuple[int, ...]] = {}
         if not self.regularizers:
             return
         if self.model_init is not None:
             raise ValueError("regularizers need the pre-trained model at construction; model_init is not supported")
+        if self.is_fsdp_enabled or getattr(self.args, "fsdp", None):
+            raise ValueError(
+                "the regularizers (*_lambda > 0) do not support FSDP yet: shard with DeepSpeed ZeRO-1/2/3 instead "
+                "(e.g. accelerate launch --config_file recipes/accelerate/zero3.yaml, or TrainingArguments(deepspeed=...))"
+            )
         if self.is_deepspeed_enabled and (self._weight_terms or self._step_terms) and is_peft_model(self.model):
             raise ValueError(
                 "l1_lambda, l2_lambda and ewc_lambda are not supported for peft models under DeepSpeed yet"
             )
         options = self.args
+        self._check_outputs_fit_the_terms()
+        if ref_model is not None:
+            _check_same_architecture(self.model, ref_model, needs_features=any(isinstance(r, FeatureProtection) for r in self._batch_terms))
         if self._batch_terms:
             self.teacher = Teacher.build(self.model, ref_model=ref_model, dtype=options.anchor_dtype, device=options.anchor_device)
         if self._weight_terms or self._step_terms:
@@ -92,13 +115,30 @@ class SpecGenTrainer(Trainer):
             reference = ref_model
             if reference is None and self.teacher is not None and not self.teacher.adapters_disabled:
                 reference = self.teacher.module
-            self.deltas = weight_deltas(self.model, reference=reference, dtype=options.anchor_dtype, device=options.anchor_device)
+            self.deltas = weight_deltas(
+                self.model, reference=reference, dtype=options.anchor_dtype, device=options.anchor_device,
+                fisher_at_reference=ref_model is not None and self.args.ewc_lambda > 0,
+            )  # fmt: skip
         if any(isinstance(r, FeatureProtection) for r in self._batch_terms):
             self.features = ProtectedFeatures(self.model, options.feature_layers)
         if any(isinstance(r, LogitDistillation) for r in self._batch_terms):
             _check_same_vocabulary(self.model, self.teacher.module)
         elif self.teacher is not None and self.teacher.accepts("logits_to_keep"):
             self._teacher_kwargs["logits_to_keep"] = 1  # features only: skip the vocabulary projection
+        self._reference_fingerprint = reference_fingerprint(self.model, ref_model)
+        self._built_shapes = _trainable_shapes(self.model)
+
+    def _check_outputs_fit_the_terms(self) -> None:
+        """KD and EWC compare output distributions: refuse a model whose output has one outcome."""
+        classes = output_classes(self.model)
+        if classes is not None and classes < 2:
+            for name in ("kd_lambda", "ewc_lambda"):
+                if getattr(self.args, name) > 0:
+                    raise ValueError(
+                        f"{name} > 0 compares the model's output distributions, but {type(self.model).__name__} has "
+                        f"{classes} output (num_labels=1, a regression head): a softmax over one logit is constant, "
+                        "so the term would always be 0; use l2_lambda, l1_lambda or feature_lambda instead"
+                    )
 
     # ---- memory ---------------------------------------------------------------------------
 
@@ -120,7 +160,9 @@ class SpecGenTrainer(Trainer):
     # ---- training ---------------------------------------------------------------------------
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
+        self._log_sums, self._log_steps = {}, 0  # a previous train()'s unlogged steps belong to no log of this one
         if self.regularizers:
+            self._check_unchanged_since_built()
             checkpoint = resume_from_checkpoint
             if checkpoint is True:
                 checkpoint = get_last_checkpoint(self.args.output_dir)
@@ -142,7 +184,7 @@ class SpecGenTrainer(Trainer):
         # `divisor`: what `training_step` divides the returned loss by; a term that should make up
         # `share` of the optimizer step's loss is added as `term * share * divisor`.
         divisor = 1 if self._loss_is_ga_scaled(num_items_in_batch) else micro_batches
-        labels, attention_mask = inputs.get("labels"), inputs.get("attention_mask")
+        labels = task_labels(inputs, self.label_names)
 
         student_inputs = self.features.model_inputs(inputs) if self.features else inputs
         with self._capture_features(self.accelerator.unwrap_model(model)) as student_features:
@@ -155,19 +197,20 @@ class SpecGenTrainer(Trainer):
 
         if self.is_deepspeed_enabled:  # the config is final once training runs
             self.teacher.partition_(self.accelerator.state.deepspeed_plugin.deepspeed_config)
-        with self._capture_features(self.teacher.module) as teacher_features:
-            teacher_outputs = self.teacher({**student_inputs, **self._teacher_kwargs})
+        # under the student's autocast (mixed precision): the same computation as the student's at step 0
+        with self._capture_features(self.teacher.module) as teacher_features, self.accelerator.autocast():
+            teacher_outputs = self.teacher({**student_inputs, **self._teacher_kwargs}, label_names=self.label_names)
         batch = DistillationBatch(
             student=outputs,
             teacher=teacher_outputs,
             labels=labels,
-            attention_mask=attention_mask,
             shifts_labels=self._loss_shifts_labels,
             token_denominator=self._task_token_denominator(num_items_in_batch),
         )
         if self.features:
             batch.student_features = self.features.select(outputs, student_features)
             batch.teacher_features = self.features.select(teacher_outputs, teacher_features)
+            batch.feature_masks = self.features.masks(inputs, labels)
         for reg in self._batch_terms:
             # KD is normalized like the task loss; feature protection is a micro-batch mean.
             share = 1.0 / divisor if isinstance(reg, LogitDistillation) else 1.0 / micro_batches
@@ -219,7 +262,7 @@ class SpecGenTrainer(Trainer):
         if optimizer is self._zero_optimizer:
             return
         self._zero_optimizer = optimizer
-        self._weight_share = self.accelerator.num_processes
+        self._weight_share = torch.distributed.get_world_size()  # what `log` averages over (accelerate may count 1)
         self.deltas = zero.shard_deltas(self.deltas, optimizer)
         self._load_or_estimate_state(self._resume_checkpoint)
         if self._weight_terms:
@@ -297,39 +340,83 @@ class SpecGenTrainer(Trainer):
             self._load_or_estimate_state(checkpoint)
 
     def _load_or_estimate_state(self, checkpoint: str | None) -> None:
+        """Checks that `checkpoint` was trained toward the same pre-trained weights and loads the state it
+        saved; then estimates what is still missing (EWC's Fisher)."""
         path = os.path.join(checkpoint, self._state_file()) if checkpoint else None
+        saved = sorted(glob.glob(os.path.join(checkpoint, f"{STATE_PREFIX}*.safetensors"))) if checkpoint else []
         if path and os.path.isfile(path):
             self._load_regularizer_state(path)
-        elif path and glob.glob(os.path.join(checkpoint, f"{STATE_PREFIX}*.safetensors")):
-            raise ValueError(
-                f"{checkpoint} holds the regularizer state of another layout than {self._state_file()} "
-                "(another number of processes, or with / without ZeRO): resume with the layout it was saved with"
-            )
+        elif saved:
+            self._check_reference(saved[0])
+            if any(isinstance(reg, EWC) for reg in self.regularizers):  # its Fisher is in the other layout's files
+                raise ValueError(
+                    f"{checkpoint} holds the regularizer state of another layout than {self._state_file()} "
+                    "(another number of processes, or with / without ZeRO): resume with the layout it was saved with"
+                )
         for reg in self.regularizers:
             if isinstance(reg, EWC) and reg.fisher is None:
-                reg.fisher = self._estimate_fisher(reg)
+                reg.fisher = self._placed(self._estimate_fisher(reg))
+
+    def _placed(self, fisher: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The Fisher on `anchor_device`, or beside each trained weight."""
+        devices = {d.name: d.trainable[0].device for d in self.deltas}
+        return {k: v.to(self._fisher_device() or devices[k]) for k, v in fisher.items()}
+
+    def _check_reference(self, path: str) -> None:
+        """Refuses a checkpoint trained toward other pre-trained weights (whichever terms either run had on)."""
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as f:
+            saved = (f.metadata() or {}).get(REFERENCE_KEY)
+        if saved is None:  # written before the checksum covered every regularizer: nothing to compare
+            return
+        saved_value, current = float(saved), self._reference_fingerprint
+        if not math.isclose(saved_value, current, rel_tol=1e-9, abs_tol=1e-6):
+            raise ValueError(
+                f"{path} was saved by a trainer regularized toward other pre-trained weights (checksum {saved_value!r} "
+                f"!= {current!r}): build the trainer from the same pre-trained model (and ref_model) to resume"
+            )
 
     def _estimate_fisher(self, reg: EWC) -> dict[str, torch.Tensor]:
+        """EWC's Fisher at the pre-trained weights: through `ref_model` when there is one, else through
+        the model (a peft model with its adapters disabled) as it is when training starts."""
         generator = torch.Generator().manual_seed(self.args.seed)
-        model = self.model
+        model = self.model if self._ref_model is None else self._ref_model
+        if is_partitioned(model) and model is self._ref_model:
+            raise ValueError(
+                "ewc_lambda with a ref_model partitioned by ZeRO-3 (loaded under zero.Init) is not supported: pass a "
+                "ref_model loaded whole, or no ref_model (the Fisher is then estimated at the model when training starts)"
+            )
         disabled = model.disable_adapter() if is_peft_model(model) else contextlib.nullcontext()
+        # a contrastive model's candidates are the texts of the batch the task loss sees
+        group = self.args.per_device_train_batch_size if is_contrastive(model) else 1
+        if group < 2 and is_contrastive(model):
+            raise ValueError(
+                "ewc_lambda on a contrastive model (CLIP) needs per_device_train_batch_size >= 2: an image's "
+                "candidates are the texts of its batch, and with one there is no distribution to estimate from"
+            )
+        device = next(model.parameters()).device if model is self._ref_model else None
         with disabled:
             return estimate_fisher(
                 model,
                 self.deltas,
-                self._fisher_examples(reg.num_samples, generator),
+                self._fisher_batches(reg.num_samples, group, generator, device),
                 empirical=reg.fisher_type == "empirical",
                 shifts_labels=self._loss_shifts_labels,
                 generator=generator,
                 device=self._fisher_device(),
+                label_names=self.label_names,
             )
 
     def _fisher_device(self) -> torch.device | None:
         """Where the Fisher lives: `anchor_device`, or (None) beside each weight."""
         return None if self.args.anchor_device == "auto" else torch.device(self.args.anchor_device)
 
-    def _fisher_examples(self, n: int, generator: torch.Generator) -> Iterator[dict[str, Any]]:
-        """`n` training examples in a seeded random order, collated one at a time."""
+    def _fisher_batches(
+        self, n: int, group: int, generator: torch.Generator, device: torch.device | None = None
+    ) -> Iterator[dict[str, Any]]:
+        """`n` training examples in a seeded random order, collated `group` at a time (on `device`, or the
+        model's)."""
         dataset = self.train_dataset
         if dataset is None:
             raise ValueError("EWC needs a train_dataset to estimate the Fisher at the pre-trained weights")
@@ -344,11 +431,29 @@ class SpecGenTrainer(Trainer):
             rows = itertools.islice(dataset, n)
         else:
             rows = (dataset[int(i)] for i in torch.randperm(len(dataset), generator=generator)[:n])
-        for row in rows:
-            yield self._prepare_inputs(self.data_collator([row]))
+        for chunk in _chunks(rows, group):
+            batch = self._prepare_inputs(self.data_collator(chunk))
+            if device is not None:
+                batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            yield batch
 
-    def _anchor_fingerprint(self) -> float:
-        return sum(d.fingerprint() for d in self.deltas)
+    def _check_unchanged_since_built(self) -> None:
+        """Refuse weights replaced or resized after the trainer took its reference (resize_token_embeddings)."""
+        now = _trainable_shapes(self.model)
+        for name in sorted(set(now) | set(self._built_shapes)):
+            before, after = self._built_shapes.get(name), now.get(name)
+            if before != after:
+                raise ValueError(
+                    f"{name} has shape {after} where it had {before} when the SpecGenTrainer was built (e.g. after "
+                    "resize_token_embeddings): build the trainer after changing the model, so that its pre-trained "
+                    "reference has the same weights"
+                )
+        current = dict(self.model.named_parameters())
+        stale = [d.name for d in self.deltas if isinstance(d, DenseDelta) and d.name in current and current[d.name] is not d.param]
+        if stale:
+            raise ValueError(
+                f"{stale[0]} was replaced after the SpecGenTrainer was built: build the trainer after changing the model"
+            )
 
     def _state_file(self) -> str:
         """The regularizer state's file in a checkpoint: one per rank once bound to ZeRO partitions."""
@@ -364,27 +469,49 @@ class SpecGenTrainer(Trainer):
                 for reg in self.regularizers
                 for key, value in reg.state_dict().items()
             }
-            metadata = {"anchor_fingerprint": repr(self._anchor_fingerprint())}
+            metadata = {REFERENCE_KEY: repr(self._reference_fingerprint)}
             save_file(tensors, os.path.join(output_dir, self._state_file()), metadata=metadata)
 
     def _load_regularizer_state(self, path: str) -> None:
-        from safetensors import safe_open
-
-        with safe_open(path, framework="pt") as f:
-            saved = float((f.metadata() or {}).get("anchor_fingerprint", "nan"))
-        current = self._anchor_fingerprint()
-        if not math.isnan(saved) and not math.isclose(saved, current, rel_tol=1e-6, abs_tol=1e-6):
-            raise ValueError(
-                f"{path} was saved by a trainer anchored to other pre-trained weights (checksum {saved} != {current}): "
-                "build the trainer from the same pre-trained model to resume"
-            )
+        self._check_reference(path)
         tensors = load_file(path)
-        weights = {d.name: d.fisher_parameter() for d in self.deltas}
         for reg in self.regularizers:
             prefix = f"{reg.name}."
             reg.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
             if isinstance(reg, EWC) and reg.fisher is not None:
-                reg.fisher = {k: v.to(self._fisher_device() or weights[k].device) for k, v in reg.fisher.items()}
+                reg.fisher = self._placed(reg.fisher)
+
+
+def _chunks(rows: Iterator[Any], size: int) -> Iterator[list[Any]]:
+    chunk: list[Any] = []
+    for row in rows:
+        chunk.append(row)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _trainable_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    return {n: tuple(getattr(p, "ds_shape", p.shape)) for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _check_same_architecture(model: nn.Module, ref_model: nn.Module, *, needs_features: bool) -> None:
+    """A ref_model must be the same kind of model: its forward runs on the model's batches."""
+    base, ref = unwrap_peft(model), unwrap_peft(ref_model)
+    if type(base).__name__ != type(ref).__name__:
+        raise ValueError(
+            f"ref_model is a {type(ref).__name__}, the model a {type(base).__name__}: pass the pre-trained "
+            "model of the same architecture as ref_model"
+        )
+    if needs_features:
+        sizes = [getattr(getattr(m, "config", None), "hidden_size", None) for m in (base, ref)]
+        if None not in sizes and sizes[0] != sizes[1]:
+            raise ValueError(
+                f"feature_lambda > 0 compares hidden states, but ref_model's hidden_size is {sizes[1]} and the "
+                f"model's {sizes[0]}: pass the pre-trained model of the same size as ref_model"
+            )
 
 
 def _vocabulary_size(model: nn.Module) -> int | None:

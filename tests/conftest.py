@@ -11,7 +11,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import datasets
 import pytest
 import torch
-from transformers import CLIPConfig, CLIPModel, OPTConfig, OPTForCausalLM
+from transformers import CLIPConfig, CLIPModel, OPTConfig, OPTForCausalLM, T5Config, T5ForConditionalGeneration
 
 from hf_specgen import SpecGenTrainingArguments
 
@@ -38,6 +38,27 @@ def tiny_opt(seed: int = 0, dropout: float = 0.0, vocab_size: int = VOCAB) -> OP
         eos_token_id=2,
     )
     return OPTForCausalLM(config)
+
+
+def tiny_t5(seed: int = 0) -> T5ForConditionalGeneration:
+    """An encoder-decoder (T5) of 2 + 2 layers over the same vocabulary."""
+    torch.manual_seed(seed)
+    config = T5Config(
+        vocab_size=VOCAB, d_model=16, d_kv=8, d_ff=32, num_layers=2, num_decoder_layers=2, num_heads=2,
+        dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
+    )  # fmt: skip
+    return T5ForConditionalGeneration(config)
+
+
+def seq2seq_batch(n: int = 4, seed: int = 1) -> dict[str, torch.Tensor]:
+    """Source rows of 8 tokens (the last 2 of row 0 padding) and targets of 6 (the last 2 of row 1 -100)."""
+    g = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(3, VOCAB, (n, 8), generator=g)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[0, -2:] = 0
+    labels = torch.randint(3, VOCAB, (n, 6), generator=g)
+    labels[1, -2:] = -100
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
 def tiny_clip(seed: int = 0) -> CLIPModel:

@@ -167,3 +167,43 @@ def test_clip_train_end_to_end_logs_feature_term(args_factory):
     assert logs[0]["loss_feature"] == 0.0  # step 1 runs at the pre-trained weights
     assert logs[-1]["loss_feature"] > 0.0  # later steps have moved the image embeddings
     assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_clip_fisher_scores_each_image_against_the_texts_of_its_batch(args_factory):
+    """Contrastive CLIP: one example alone has one candidate text (logits 1 x 1, F = 0 everywhere, as it
+    was); the Fisher groups the examples as the task loss does, and image i's label is text i among them."""
+    import datasets
+
+    n, group = 8, 4
+    rows = clip_batch(n)
+    data = datasets.Dataset.from_dict({k: v.tolist() for k, v in rows.items() if k != "return_loss"})
+    model = tiny_clip()
+    args = args_factory(ewc_lambda=1.0, ewc_fisher="empirical", ewc_num_samples=n, per_device_train_batch_size=group)
+    trainer = SpecGenTrainer(model=model, args=args, train_dataset=data)
+    trainer._prepare_regularizers(None)
+    fisher = trainer._weight_terms[0].fisher
+    # by hand: the Fisher's seeded order, groups of 4, per-image gradients of log p(text i | image i, batch texts)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed))
+    params = dict(model.named_parameters())
+    by_hand = {k: torch.zeros_like(p) for k, p in params.items()}
+    model.eval()
+    for start in range(0, n, group):
+        idx = order[start : start + group]
+        logits = model(**{k: v[idx] for k, v in rows.items() if k != "return_loss"}).logits_per_image
+        for i in range(group):
+            score = F.log_softmax(logits[i], -1)[i]
+            for k, g in zip(params, torch.autograd.grad(score, list(params.values()), retain_graph=True, allow_unused=True)):
+                if g is not None:
+                    by_hand[k] += g.pow(2) / n
+    assert sum(f.sum() for f in fisher.values()) > 0
+    for k in fisher:
+        torch.testing.assert_close(fisher[k], by_hand[k], rtol=1e-4, atol=1e-10)
+    one = SpecGenTrainer(model=tiny_clip(), args=args_factory(ewc_lambda=1.0, per_device_train_batch_size=1), train_dataset=data)
+    with pytest.raises(ValueError, match="per_device_train_batch_size >= 2"):
+        one._prepare_regularizers(None)
+
+
+def test_clip_kd_over_a_batch_of_one_is_refused(args_factory):
+    trainer = SpecGenTrainer(model=tiny_clip(), args=args_factory(kd_lambda=1.0))
+    with pytest.raises(ValueError, match="kd_lambda .* 1 outcome per position"):
+        trainer.compute_loss(trainer.model.train(), clip_batch(1))

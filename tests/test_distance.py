@@ -148,3 +148,45 @@ def test_decoupled_decay_is_hooked_once_into_a_user_optimizer(args_factory):
     trainer.args.max_steps = 2
     trainer.train()  # a second train() finds Accelerate's wrapper around the hooked optimizer
     assert len(optimizer._optimizer_step_pre_hooks) == 1
+
+
+@pytest.mark.parametrize("anchor_dtype", ["bfloat16", "float16"])
+def test_coarse_anchor_has_a_dead_zone_of_its_rounding_step(args_factory, anchor_dtype):
+    """A bf16 / fp16 anchor of fp32 weights: at the pre-trained weights (and anywhere the weight still rounds
+    to its anchor value) every term and its gradient are exactly 0; beyond, the difference to the anchor."""
+    lam = dict(l1_lambda=0.5, l2_lambda=2.0, ewc_lambda=3.0, ewc_num_samples=2)
+    model = tiny_opt()
+    trainer = SpecGenTrainer(model=model, args=args_factory(anchor_dtype=anchor_dtype, **lam), train_dataset=lm_dataset(4))
+    trainer._prepare_regularizers(None)
+    dtype = getattr(torch, anchor_dtype)
+    assert all(d.reference.dtype == dtype for d in trainer.deltas)
+    assert any((p.detach() != p.detach().to(dtype).float()).any() for p in model.parameters())  # rounding is lossy
+
+    def values_and_grads():
+        out = []
+        for reg in trainer._weight_terms:
+            model.zero_grad()
+            value = reg.apply_(trainer.deltas, grad_scale=1.0)
+            out.append((value, [p.grad.clone() for p in model.parameters()]))
+        return out
+
+    for value, grads in values_and_grads():  # step 0
+        assert value == 0 and all(not g.any() for g in grads)
+    with torch.no_grad():  # moved off the pre-trained value, but inside the anchor value's rounding cell: still 0
+        for d in trainer.deltas:
+            d.param.copy_(d.reference.float() * (1 + torch.finfo(dtype).eps / 8))
+    assert any((d.param != d.reference.float()).any() for d in trainer.deltas)
+    assert all(value == 0 for value, _ in values_and_grads())
+
+    perturb_(model, scale=0.05)
+    pre = {d.name: d.reference.float() for d in trainer.deltas}
+    diffs = {}
+    for name, p in model.named_parameters():
+        moved = p.detach().to(dtype).float() != pre[name]
+        diffs[name] = torch.where(moved, p.detach() - pre[name], torch.zeros_like(p))
+    l1 = next(r for r in trainer._weight_terms if r.name == "l1")
+    model.zero_grad()
+    value = l1.apply_(trainer.deltas, grad_scale=1.0)
+    torch.testing.assert_close(value, lam["l1_lambda"] * sum(d.abs().sum() for d in diffs.values()), rtol=1e-5, atol=0)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, lam["l1_lambda"] * diffs[name].sign())

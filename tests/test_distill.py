@@ -6,6 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from transformers import OPTForCausalLM
+
 from conftest import lm_batch, perturb_, tiny_opt
 from hf_specgen import SpecGenTrainer
 
@@ -121,3 +123,20 @@ def test_ref_model_is_the_reference_for_weights_and_logits(args_factory):
     assert torch.allclose(trainer._weight_terms[0].apply_(trainer.deltas, grad_scale=1.0), expected, rtol=1e-6)
     term, _ = term_and_grads(trainer, lm_batch())
     assert torch.allclose(term, manual_kd(model, reference, lm_batch(), 1.0), rtol=1e-5)
+
+
+def test_ref_model_of_another_architecture_is_refused_saying_what_differs(args_factory):
+    """It used to fail inside the model's forward with a raw AttributeError."""
+    from conftest import tiny_clip
+
+    with pytest.raises(ValueError, match="ref_model is a CLIPModel, the model a OPTForCausalLM"):
+        SpecGenTrainer(model=tiny_opt(), args=args_factory(kd_lambda=1.0), ref_model=tiny_clip())
+    config = tiny_opt().config
+    config.hidden_size = config.word_embed_proj_dim = 32
+    with pytest.raises(ValueError, match="ref_model's hidden_size is 32 and the model's 16"):
+        SpecGenTrainer(model=tiny_opt(), args=args_factory(feature_lambda=1.0), ref_model=OPTForCausalLM(config))
+
+
+def test_anchor_device_is_checked_before_anything_is_copied(args_factory):
+    with pytest.raises(ValueError, match="anchor_device must be 'auto' or a torch device"):
+        args_factory(kd_lambda=1.0, anchor_device="bogus")

@@ -108,3 +108,72 @@ def test_fisher_needs_a_training_set(args_factory):
     trainer = SpecGenTrainer(model=tiny_opt(), args=args_factory(ewc_lambda=1.0))
     with pytest.raises(ValueError, match="train_dataset"):
         trainer._prepare_regularizers(None)
+
+
+def test_fisher_is_estimated_at_ref_model_not_at_the_trained_model(args_factory):
+    """With `ref_model` the Fisher (and the labels it samples) come from the reference: a perturbed model
+    given the pre-trained one as ref_model gets exactly the Fisher of an unperturbed model."""
+    data = lm_dataset(6)
+    args = args_factory(ewc_lambda=1.0, ewc_num_samples=6)
+    unperturbed = fisher_of(SpecGenTrainer(model=tiny_opt(), args=args, train_dataset=data))
+    perturbed = tiny_opt()
+    perturb_(perturbed, scale=0.2)
+    with_ref = fisher_of(SpecGenTrainer(model=perturbed, args=args, train_dataset=data, ref_model=tiny_opt()))
+    at_perturbed = fisher_of(SpecGenTrainer(model=perturbed, args=args, train_dataset=data))
+    assert set(with_ref) == set(unperturbed)
+    for name in unperturbed:
+        torch.testing.assert_close(with_ref[name], unperturbed[name], rtol=1e-5, atol=1e-12)
+    assert not all(torch.allclose(at_perturbed[k], unperturbed[k], rtol=1e-2) for k in unperturbed)
+
+
+def test_lora_fisher_is_estimated_at_ref_model(args_factory):
+    """A peft model whose base is not the pre-trained model (as after a base-rewriting initialisation):
+    with the pre-trained model as ref_model, each LoRA layer's Fisher is the pre-trained weight's."""
+    from peft import LoraConfig, get_peft_model
+
+    data = lm_dataset(4)
+    args = args_factory(ewc_lambda=1.0, ewc_num_samples=4)
+    config = dict(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"])
+    plain = fisher_of(SpecGenTrainer(model=get_peft_model(tiny_opt(), LoraConfig(**config)), args=args, train_dataset=data))
+    rewritten = tiny_opt()
+    perturb_(rewritten, scale=0.2)
+    model = get_peft_model(rewritten, LoraConfig(**config))
+    with_ref = fisher_of(SpecGenTrainer(model=model, args=args, train_dataset=data, ref_model=tiny_opt()))
+    assert sorted(with_ref) == sorted(plain) and len(plain) == 4
+    for name in plain:
+        torch.testing.assert_close(with_ref[name], plain[name], rtol=1e-5, atol=1e-12)
+
+
+class OneLogitRegression(nn.Module):
+    """A regression head without a config: its single logit gives a constant softmax."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(3, 1)
+
+    def forward(self, x, labels=None):
+        logits = self.linear(x)
+        loss = nn.functional.mse_loss(logits.squeeze(-1), labels) if labels is not None else None
+        return SequenceClassifierOutput(loss=loss, logits=logits)
+
+
+@pytest.mark.parametrize("term", ["ewc_lambda", "kd_lambda"])
+def test_a_single_output_head_is_refused_for_kd_and_ewc(args_factory, term):
+    """num_labels=1 (regression): KD and EWC were silently 0 at every step."""
+    from transformers import OPTForSequenceClassification
+
+    config = tiny_opt().config
+    config.num_labels = 1
+    with pytest.raises(ValueError, match=rf"{term} > 0 compares the model's output distributions.*1 output"):
+        SpecGenTrainer(model=OPTForSequenceClassification(config), args=args_factory(**{term: 1.0}))
+
+
+def test_a_single_output_without_a_config_is_refused_when_first_seen(args_factory):
+    data = datasets.Dataset.from_dict({"x": [[1.0, 2.0, 3.0]] * 4, "labels": [0.5] * 4})
+    trainer = SpecGenTrainer(model=OneLogitRegression(), args=args_factory(ewc_lambda=1.0), train_dataset=data)
+    with pytest.raises(ValueError, match="ewc_lambda .* 1 outcome per position"):
+        trainer._prepare_regularizers(None)
+    trainer = SpecGenTrainer(model=OneLogitRegression(), args=args_factory(kd_lambda=1.0))
+    batch = {"x": torch.ones(2, 3), "labels": torch.zeros(2)}
+    with pytest.raises(ValueError, match="kd_lambda .* 1 outcome per position"):
+        trainer.compute_loss(trainer.model.train(), batch)

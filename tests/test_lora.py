@@ -400,3 +400,79 @@ def test_decoupled_l2_scales_effective_delta(args_factory):
     for n, p in model.named_parameters():
         if not p.requires_grad:
             assert torch.equal(p, frozen_before[n]), n
+
+
+# ---- several active adapters, frozen factors --------------------------------------------------------
+
+
+def two_adapter_opt():
+    """Tiny OPT with two LoRA adapters active together on q_proj / v_proj, both moved off their init."""
+    model = get_peft_model(tiny_opt(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    model.add_adapter("second", LoraConfig(r=2, lora_alpha=6, target_modules=["q_proj", "v_proj"]))
+    model.base_model.set_adapter([ADAPTER, "second"])
+    perturb_(model, scale=0.3)
+    return model
+
+
+def test_several_active_adapters_are_penalized_as_their_sum(args_factory):
+    """The weight's change is the sum of the adapters' deltas: L2 is the squared norm of that sum (not the
+    sum of each adapter's squared norm), its gradient reaches both adapters, and EWC has one Fisher per weight."""
+    lam = 0.4
+    model = two_adapter_opt()
+    layers = lora_layers(model)
+    assert all(set(layer.active_adapters) == {ADAPTER, "second"} for layer in layers.values())
+    trainer = SpecGenTrainer(model=model, args=args_factory(l2_lambda=lam, ewc_lambda=1.0, ewc_num_samples=2),
+                             train_dataset=lm_dataset(4))  # fmt: skip
+    assert len(trainer.deltas) == len(layers) == 4  # one per weight, not one per adapter
+    trainer._prepare_regularizers(None)
+    fisher = next(r for r in trainer.regularizers if isinstance(r, EWC)).fisher
+    assert sorted(fisher) == sorted(f"{n}.base_layer.weight" for n in layers)
+
+    summed = {n: m.get_delta_weight(ADAPTER).float() + m.get_delta_weight("second").float() for n, m in layers.items()}
+    for d in trainer.deltas:
+        assert_near(d.delta(), summed[d.name.removesuffix(".base_layer.weight")])
+    l2 = trainer._weight_terms[0]
+    model.zero_grad()
+    value = l2.apply_(trainer.deltas, grad_scale=1.0)
+    expected = lam * sum(s.double().pow(2).sum() for s in summed.values())
+    separate = lam * sum(m.get_delta_weight(a).double().pow(2).sum() for m in layers.values() for a in (ADAPTER, "second"))
+    assert abs(expected - separate) > 1e-3 * expected  # the two readings differ here
+    torch.testing.assert_close(value.double(), expected, rtol=1e-5, atol=0)
+    factors = [p for n, p in model.named_parameters() if "lora_" in n]
+    closed_form = [p.grad.clone() for p in factors]
+    model.zero_grad()
+    by_autograd = torch.autograd.grad(
+        lam * sum((m.get_delta_weight(ADAPTER).float() + m.get_delta_weight("second").float()).pow(2).sum()
+                  for m in layers.values()), factors)  # fmt: skip
+    for got, want in zip(closed_form, by_autograd):
+        assert want.abs().sum() > 0
+        assert_near(got, want)
+
+
+def test_frozen_lora_factor_gets_no_penalty_gradient(args_factory):
+    """LoRA-FA: lora_A frozen. The penalties act on the delta, and their gradient goes to B only."""
+    lam = 0.3
+    model = lora_opt()
+    frozen = [p for n, p in model.named_parameters() if "lora_A" in n]
+    for p in frozen:
+        p.requires_grad_(False)
+    trainer = SpecGenTrainer(model=model, args=args_factory(l1_lambda=0.01, l2_lambda=lam, l2_mode="penalty"))
+    assert len(trainer.deltas) == 4 and all(d.trainable == [d.B] for d in trainer.deltas)
+    model.zero_grad()
+    for reg in trainer._weight_terms:
+        reg.apply_(trainer.deltas, grad_scale=1.0)
+    assert all(p.grad is None for p in frozen)
+    model.zero_grad()
+    trainer._weight_terms[1].apply_(trainer.deltas, grad_scale=1.0)
+    for d in trainer.deltas:
+        a, b, s = d.A.detach().double(), d.B.detach().double(), d.scale
+        assert_near(d.B.grad, lam * 2 * s * s * b @ a @ a.T)
+    # decoupled L2 decays the delta through the trainable factor
+    decoupled = SpecGenTrainer(model=model, args=args_factory(l2_lambda=0.5, l2_mode="decoupled"))
+    before = materialized_deltas(model)
+    a_before = [p.detach().clone() for p in frozen]
+    decoupled._step_terms[0].before_step_(0.2, decoupled.deltas)
+    after = materialized_deltas(model)
+    for name in before:
+        assert_near(after[name], (1 - 0.2 * 0.5) * before[name], rel=1e-6)
+    assert all(torch.equal(p, q) for p, q in zip(frozen, a_before))

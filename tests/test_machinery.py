@@ -1,12 +1,16 @@
 """The Trainer's machinery: logging, gradient accumulation, bf16 autocast, save and resume."""
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 import hf_specgen.trainer as trainer_module
-from conftest import lm_dataset, perturb_, tiny_opt
+from conftest import VOCAB, lm_dataset, perturb_, tiny_opt
+from test_deepspeed import free_port
 from hf_specgen import SpecGenTrainer
 from hf_specgen.trainer import STATE_FILE
 
@@ -92,10 +96,75 @@ def test_resume_ends_with_the_same_weights_and_reuses_the_saved_fisher(args_fact
     assert last(full)["loss_ewc"] == pytest.approx(last(resumed)["loss_ewc"], rel=1e-4)
 
 
-def test_resume_from_other_pretrained_weights_is_refused(args_factory, tmp_path):
+@pytest.mark.parametrize("terms", [dict(l2_lambda=1.0), dict(kd_lambda=1.0), dict(feature_lambda=1.0)], ids=["l2", "kd", "feature"])
+def test_resume_from_other_pretrained_weights_is_refused(args_factory, tmp_path, terms):
+    """Whatever the terms: a KD or feature checkpoint used to save checksum 0 and accept any teacher."""
     data = lm_dataset(8)
-    full = train(args_factory, data, max_steps=2, save_strategy="steps", save_steps=2, l2_lambda=1.0)
-    other = SpecGenTrainer(model=tiny_opt(seed=7), args=args_factory(l2_lambda=1.0, output_dir=str(tmp_path / "o")),
-                           train_dataset=data)
-    with pytest.raises(ValueError, match="anchored to other pre-trained weights"):
+    full = train(args_factory, data, max_steps=2, save_strategy="steps", save_steps=2, **terms)
+    other = SpecGenTrainer(model=tiny_opt(seed=7), args=args_factory(output_dir=str(tmp_path / "o"), **terms),
+                           train_dataset=data)  # fmt: skip
+    with pytest.raises(ValueError, match="toward other pre-trained weights"):
         other.train(resume_from_checkpoint=os.path.join(full.args.output_dir, "checkpoint-2"))
+
+
+@pytest.mark.parametrize("resumed_with", [dict(kd_lambda=1.0), dict(feature_lambda=0.5, l1_lambda=0.01)], ids=["kd", "feature_l1"])
+def test_resume_with_other_terms_from_the_same_pretrained_weights(args_factory, tmp_path, resumed_with):
+    """An L2 + EWC checkpoint resumed as KD (or feature + L1) from the same pre-trained model: the same
+    reference, accepted (it was refused as "other pre-trained weights")."""
+    data = lm_dataset(8)
+    full = train(args_factory, data, max_steps=2, save_strategy="steps", save_steps=2, l2_lambda=1.0,
+                 ewc_lambda=1.0, ewc_num_samples=2)  # fmt: skip
+    resumed = SpecGenTrainer(model=tiny_opt(), args=args_factory(output_dir=str(tmp_path / "r"), max_steps=3, **resumed_with),
+                             train_dataset=data)  # fmt: skip
+    resumed.train(resume_from_checkpoint=os.path.join(full.args.output_dir, "checkpoint-2"))
+    assert resumed.state.global_step == 3
+
+
+def test_a_second_train_logs_only_its_own_steps(args_factory):
+    """The first train() ends on an unlogged step; the second one's first log must not count it (it logged
+    `loss` 9.327 beside `loss_task + loss_l2` = 10.005)."""
+    trainer = train(args_factory, lm_dataset(8), perturb=True, max_steps=3, logging_steps=2, l2_lambda=5.0)
+    trainer.train()  # a new TrainerState: its log history is the second run's
+    logs = [e for e in trainer.state.log_history if "loss" in e]
+    assert logs and all(e["loss"] == pytest.approx(e["loss_task"] + e["loss_l2"], rel=1e-5) for e in logs)
+
+
+@pytest.mark.parametrize("terms", [dict(l2_lambda=1.0), dict(kd_lambda=1.0), dict(feature_lambda=1.0)], ids=["l2", "kd", "feature"])
+def test_vocabulary_resized_after_building_the_trainer_is_refused(args_factory, terms):
+    model = tiny_opt()
+    trainer = SpecGenTrainer(model=model, args=args_factory(**terms), train_dataset=lm_dataset(8))
+    model.resize_token_embeddings(VOCAB + 8)
+    with pytest.raises(ValueError, match=r"\(72, 16\) where it had \(64, 16\).*resize_token_embeddings.*build the trainer after"):
+        trainer.train()
+
+
+def test_every_term_is_exactly_zero_at_step_zero_under_bf16(args_factory):
+    """The teacher runs under the student's autocast: at the pre-trained weights KD and the feature term are
+    exactly 0 (a float32 teacher beside a bf16-autocast student gave KD > 0 at step 0), like the weight terms."""
+    trainer = train(args_factory, lm_dataset(8), bf16=True, max_steps=1, **ALL_ON)
+    assert trainer.accelerator.mixed_precision == "bf16"
+    (log,) = [e for e in trainer.state.log_history if "loss" in e]
+    assert log["loss_task"] > 0
+    assert {name: log[name] for name in TERMS} == dict.fromkeys(TERMS, 0.0)
+
+
+FSDP_SCRIPT = """
+import sys
+sys.path.insert(0, {tests!r})
+from conftest import make_args, tiny_opt
+from hf_specgen import SpecGenTrainer
+try:
+    SpecGenTrainer(model=tiny_opt(), args=make_args({out!r}, fsdp="full_shard", l2_lambda=1.0))
+except ValueError as error:
+    print("REFUSED:", error)
+"""
+
+
+def test_fsdp_is_refused_naming_deepspeed(tmp_path):
+    """FSDP (here in one distributed process, as torchrun starts it) is neither handled nor silently ignored."""
+    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port()), "HF_HUB_OFFLINE": "1"}  # fmt: skip
+    script = FSDP_SCRIPT.format(tests=str(Path(__file__).parent), out=str(tmp_path / "out"))
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "REFUSED: the regularizers (*_lambda > 0) do not support FSDP yet: shard with DeepSpeed ZeRO" in run.stdout

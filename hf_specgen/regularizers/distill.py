@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import BatchRegularizer
-from .positions import output_logits, supervised_positions
+from .positions import check_distribution, output_logits, supervised_positions
 
 
 @dataclass
@@ -22,13 +22,14 @@ class DistillationBatch:
     student: Any
     teacher: Any
     labels: torch.Tensor | None
-    attention_mask: torch.Tensor | None
     shifts_labels: bool
     # What the task loss divides its token sum by when it is normalized over the whole
     # accumulated batch (`num_items_in_batch`); None when it is a mean over this micro-batch.
     token_denominator: torch.Tensor | float | None = None
     student_features: list[torch.Tensor] = field(default_factory=list)
     teacher_features: list[torch.Tensor] = field(default_factory=list)
+    # per feature: which of its positions count (tokens: an attention mask), None for all
+    feature_masks: list[torch.Tensor | None] = field(default_factory=list)
 
 
 class LogitDistillation(BatchRegularizer):
@@ -46,6 +47,7 @@ class LogitDistillation(BatchRegularizer):
 
     def __call__(self, batch: DistillationBatch) -> torch.Tensor:
         student, _, mask = supervised_positions(output_logits(batch.student), batch.labels, batch.shifts_labels)
+        check_distribution(student, "kd_lambda (logit distillation)")
         teacher, _, _ = supervised_positions(output_logits(batch.teacher), batch.labels, batch.shifts_labels)
         t = self.temperature
         log_q = F.log_softmax(student.float() / t if t != 1 else student.float(), dim=-1)
@@ -63,30 +65,38 @@ class LogitDistillation(BatchRegularizer):
 
 
 class ProtectedFeatures:
-    """Where protected features come from: a language model's hidden states (`feature_layers`), or
-    the image embeddings of a CLIP model (the output of `visual_projection`, i.e. `get_image_features`)."""
+    """Where protected features come from: a language model's hidden states (`feature_layers`), an
+    encoder-decoder's encoder and decoder hidden states (the same indices in each stack), or the
+    image embeddings of a CLIP model (the output of `visual_projection`, i.e. `get_image_features`)."""
 
     def __init__(self, model: nn.Module, layers: list[int]) -> None:
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         if _visual_projection(base) is not None:
             self.kind, self.layers = "image_embeds", []
             return
-        n_layers = getattr(getattr(base, "config", None), "num_hidden_layers", None)
+        config = getattr(base, "config", None)
+        n_layers = getattr(config, "num_hidden_layers", None)
         if n_layers is None:
             raise ValueError(
                 f"feature protection supports language models (hidden states) and CLIP models (image embeddings), "
                 f"not {type(base).__name__}"
             )
-        for layer in layers:
-            if not -(n_layers + 1) <= layer <= n_layers:
-                raise ValueError(
-                    f"feature_layers entry {layer} is out of range: the model has {n_layers + 1} hidden states "
-                    f"(indices {-(n_layers + 1)}..{n_layers})"
-                )
-        self.kind, self.layers = "hidden_states", list(layers)
+        self.kind = "encoder_decoder_states" if getattr(config, "is_encoder_decoder", False) else "hidden_states"
+        stacks = {"hidden states": n_layers}
+        if self.kind == "encoder_decoder_states":
+            decoder = next((getattr(config, k) for k in ("num_decoder_layers", "decoder_layers") if getattr(config, k, None)), n_layers)
+            stacks = {"encoder hidden states": n_layers, "decoder hidden states": decoder}
+        for stack, count in stacks.items():
+            for layer in layers:
+                if not -(count + 1) <= layer <= count:
+                    raise ValueError(
+                        f"feature_layers entry {layer} is out of range: the model has {count + 1} {stack} "
+                        f"(indices {-(count + 1)}..{count})"
+                    )
+        self.layers = list(layers)
 
     def model_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
-        return {**inputs, "output_hidden_states": True} if self.kind == "hidden_states" else inputs
+        return inputs if self.kind == "image_embeds" else {**inputs, "output_hidden_states": True}
 
     @contextlib.contextmanager
     def capture(self, model: nn.Module) -> Iterator[list[torch.Tensor]]:
@@ -106,7 +116,24 @@ class ProtectedFeatures:
     def select(self, outputs: Any, captured: list[torch.Tensor]) -> list[torch.Tensor]:
         if self.kind == "image_embeds":
             return list(captured)
+        if self.kind == "encoder_decoder_states":
+            return [outputs.encoder_hidden_states[i] for i in self.layers] + [
+                outputs.decoder_hidden_states[i] for i in self.layers
+            ]
         return [outputs.hidden_states[i] for i in self.layers]
+
+    def masks(self, inputs: dict[str, Any], labels: torch.Tensor | None) -> list[torch.Tensor | None]:
+        """Per selected feature, the positions that count: real tokens (the attention mask), for a
+        decoder the supervised ones (`decoder_attention_mask`, else labels != -100); None: all."""
+        if self.kind == "image_embeds":
+            return [None]
+        attention = inputs.get("attention_mask")
+        if self.kind == "hidden_states":
+            return [attention] * len(self.layers)
+        decoder = inputs.get("decoder_attention_mask")
+        if decoder is None and labels is not None:
+            decoder = labels != -100
+        return [attention] * len(self.layers) + [decoder] * len(self.layers)
 
 
 def _visual_projection(model: nn.Module) -> nn.Module | None:
@@ -118,15 +145,16 @@ def _visual_projection(model: nn.Module) -> nn.Module | None:
 
 class FeatureProtection(BatchRegularizer):
     """`lambda * mean ||h_theta(x) - h_pre(x)||^2`: squared L2 over the feature dimension, averaged
-    over the real (attention-masked) tokens or the images of the micro-batch, and over layers."""
+    over the real (masked) tokens or the images of the micro-batch, and over the features."""
 
     name = "feature"
 
     def __call__(self, batch: DistillationBatch) -> torch.Tensor:
         per_layer = []
-        for student, teacher in zip(batch.student_features, batch.teacher_features):
+        masks = batch.feature_masks or [None] * len(batch.student_features)
+        for student, teacher, mask in zip(batch.student_features, batch.teacher_features, masks):
             squared = (student.float() - teacher.to(student.device, torch.float32)).pow(2).sum(-1)
-            if squared.dim() == 2 and batch.attention_mask is not None:
-                squared = squared[batch.attention_mask.to(squared.device).bool()]
+            if squared.dim() == 2 and mask is not None:
+                squared = squared[mask.to(squared.device).bool()]
             per_layer.append(squared.mean())
         return self.weight * torch.stack(per_layer).mean()

@@ -11,20 +11,22 @@ from torch import nn
 
 from ..anchor import WeightDelta
 from .base import WeightRegularizer
-from .positions import output_logits, supervised_positions
+from ..batches import reference_inputs, task_labels
+from .positions import check_distribution, output_logits, supervised_positions
 
 
 def estimate_fisher(
     model: nn.Module,
     deltas: Sequence[WeightDelta],
-    examples: Iterable[dict[str, Any]],
+    batches: Iterable[dict[str, Any]],
     *,
     empirical: bool,
     shifts_labels: bool,
     generator: torch.Generator,
     device: torch.device | None = None,
+    label_names: Sequence[str] = (),
 ) -> dict[str, torch.Tensor]:
-    """Diagonal Fisher `F = E_x[(1/n_x) (d/dtheta sum_t log p(y_t | x))^2]`, one example at a time.
+    """Diagonal Fisher `F = E_x[(1/n_x) (d/dtheta sum_t log p(y_t | x))^2]` from per-example gradients.
 
     Per-example gradients (not the square of a mini-batch mean). `y` is sampled from the model's
     own predictive distribution (the true Fisher) or, with `empirical`, taken from the labels.
@@ -36,6 +38,22 @@ def estimate_fisher(
     and only the part its delta regularizes is kept (`WeightDelta.local_gradient`): under ZeRO-3,
     where each layer is gathered for its forward and backward only, no whole-model gradient is
     ever held and each rank stores the slice of F it owns.
+
+    Args:
+        model: the model whose forward runs through each delta's `fisher_parameter`.
+        deltas: the weights to estimate F for.
+        batches: collated training examples; one forward per batch and one backward per example
+            in it. Collate one example at a time, except for a contrastive model (CLIP), whose
+            candidates for an image are the texts of its batch: there a batch is the group of
+            examples the task loss sees together, and `y` for image `i` is one of its texts.
+        empirical: use the labels (the empirical Fisher) instead of sampling `y`.
+        shifts_labels: the task loss shifts token labels (causal LMs).
+        generator: the seeded source of the sampled labels.
+        device: where F is kept (None: beside each weight).
+        label_names: the Trainer's label names, when the labels are not called `labels`.
+
+    Returns:
+        F by delta name, each of the delta's `local_shape`.
     """
     params = [d.fisher_parameter() for d in deltas]
     requires_grad = [p.requires_grad for p in params]
@@ -61,24 +79,14 @@ def estimate_fisher(
         for p in params:
             p.requires_grad_(True)
         hooks = [p.register_hook(square_into(d, acc)) for d, p, acc in zip(deltas, params, fisher)]
-        for example in examples:
-            labels = example.get("labels")
-            outputs = model(**{k: v for k, v in example.items() if k != "labels"})
-            logits, targets, mask = supervised_positions(output_logits(outputs).float(), labels, shifts_labels)
-            if mask is not None:
-                logits, targets = logits[mask], targets[mask]
-            else:
-                logits = logits.reshape(-1, logits.shape[-1])
-                targets = targets.reshape(-1) if targets is not None else None
-            log_probs = F.log_softmax(logits, dim=-1)
-            if not empirical:
-                targets = _sample(log_probs.detach(), generator)
-            elif targets is None:
-                raise ValueError("ewc_fisher='empirical' needs labels in the training examples")
-            weight[0] = 1.0 / max(targets.numel(), 1)
-            score = log_probs.gather(-1, targets.unsqueeze(-1)).sum()
-            torch.autograd.grad(score, params, allow_unused=True)
-            count += 1
+        for batch in batches:
+            labels = task_labels(batch, label_names)
+            outputs = model(**reference_inputs(model, batch, label_names))
+            scores = _example_log_likelihoods(outputs, labels, shifts_labels, empirical, generator)
+            for i, (score, n_positions) in enumerate(scores):
+                weight[0] = 1.0 / max(n_positions, 1)
+                torch.autograd.grad(score, params, allow_unused=True, retain_graph=i < len(scores) - 1)
+                count += 1
     finally:
         for handle in hooks:
             handle.remove()
@@ -88,6 +96,28 @@ def estimate_fisher(
     if count == 0:
         raise ValueError("EWC needs training examples to estimate the Fisher; the training set is empty")
     return {d.name: acc.div_(count) for d, acc in zip(deltas, fisher)}
+
+
+def _example_log_likelihoods(
+    outputs: Any, labels: torch.Tensor | None, shifts_labels: bool, empirical: bool, generator: torch.Generator
+) -> list[tuple[torch.Tensor, int]]:
+    """Per example of the batch: `sum_t log p(y_t | x)` over its supervised positions, and their number."""
+    logits = output_logits(outputs).float()
+    check_distribution(logits, "ewc_lambda (EWC's Fisher)")
+    if getattr(outputs, "logits", None) is None:  # contrastive: image i's candidates are the batch's texts
+        labels = torch.arange(logits.shape[0], device=logits.device)
+    logits, targets, mask = supervised_positions(logits, labels, shifts_labels)
+    if empirical and targets is None:
+        raise ValueError("ewc_fisher='empirical' needs labels in the training examples")
+    scores = []
+    for i in range(logits.shape[0]):
+        row_logits, row_targets = logits[i], targets[i] if targets is not None else None
+        if mask is not None:
+            row_logits, row_targets = row_logits[mask[i]], row_targets[mask[i]]
+        log_probs = F.log_softmax(row_logits.reshape(-1, logits.shape[-1]), dim=-1)
+        y = row_targets.reshape(-1) if empirical else _sample(log_probs.detach(), generator)
+        scores.append((log_probs.gather(-1, y.unsqueeze(-1)).sum(), y.numel()))
+    return scores
 
 
 def _sample(log_probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
