@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .merge import MergeError, MergeWriteError, PushError, wise_ft, wise_ft_sweep
+from .merge import MergeError, MergeWriteError, PushError, push_merge, wise_ft, wise_ft_sweep
 from .merge.output import MARKER
 
 
@@ -52,6 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     sweep = commands.add_parser("sweep", help="one merge per alpha, reading each input tensor once")
     _add_merge_options(sweep)
     sweep.add_argument("--alphas", type=_alphas, required=True, help="comma-separated, e.g. 0,0.25,0.5,0.75,1")
+    push = commands.add_parser("push", help="upload a model directory written earlier (e.g. a merge whose push failed) to the Hub")
+    push.add_argument("directory", metavar="DIR", type=Path, help="a model or LoRA adapter directory")
+    push.add_argument("repo_id", metavar="REPO_ID", help="the Hub repository, created if needed, e.g. me/galactica-med-wise")
+    push.add_argument("--private", action="store_true", help="create the Hub repository private")
     _add_eval_parsers(commands)
     return parser
 
@@ -140,6 +144,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             _evaluate(args)
         elif args.command == "report":
             _report(args)
+        elif args.command == "push":
+            push_merge(args.directory, args.repo_id, private=args.private)
+            print(f"pushed {args.directory} to {args.repo_id}")
         else:
             _merge(args, parser)
     except (MergeError, ValueError) as error:

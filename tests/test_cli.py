@@ -10,7 +10,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 import huggingface_hub
 from conftest import VOCAB
 from hf_specgen.cli import main
-from hf_specgen.merge import wise_ft
+from hf_specgen.merge import MergeError, wise_ft
 from test_merge import FakeHub, assert_interpolated, opt, read_card, read_weights, save  # noqa: F401 - opt: fixture
 from test_merge_lora import adapted, check_full_merge
 
@@ -199,3 +199,46 @@ def test_failed_push_exits_1_and_keeps_the_output(opt, tmp_path, capsys, fake_hu
     assert "intact" in captured.err and hubs[0].uploads
     merged = read_weights(out)
     assert set(merged) == set(opt["ft_sd"]) and (out / "README.md").is_file()
+
+
+def test_invalid_repo_id_refused_before_merging(opt, tmp_path, capsys, fake_hub):
+    hubs = fake_hub()
+    out = tmp_path / "out"
+    for repo_id in ("me/bad id", "a/b/c", "me/x--y"):
+        expect_usage_error(merge_args(opt, out, "0.4", "--push-to-hub", repo_id), capsys,
+                           f"specgen: error: push_to_hub (--push-to-hub): {repo_id!r} is not a valid Hub repository id")  # fmt: skip
+    with pytest.raises(MergeError, match="push_to_hub"):  # before the inputs are looked for
+        wise_ft(tmp_path / "nope", opt["ft"], 0.5, out, "me/bad id")
+    assert not out.exists() and hubs == []
+
+
+def test_push_publishes_an_existing_merge(opt, tmp_path, capsys, fake_hub):
+    hubs = fake_hub()
+    out = wise_ft(opt["pre"], opt["ft"], 0.4, tmp_path / "out")
+    assert run(["push", out, "me/merged", "--private"]) == 0
+    assert capsys.readouterr().out.strip() == f"pushed {out} to me/merged"
+    (hub,) = hubs
+    assert hub.created[0]["repo_id"] == "me/merged" and hub.created[0]["private"] is True
+    (upload,) = hub.uploads
+    assert upload["files"] == {p.name: p.read_bytes() for p in out.iterdir()}
+    assert upload["commit_message"] == "WiSE-FT merge, alpha=0.4"
+    assert run(["push", out, "me/public"]) == 0 and hubs[1].created[0]["private"] is False
+
+    fake_hub(fail=True)
+    assert run(["push", out, "me/merged"]) == 1  # as a merge's failed push: exit 1, the directory intact
+    err = capsys.readouterr().err
+    assert err.startswith(f"specgen: error: pushing {out} to me/merged failed") and "503" in err
+    assert upload["files"] == {p.name: p.read_bytes() for p in out.iterdir()}
+
+
+def test_push_refuses_what_is_not_a_model_directory(opt, tmp_path, capsys, fake_hub):
+    hubs = fake_hub()
+    out = wise_ft(opt["pre"], opt["ft"], 0.4, tmp_path / "out")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "config.json").write_text("{}")  # a config but no weights
+    for directory, what in [(tmp_path / "nope", "no such directory"), (out / "config.json", "not a directory"),
+                            (tmp_path / "notes", "no model.safetensors"),
+                            (tmp_path, "not a model directory (no config.json or adapter_config.json)")]:  # fmt: skip
+        expect_usage_error(["push", directory, "me/merged"], capsys, f"specgen: error: {directory}: {what}")
+    expect_usage_error(["push", out, "me/bad id"], capsys, "specgen: error: repo_id: 'me/bad id' is not a valid Hub repository id")
+    assert hubs == []

@@ -26,7 +26,7 @@ from .atomic import atomic_directory
 from .card import write_model_card
 from .checkpoint import Checkpoint, read_config, resolve
 from .errors import MergeError
-from .hub import push_folder
+from .hub import check_repo_id, push_folder
 from .lora import ADAPTER_CONFIG, LoraAdapter, is_lora_adapter
 from .output import Overwrite, check_output_dir, write_marker
 from .plan import MergePlan, conv1d_modules, meta_model, plan_adapter_scaling, plan_lora_merge, plan_merge, tied_groups
@@ -192,12 +192,14 @@ def wise_ft(
     """
     (alpha,) = _check_alphas([alpha], extrapolate)
     _check_shard_size(max_shard_size)
+    if push_to_hub is not None:
+        check_repo_id(push_to_hub, "push_to_hub (--push-to-hub)")
     output_dir = Path(output_dir)
     check_output_dir(output_dir, [pretrained, finetuned], overwrite)
     merge = _prepare(pretrained, finetuned, dtype, keep_adapter)
     with atomic_directory(output_dir) as temporary:
         _write(merge, [alpha], [temporary], dtype=dtype, max_shard_size=max_shard_size, scores=scores)
-    if push_to_hub:
+    if push_to_hub is not None:
         push_folder(output_dir, push_to_hub, private=private, api=hub_api, message=f"WiSE-FT merge, alpha={alpha:g}")
     return output_dir
 
