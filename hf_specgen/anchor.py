@@ -29,6 +29,7 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 # LoRA initialisations that rewrite the base weights: with adapters disabled the model is then
 # not the pre-trained one.
 _BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq")
+_SUM_CHUNK = 2**22  # elements summed in float64 at a time by `reference_fingerprint`
 
 
 def resolve_dtype(name: str, like: torch.Tensor) -> torch.dtype:
@@ -413,7 +414,8 @@ def reference_fingerprint(model: nn.Module, reference: nn.Module | None = None) 
     for value in values:
         held = local_values(value)
         partitioned = partitioned or held is not value
-        total += held.detach().double().sum().cpu()
+        for chunk in held.detach().reshape(-1).split(_SUM_CHUNK):  # float64 in pieces: no float64 copy of a weight
+            total += chunk.double().sum().cpu()
     if partitioned and torch.distributed.is_available() and torch.distributed.is_initialized():
         device = held.device if torch.distributed.get_backend() != "gloo" else torch.device("cpu")
         total = total.to(device)

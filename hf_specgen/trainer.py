@@ -443,10 +443,12 @@ class SpecGenTrainer(Trainer):
         for name in sorted(set(now) | set(self._built_shapes)):
             before, after = self._built_shapes.get(name), now.get(name)
             if before != after:
+                was = f"shape {before}" if before else "no trainable weight of that name"
+                now_is = f"shape {after}" if after else "no longer a trainable weight"
                 raise ValueError(
-                    f"{name} has shape {after} where it had {before} when the SpecGenTrainer was built (e.g. after "
-                    "resize_token_embeddings): build the trainer after changing the model, so that its pre-trained "
-                    "reference has the same weights"
+                    f"{name} is {now_is}; it was {was} when the SpecGenTrainer was built (e.g. before "
+                    "resize_token_embeddings or a new adapter): build the trainer after changing the model, so that "
+                    "its pre-trained reference has the same weights"
                 )
         current = dict(self.model.named_parameters())
         stale = [d.name for d in self.deltas if isinstance(d, DenseDelta) and d.name in current and current[d.name] is not d.param]
