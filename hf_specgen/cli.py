@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
-from .merge import MergeError, MergeWriteError, PushError, push_merge, wise_ft, wise_ft_sweep
+from .merge import MergeError, MergeWarning, MergeWriteError, PushError, push_merge, wise_ft, wise_ft_sweep
 from .merge.output import MARKER
 
 
@@ -139,6 +141,24 @@ def _merge(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    with warnings.catch_warnings():
+        warnings.showwarning = _one_line_merge_warnings(warnings.showwarning)
+        return _run(args, parser)
+
+
+def _one_line_merge_warnings(show: Callable[..., None]) -> Callable[..., None]:
+    """`specgen: warning: <path>: <what>` on stderr for the merge's own warnings; the others as `show` shows them."""
+
+    def showwarning(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+        if issubclass(category, MergeWarning):
+            print(f"specgen: warning: {message}", file=sys.stderr)
+        else:
+            show(message, category, *args, **kwargs)
+
+    return showwarning
+
+
+def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     try:
         if args.command == "eval":
             _evaluate(args)

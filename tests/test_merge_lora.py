@@ -3,6 +3,7 @@ peft's own merge), and CLIP: a tiny CLIPModel pair, and a zero-shot-initialized 
 
 import copy
 import json
+import warnings
 
 import pytest
 import torch
@@ -12,7 +13,8 @@ from peft.tuners.lora import LoraLayer
 from transformers import CLIPForImageClassification, CLIPModel, GPT2Config, GPT2LMHeadModel
 
 from conftest import clip_batch, perturb_, tiny_clip, tiny_opt
-from hf_specgen.merge import MergeError, wise_ft, wise_ft_sweep
+from hf_specgen.cli import main
+from hf_specgen.merge import MergeError, MergeWarning, wise_ft, wise_ft_sweep
 from test_merge import assert_interpolated, count_reads, leftovers, read_weights, reference, save, tiny_llama
 
 ADAPTER = "default"
@@ -327,3 +329,34 @@ def test_lora_on_a_tied_output_layer_unties_it(tmp_path):
     loaded = OPTForCausalLM.from_pretrained(out)
     assert not torch.equal(loaded.lm_head.weight, loaded.model.decoder.embed_tokens.weight)
     torch.testing.assert_close(loaded.lm_head.weight.detach(), merged["lm_head.weight"])
+
+
+def test_adapter_of_another_base_model_warns_naming_both(tmp_path, capsys):
+    base_dir, adapter_dir, _ = adapted(tmp_path)
+    (tmp_path / "link").symlink_to(base_dir)
+    config_path = adapter_dir / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+
+    def warned(trained_on, **kwargs):
+        config_path.write_text(json.dumps({**config, "base_model_name_or_path": trained_on}))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            wise_ft(base_dir, adapter_dir, 0.5, tmp_path / "out", overwrite=True, **kwargs)
+        return [str(w.message) for w in caught if issubclass(w.category, MergeWarning)]
+
+    (message,) = warned("someone/other-model")
+    assert message == (f"{adapter_dir}: the adapter was trained on 'someone/other-model' (its base_model_name_or_path), "
+                       f"and is merged onto {str(base_dir)!r}; the shapes fit, but check that this is its base model")  # fmt: skip
+    assert len(warned("someone/other-model", keep_adapter=True)) == 1
+    for same in ("facebook/base", str(base_dir), str(tmp_path / "link"), None):  # the same name, path or directory
+        assert warned(same) == [], same
+    base_config = json.loads((base_dir / "config.json").read_text())
+    (base_dir / "config.json").write_text(json.dumps({**base_config, "_name_or_path": "someone/other-model"}))
+    assert warned("someone/other-model") == []  # the base's own config says it is that model
+    (base_dir / "config.json").write_text(json.dumps(base_config))
+
+    config_path.write_text(json.dumps({**config, "base_model_name_or_path": "someone/other-model"}))
+    capsys.readouterr()
+    assert main(["merge", "--pretrained", str(base_dir), "--finetuned", str(adapter_dir), "--alpha", "0.5",
+                 "--output-dir", str(tmp_path / "cli")]) == 0  # fmt: skip
+    assert capsys.readouterr().err == f"specgen: warning: {message}\n"

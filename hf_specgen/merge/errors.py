@@ -11,3 +11,7 @@ class MergeWriteError(OSError):
 
     def __str__(self) -> str:
         return self.strerror or super().__str__()
+
+
+class MergeWarning(UserWarning):
+    """Something a merge did that may not be what was meant (e.g. an adapter on another base model)."""

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import math
+import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from .checkpoint import Checkpoint, read_json
-from .errors import MergeError
+from .errors import MergeError, MergeWarning
 
 ADAPTER_CONFIG = "adapter_config.json"
 _PREFIX = "base_model.model."
@@ -97,3 +100,34 @@ class LoraAdapter:
         d = self.deltas[key]
         product = d.scale * (self.checkpoint.get(d.b_key).float() @ self.checkpoint.get(d.a_key).float())
         return product.T if d.transposed else product
+
+
+def warn_if_other_base(adapter: LoraAdapter, pretrained: str | os.PathLike, base_config: dict[str, Any] | None) -> None:
+    """Warns (`MergeWarning`) when the adapter says it was trained on another model than `pretrained`.
+
+    The adapter config's `base_model_name_or_path` is compared with `pretrained` as given and with
+    the base config's `_name_or_path`: the same string, the same last path component (a Hub id
+    and a local copy of it) or the same directory all count as the same model. Shapes that did
+    not fit would have been an error already; this catches a model of the same architecture.
+    """
+    expected = adapter.config.get("base_model_name_or_path")
+    if not isinstance(expected, str) or not expected:
+        return
+    names = [str(pretrained), (base_config or {}).get("_name_or_path")]
+    if any(_same_model(expected, name) for name in names if isinstance(name, str) and name):
+        return
+    warnings.warn(
+        f"{adapter.directory}: the adapter was trained on {expected!r} (its base_model_name_or_path), and is merged "
+        f"onto {str(pretrained)!r}; the shapes fit, but check that this is its base model",
+        MergeWarning,
+        stacklevel=4,  # the caller of wise_ft / wise_ft_sweep
+    )
+
+
+def _same_model(a: str, b: str) -> bool:
+    if a == b or Path(a.rstrip("/")).name == Path(b.rstrip("/")).name:
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # not both local paths
+        return False

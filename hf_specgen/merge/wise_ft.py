@@ -27,7 +27,7 @@ from .card import write_model_card
 from .checkpoint import Checkpoint, read_config, resolve
 from .errors import MergeError
 from .hub import check_repo_id, push_folder
-from .lora import ADAPTER_CONFIG, LoraAdapter, is_lora_adapter
+from .lora import ADAPTER_CONFIG, LoraAdapter, is_lora_adapter, warn_if_other_base
 from .output import Overwrite, check_output_dir, write_marker
 from .plan import MergePlan, conv1d_modules, meta_model, plan_adapter_scaling, plan_lora_merge, plan_merge, tied_groups
 from .writer import ConcurrentWriters, ShardedWriter, header_room
@@ -74,8 +74,11 @@ def _prepare(pretrained: str | os.PathLike, finetuned: str | os.PathLike, dtype:
         adapter = LoraAdapter(ft_dir, conv1d_modules(architecture))
         tied = tied_groups(architecture)
         if keep_adapter:
-            return _Merge(plan_adapter_scaling(base, adapter, tied, torch_dtype), [ft_dir], "adapter_model", sources)
+            scaled = _Merge(plan_adapter_scaling(base, adapter, tied, torch_dtype), [ft_dir], "adapter_model", sources)
+            warn_if_other_base(adapter, pretrained, base.config)
+            return scaled
         plan, side_dirs = plan_lora_merge(base, adapter, tied, torch_dtype), [pre_dir, ft_dir]
+        warn_if_other_base(adapter, pretrained, base.config)
     elif keep_adapter:
         raise MergeError(f"keep_adapter needs a LoRA adapter directory as finetuned; {finetuned} has no {ADAPTER_CONFIG}")
     else:
