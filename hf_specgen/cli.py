@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from . import __version__
 from .merge import MergeError, MergeWarning, MergeWriteError, PushError, push_merge, wise_ft, wise_ft_sweep
 from .merge.output import MARKER
 
@@ -23,7 +24,9 @@ def _alphas(text: str) -> list[float]:
 def _add_merge_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pretrained", required=True, help="pre-trained model: directory or Hub id")
     parser.add_argument("--finetuned", required=True, help="fine-tuned model or LoRA adapter: directory or Hub id")
-    parser.add_argument("--output-dir", required=True, type=Path)
+    parser.add_argument("--output-dir", required=True, type=Path,
+                        help="where to write (a sweep: one alpha-<alpha>/ per alpha); it must not exist, unless "
+                             "--overwrite or --overwrite-any")  # fmt: skip
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="output dtype (default: the fine-tuned model's)")
     parser.add_argument("--max-shard-size", default="5GB", help="largest output shard, e.g. 5GB, 500MB")
     parser.add_argument(
@@ -42,6 +45,8 @@ def _add_merge_options(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="specgen", description="Special without losing generality: WiSE-FT merging, evaluation, reports.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s (hf_specgen) {__version__}",
+                        help="print the version and exit")  # fmt: skip
     commands = parser.add_subparsers(dest="command", required=True)
     merge = commands.add_parser(
         "merge", help="write theta = (1 - alpha) * theta_pretrained + alpha * theta_finetuned"
@@ -75,12 +80,12 @@ def _add_eval_parsers(commands: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--hyperparameter", help="the method's strength setting, e.g. l2_lambda")
     evaluate.add_argument("--value", type=float, help="its value, e.g. 0.1")
     evaluate.add_argument("--limit", type=int, help="at most this many examples per task (quick checks)")
-    evaluate.add_argument("--num-fewshot", type=int)
-    evaluate.add_argument("--batch-size", type=int, default=32)
+    evaluate.add_argument("--num-fewshot", type=int, help="few-shot examples per prompt, LM suites only (default: each task's own)")
+    evaluate.add_argument("--batch-size", type=int, default=32, help="examples per forward pass (default: 32)")
     evaluate.add_argument("--device", help="default: cuda when available, else cpu")
     report = commands.add_parser("report", help="combine result records into report.json, report.md and report.png")
     report.add_argument("results", nargs="+", type=Path, help="record files (one record or a list) or directories of them")
-    report.add_argument("--output-dir", required=True, type=Path)
+    report.add_argument("--output-dir", required=True, type=Path, help="where to write report.json, report.md and report.png")
     report.add_argument("--title", help="title of the table and the plot")
     report.add_argument("--combine", action="store_true",
                         help="RESULTS are report directories (e.g. one per recipe): write one report.md / report.json over them")

@@ -1,5 +1,6 @@
 """`specgen merge` / `specgen sweep`, run in-process: what they write, print, and exit with."""
 
+import argparse
 import json
 from pathlib import Path
 
@@ -7,9 +8,10 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
+import hf_specgen
 import huggingface_hub
 from conftest import VOCAB
-from hf_specgen.cli import main
+from hf_specgen.cli import build_parser, main
 from hf_specgen.merge import MergeError, wise_ft
 from test_merge import FakeHub, assert_interpolated, opt, read_card, read_weights, save  # noqa: F401 - opt: fixture
 from test_merge_lora import adapted, check_full_merge
@@ -242,3 +244,23 @@ def test_push_refuses_what_is_not_a_model_directory(opt, tmp_path, capsys, fake_
         expect_usage_error(["push", directory, "me/merged"], capsys, f"specgen: error: {directory}: {what}")
     expect_usage_error(["push", out, "me/bad id"], capsys, "specgen: error: repo_id: 'me/bad id' is not a valid Hub repository id")
     assert hubs == []
+
+
+def test_version(capsys):
+    assert run(["--version"]) == 0
+    assert capsys.readouterr().out == f"specgen (hf_specgen) {hf_specgen.__version__}\n"
+
+
+def test_every_option_and_argument_has_help():
+    parsers = [build_parser()]
+    undocumented = []
+    while parsers:
+        parser = parsers.pop()
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                parsers.extend(action.choices.values())
+                undocumented += [f"{parser.prog} {name}" for name, sub in action.choices.items()
+                                 if not any(c.dest == name and c.help for c in action._choices_actions)]  # fmt: skip
+            elif not (action.help or "").strip() or action.help == argparse.SUPPRESS:
+                undocumented.append(f"{parser.prog} {'/'.join(action.option_strings) or action.dest}")
+    assert undocumented == []
