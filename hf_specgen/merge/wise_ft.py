@@ -4,7 +4,8 @@ Each input tensor is read once per pass (memory-mapped), interpolated for every 
 for, and handed to one sharded writer per alpha, each on a thread of its own (see `writer`):
 peak memory is a few tensors and a staging buffer per alpha, never a whole model or shard.
 Output directories are written under a temporary name and renamed at the end, so a failure
-(bad input, full disk, Ctrl-C) leaves no partial output.
+(bad input, full disk, Ctrl-C, SIGTERM) leaves no partial output (see `atomic`); where they may be
+written, never over an input, is `output`'s.
 """
 
 from __future__ import annotations
@@ -74,16 +75,16 @@ def _prepare(pretrained: str | os.PathLike, finetuned: str | os.PathLike, dtype:
         adapter = LoraAdapter(ft_dir, conv1d_modules(architecture))
         tied = tied_groups(architecture)
         if keep_adapter:
-            scaled = _Merge(plan_adapter_scaling(base, adapter, tied, torch_dtype), [ft_dir], "adapter_model", sources)
-            warn_if_other_base(adapter, pretrained, base.config)
-            return scaled
-        plan, side_dirs = plan_lora_merge(base, adapter, tied, torch_dtype), [pre_dir, ft_dir]
-        warn_if_other_base(adapter, pretrained, base.config)
+            plan, side_dirs, weights_name = plan_adapter_scaling(base, adapter, tied, torch_dtype), [ft_dir], "adapter_model"
+        else:
+            plan, side_dirs, weights_name = plan_lora_merge(base, adapter, tied, torch_dtype), [pre_dir, ft_dir], "model"
+        warn_if_other_base(adapter, pretrained, base.config)  # the shapes fit: planning raises otherwise
     elif keep_adapter:
         raise MergeError(f"keep_adapter needs a LoRA adapter directory as finetuned; {finetuned} has no {ADAPTER_CONFIG}")
     else:
-        plan, side_dirs = plan_merge(base, Checkpoint(ft_dir), torch_dtype), [ft_dir]
-    return _Merge(plan, side_dirs, "model", sources, _output_config(side_dirs))
+        plan, side_dirs, weights_name = plan_merge(base, Checkpoint(ft_dir), torch_dtype), [ft_dir], "model"
+    config = _output_config(side_dirs) if weights_name == "model" else None  # an adapter gets no config.json
+    return _Merge(plan, side_dirs, weights_name, sources, config)
 
 
 def _check_alphas(alphas: Sequence[float], extrapolate: bool) -> list[float]:
