@@ -1,6 +1,7 @@
 """What a merge refuses and what it never touches: its inputs, other people's files, half-written
 output after an error or a signal; and the one-line errors and exit codes of `specgen`."""
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -8,19 +9,21 @@ import os
 import re
 import shutil
 import signal
-import subprocess
 import sys
 import threading
+import time
+import traceback
 from pathlib import Path
 
 import huggingface_hub
 import pytest
 import torch
 
+from hf_specgen.cli import main
 from hf_specgen.merge import MergeError, wise_ft, wise_ft_sweep
 from hf_specgen.merge.checkpoint import Checkpoint
-from test_cli import expect_usage_error, merge_args, run
 from hf_specgen.merge.writer import ShardedWriter
+from test_cli import expect_usage_error, merge_args, run
 from test_merge import _Payload, fail_after, leftovers, opt, read_weights  # noqa: F401 - opt: fixture
 
 MARKER = "specgen_merge.json"
@@ -156,58 +159,72 @@ def test_overwrite_any_replaces_a_file_and_leaves_nothing_beside(opt, tmp_path):
 
 # ---- item 18: SIGTERM cleans up as Ctrl-C does; what kill -9 leaves, the next merge removes ---------
 
-# `specgen ARGS` whose first tensor read says "writing" (the temporary directory exists) and waits
-SLOW_MERGE = """
-import sys, time
-from hf_specgen.cli import main
-from hf_specgen.merge.checkpoint import Checkpoint
-original = Checkpoint.get
-def get(self, key):
-    if not getattr(get, "waited", False):
-        get.waited = True
-        print("writing", flush=True)
-        time.sleep(60)
-    return original(self, key)
-Checkpoint.get = get
-sys.exit(main(sys.argv[1:]))
-"""
-
-
 @pytest.fixture
 def slow_merge(opt, tmp_path):
-    """Starts `specgen merge` into OUT in a process of its own, which waits once writing; killed at the end."""
-    script = tmp_path / "slow_merge.py"
-    script.write_text(SLOW_MERGE)
-    processes = []
+    """Starts `specgen merge ... --output-dir OUT` in a process of its own (forked: no second import
+    of torch), which stops at its first tensor read, its temporary directory made; returns once it
+    is there. Its stderr goes to a file. Killed at the end if still running."""
+    children = []
 
     def start(out):
-        argv = [sys.executable, script, *map(str, merge_args(opt, out))]
-        processes.append(subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-        return processes[-1]
+        ready, said_ready = os.pipe()
+        stderr = tmp_path / f"stderr-{out.name}"
+        pid = os.fork()
+        if pid == 0:  # the child: never returns into pytest
+            code = 100
+            try:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)  # as in a fresh `specgen` process
+                os.dup2(os.open(stderr, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), 2)
+                sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115 - pytest's capture replaced it
+
+                def get(self, key):
+                    os.write(said_ready, b"w")
+                    time.sleep(60)
+
+                Checkpoint.get = get
+                code = main([str(a) for a in merge_args(opt, out)])
+            except BaseException:  # noqa: BLE001 - reported through the exit code and the stderr file
+                traceback.print_exc()
+                code = 101
+            finally:
+                os._exit(code)
+        children.append(pid)
+        os.close(said_ready)
+        assert os.read(ready, 1) == b"w", stderr.read_text()  # EOF: the child ended before writing
+        os.close(ready)
+        return pid, stderr
 
     yield start
-    for process in processes:
-        if process.poll() is None:
-            process.kill()
-            process.communicate()
+    for pid in children:
+        with contextlib.suppress(ChildProcessError, ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+
+
+def wait_status(pid, timeout=30):
+    """The exit code `subprocess` would report: -N for a signal N."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        time.sleep(0.01)
+    raise AssertionError(f"process {pid} still running after {timeout} s")
 
 
 def test_sigterm_cleans_up_and_what_kill_9_leaves_the_next_merge_removes(opt, tmp_path, slow_merge):
     parent = tmp_path / "outputs"
-    killed, terminated = slow_merge(parent / "a"), slow_merge(parent / "b")
-    for process in (killed, terminated):  # both are writing
-        assert process.stdout.readline() == "writing\n", process.communicate(timeout=60)
-    killed.send_signal(signal.SIGKILL)
-    killed.communicate(timeout=60)
+    (killed, _), (terminated, stderr) = slow_merge(parent / "a"), slow_merge(parent / "b")  # both writing
+    os.kill(killed, signal.SIGKILL)
+    assert wait_status(killed) == -signal.SIGKILL
     (partial_a,) = [p for p in parent.iterdir() if p.name.startswith(".a.")]
     (partial_b,) = [p for p in parent.iterdir() if p.name.startswith(".b.")]
     assert partial_a.is_dir() and partial_b.is_dir()
     wise_ft(opt["pre"], opt["ft"], 0.5, parent / "c")  # the next merge into the same parent
     assert not partial_a.exists() and partial_b.is_dir()  # the dead one's partial removed, the live one's kept
-    terminated.send_signal(signal.SIGTERM)
-    _, err = terminated.communicate(timeout=60)
-    assert terminated.returncode == -signal.SIGTERM  # as the default handler ends it: the shell says 143
-    assert "Traceback" not in err
+    os.kill(terminated, signal.SIGTERM)
+    assert wait_status(terminated) == -signal.SIGTERM  # as the default handler ends it: the shell says 143
+    assert "Traceback" not in stderr.read_text()
     assert sorted(p.name for p in parent.iterdir()) == ["c"]
 
 

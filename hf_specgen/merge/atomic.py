@@ -14,6 +14,7 @@ into the same parent removes those of a process of this host that no longer exis
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
 import secrets
@@ -33,9 +34,14 @@ class Terminated(BaseException):
     """SIGTERM received while a directory was being written (raised in the main thread only)."""
 
 
+@functools.cache
 def _host() -> str:
-    """This machine, as temporary names spell it (a pid means nothing on another one)."""
-    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:63] or "host"
+    """This machine, as temporary names spell it: a pid means nothing on another one, nor in another
+    pid namespace (a container sharing the host name), whose number is added where Linux says it."""
+    host = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:63] or "host"
+    with contextlib.suppress(OSError):
+        host += f"-{os.stat('/proc/self/ns/pid').st_ino}"
+    return host
 
 
 def _temporary_name(name: str, kind: str) -> str:
