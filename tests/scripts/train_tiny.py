@@ -18,6 +18,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import datasets  # noqa: E402
 import torch  # noqa: E402
 from transformers import OPTForCausalLM  # noqa: E402
+from transformers.trainer_pt_utils import nested_gather  # noqa: E402
 
 from conftest import lm_dataset, make_args, perturb_, tiny_opt  # noqa: E402
 from hf_specgen import SpecGenTrainer  # noqa: E402
@@ -61,6 +62,8 @@ def main() -> None:
     parser.add_argument("--save-steps", type=int, default=0, help="checkpoint every that many steps (0: none)")
     parser.add_argument("--resume", default=None, help="a checkpoint to resume from")
     parser.add_argument("--deepspeed", default=None, help="a DeepSpeed JSON for TrainingArguments(deepspeed=...)")
+    parser.add_argument("--no-use-cpu", action="store_true",
+                        help="leave use_cpu unset, as a user on a GPU does (accelerate then counts 1 process on CPU)")  # fmt: skip
     parser.add_argument("--zero-init", action="store_true",
                         help="load the model after the arguments: ZeRO-3 partitions it as it loads")  # fmt: skip
     options = parser.parse_args()
@@ -76,7 +79,8 @@ def main() -> None:
     saving = dict(save_strategy="steps", save_steps=options.save_steps) if options.save_steps else {}
     args = make_args(output_dir, max_steps=options.steps, per_device_train_batch_size=4 // world_size // options.accumulation,
                      gradient_accumulation_steps=options.accumulation, optim=options.optim, learning_rate=0.1,
-                     deepspeed=options.deepspeed, **saving, **regularizers(names))  # fmt: skip
+                     deepspeed=options.deepspeed, use_cpu=not options.no_use_cpu, **saving,
+                     **regularizers(names))  # fmt: skip
     if options.zero_init:
         assert args.world_size == world_size  # sets the process group up, which zero.Init's batch check needs
         model = OPTForCausalLM.from_pretrained(pretrained)
@@ -89,17 +93,21 @@ def main() -> None:
         perturb_(model)
     trainer.train(resume_from_checkpoint=options.resume)
     memory = torch.tensor(list(trainer.anchor_memory().values()), device=trainer.args.device)
-    per_rank = trainer.accelerator.gather(memory).reshape(-1, len(memory)).tolist()  # collective
+    per_rank = nested_gather(memory, trainer.args.parallel_mode).reshape(-1, len(memory)).tolist()  # collective
     trainer.save_model(os.path.join(output_dir, "model"))  # collective: consolidated under ZeRO-3
     state = trainer.accelerator.get_state_dict(trainer.model_wrapped)  # collective: gathers ZeRO-3 partitions
-    if trainer.args.process_index == 0:
+    # by the launcher's count: without use_cpu, accelerate (and so the Trainer's process_index and world_size) count 1
+    if int(os.environ.get("RANK", "0")) == 0:
         torch.save({n: t.detach().float().cpu() for n, t in state.items()}, os.path.join(output_dir, "weights.pt"))
         logs = [entry for entry in trainer.state.log_history if "loss" in entry]
         result = {
-            "world_size": trainer.args.world_size,
+            "world_size": world_size,
+            "accelerate_processes": trainer.accelerator.num_processes,
+            "use_cpu": trainer.args.use_cpu,
+            "max_grad_norm": trainer.args.max_grad_norm,
             "logs": logs,
             "teacher": teacher_numel(trainer),
-            "anchor_memory": [dict(zip(trainer.anchor_memory(), rank)) for rank in per_rank],
+            "anchor_memory": [dict(zip(trainer.anchor_memory(), values)) for values in per_rank],
             "anchor_at_start": anchor_at_start,
             "fisher_estimated": bool(estimates),
         }
