@@ -3,7 +3,9 @@ recipes' Accelerate configs, and with `TrainingArguments(deepspeed=...)` under t
 regularizer gives the weights and the logged (whole-model) terms of one process: KD and feature
 protection with the teacher partitioned under ZeRO-3; L1, L2-SP (both modes) and EWC on each
 rank's own partition, the anchor and the Fisher cut to about half a model per rank; a ZeRO-3
-run resumed from its checkpoint ends where the uninterrupted one does; CPU offload too."""
+run resumed from its checkpoint ends where the uninterrupted one does; CPU offload too. The
+gradient norm DeepSpeed clips and logs is one process's, with clipping active (max_grad_norm 1
+below every step's norm)."""
 
 import json
 import os
@@ -22,6 +24,8 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "tests" / "scripts" / "train_tiny.py"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
 PENALTIES = ("loss", "loss_task", "loss_l1", "loss_l2", "loss_ewc")
+OFFLOADED = ("loss", "loss_task", "loss_l1", "loss_ewc", "l2_distance")  # L1, EWC and decoupled L2 under CPU Adam
+ADAMW = ("--steps", "4", "--optim", "adamw_torch")
 
 
 def free_port() -> int:
@@ -59,6 +63,7 @@ def assert_same_run(one_dir: Path, two_dir: Path, keys: tuple[str, ...], atol: f
     """The same weights (ZeRO-3's partitions gathered) and logged values, step by step."""
     (one_weights, one), (two_weights, two) = result(one_dir), result(two_dir)
     assert (one["world_size"], two["world_size"]) == (1, 2)
+    assert two["accelerate_processes"] == (2 if two["use_cpu"] else 1)  # accelerate counts 1 without use_cpu
     assert set(two_weights) == set(one_weights)
     for name, weight in one_weights.items():
         assert two_weights[name].shape == weight.shape and torch.allclose(weight, two_weights[name], atol=atol), name
@@ -67,6 +72,12 @@ def assert_same_run(one_dir: Path, two_dir: Path, keys: tuple[str, ...], atol: f
         for key in keys:
             assert a[key] == pytest.approx(b[key], rel=1e-5), key
     return one, two
+
+
+def assert_clipping_active(run: dict) -> None:
+    """Every step's gradient norm is above max_grad_norm: the norm compared is the one that scaled the step."""
+    limit, norms = run["max_grad_norm"], [entry["grad_norm"] for entry in run["logs"]]
+    assert limit > 0 and min(norms) > limit, (limit, norms)
 
 
 def assert_halved(one: dict, two: dict, kind: str) -> None:
@@ -84,6 +95,12 @@ def one_process(tmp_path_factory):
 @pytest.fixture(scope="module")
 def one_process_penalties(tmp_path_factory):
     return launched(tmp_path_factory.mktemp("one_penalties"), "l1,l2,ewc", None, "--steps", "4")
+
+
+@pytest.fixture(scope="module")
+def one_process_adamw(tmp_path_factory):
+    """L1, decoupled L2-SP and EWC stepped by torch's AdamW: what DeepSpeed's CPU Adam steps under optimizer offload."""
+    return launched(tmp_path_factory.mktemp("one_adamw"), "l1,l2d,ewc", None, *ADAMW)
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +130,9 @@ def test_distillation_terms_under_zero_match_one_process(config, options, one_pr
     TrainingArguments enabled ZeRO-3: the teacher is then a partitioned copy made partition by partition."""
     launched(tmp_path, "kd,feature,l1", config, *options)
     one_dir = one_process / "model"
-    one, two = assert_same_run(one_process, tmp_path, ("loss", "loss_task", "loss_kd", "loss_feature", "loss_l1"))
+    keys = ("loss", "loss_task", "loss_kd", "loss_feature", "loss_l1", "grad_norm")
+    one, two = assert_same_run(one_process, tmp_path, keys)
+    assert_clipping_active(one)
     one_weights, two_weights = result(one_process)[0], result(tmp_path)[0]
     teacher = two["teacher"]
     if config == "zero3":  # partitioned like the model: about half on each of 2 ranks (partitions are padded)
@@ -134,6 +153,7 @@ def test_weight_penalties_under_zero_match_one_process(config, zero_penalties, o
     """Same weights and whole-model L1 / L2 / EWC values; the same gradient norm, so the penalties'
     gradients are clipped with the task gradient (max_grad_norm 1 < the norm) as in one process."""
     one, two = assert_same_run(one_process_penalties, zero_penalties(config), (*PENALTIES, "grad_norm"))
+    assert_clipping_active(one)
     assert len(one["logs"]) == 4 and one["logs"][-1]["loss_ewc"] > 0
     assert_halved(one, two, "weights")  # the anchor: about half of the one-process snapshot per rank
     assert_halved(one, two, "fisher")
@@ -143,7 +163,8 @@ def test_weight_penalties_under_zero_match_one_process(config, zero_penalties, o
 @pytest.mark.parametrize("config", ["zero2", "zero3"])
 def test_decoupled_l2_under_zero_matches_one_process(config, one_process_decoupled, tmp_path):
     launched(tmp_path, "l2d", config, "--steps", "4")
-    one, two = assert_same_run(one_process_decoupled, tmp_path, ("loss", "loss_task", "l2_distance"))
+    one, two = assert_same_run(one_process_decoupled, tmp_path, ("loss", "loss_task", "l2_distance", "grad_norm"))
+    assert_clipping_active(one)
     assert "loss_l2" not in one["logs"][0] and one["logs"][0]["l2_distance"] > 0
     assert_halved(one, two, "weights")
 
@@ -170,14 +191,13 @@ def test_zero3_resume_continues_to_the_uninterrupted_weights(zero_penalties, tmp
             assert a[key] == pytest.approx(b[key], rel=1e-5), key
 
 
-def test_zero3_cpu_offload_matches_one_process(tmp_path_factory):
+def test_zero3_cpu_offload_matches_one_process(one_process_adamw, tmp_path):
     """ZeRO-3 with parameters and optimizer state in CPU memory, stepped by DeepSpeed's CPU Adam (on a
     GPU the local API hands out copies of these partitions, written back): L1, EWC and decoupled L2
     together, against torch's AdamW in one process."""
-    options = ("--steps", "4", "--optim", "adamw_torch")
-    one_dir = launched(tmp_path_factory.mktemp("one_adamw"), "l1,l2d,ewc", None, *options)
-    two_dir = launched(tmp_path_factory.mktemp("zero3_offload"), "l1,l2d,ewc", "zero3_offload", *options)
-    one, two = assert_same_run(one_dir, two_dir, ("loss", "loss_task", "loss_l1", "loss_ewc", "l2_distance"))
+    launched(tmp_path, "l1,l2d,ewc", "zero3_offload", *ADAMW)
+    one, two = assert_same_run(one_process_adamw, tmp_path, (*OFFLOADED, "grad_norm"))
+    assert_clipping_active(one)
     assert_halved(one, two, "weights")
 
 
@@ -192,5 +212,6 @@ def test_deepspeed_json_in_training_arguments_matches_one_process(stage, one_pro
     config_file.write_text(json.dumps(config))
     output_dir = tmp_path / "run"
     launched(output_dir, "l1,l2,ewc", "torchrun", "--steps", "4", "--accumulation", "2", "--deepspeed", str(config_file))
-    one, two = assert_same_run(one_process_penalties, output_dir, PENALTIES)
+    one, two = assert_same_run(one_process_penalties, output_dir, (*PENALTIES, "grad_norm"))
+    assert_clipping_active(one)
     assert_halved(one, two, "weights")
