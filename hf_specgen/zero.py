@@ -11,6 +11,9 @@ When: DeepSpeed's engine steps inside `accelerator.backward`, too late for a Tra
 and a gradient added before the averaging across ranks would come out 1/world too small. So the
 penalty runs first thing in the ZeRO optimizer's `step`: after the averaging, before the global
 norm is taken and clipped, at the loss scale of the gradients (fp16), once per optimizer step.
+ZeRO-1/2 with `offload_optimizer` take each weight fragment's norm during backward already: the
+fragments the penalty writes to get their norm taken again, so that `step` clips and logs the
+norm of the gradient it applies.
 Decoupled decay hooks the wrapped torch optimizer instead, like in one process, and finds its
 slices through the flat fp32 partition that optimizer steps.
 """
@@ -84,6 +87,8 @@ class Zero12Partition(Partition):
         mapping = param._hp_mapping
         self.start, self.numel = mapping.lp_fragment_address.start, mapping.lp_fragment_address.numel
         self.flat = optimizer.single_partition_of_fp32_groups[mapping.param_group_index]
+        self.optimizer = optimizer
+        self.offloaded = bool(getattr(optimizer, "cpu_offload", False))
 
     def master(self) -> torch.Tensor:
         return self.param._hp_mapping.hp_fragment  # looked up each time: offloading states relinks it
@@ -96,6 +101,27 @@ class Zero12Partition(Partition):
         if grad.numel() == self.param.numel():  # a whole-weight accumulation buffer (bf16): our fragment of it
             grad = grad.narrow(0, self.start, self.numel)
         grad.add_(value.to(grad.device, grad.dtype), alpha=alpha)
+        if self.offloaded:
+            self._refresh_offload_norm(grad)
+
+    def _refresh_offload_norm(self, grad: torch.Tensor) -> None:
+        """Under `offload_optimizer`, ZeRO-1/2's `step` clips and logs a norm summed from the norms of each
+        weight's fragment that it took during backward (`norm_for_param_grads`), and skips an fp16 step on
+        the overflow it saw there: both are updated to the fragment as it is now (the offloaded fp32
+        gradient, the penalty in it), as ZeRO-3's `safe_set_local_grad` does. `step` still sums the
+        fragments' norms across the ranks (and any model-parallel group) itself."""
+        optimizer = self.optimizer
+        optimizer.norm_for_param_grads[optimizer.get_param_id(self.param)] = grad.to(_norm_dtype()).norm(2)
+        optimizer.update_offload_overflow_tracker(grad)
+
+
+def _norm_dtype() -> torch.dtype:
+    """The dtype DeepSpeed takes gradient norms in (fp64 where the device has it)."""
+    try:
+        from deepspeed.runtime.zero.utils import get_norm_dtype
+    except ImportError:  # older DeepSpeed: always fp64
+        return torch.float64
+    return get_norm_dtype()
 
 
 def _add_through(
@@ -178,11 +204,18 @@ def step_targets(deltas: Sequence[ShardDelta]) -> dict[int, list[WeightDelta]]:
 
 def before_zero_step(optimizer: Any, hook: Callable[[float], None]) -> None:
     """Calls `hook(loss_scale)` at the start of each step of the ZeRO optimizer `optimizer`: the
-    gradients are averaged and partitioned, their norm not yet taken nor clipped."""
+    gradients are averaged and partitioned, their global norm not yet taken nor clipped (ZeRO-1/2
+    offload: each fragment's norm is, which `Zero12Partition.add_to_grad_` takes again)."""
     step = optimizer.step
+
+    # ZeRO-1/2 offload copies the gradients into the fp32 partition asynchronously (from a GPU): let them land first
+    offloaded = getattr(optimizer, "cpu_offload", False)
+    wait_for_offload = getattr(optimizer, "_wait_for_offload_copies", None) if offloaded else None
 
     @functools.wraps(step)
     def step_after_hook(*args: Any, **kwargs: Any) -> Any:
+        if wait_for_offload is not None:
+            wait_for_offload()
         hook(float(getattr(optimizer, "loss_scale", 1.0)))
         return step(*args, **kwargs)
 

@@ -3,9 +3,10 @@ recipes' Accelerate configs, and with `TrainingArguments(deepspeed=...)` under t
 regularizer gives the weights and the logged (whole-model) terms of one process: KD and feature
 protection with the teacher partitioned under ZeRO-3; L1, L2-SP (both modes) and EWC on each
 rank's own partition, the anchor and the Fisher cut to about half a model per rank; a ZeRO-3
-run resumed from its checkpoint ends where the uninterrupted one does; CPU offload too. The
-gradient norm DeepSpeed clips and logs is one process's, with clipping active (max_grad_norm 1
-below every step's norm)."""
+run resumed from its checkpoint ends where the uninterrupted one does; CPU offload too (ZeRO-1,
+2 and 3). The gradient norm DeepSpeed clips and logs is one process's, with clipping active
+(max_grad_norm 1 below every step's norm). A run without use_cpu=True, where accelerate counts
+one process on CPU, logs the values of one process too."""
 
 import json
 import os
@@ -122,6 +123,34 @@ def zero_penalties(tmp_path_factory):
     return run
 
 
+# ZeRO-1 and ZeRO-2 with `offload_optimizer`; the ZeRO-2 launch leaves use_cpu unset as well (issue 13, item 13)
+OFFLOAD_LAUNCHES = {1: (), 2: ("--no-use-cpu",)}
+
+
+@pytest.fixture(scope="module")
+def zero12_offload(tmp_path_factory):
+    """`zero12_offload(stage)`: L1, EWC and decoupled L2-SP with recipes/deepspeed/zero2_offload.json (set to `stage`):
+    the optimizer offloaded to CPU, stepped by DeepSpeed's CPU Adam, which accelerate puts in AdamW's place; torchrun +
+    TrainingArguments(deepspeed=...), launched once. The config leaves train_batch_size out for DeepSpeed to derive
+    from its own count of processes: without use_cpu the Trainer would fill "auto" with its world size of 1, which
+    DeepSpeed's batch check refuses (a plain Trainer's too)."""
+    runs: dict[int, Path] = {}
+
+    def run(stage: int) -> Path:
+        if stage not in runs:
+            config = json.loads((ROOT / "recipes" / "deepspeed" / "zero2_offload.json").read_text())
+            config["zero_optimization"]["stage"] = stage
+            del config["train_batch_size"]
+            output_dir = tmp_path_factory.mktemp(f"zero{stage}_offload")
+            config_file = output_dir / "ds_config.json"
+            config_file.write_text(json.dumps(config))
+            runs[stage] = launched(output_dir / "run", "l1,l2d,ewc", "torchrun", *ADAMW, "--deepspeed", str(config_file),
+                                   *OFFLOAD_LAUNCHES[stage])  # fmt: skip
+        return runs[stage]
+
+    return run
+
+
 @pytest.mark.parametrize(("config", "options"), [("zero2", ()), ("zero3", ()), ("zero3", ("--zero-init",))])
 def test_distillation_terms_under_zero_match_one_process(config, options, one_process, tmp_path):
     """KD and feature protection, with L1 beside them: its anchor is the teacher's copy of the weights
@@ -215,3 +244,25 @@ def test_deepspeed_json_in_training_arguments_matches_one_process(stage, one_pro
     one, two = assert_same_run(one_process_penalties, output_dir, (*PENALTIES, "grad_norm"))
     assert_clipping_active(one)
     assert_halved(one, two, "weights")
+
+
+@pytest.mark.parametrize("stage", sorted(OFFLOAD_LAUNCHES))
+def test_zero12_offload_penalties_inside_the_clipped_norm(stage, zero12_offload, one_process_adamw):
+    """ZeRO-1/2 with `offload_optimizer` take the norm they clip and log during backward, fragment by fragment; the
+    penalties' gradients (L1, EWC), added to the offloaded fp32 gradient after that, must be in it (issue 13, item 1):
+    the same weights, gradient norm (clipping active on every step) and terms as one process; decoupled L2 too."""
+    one, two = assert_same_run(one_process_adamw, zero12_offload(stage), (*OFFLOADED, "grad_norm"))
+    assert_clipping_active(one)
+    assert_halved(one, two, "weights")
+
+
+def test_logged_terms_without_use_cpu_match_one_process(zero12_offload, one_process_adamw):
+    """Without use_cpu=True accelerate counts one process under DeepSpeed on CPU while 2 train (issue 13, item 13):
+    the terms are averaged over the processes the way the Trainer averages `loss` (accelerate's gather crashed), each
+    rank's share counted once per process: loss, loss_task and every term as in one process."""
+    (_, one), (_, two) = result(one_process_adamw), result(zero12_offload(2))
+    assert two["use_cpu"] is False and two["accelerate_processes"] == 1  # the case of the item
+    assert len(one["logs"]) == len(two["logs"]) == 4
+    for a, b in zip(one["logs"], two["logs"]):
+        for key in OFFLOADED:
+            assert a[key] == pytest.approx(b[key], rel=1e-5), key
