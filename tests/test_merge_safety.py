@@ -24,7 +24,7 @@ from hf_specgen.merge import MergeError, wise_ft, wise_ft_sweep
 from hf_specgen.merge.checkpoint import Checkpoint
 from hf_specgen.merge.writer import ShardedWriter
 from test_cli import expect_usage_error, merge_args, run
-from test_merge import _Payload, fail_after, leftovers, opt, read_weights  # noqa: F401 - opt: fixture
+from test_merge import _Payload, fail_after, leftovers, opt  # noqa: F401 - opt: fixture
 
 MARKER = "specgen_merge.json"
 
@@ -133,16 +133,18 @@ def test_cli_overwrite_and_overwrite_any(opt, tmp_path, capsys):
 # ---- item 21: permissions from the umask; nothing stray after replacing --------------------------
 
 
-def test_merged_directories_follow_the_umask(opt, tmp_path):
-    previous = os.umask(0o027)
+@pytest.mark.parametrize("umask, directories, files", [(0o027, 0o750, 0o640), (0o002, 0o775, 0o664)])
+def test_merged_directories_and_files_follow_the_umask(opt, tmp_path, umask, directories, files):
+    previous = os.umask(umask)
     try:
-        out = wise_ft(opt["pre"], opt["ft"], 0.5, tmp_path / "out")
+        out = wise_ft(opt["pre"], opt["ft"], 0.5, tmp_path / "out", max_shard_size="4KB")
         outs = wise_ft_sweep(opt["pre"], opt["ft"], [0.0, 1.0], tmp_path / "sweep")
     finally:
         os.umask(previous)
     for directory in (out, tmp_path / "sweep", *outs.values()):
-        assert directory.stat().st_mode & 0o777 == 0o750, directory
-    assert (out / "model.safetensors").stat().st_mode & 0o777 == 0o640
+        assert directory.stat().st_mode & 0o777 == directories, directory
+    for file in [*out.iterdir(), *outs[0.0].iterdir()]:  # shards (written with O_DIRECT where it can), side files
+        assert file.stat().st_mode & 0o777 == files, file
 
 
 def test_overwrite_any_replaces_a_file_and_leaves_nothing_beside(opt, tmp_path):

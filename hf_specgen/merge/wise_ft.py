@@ -121,7 +121,7 @@ def _copy_side_files(merge: _Merge, directory: Path, dtype: str | None) -> None:
     for source in merge.side_dirs:
         for file in sorted(source.iterdir()):
             if file.is_file() and any(fnmatch.fnmatch(file.name, p) for p in patterns):
-                shutil.copy2(file, directory / file.name)
+                shutil.copyfile(file, directory / file.name)  # permissions from the umask, not the source's
     if merge.config is not None and (dtype is not None or merge.plan.config_updates):
         config = {**merge.config, **merge.plan.config_updates}
         if dtype is not None:

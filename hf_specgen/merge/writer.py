@@ -58,7 +58,8 @@ class _ShardFile:
         self._fd = -1
         if staging is not None:
             try:
-                self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
+                # mode 0o666 less the umask, as open() would make it
+                self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o666)
             except OSError as error:
                 if error.errno != errno.EINVAL:
                     raise
