@@ -28,7 +28,7 @@ def _add_merge_options(parser: argparse.ArgumentParser) -> None:
                         help="where to write (a sweep: one alpha-<alpha>/ per alpha); it must not exist, unless "
                              "--overwrite or --overwrite-any")  # fmt: skip
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="output dtype (default: the fine-tuned model's)")
-    parser.add_argument("--max-shard-size", default="5GB", help="largest output shard, e.g. 5GB, 500MB")
+    parser.add_argument("--max-shard-size", default="5GB", help="largest output shard, e.g. 5GB, 500MB (default: 5GB)")
     parser.add_argument(
         "--overwrite", action="store_true",
         help=f"replace OUTPUT_DIR if a previous merge wrote it (it holds {MARKER}) or it is empty: everything in it "

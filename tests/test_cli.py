@@ -198,7 +198,7 @@ def test_failed_push_exits_1_and_keeps_the_output(opt, tmp_path, capsys, fake_hu
     assert run(merge_args(opt, out, "0.4", "--push-to-hub", "me/merged")) == 1
     captured = capsys.readouterr()
     assert "specgen: error:" in captured.err and "me/merged" in captured.err and "503" in captured.err
-    assert "intact" in captured.err and hubs[0].uploads
+    assert "intact" in captured.err and f"`specgen push {out} me/merged` retries" in captured.err and hubs[0].uploads
     merged = read_weights(out)
     assert set(merged) == set(opt["ft_sd"]) and (out / "README.md").is_file()
 

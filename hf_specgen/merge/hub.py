@@ -59,7 +59,10 @@ def push_folder(folder: Path, repo_id: str, *, private: bool = False, api: Any =
         api.create_repo(repo_id=repo_id, private=private, exist_ok=True, repo_type="model")
         api.upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type="model", commit_message=message)
     except Exception as error:  # the Hub's own message, the local output left as it is
-        raise PushError(f"pushing {folder} to {repo_id} failed (the local output is intact): {error}") from error
+        raise PushError(
+            f"pushing {folder} to {repo_id} failed (the local output is intact; `specgen push {folder} {repo_id}` "
+            f"retries): {error}"
+        ) from error
     return repo_id
 
 
