@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .anchor import DenseDelta, WeightDelta
+from .anchor import DenseDelta, WeightDelta, anchor_difference, is_coarser
 
 
 class Partition:
@@ -138,12 +138,13 @@ class ShardDelta(DenseDelta):
     the anchor's slice; its gradient goes into ZeRO's averaged gradient slice."""
 
     def __init__(self, delta: DenseDelta, partition: Partition) -> None:
-        super().__init__(delta.name, delta.param, _local_anchor(delta.reference, partition), owned=True)
+        anchor = _local_anchor(delta.reference, partition)
+        super().__init__(delta.name, delta.param, anchor, owned=True, fisher_param=delta.fisher_parameter())
         self.partition = partition
+        self.coarse = anchor.is_floating_point() and is_coarser(anchor.dtype, torch.float32)  # vs the fp32 master
 
     def delta(self) -> torch.Tensor:
-        master = self.partition.master()
-        return master.float() - self.reference.to(master.device, torch.float32)
+        return anchor_difference(self.partition.master(), self.reference, self.coarse)
 
     @torch.no_grad()
     def add_grad_(self, grad_delta: torch.Tensor, alpha: float) -> None:
