@@ -219,6 +219,20 @@ def test_interrupted_training_resumes_from_its_checkpoint_then_publishes(tmp_pat
     assert upload["files"]["model.safetensors"] == (expected / "model.safetensors").read_bytes()
 
 
+def test_kept_merges_survive_a_rerun_that_merges_more_alphas(tmp_path):
+    """keep_merged_models: a re-run scoring a new alpha used to replace the whole merged/ folder, deleting
+    the merges its records still pointed to."""
+    recipe, experiment, training = lm_experiment(tmp_path / "kept", max_steps=2, save_strategy="no")
+    experiment = dataclasses.replace(experiment, alphas=[0.5], keep_merged_models=True)
+    (kept,) = [Path(r.model) for r in run_experiment(recipe, experiment, training) if r.alpha == 0.5]
+    stamp = (kept / "model.safetensors").stat().st_mtime_ns
+    records = run_experiment(recipe, dataclasses.replace(experiment, alphas=[0.25, 0.5]), training)
+    models = {r.alpha: Path(r.model) for r in records if r.method == "l2"}
+    assert models[0.5] == kept and (kept / "model.safetensors").stat().st_mtime_ns == stamp
+    assert all((m / "model.safetensors").is_file() for m in models.values()) and models[0.25].parent == kept.parent
+    assert run_files(tmp_path / "kept", "*/merging") == []
+
+
 # ---- configuration ---------------------------------------------------------------------------------
 
 

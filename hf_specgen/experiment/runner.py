@@ -200,7 +200,7 @@ class _Run:
         merged_root = self.directory / "merged"
         models = dict(direct)
         if to_merge:
-            models.update(wise_ft_sweep(self.recipe.pretrained, self.finetuned, to_merge, merged_root, overwrite=True))
+            models.update(self._merge(to_merge, merged_root))
         training = self.training_log()
         hyperparameter, value = self.method.hyperparameter(self.base, self.experiment.lora_r)
         for alpha in missing:
@@ -214,6 +214,23 @@ class _Run:
             ).save(self.record_path(alpha))  # fmt: skip
         if merged_root.is_dir() and not self.experiment.keep_merged_models:
             shutil.rmtree(merged_root)
+
+    def _merge(self, alphas: list[float], merged_root: Path) -> dict[float, Path]:
+        """Sweeps `alphas` into `merged_root/alpha-<a>/`, beside the merges an earlier run kept there
+        (`keep_merged_models`): the sweep is written aside, then each alpha moved in."""
+        sweep_root = self.directory / "merging"
+        # the run's own directories: replace whatever an interrupted run left (inputs stay protected)
+        swept = wise_ft_sweep(self.recipe.pretrained, self.finetuned, alphas, sweep_root, overwrite="any")
+        merged_root.mkdir(exist_ok=True)
+        models = {}
+        for alpha, directory in swept.items():
+            target = merged_root / directory.name
+            if target.exists():
+                shutil.rmtree(target)
+            directory.rename(target)
+            models[alpha] = target
+        shutil.rmtree(sweep_root)
+        return models
 
     def training_log(self) -> dict[str, Any]:
         """What `train` measured: seconds, optimizer steps, final loss, the checkpoint it resumed from."""
@@ -245,5 +262,5 @@ def publish(
     print(f"[{run.recipe.name}] publishing {pick.label} ({_scores(pick)}) to {base.hub_model_id}", flush=True)
     return wise_ft(
         run.recipe.pretrained, run.finetuned, pick.alpha, Path(base.output_dir) / "published", base.hub_model_id,
-        private=bool(base.hub_private_repo), overwrite=True, scores=markdown_table(records), hub_api=hub_api,
+        private=bool(base.hub_private_repo), overwrite="any", scores=markdown_table(records), hub_api=hub_api,
     )  # fmt: skip
