@@ -228,7 +228,7 @@ def start_run(
     fisher_s = None
     if cfg.overrides.get("ewc_lambda", 0.0) > 0:
         start = time.perf_counter()
-        trainer._prepare_regularizers(None)  # what train() does first; it then finds the Fisher ready
+        trainer.specgen.begin_training(None)  # what train() does first; it then finds the Fisher ready
         fisher_s = time.perf_counter() - start
     thread = threading.Thread(target=timer.work, args=(trainer, opts.threads), name=cfg.name, daemon=True)
     thread.start()

@@ -1,4 +1,9 @@
-"""Training arguments: `transformers.TrainingArguments` plus the regularizer fields."""
+"""The regularizer fields as a mixin dataclass, `SpecGenArguments`, and `SpecGenTrainingArguments`.
+
+`SpecGenArguments` composes with any `TrainingArguments` subclass (TRL's configs too, see
+`hf_specgen.trl`): `@dataclass class MyConfig(SpecGenArguments, SomeTrainingArguments)`. Its
+fields come after the base's, its validation runs after the base's `__post_init__`.
+"""
 
 from __future__ import annotations
 
@@ -9,17 +14,19 @@ import torch
 
 from transformers import TrainingArguments
 
+from .regularizers import REGULARIZERS, weight_field
+
 L2_MODES = ("penalty", "decoupled")
 FISHER_TYPES = ("true", "empirical")
 ANCHOR_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclass
-class SpecGenTrainingArguments(TrainingArguments):
-    """`TrainingArguments` with the anti-forgetting regularizers of hf_specgen.
+class SpecGenArguments:
+    """The anti-forgetting regularizers of hf_specgen, as fields to mix into training arguments.
 
-    A regularizer is on when its weight is > 0. With every weight at 0 (the default) the
-    trainer is exactly `transformers.Trainer`.
+    A regularizer is on when its weight `<name>_lambda` is > 0. With every weight at 0 (the
+    default) a SpecGen trainer is exactly its base trainer.
     """
 
     l1_lambda: float = field(
@@ -51,6 +58,14 @@ class SpecGenTrainingArguments(TrainingArguments):
             "choices": list(FISHER_TYPES),
         },
     )
+    mas_lambda: float = field(
+        default=0.0,
+        metadata={"help": "Weight of MAS, sum Omega_i (theta_i - theta_pre_i)^2 with Omega the output's sensitivity "
+                  "(needs no labels)."},
+    )
+    mas_num_samples: int = field(
+        default=128, metadata={"help": "Number of training examples MAS's importance is estimated from."}
+    )
     kd_lambda: float = field(
         default=0.0,
         metadata={"help": "Weight of logit distillation, T^2 * KL(p_pre / T || p_theta / T) per supervised token."},
@@ -81,15 +96,18 @@ class SpecGenTrainingArguments(TrainingArguments):
     )
 
     def __post_init__(self) -> None:
-        super().__post_init__()
+        base_post_init = getattr(super(), "__post_init__", None)
+        if base_post_init is not None:  # the TrainingArguments subclass this is mixed into
+            base_post_init()
         _check_floats(self)
-        for name in ("l1_lambda", "l2_lambda", "ewc_lambda", "kd_lambda", "feature_lambda"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in REGULARIZERS:
+            if getattr(self, weight_field(name)) < 0:
+                raise ValueError(f"{weight_field(name)} must be >= 0, got {getattr(self, weight_field(name))}")
         if self.kd_temperature <= 0:
             raise ValueError(f"kd_temperature must be > 0, got {self.kd_temperature}")
-        if self.ewc_num_samples <= 0:
-            raise ValueError(f"ewc_num_samples must be > 0, got {self.ewc_num_samples}")
+        for name in ("ewc_num_samples", "mas_num_samples"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         _check_choice("l2_mode", self.l2_mode, L2_MODES)
         _check_choice("ewc_fisher", self.ewc_fisher, FISHER_TYPES)
         _check_choice("anchor_dtype", self.anchor_dtype, ANCHOR_DTYPES)
@@ -98,8 +116,16 @@ class SpecGenTrainingArguments(TrainingArguments):
             raise ValueError("feature_layers must name at least one hidden-state index")
 
 
+@dataclass
+class SpecGenTrainingArguments(SpecGenArguments, TrainingArguments):
+    """`TrainingArguments` with the anti-forgetting regularizers of hf_specgen (`SpecGenArguments`).
+
+    With every `<name>_lambda` at 0 (the default) `SpecGenTrainer` is exactly `transformers.Trainer`.
+    """
+
+
 # Fields of this class that must be finite numbers (NaN passes `x < 0`; inf trains to NaN weights).
-FINITE_FIELDS = ("l1_lambda", "l2_lambda", "ewc_lambda", "kd_lambda", "kd_temperature", "feature_lambda")
+FINITE_FIELDS = (*(weight_field(name) for name in REGULARIZERS), "kd_temperature")
 
 
 def _check_floats(args: TrainingArguments) -> None:

@@ -158,7 +158,7 @@ def step_and_grads(trainer, batch: dict[str, torch.Tensor]):
     Weight terms (L1, L2, EWC) add their closed-form gradients there, not through `compute_loss`."""
     model = trainer.model
     model.zero_grad()
-    trainer._last_seen_step = None
+    trainer.specgen.last_seen_step = None
     trainer.current_gradient_accumulation_steps = 1
     loss = trainer.training_step(model, dict(batch))
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}

@@ -14,7 +14,7 @@ from hf_specgen.regularizers.distance import DecoupledL2, L2Distance
 def test_is_training_arguments_with_every_weight_off(tmp_path):
     args = SpecGenTrainingArguments(output_dir=str(tmp_path))
     assert isinstance(args, TrainingArguments)
-    assert [getattr(args, f"{name}_lambda") for name in REGULARIZERS] == [0.0] * 5
+    assert [getattr(args, f"{name}_lambda") for name in REGULARIZERS] == [0.0] * len(REGULARIZERS) == [0.0] * 6
     assert build_regularizers(args) == []
 
 
@@ -78,5 +78,5 @@ def test_bad_values_raise_naming_the_field(tmp_path, kwargs, field):
 
 
 def test_unknown_regularizer_lists_the_known_ones():
-    with pytest.raises(ValueError, match="unknown regularizer 'sp'.*l1, l2, ewc, kd, feature"):
+    with pytest.raises(ValueError, match="unknown regularizer 'sp'.*l1, l2, ewc, mas, kd, feature"):
         get_regularizer("sp")

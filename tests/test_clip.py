@@ -116,8 +116,8 @@ def test_terms_and_their_gradients_vanish_at_construction(args_factory, kwargs):
     task = model(**batch).loss
     task_grads = torch.autograd.grad(task, params)
     loss = trainer.compute_loss(model, dict(batch))
-    (name,) = [n for n in trainer._log_sums if n != "loss_task"]
-    assert trainer._log_sums[name].item() == 0.0  # the term itself, as it is logged
+    (name,) = [n for n in trainer.specgen.log_sums if n != "loss_task"]
+    assert trainer.specgen.log_sums[name].item() == 0.0  # the term itself, as it is logged
     assert loss.item() == task.item()
     grads = torch.autograd.grad(loss, params)
     added = torch.cat([(g - t).flatten() for g, t in zip(grads, task_grads)])
@@ -130,9 +130,9 @@ def test_terms_and_their_gradients_vanish_at_construction(args_factory, kwargs):
 
     # and the term is switched on for real: after a perturbation it is positive
     perturb_(model)
-    trainer._log_sums = {}
+    trainer.specgen.log_sums = {}
     trainer.compute_loss(model, dict(batch))
-    assert trainer._log_sums[name].item() > 1e-6
+    assert trainer.specgen.log_sums[name].item() > 1e-6
 
 
 class PairDataset(torch.utils.data.Dataset):
@@ -180,8 +180,8 @@ def test_clip_fisher_scores_each_image_against_the_texts_of_its_batch(args_facto
     model = tiny_clip()
     args = args_factory(ewc_lambda=1.0, ewc_fisher="empirical", ewc_num_samples=n, per_device_train_batch_size=group)
     trainer = SpecGenTrainer(model=model, args=args, train_dataset=data)
-    trainer._prepare_regularizers(None)
-    fisher = trainer._weight_terms[0].fisher
+    trainer.specgen.begin_training(None)
+    fisher = trainer.specgen.weight_terms[0].fisher
     # by hand: the Fisher's seeded order, groups of 4, per-image gradients of log p(text i | image i, batch texts)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed))
     params = dict(model.named_parameters())
@@ -200,7 +200,7 @@ def test_clip_fisher_scores_each_image_against_the_texts_of_its_batch(args_facto
         torch.testing.assert_close(fisher[k], by_hand[k], rtol=1e-4, atol=1e-10)
     one = SpecGenTrainer(model=tiny_clip(), args=args_factory(ewc_lambda=1.0, per_device_train_batch_size=1), train_dataset=data)
     with pytest.raises(ValueError, match="per_device_train_batch_size >= 2"):
-        one._prepare_regularizers(None)
+        one.specgen.begin_training(None)
 
 
 def test_clip_kd_over_a_batch_of_one_is_refused(args_factory):

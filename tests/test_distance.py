@@ -57,7 +57,7 @@ def test_low_precision_anchor_and_weights_take_the_difference_in_float32(args_fa
     trainer = SpecGenTrainer(model=model, args=args_factory(l2_lambda=1.0))  # 'auto': a lossless bf16 snapshot
     perturb_(model, scale=1e-2)
     expected = sum((p.detach().float() - pre[n].float()).pow(2).sum() for n, p in model.named_parameters())
-    term = trainer._weight_terms[0].apply_(trainer.deltas, grad_scale=1.0)
+    term = trainer.specgen.weight_terms[0].apply_(trainer.deltas, grad_scale=1.0)
     assert term.dtype == torch.float32
     assert torch.allclose(term, expected, rtol=1e-6)
     n_params = sum(p.numel() for p in model.parameters())
@@ -73,7 +73,7 @@ def test_decoupled_mode_decays_toward_pretrained_in_the_optimizer_step(args_fact
     model = tiny_opt()
     pre = snapshot(model)
     trainer = SpecGenTrainer(model=model, args=args_factory(l2_lambda=lam, l2_mode="decoupled", learning_rate=lr))
-    assert trainer._weight_terms == []  # not a loss term
+    assert trainer.specgen.weight_terms == []  # not a loss term
     perturb_(model)
     before = snapshot(model)
     optimizer = trainer.create_optimizer()
@@ -83,7 +83,7 @@ def test_decoupled_mode_decays_toward_pretrained_in_the_optimizer_step(args_fact
     for name, p in model.named_parameters():
         expected = before[name] - lr * lam * (before[name] - pre[name])
         assert torch.allclose(p.detach(), expected, atol=1e-7), name
-    logged = trainer._log_sums["l2_distance"]
+    logged = trainer.specgen.log_sums["l2_distance"]
     assert torch.allclose(logged, sum((before[n] - pre[n]).pow(2).sum() for n in pre), rtol=1e-5)
 
 
@@ -118,7 +118,7 @@ def test_closed_form_gradients_follow_the_fp16_loss_scale(args_factory):
     model = tiny_opt()
     trainer = SpecGenTrainer(model=model, args=args_factory(l1_lambda=0.3, l2_lambda=0.7, ewc_lambda=2.0,
                                                             ewc_num_samples=4), train_dataset=lm_dataset(4))
-    trainer._prepare_regularizers(None)
+    trainer.specgen.begin_training(None)
     perturb_(model)
     batch = lm_batch()
     loss, grads = step_and_grads(trainer, batch)
@@ -157,14 +157,14 @@ def test_coarse_anchor_has_a_dead_zone_of_its_rounding_step(args_factory, anchor
     lam = dict(l1_lambda=0.5, l2_lambda=2.0, ewc_lambda=3.0, ewc_num_samples=2)
     model = tiny_opt()
     trainer = SpecGenTrainer(model=model, args=args_factory(anchor_dtype=anchor_dtype, **lam), train_dataset=lm_dataset(4))
-    trainer._prepare_regularizers(None)
+    trainer.specgen.begin_training(None)
     dtype = getattr(torch, anchor_dtype)
     assert all(d.reference.dtype == dtype for d in trainer.deltas)
     assert any((p.detach() != p.detach().to(dtype).float()).any() for p in model.parameters())  # rounding is lossy
 
     def values_and_grads():
         out = []
-        for reg in trainer._weight_terms:
+        for reg in trainer.specgen.weight_terms:
             model.zero_grad()
             value = reg.apply_(trainer.deltas, grad_scale=1.0)
             out.append((value, [p.grad.clone() for p in model.parameters()]))
@@ -184,7 +184,7 @@ def test_coarse_anchor_has_a_dead_zone_of_its_rounding_step(args_factory, anchor
     for name, p in model.named_parameters():
         moved = p.detach().to(dtype).float() != pre[name]
         diffs[name] = torch.where(moved, p.detach() - pre[name], torch.zeros_like(p))
-    l1 = next(r for r in trainer._weight_terms if r.name == "l1")
+    l1 = next(r for r in trainer.specgen.weight_terms if r.name == "l1")
     model.zero_grad()
     value = l1.apply_(trainer.deltas, grad_scale=1.0)
     torch.testing.assert_close(value, lam["l1_lambda"] * sum(d.abs().sum() for d in diffs.values()), rtol=1e-5, atol=0)

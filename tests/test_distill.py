@@ -16,9 +16,9 @@ def term_and_grads(trainer, batch, **kwargs):
     """The regularizers' share of `compute_loss` and of the gradient (task loss and gradient subtracted)."""
     model = trainer.model.train()
     model.zero_grad()
-    trainer._log_sums = {}
+    trainer.specgen.log_sums = {}
     loss = trainer.compute_loss(model, dict(batch), **kwargs)
-    assert torch.allclose(loss, sum(trainer._log_sums.values()), rtol=1e-6)  # the logged terms add up
+    assert torch.allclose(loss, sum(trainer.specgen.log_sums.values()), rtol=1e-6)  # the logged terms add up
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
@@ -26,8 +26,8 @@ def term_and_grads(trainer, batch, **kwargs):
     task.backward()
     diff = {n: grads[n] - p.grad for n, p in model.named_parameters()}
     model.zero_grad()
-    assert torch.allclose(task, trainer._log_sums.pop("loss_task"))
-    return sum(trainer._log_sums.values()), diff
+    assert torch.allclose(task, trainer.specgen.log_sums.pop("loss_task"))
+    return sum(trainer.specgen.log_sums.values()), diff
 
 
 def manual_kd(model, teacher, batch, temperature, denominator=None):
@@ -120,7 +120,7 @@ def test_ref_model_is_the_reference_for_weights_and_logits(args_factory):
     trainer = SpecGenTrainer(model=model, args=args_factory(l2_lambda=1.0, kd_lambda=1.0), ref_model=reference)
     assert trainer.anchor_memory()["weights"] == 0 and trainer.teacher.module is reference
     expected = sum((p.detach() - q).pow(2).sum() for p, q in zip(model.parameters(), reference.parameters()))
-    assert torch.allclose(trainer._weight_terms[0].apply_(trainer.deltas, grad_scale=1.0), expected, rtol=1e-6)
+    assert torch.allclose(trainer.specgen.weight_terms[0].apply_(trainer.deltas, grad_scale=1.0), expected, rtol=1e-6)
     term, _ = term_and_grads(trainer, lm_batch())
     assert torch.allclose(term, manual_kd(model, reference, lm_batch(), 1.0), rtol=1e-5)
 

@@ -11,8 +11,8 @@ from hf_specgen import SpecGenTrainer
 
 
 def fisher_of(trainer):
-    trainer._prepare_regularizers(None)
-    return trainer._weight_terms[0].fisher
+    trainer.specgen.begin_training(None)
+    return trainer.specgen.weight_terms[0].fisher
 
 
 def test_empirical_fisher_is_the_mean_of_per_example_squared_gradients(args_factory):
@@ -97,7 +97,7 @@ def test_penalty_value_and_gradient(args_factory):
     assert all(f.min() >= 0 for f in fisher.values()) and sum(f.sum() for f in fisher.values()) > 0
     perturb_(model)
     model.zero_grad()
-    term = trainer._weight_terms[0].apply_(trainer.deltas, grad_scale=1.0)
+    term = trainer.specgen.weight_terms[0].apply_(trainer.deltas, grad_scale=1.0)
     expected = lam * sum((fisher[n] * (p.detach() - pre[n]).pow(2)).sum() for n, p in model.named_parameters())
     assert torch.allclose(term, expected, rtol=1e-5)
     for name, p in model.named_parameters():
@@ -107,7 +107,7 @@ def test_penalty_value_and_gradient(args_factory):
 def test_fisher_needs_a_training_set(args_factory):
     trainer = SpecGenTrainer(model=tiny_opt(), args=args_factory(ewc_lambda=1.0))
     with pytest.raises(ValueError, match="train_dataset"):
-        trainer._prepare_regularizers(None)
+        trainer.specgen.begin_training(None)
 
 
 def test_fisher_is_estimated_at_ref_model_not_at_the_trained_model(args_factory):
@@ -172,7 +172,7 @@ def test_a_single_output_without_a_config_is_refused_when_first_seen(args_factor
     data = datasets.Dataset.from_dict({"x": [[1.0, 2.0, 3.0]] * 4, "labels": [0.5] * 4})
     trainer = SpecGenTrainer(model=OneLogitRegression(), args=args_factory(ewc_lambda=1.0), train_dataset=data)
     with pytest.raises(ValueError, match="ewc_lambda .* 1 outcome per position"):
-        trainer._prepare_regularizers(None)
+        trainer.specgen.begin_training(None)
     trainer = SpecGenTrainer(model=OneLogitRegression(), args=args_factory(kd_lambda=1.0))
     batch = {"x": torch.ones(2, 3), "labels": torch.zeros(2)}
     with pytest.raises(ValueError, match="kd_lambda .* 1 outcome per position"):

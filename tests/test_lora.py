@@ -332,7 +332,7 @@ def test_ewc_fisher_on_base_weights(args_factory, modules_to_save):
     dataset = lm_dataset(n)
     args = args_factory(ewc_lambda=lam, ewc_num_samples=n, ewc_fisher="empirical")
     trainer = SpecGenTrainer(model=model, args=args, train_dataset=dataset)
-    trainer._prepare_regularizers(None)
+    trainer.specgen.begin_training(None)
     fisher = next(r for r in trainer.regularizers if isinstance(r, EWC)).fisher
     layers = lora_layers(model)
     params = dict(model.named_parameters())
@@ -424,14 +424,14 @@ def test_several_active_adapters_are_penalized_as_their_sum(args_factory):
     trainer = SpecGenTrainer(model=model, args=args_factory(l2_lambda=lam, ewc_lambda=1.0, ewc_num_samples=2),
                              train_dataset=lm_dataset(4))  # fmt: skip
     assert len(trainer.deltas) == len(layers) == 4  # one per weight, not one per adapter
-    trainer._prepare_regularizers(None)
+    trainer.specgen.begin_training(None)
     fisher = next(r for r in trainer.regularizers if isinstance(r, EWC)).fisher
     assert sorted(fisher) == sorted(f"{n}.base_layer.weight" for n in layers)
 
     summed = {n: m.get_delta_weight(ADAPTER).float() + m.get_delta_weight("second").float() for n, m in layers.items()}
     for d in trainer.deltas:
         assert_near(d.delta(), summed[d.name.removesuffix(".base_layer.weight")])
-    l2 = trainer._weight_terms[0]
+    l2 = trainer.specgen.weight_terms[0]
     model.zero_grad()
     value = l2.apply_(trainer.deltas, grad_scale=1.0)
     expected = lam * sum(s.double().pow(2).sum() for s in summed.values())
@@ -459,11 +459,11 @@ def test_frozen_lora_factor_gets_no_penalty_gradient(args_factory):
     trainer = SpecGenTrainer(model=model, args=args_factory(l1_lambda=0.01, l2_lambda=lam, l2_mode="penalty"))
     assert len(trainer.deltas) == 4 and all(d.trainable == [d.B] for d in trainer.deltas)
     model.zero_grad()
-    for reg in trainer._weight_terms:
+    for reg in trainer.specgen.weight_terms:
         reg.apply_(trainer.deltas, grad_scale=1.0)
     assert all(p.grad is None for p in frozen)
     model.zero_grad()
-    trainer._weight_terms[1].apply_(trainer.deltas, grad_scale=1.0)
+    trainer.specgen.weight_terms[1].apply_(trainer.deltas, grad_scale=1.0)
     for d in trainer.deltas:
         a, b, s = d.A.detach().double(), d.B.detach().double(), d.scale
         assert_near(d.B.grad, lam * 2 * s * s * b @ a @ a.T)
@@ -471,7 +471,7 @@ def test_frozen_lora_factor_gets_no_penalty_gradient(args_factory):
     decoupled = SpecGenTrainer(model=model, args=args_factory(l2_lambda=0.5, l2_mode="decoupled"))
     before = materialized_deltas(model)
     a_before = [p.detach().clone() for p in frozen]
-    decoupled._step_terms[0].before_step_(0.2, decoupled.deltas)
+    decoupled.specgen.step_terms[0].before_step_(0.2, decoupled.deltas)
     after = materialized_deltas(model)
     for name in before:
         assert_near(after[name], (1 - 0.2 * 0.5) * before[name], rel=1e-6)

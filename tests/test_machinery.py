@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import hf_specgen.trainer as trainer_module
 from conftest import VOCAB, lm_dataset, perturb_, tiny_opt
 from test_deepspeed import free_port
 from hf_specgen import SpecGenTrainer
+from hf_specgen.regularizers import EWC
 from hf_specgen.trainer import STATE_FILE
 
 ALL_ON = dict(l1_lambda=0.01, l2_lambda=0.5, ewc_lambda=2.0, ewc_num_samples=4, kd_lambda=0.7, feature_lambda=0.3)
@@ -83,7 +83,7 @@ def test_resume_ends_with_the_same_weights_and_reuses_the_saved_fisher(args_fact
     def no_estimate(*_args, **_kwargs):
         raise AssertionError("the Fisher must come from the checkpoint, not be re-estimated")
 
-    monkeypatch.setattr(trainer_module, "estimate_fisher", no_estimate)
+    monkeypatch.setattr(EWC, "estimate", no_estimate)
     resumed = SpecGenTrainer(model=tiny_opt(), args=args_factory(**{**common, "output_dir": str(tmp_path / "resumed")}),
                              train_dataset=data)
     resumed.train(resume_from_checkpoint=checkpoint)

@@ -71,7 +71,7 @@ def test_ewc_fisher_of_an_encoder_decoder(args_factory):
     trainer = SpecGenTrainer(
         model=model, args=args_factory(ewc_lambda=1.0, ewc_fisher="empirical", ewc_num_samples=n), train_dataset=data
     )
-    trainer._prepare_regularizers(None)
+    trainer.specgen.begin_training(None)
     fisher = next(r for r in trainer.regularizers if isinstance(r, EWC)).fisher
     params = dict(model.named_parameters())
     by_hand = {k: torch.zeros_like(p) for k, p in params.items()}
@@ -135,6 +135,6 @@ def test_kd_and_ewc_read_the_labels_under_the_trainers_label_names(args_factory)
         s, t = model(**inputs).logits[:, :-1], teacher(**inputs).logits[:, :-1]
     expected = lam * kd_by_hand(s, t, batch["target"][:, 1:] != -100)
     torch.testing.assert_close((loss - task).detach().double(), expected, rtol=1e-5, atol=1e-9)
-    trainer._prepare_regularizers(None)  # the empirical Fisher needs the labels: found under `target`
+    trainer.specgen.begin_training(None)  # the empirical Fisher needs the labels: found under `target`
     fisher = next(r for r in trainer.regularizers if isinstance(r, EWC)).fisher
     assert sum(f.sum() for f in fisher.values()) > 0

@@ -1,14 +1,23 @@
-"""The anti-forgetting regularizers and their registry (`<name>_lambda > 0` switches one on)."""
+"""The anti-forgetting regularizers and their registry (`<name>_lambda > 0` switches one on).
+
+The registry is the one list of regularizer names: the arguments validate `<name>_lambda` for
+each, the recipes' methods are named after them, and the report labels strengths with them.
+Adding a regularizer is one module plus its entry here (and its fields in `SpecGenArguments`).
+"""
 
 from __future__ import annotations
+
+from typing import Any
 
 from .base import BatchRegularizer, Regularizer, StepRegularizer, WeightRegularizer
 from .distance import DecoupledL2, L1Distance, L2Distance
 from .distill import DistillationBatch, FeatureProtection, LogitDistillation, ProtectedFeatures
-from .ewc import EWC, estimate_fisher
+from .ewc import EWC
+from .importance import ImportanceRegularizer, ImportanceSample, accumulate_importance
+from .mas import MAS
 
 REGULARIZERS: dict[str, type[Regularizer]] = {
-    cls.name: cls for cls in (L1Distance, L2Distance, EWC, LogitDistillation, FeatureProtection)
+    cls.name: cls for cls in (L1Distance, L2Distance, EWC, MAS, LogitDistillation, FeatureProtection)
 }
 
 
@@ -20,18 +29,26 @@ def get_regularizer(name: str) -> type[Regularizer]:
         raise ValueError(f"unknown regularizer {name!r}; known: {', '.join(REGULARIZERS)}") from None
 
 
-def build_regularizers(args) -> list[Regularizer]:
+def weight_field(name: str) -> str:
+    """The argument that switches regularizer `name` on and sets its strength, e.g. `l2_lambda`."""
+    return f"{name}_lambda"
+
+
+def build_regularizers(args: Any) -> list[Regularizer]:
     """The regularizers whose weight in `args` is > 0."""
-    return [cls.from_args(args) for name, cls in REGULARIZERS.items() if getattr(args, f"{name}_lambda", 0.0) > 0]
+    return [cls.from_args(args) for name, cls in REGULARIZERS.items() if getattr(args, weight_field(name), 0.0) > 0]
 
 
 __all__ = [
+    "EWC",
+    "MAS",
     "REGULARIZERS",
     "BatchRegularizer",
     "DecoupledL2",
     "DistillationBatch",
-    "EWC",
     "FeatureProtection",
+    "ImportanceRegularizer",
+    "ImportanceSample",
     "L1Distance",
     "L2Distance",
     "LogitDistillation",
@@ -39,7 +56,8 @@ __all__ = [
     "Regularizer",
     "StepRegularizer",
     "WeightRegularizer",
+    "accumulate_importance",
     "build_regularizers",
-    "estimate_fisher",
     "get_regularizer",
+    "weight_field",
 ]

@@ -1,16 +1,23 @@
-"""The three ways a regularizer meets the training step."""
+"""What a regularizer is, and the three ways it meets the training step.
+
+A regularizer declares what it needs through class attributes, so that the engine serves it
+without knowing its class: a frozen teacher (`uses_teacher`), output distributions
+(`compares_distributions`: a teacher over the same vocabulary, no one-outcome output), hidden
+features (`uses_features`), the anchor of the weights (`uses_weights`), an importance estimated
+at the pre-trained weights (`needs_importance`), and how a batch term is normalized
+(`normalization`).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
 from ..anchor import WeightDelta
 
 if TYPE_CHECKING:
-    from ..args import SpecGenTrainingArguments
     from .distill import DistillationBatch
 
 
@@ -18,12 +25,18 @@ class Regularizer:
     """A term toward the pre-trained model, switched on by its weight `<name>_lambda`."""
 
     name: ClassVar[str]
+    uses_teacher: ClassVar[bool] = False
+    uses_weights: ClassVar[bool] = False
+    uses_features: ClassVar[bool] = False
+    compares_distributions: ClassVar[bool] = False
+    needs_importance: ClassVar[bool] = False
 
     def __init__(self, weight: float) -> None:
         self.weight = weight
 
     @classmethod
-    def from_args(cls, args: SpecGenTrainingArguments) -> Regularizer:
+    def from_args(cls, args: Any) -> Regularizer:
+        """The regularizer configured by `args` (a `SpecGenArguments`)."""
         return cls(getattr(args, f"{cls.name}_lambda"))
 
     @property
@@ -37,6 +50,11 @@ class Regularizer:
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         pass
 
+    @property
+    def nbytes(self) -> int:
+        """Memory the regularizer holds of its own (an importance), in bytes."""
+        return 0
+
 
 class WeightRegularizer(Regularizer):
     """A loss term that depends on the weights alone.
@@ -45,13 +63,21 @@ class WeightRegularizer(Regularizer):
     no autograd graph over every weight, and no second pass over the model.
     """
 
+    uses_weights = True
+
     def apply_(self, deltas: Sequence[WeightDelta], grad_scale: float) -> torch.Tensor:
         """Returns the term's value and adds `grad_scale` times its gradient to the parameters' `.grad`."""
         raise NotImplementedError
 
 
 class BatchRegularizer(Regularizer):
-    """A loss term comparing the model with the frozen teacher on each micro-batch."""
+    """A loss term comparing the model with the frozen teacher on each micro-batch.
+
+    `normalization`: "tokens", normalized like the task loss (over the accumulated batch's
+    supervised tokens when the Trainer counts them), or "batch", a mean over the micro-batch."""
+
+    uses_teacher = True
+    normalization: ClassVar[str] = "batch"
 
     def __call__(self, batch: DistillationBatch) -> torch.Tensor:
         raise NotImplementedError
@@ -59,6 +85,8 @@ class BatchRegularizer(Regularizer):
 
 class StepRegularizer(Regularizer):
     """Not a loss term: changes the weights inside the optimizer step (decoupled decay)."""
+
+    uses_weights = True
 
     def before_step_(self, lr: float, deltas: Sequence[WeightDelta]) -> torch.Tensor:
         """Applies itself to `deltas` at learning rate `lr`; returns the value to log."""

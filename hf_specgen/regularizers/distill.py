@@ -36,6 +36,8 @@ class LogitDistillation(BatchRegularizer):
     """`lambda * T^2 * KL(p_pre / T || p_theta / T)` per supervised token, normalized like the task loss."""
 
     name = "kd"
+    compares_distributions = True
+    normalization = "tokens"
 
     def __init__(self, weight: float, temperature: float = 1.0) -> None:
         super().__init__(weight)
@@ -148,6 +150,7 @@ class FeatureProtection(BatchRegularizer):
     over the real (masked) tokens or the images of the micro-batch, and over the features."""
 
     name = "feature"
+    uses_features = True
 
     def __call__(self, batch: DistillationBatch) -> torch.Tensor:
         per_layer = []

@@ -87,8 +87,8 @@ def main() -> None:
     trainer = SpecGenTrainer(model=model, args=args, train_dataset=data)
     anchor_at_start = trainer.anchor_memory()["weights"]  # on this rank, before training partitions anything
     estimates = []
-    estimate = trainer._estimate_fisher
-    trainer._estimate_fisher = lambda reg: estimates.append(1) or estimate(reg)
+    estimate = trainer.specgen.estimate_importance
+    trainer.specgen.estimate_importance = lambda reg: estimates.append(1) or estimate(reg)
     with gathered(model):
         perturb_(model)
     trainer.train(resume_from_checkpoint=options.resume)
