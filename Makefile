@@ -11,7 +11,7 @@ install:
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install --upgrade pip
 	$(VENV)/bin/pip install torch==2.13.0
-	$(VENV)/bin/pip install -e ".[dev,deepspeed]"
+	$(VENV)/bin/pip install -e ".[dev,deepspeed,trl]"
 
 # Both recipes on their tiny offline presets: every method, 5 alphas, report per recipe and one over both
 # (results/demo/). Re-running skips what is done.

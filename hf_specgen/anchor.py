@@ -451,14 +451,16 @@ class Teacher:
     the model in `dtype` on `device`, or the user's `ref_model`.
     """
 
-    def __init__(self, module: nn.Module, *, adapters_disabled: bool) -> None:
+    def __init__(self, module: nn.Module, *, adapters_disabled: bool, owned: bool = False) -> None:
         self.module, self.adapters_disabled = module, adapters_disabled
+        self.owned = owned  # a frozen copy made for the teacher (not the user's or the trainer's own reference)
         self._engine: Any = None  # the DeepSpeed engine that partitions a frozen copy under ZeRO-3
 
     @classmethod
     def build(
         cls, model: nn.Module, *, ref_model: nn.Module | None = None, dtype: str = "auto", device: str = "auto"
     ) -> Teacher:
+        owned = ref_model is None
         if ref_model is not None:
             frozen = ref_model
         elif is_peft_model(model):
@@ -468,11 +470,14 @@ class Teacher:
             frozen = partitioned_copy(model)
         else:
             frozen = copy.deepcopy(model)
+            # a forward patched onto the instance (TRL's fused LM head) closes over the original model:
+            # the copy runs its class's own forward
+            frozen.__dict__.pop("forward", None)
         if not is_partitioned(frozen):  # a partitioned copy keeps the model's dtype and DeepSpeed's placement
             first = next(frozen.parameters())
             frozen.to(device=resolve_device(device, first), dtype=resolve_dtype(dtype, first))
         frozen.eval().requires_grad_(False)
-        return cls(frozen, adapters_disabled=False)
+        return cls(frozen, adapters_disabled=False, owned=owned)
 
     @property
     def device(self) -> torch.device:
@@ -485,8 +490,9 @@ class Teacher:
 
     @property
     def nbytes(self) -> int:
-        """Memory the teacher adds: zero when it is the model with adapters disabled."""
-        if self.adapters_disabled:
+        """Memory the teacher adds: its copy's (this process's partitions under ZeRO-3); zero when it is the
+        model with adapters disabled or a reference model that exists anyway (`ref_model`, DPO's own)."""
+        if not self.owned:
             return 0
         return sum(local_numel(p) * p.element_size() for p in self.module.parameters())
 
@@ -496,6 +502,8 @@ class Teacher:
         each layer only for its forward. Collective: every rank calls it. Other stages keep the
         copy whole (they do not partition parameters either)."""
         if self.adapters_disabled or self._engine is not None:
+            return
+        if not self.owned and is_partitioned(self.module):  # a reference its trainer prepared already (DPO's)
             return
         if deepspeed_config.get("zero_optimization", {}).get("stage") != 3:
             return

@@ -109,6 +109,11 @@ class RegularizationEngine:
         return bool(self.regularizers)
 
     @property
+    def uses_logits(self) -> bool:
+        """Whether a batch term compares output distributions (the teacher's logits are needed)."""
+        return any(r.compares_distributions for r in self.batch_terms)
+
+    @property
     def binds_to_zero(self) -> bool:
         """Whether the weight terms work on ZeRO partitions (they are bound once the engine exists)."""
         return self.host.is_deepspeed_enabled and bool(self.weight_terms or self.step_terms)

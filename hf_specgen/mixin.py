@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -51,8 +51,17 @@ class SpecGenMixin:
             every other argument is the base trainer's.
     """
 
+    # Whether the base trainer takes a `ref_model` argument of its own (DPO): it is then passed on, and
+    # `_specgen_reference` reads the reference the base trainer holds.
+    _specgen_base_takes_ref_model: ClassVar[bool] = False
+
     def __init__(self, *args: Any, ref_model: nn.Module | None = None, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+        if self._specgen_base_takes_ref_model:
+            if ref_model is not None:
+                kwargs["ref_model"] = ref_model
+            super().__init__(*args, **kwargs)
+        else:
+            super().__init__(*args, **kwargs)
         self.specgen = RegularizationEngine(self, self._specgen_reference(ref_model))
 
     def _specgen_reference(self, ref_model: nn.Module | None) -> nn.Module | None:
@@ -107,9 +116,9 @@ class SpecGenMixin:
         # `share` of the optimizer step's loss is added as `term * share * divisor`.
         divisor = 1 if self._specgen_loss_is_ga_scaled(num_items_in_batch) else micro_batches
         if not engine.batch_terms:
-            loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
-            engine.record("loss_task", loss.detach() / divisor)
-            return (loss, outputs) if return_outputs else loss
+            result = self._specgen_base_compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            engine.record("loss_task", (result[0] if return_outputs else result).detach() / divisor)
+            return result
         loss, outputs, batch = self._specgen_distillation_batch(model, inputs, num_items_in_batch)
         engine.record("loss_task", loss.detach() / divisor)
         loss = engine.add_batch_terms(loss, batch, divisor=divisor, micro_batches=micro_batches)
@@ -156,6 +165,12 @@ class SpecGenMixin:
 
     # ---- what differs between trainers --------------------------------------------------------------
 
+    def _specgen_base_compute_loss(
+        self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool, num_items_in_batch: torch.Tensor | int | None
+    ) -> Any:
+        """The base trainer's own `compute_loss` (for subclasses of the mixin, whose `super()` is the mixin)."""
+        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+
     def _specgen_loss_is_ga_scaled(self, num_items_in_batch: torch.Tensor | int | None) -> bool:
         """Mirrors `Trainer.training_step`: is the task loss already normalized over the accumulated batch?"""
         if self.loss_is_scaled_for_ga is not None:
@@ -181,9 +196,7 @@ class SpecGenMixin:
         labels = task_labels(inputs, self.label_names)
         student_inputs = features.model_inputs(inputs) if features else inputs
         with _captured(features, self.accelerator.unwrap_model(model)) as student_features:
-            loss, outputs = super().compute_loss(
-                model, student_inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
-            )
+            loss, outputs = self._specgen_base_compute_loss(model, student_inputs, True, num_items_in_batch)
         with _captured(features, engine.teacher.module) as teacher_features:
             teacher_outputs = engine.teacher_outputs(student_inputs, self.label_names)
         batch = DistillationBatch(

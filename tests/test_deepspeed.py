@@ -24,8 +24,8 @@ from hf_specgen.merge import wise_ft
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "tests" / "scripts" / "train_tiny.py"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
-PENALTIES = ("loss", "loss_task", "loss_l1", "loss_l2", "loss_ewc")
-OFFLOADED = ("loss", "loss_task", "loss_l1", "loss_ewc", "l2_distance")  # L1, EWC and decoupled L2 under CPU Adam
+PENALTIES = ("loss", "loss_task", "loss_l1", "loss_l2", "loss_ewc", "loss_mas")
+OFFLOADED = ("loss", "loss_task", "loss_l1", "loss_ewc", "loss_mas", "l2_distance")  # L1, EWC, MAS, decoupled L2: CPU Adam
 ADAMW = ("--steps", "4", "--optim", "adamw_torch")
 
 
@@ -95,13 +95,13 @@ def one_process(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def one_process_penalties(tmp_path_factory):
-    return launched(tmp_path_factory.mktemp("one_penalties"), "l1,l2,ewc", None, "--steps", "4")
+    return launched(tmp_path_factory.mktemp("one_penalties"), "l1,l2,ewc,mas", None, "--steps", "4")
 
 
 @pytest.fixture(scope="module")
 def one_process_adamw(tmp_path_factory):
     """L1, decoupled L2-SP and EWC stepped by torch's AdamW: what DeepSpeed's CPU Adam steps under optimizer offload."""
-    return launched(tmp_path_factory.mktemp("one_adamw"), "l1,l2d,ewc", None, *ADAMW)
+    return launched(tmp_path_factory.mktemp("one_adamw"), "l1,l2d,ewc,mas", None, *ADAMW)
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +117,7 @@ def zero_penalties(tmp_path_factory):
     def run(config: str) -> Path:
         if config not in runs:
             output_dir = tmp_path_factory.mktemp(f"{config}_penalties")
-            runs[config] = launched(output_dir, "l1,l2,ewc", config, "--steps", "4", "--save-steps", "2")
+            runs[config] = launched(output_dir, "l1,l2,ewc,mas", config, "--steps", "4", "--save-steps", "2")
         return runs[config]
 
     return run
@@ -144,7 +144,7 @@ def zero12_offload(tmp_path_factory):
             output_dir = tmp_path_factory.mktemp(f"zero{stage}_offload")
             config_file = output_dir / "ds_config.json"
             config_file.write_text(json.dumps(config))
-            runs[stage] = launched(output_dir / "run", "l1,l2d,ewc", "torchrun", *ADAMW, "--deepspeed", str(config_file),
+            runs[stage] = launched(output_dir / "run", "l1,l2d,ewc,mas", "torchrun", *ADAMW, "--deepspeed", str(config_file),
                                    *OFFLOAD_LAUNCHES[stage])  # fmt: skip
         return runs[stage]
 
@@ -183,7 +183,7 @@ def test_weight_penalties_under_zero_match_one_process(config, zero_penalties, o
     gradients are clipped with the task gradient (max_grad_norm 1 < the norm) as in one process."""
     one, two = assert_same_run(one_process_penalties, zero_penalties(config), (*PENALTIES, "grad_norm"))
     assert_clipping_active(one)
-    assert len(one["logs"]) == 4 and one["logs"][-1]["loss_ewc"] > 0
+    assert len(one["logs"]) == 4 and one["logs"][-1]["loss_ewc"] > 0 and one["logs"][-1]["loss_mas"] > 0
     assert_halved(one, two, "weights")  # the anchor: about half of the one-process snapshot per rank
     assert_halved(one, two, "fisher")
     assert one["fisher_estimated"] and two["fisher_estimated"]
@@ -209,7 +209,7 @@ def test_zero3_resume_continues_to_the_uninterrupted_weights(zero_penalties, tmp
         "specgen_regularizers.rank0-of-2.safetensors",
         "specgen_regularizers.rank1-of-2.safetensors",
     ]
-    launched(tmp_path, "l1,l2,ewc", "zero3", "--steps", "4", "--resume", str(checkpoint), "--zero-init")
+    launched(tmp_path, "l1,l2,ewc,mas", "zero3", "--steps", "4", "--resume", str(checkpoint), "--zero-init")
     (full_weights, full), (resumed_weights, resumed) = result(full_dir), result(tmp_path)
     assert not resumed["fisher_estimated"]
     assert resumed["anchor_at_start"] == full["anchor_memory"][0]["weights"]  # half from the start
@@ -224,7 +224,7 @@ def test_zero3_cpu_offload_matches_one_process(one_process_adamw, tmp_path):
     """ZeRO-3 with parameters and optimizer state in CPU memory, stepped by DeepSpeed's CPU Adam (on a
     GPU the local API hands out copies of these partitions, written back): L1, EWC and decoupled L2
     together, against torch's AdamW in one process."""
-    launched(tmp_path, "l1,l2d,ewc", "zero3_offload", *ADAMW)
+    launched(tmp_path, "l1,l2d,ewc,mas", "zero3_offload", *ADAMW)
     one, two = assert_same_run(one_process_adamw, tmp_path, (*OFFLOADED, "grad_norm"))
     assert_clipping_active(one)
     assert_halved(one, two, "weights")
@@ -240,7 +240,7 @@ def test_deepspeed_json_in_training_arguments_matches_one_process(stage, one_pro
     config_file = tmp_path / f"zero{stage}.json"
     config_file.write_text(json.dumps(config))
     output_dir = tmp_path / "run"
-    launched(output_dir, "l1,l2,ewc", "torchrun", "--steps", "4", "--accumulation", "2", "--deepspeed", str(config_file))
+    launched(output_dir, "l1,l2,ewc,mas", "torchrun", "--steps", "4", "--accumulation", "2", "--deepspeed", str(config_file))
     one, two = assert_same_run(one_process_penalties, output_dir, (*PENALTIES, "grad_norm"))
     assert_clipping_active(one)
     assert_halved(one, two, "weights")

@@ -11,11 +11,12 @@ import torch
 from conftest import VOCAB, lm_dataset, perturb_, tiny_opt
 from test_deepspeed import free_port
 from hf_specgen import SpecGenTrainer
-from hf_specgen.regularizers import EWC
+from hf_specgen.regularizers import EWC, MAS
 from hf_specgen.trainer import STATE_FILE
 
-ALL_ON = dict(l1_lambda=0.01, l2_lambda=0.5, ewc_lambda=2.0, ewc_num_samples=4, kd_lambda=0.7, feature_lambda=0.3)
-TERMS = ["loss_l1", "loss_l2", "loss_ewc", "loss_kd", "loss_feature"]
+ALL_ON = dict(l1_lambda=0.01, l2_lambda=0.5, ewc_lambda=2.0, ewc_num_samples=4, mas_lambda=0.05, mas_num_samples=4,
+              kd_lambda=0.7, feature_lambda=0.3)  # fmt: skip
+TERMS = ["loss_l1", "loss_l2", "loss_ewc", "loss_mas", "loss_kd", "loss_feature"]
 
 
 def train(args_factory, data, *, perturb=False, branch_b=False, **kwargs):
@@ -84,16 +85,19 @@ def test_resume_ends_with_the_same_weights_and_reuses_the_saved_fisher(args_fact
         raise AssertionError("the Fisher must come from the checkpoint, not be re-estimated")
 
     monkeypatch.setattr(EWC, "estimate", no_estimate)
+    monkeypatch.setattr(MAS, "estimate", no_estimate)
     resumed = SpecGenTrainer(model=tiny_opt(), args=args_factory(**{**common, "output_dir": str(tmp_path / "resumed")}),
                              train_dataset=data)
     resumed.train(resume_from_checkpoint=checkpoint)
-    ewc = lambda t: next(r for r in t.regularizers if r.name == "ewc")  # noqa: E731
-    assert set(ewc(resumed).fisher) == set(ewc(full).fisher)
-    assert all(torch.equal(ewc(full).fisher[k], v) for k, v in ewc(resumed).fisher.items())
+    for name in ("ewc", "mas"):  # EWC's Fisher and MAS's Omega, from the checkpoint
+        term = lambda t: next(r for r in t.regularizers if r.name == name)  # noqa: B023, E731
+        assert set(term(resumed).importance) == set(term(full).importance)
+        assert all(torch.equal(term(full).importance[k], v) for k, v in term(resumed).importance.items())
     for (name, p), q in zip(full.model.named_parameters(), resumed.model.parameters()):
         assert torch.allclose(p, q, atol=1e-6), name
     last = lambda t: [e for e in t.state.log_history if "loss" in e][-1]  # noqa: E731
     assert last(full)["loss_ewc"] == pytest.approx(last(resumed)["loss_ewc"], rel=1e-4)
+    assert last(full)["loss_mas"] == pytest.approx(last(resumed)["loss_mas"], rel=1e-4)
 
 
 @pytest.mark.parametrize("terms", [dict(l2_lambda=1.0), dict(kd_lambda=1.0), dict(feature_lambda=1.0)], ids=["l2", "kd", "feature"])

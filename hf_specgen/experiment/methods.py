@@ -1,5 +1,6 @@
 """Fine-tuning methods a recipe compares, by name: `full`, one regularizer (`l1`, `l2`, `ewc`,
-`kd`, `feature`), `lora`, or a combination joined by `+` (e.g. `kd+feature`, `lora+l2`).
+`mas`, `kd`, `feature`: the registry's names), `lora`, or a combination joined by `+` (e.g.
+`kd+feature`, `lora+l2`).
 
 A method switches on its regularizers at the strengths the configuration gives (`l2_lambda`, ...)
 and switches the others off, so one configuration holds every method's strength.
@@ -12,9 +13,12 @@ import math
 from dataclasses import dataclass
 
 from ..args import SpecGenTrainingArguments
+from ..regularizers import REGULARIZERS as REGISTRY
 
-REGULARIZERS = ("l1", "l2", "ewc", "kd", "feature")
+REGULARIZERS = tuple(REGISTRY)
 METHODS = ("full", *REGULARIZERS, "lora")
+# What a recipe compares when its configuration names no methods (MAS is opt-in: `--methods ... mas`).
+DEFAULT_METHODS = ("full", "l1", "l2", "ewc", "kd", "feature", "lora")
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from ..args import SpecGenTrainingArguments
 from ..eval.report import KEEP_SPECIALITY
 from ..eval.suites import Role
 from .config import ConfigError, check_finite, parse_config
-from .methods import METHODS
+from .methods import DEFAULT_METHODS, METHODS
 from .sources import is_local_path
 
 
@@ -30,9 +30,9 @@ class ExperimentArguments:
     """Which methods to compare and how to merge, report and publish them."""
 
     methods: list[str] = field(
-        default_factory=lambda: list(METHODS),
-        metadata={"help": "Methods to fine-tune with: full, l1, l2, ewc, kd, feature, lora, or '+' combinations "
-                  "(e.g. kd+feature). Each regularizer's strength is its <name>_lambda."},
+        default_factory=lambda: list(DEFAULT_METHODS),
+        metadata={"help": f"Methods to fine-tune with: {', '.join(METHODS)}, or '+' combinations (e.g. kd+feature); "
+                  f"default {' '.join(DEFAULT_METHODS)}. Each regularizer's strength is its <name>_lambda."},
     )
     alphas: list[float] = field(
         default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0],

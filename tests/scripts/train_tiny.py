@@ -24,7 +24,8 @@ from conftest import lm_dataset, make_args, perturb_, tiny_opt  # noqa: E402
 from hf_specgen import SpecGenTrainer  # noqa: E402
 from hf_specgen.anchor import local_numel  # noqa: E402
 
-REGULARIZERS = dict(l1_lambda=0.01, l2_lambda=0.5, ewc_lambda=2.0, ewc_num_samples=4, kd_lambda=0.7, feature_lambda=0.3)
+REGULARIZERS = dict(l1_lambda=0.01, l2_lambda=0.5, ewc_lambda=2.0, ewc_num_samples=4, mas_lambda=0.05, mas_num_samples=4,
+                   kd_lambda=0.7, feature_lambda=0.3)  # fmt: skip
 
 
 def regularizers(names: list[str]) -> dict:
