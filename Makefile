@@ -26,6 +26,8 @@ test:
 
 bench:
 	$(PYTHON) benchmarks/bench_trainer.py --output benchmarks/results/trainer.json
+	$(PYTHON) benchmarks/bench_trainer.py --shape galactica-125m --output benchmarks/results/trainer_125m.json
+	$(PYTHON) benchmarks/bench_trainer.py --suite trl --output benchmarks/results/trainer_trl.json
 	$(PYTHON) benchmarks/bench_merge.py --output benchmarks/results/merge.json
 
 # Rebuild the shipped tiny foundations (hf_specgen/tiny/models/) from their seeds.

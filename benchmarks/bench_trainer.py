@@ -1,9 +1,14 @@
-"""Benchmark: step time and anchor memory of `SpecGenTrainer`'s regularizers against `transformers.Trainer`.
+"""Benchmark: step time and anchor memory of the regularizers against the plain trainers.
 
-One run measures every configuration on the same randomly initialised OPT model and random data,
-so that the ratios are comparable: the median seconds per optimizer step (warm-up steps excluded)
-of plain `Trainer` and of `SpecGenTrainer` with each regularizer alone, for full fine-tuning and
-for LoRA, and the bytes the pre-trained anchor adds (`trainer.anchor_memory()`).
+One run measures every configuration of a suite on the same randomly initialised OPT model and
+random data, so that the ratios are comparable: the median seconds per optimizer step (warm-up
+steps excluded) of the plain trainer and of its SpecGen version with each regularizer alone, and
+the bytes the pre-trained anchor adds (`trainer.anchor_memory()`).
+
+Suites: `trainer` (`Trainer` vs `SpecGenTrainer`, full fine-tuning and LoRA) and `trl` (TRL's
+`SFTTrainer` and `DPOTrainer` vs `SpecGenSFTTrainer` / `SpecGenDPOTrainer` with L2 and with KD).
+Shapes: `small` (OPT 11.8M) and `galactica-125m` (OPT at Galactica-125m's shape: hidden 768, 12
+layers, vocabulary 50,000, random weights, no download; SGD so that 8 configurations fit in 24 GiB).
 
 The configurations are interleaved step by step: each trainer trains in its own thread, but only
 one runs at a time, and they take one optimizer step each in turn (the order reversed every
@@ -12,6 +17,8 @@ step has a baseline step beside it (the `paired` column: median of the per-round
 EWC's Fisher is estimated and timed before the first step, as `train()` would.
 
     .venv/bin/python benchmarks/bench_trainer.py --output benchmarks/results/trainer.json
+    .venv/bin/python benchmarks/bench_trainer.py --shape galactica-125m --output benchmarks/results/trainer_125m.json
+    .venv/bin/python benchmarks/bench_trainer.py --suite trl --output benchmarks/results/trainer_trl.json
 
 writes the JSON report to `--output` and a Markdown table beside it (`.md`), and prints the table.
 """
@@ -50,8 +57,9 @@ from transformers.trainer_callback import PrinterCallback
 
 from hf_specgen import SpecGenTrainer, SpecGenTrainingArguments
 
-WEIGHT_TARGET = 1.10  # L1, L2-SP, EWC: at most 10% slower than the baseline
-BATCH_TARGET = 1.6  # KD, feature protection: one extra no-grad teacher forward
+WEIGHT_TARGET = 1.05  # L1, L2-SP, EWC, MAS: at most 5% slower than the baseline
+KD_TARGET = 1.40  # KD: one extra no-grad teacher forward and the KL
+BATCH_TARGET = 1.6  # feature protection: one extra no-grad teacher forward
 LORA = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
 MIB = 2**20
 
@@ -65,9 +73,12 @@ class BenchConfig:
     specgen: bool = True
     lora: bool = False
     target: float | None = None
+    trainer: str = "trainer"  # "trainer", or TRL's "sft" / "dpo"
 
     @property
     def baseline(self) -> str:
+        if self.trainer != "trainer":
+            return f"{self.trainer} baseline"
         return "lora baseline" if self.lora else "baseline"
 
 
@@ -79,12 +90,29 @@ CONFIGS = [
     BenchConfig("l2 decoupled", {"l2_lambda": 1e-2, "l2_mode": "decoupled"}, target=WEIGHT_TARGET),
     BenchConfig("l2 bf16 anchor", {"l2_lambda": 1e-2, "anchor_dtype": "bfloat16"}, target=WEIGHT_TARGET),
     BenchConfig("ewc", {"ewc_lambda": 1.0, "ewc_num_samples": 16}, target=WEIGHT_TARGET),
-    BenchConfig("kd", {"kd_lambda": 1.0}, target=BATCH_TARGET),
+    BenchConfig("mas", {"mas_lambda": 1.0, "mas_num_samples": 16}, target=WEIGHT_TARGET),
+    BenchConfig("kd", {"kd_lambda": 1.0}, target=KD_TARGET),
     BenchConfig("feature", {"feature_lambda": 1.0}, target=BATCH_TARGET),
     BenchConfig("lora baseline", specgen=False, lora=True),
     BenchConfig("lora l2", {"l2_lambda": 1e-2}, lora=True, target=WEIGHT_TARGET),
     BenchConfig("lora kd", {"kd_lambda": 1.0}, lora=True, target=BATCH_TARGET),
 ]
+TRL_CONFIGS = [
+    BenchConfig("sft baseline", specgen=False, trainer="sft"),
+    BenchConfig("sft l2", {"l2_lambda": 1e-2}, target=WEIGHT_TARGET, trainer="sft"),
+    BenchConfig("sft kd", {"kd_lambda": 1.0}, target=KD_TARGET, trainer="sft"),
+    BenchConfig("dpo baseline", specgen=False, trainer="dpo"),
+    BenchConfig("dpo l2", {"l2_lambda": 1e-2}, target=WEIGHT_TARGET, trainer="dpo"),
+    BenchConfig("dpo kd", {"kd_lambda": 1.0}, target=KD_TARGET, trainer="dpo"),
+]
+SUITES = {"trainer": CONFIGS, "trl": TRL_CONFIGS}
+# Defaults of each shape (flags override them); the 125M shape times the full fine-tuning rows only.
+SHAPES: dict[str, dict[str, Any]] = {
+    "small": dict(hidden=384, layers=4, vocab=12000, batch_size=4, warmup=3, steps=30, optim="adamw_torch"),
+    "galactica-125m": dict(hidden=768, layers=12, vocab=50000, batch_size=2, warmup=2, steps=8, optim="sgd",
+                           configs=["baseline", "specgen, no regularizer", "l1", "l2", "ewc", "mas", "kd", "feature"]),
+}  # fmt: skip
+TRL_TOKENIZER_VOCAB = 1024  # the shipped tiny Galactica's tokenizer, which the TRL rows' model shares
 
 
 class TurnTimer(TrainerCallback):
@@ -151,6 +179,15 @@ def log(message: str, start: float) -> None:
     print(f"[{time.perf_counter() - start:7.1f}s] {message}", file=sys.stderr, flush=True)
 
 
+def _version(package: str) -> str | None:
+    try:
+        from importlib.metadata import version
+
+        return version(package)
+    except Exception:  # noqa: BLE001 - not installed
+        return None
+
+
 def git_revision() -> str | None:
     """The measured code's commit, `-dirty` with uncommitted changes; None outside a git checkout."""
     command = ["git", "describe", "--always", "--dirty"]
@@ -169,7 +206,7 @@ def build_base_model(opts: argparse.Namespace) -> OPTForCausalLM:
         ffn_dim=4 * opts.hidden,
         num_hidden_layers=opts.layers,
         num_attention_heads=opts.hidden // 64,
-        max_position_embeddings=opts.seq_len,
+        max_position_embeddings=4 * opts.seq_len,  # DPO's pairs: text re-tokenized, prompt + answer
         dropout=0.0,
         attention_dropout=0.0,
         activation_dropout=0.0,
@@ -179,11 +216,22 @@ def build_base_model(opts: argparse.Namespace) -> OPTForCausalLM:
     return OPTForCausalLM(config)
 
 
-def build_dataset(opts: argparse.Namespace) -> datasets.Dataset:
-    """Random tokens, one distinct batch per step (a single epoch)."""
+def build_dataset(opts: argparse.Namespace, kind: str = "trainer", tokenizer: Any = None) -> datasets.Dataset:
+    """Random tokens, one distinct batch per step (a single epoch): token rows for `Trainer`, token rows
+    with the second half as the completion for SFT, text pairs of the same lengths for DPO."""
     generator = torch.Generator().manual_seed(opts.seed)
     rows = opts.batch_size * (opts.warmup + opts.steps)
-    ids = torch.randint(0, opts.vocab, (rows, opts.seq_len), generator=generator).tolist()
+    ids = torch.randint(3, opts.vocab, (rows, opts.seq_len), generator=generator)
+    if kind == "sft":
+        half = opts.seq_len // 2
+        return datasets.Dataset.from_dict({"input_ids": ids.tolist(), "completion_mask": [[0] * half + [1] * (opts.seq_len - half)] * rows})
+    if kind == "dpo":
+        half = opts.seq_len // 2
+        text = lambda row: tokenizer.decode(row, skip_special_tokens=True)  # noqa: E731
+        rejected = torch.randint(3, opts.vocab, (rows, opts.seq_len - half), generator=generator)
+        return datasets.Dataset.from_dict({"prompt": [text(r[:half]) for r in ids], "chosen": [text(r[half:]) for r in ids],
+                                           "rejected": [text(r) for r in rejected]})  # fmt: skip
+    ids = ids.tolist()
     return datasets.Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * opts.seq_len] * rows, "labels": ids})
 
 
@@ -201,32 +249,54 @@ def fresh_model(cfg: BenchConfig, base: OPTForCausalLM, seed: int) -> nn.Module:
     return get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **LORA))
 
 
+def trainer_classes(cfg: BenchConfig) -> tuple[type, type]:
+    """The (trainer, arguments) classes of a configuration."""
+    if cfg.trainer == "trainer":
+        return (SpecGenTrainer, SpecGenTrainingArguments) if cfg.specgen else (Trainer, TrainingArguments)
+    import trl
+
+    from hf_specgen import trl as specgen_trl
+
+    name = cfg.trainer.upper()
+    if cfg.specgen:
+        return getattr(specgen_trl, f"SpecGen{name}Trainer"), getattr(specgen_trl, f"SpecGen{name}Config")
+    return getattr(trl, f"{name}Trainer"), getattr(trl, f"{name}Config")
+
+
 def start_run(
-    cfg: BenchConfig, base: OPTForCausalLM, dataset: datasets.Dataset, opts: argparse.Namespace, output_dir: str
-) -> Run:
-    """Builds the trainer, estimates (and times) EWC's Fisher, and starts `train()` up to its first step."""
+    cfg: BenchConfig, base: OPTForCausalLM, data: dict[str, datasets.Dataset], opts: argparse.Namespace, output_dir: str,
+    tokenizer: Any = None,
+) -> Run:  # fmt: skip
+    """Builds the trainer, estimates (and times) EWC's Fisher and MAS's importance, and starts `train()` up to its
+    first step."""
     model = fresh_model(cfg, base, opts.seed)
-    args_cls = SpecGenTrainingArguments if cfg.specgen else TrainingArguments
+    trainer_cls, args_cls = trainer_classes(cfg)
     args = args_cls(
         output_dir=output_dir,
         max_steps=opts.warmup + opts.steps,
         per_device_train_batch_size=opts.batch_size,
         learning_rate=1e-4,
+        optim=opts.optim,
         use_cpu=True,
+        bf16=False,  # TRL's configs default to bf16
         report_to=[],
         save_strategy="no",
         logging_steps=10**6,
         disable_tqdm=True,
         seed=opts.seed,
+        **({"max_length": None} if cfg.trainer != "trainer" else {}),
         **cfg.overrides,
     )
     timer = TurnTimer()
-    trainer = (SpecGenTrainer if cfg.specgen else Trainer)(
-        model=model, args=args, train_dataset=dataset, callbacks=[timer]
-    )
+    extra: dict[str, Any] = {}
+    if cfg.trainer != "trainer":
+        extra["processing_class"] = tokenizer
+    if cfg.trainer == "dpo":
+        extra["ref_model"] = copy.deepcopy(base)  # DPO would otherwise load its reference from the (absent) Hub name
+    trainer = trainer_cls(model=model, args=args, train_dataset=data[cfg.trainer], callbacks=[timer], **extra)
     trainer.remove_callback(PrinterCallback)  # keeps stdout for the table
     fisher_s = None
-    if cfg.overrides.get("ewc_lambda", 0.0) > 0:
+    if cfg.overrides.get("ewc_lambda", 0.0) > 0 or cfg.overrides.get("mas_lambda", 0.0) > 0:
         start = time.perf_counter()
         trainer.specgen.begin_training(None)  # what train() does first; it then finds the Fisher ready
         fisher_s = time.perf_counter() - start
@@ -245,6 +315,7 @@ def summarize(run: Run, baseline: Run, warmup: int) -> dict[str, Any]:
     cfg = run.config
     return {
         "name": cfg.name,
+        "suite": cfg.trainer,
         "trainer": type(run.trainer).__name__,
         "lora": cfg.lora,
         "overrides": cfg.overrides,
@@ -269,17 +340,21 @@ def summarize(run: Run, baseline: Run, warmup: int) -> dict[str, Any]:
 def markdown(report: dict[str, Any]) -> str:
     model, settings = report["model"], report["settings"]
     versions = settings["versions"]
+    title = "SpecGen TRL trainers" if settings["suite"] == "trl" else "SpecGenTrainer"
     lines = [
-        "# SpecGenTrainer step time and anchor memory",
+        f"# {title}: step time and anchor memory ({settings['shape']} shape)",
         "",
         f"OPT, {model['parameters'] / 1e6:.1f}M parameters (hidden {model['hidden']}, {model['layers']} layers, "
         f"vocab {model['vocab']}, tied embeddings); batch {settings['batch_size']} x {settings['seq_len']} random "
         f"tokens; {settings['warmup']} warm-up + {settings['steps']} timed optimizer steps per configuration, "
-        f"interleaved step by step; {settings['threads']} torch threads; torch {versions['torch']}, "
-        f"transformers {versions['transformers']}, peft {versions['peft']}; hf_specgen at {settings['revision']}.",
+        f"interleaved step by step; optimizer {settings['optim']}; {settings['threads']} torch threads; torch "
+        f"{versions['torch']}, transformers {versions['transformers']}, peft {versions['peft']}"
+        + (f", trl {versions['trl']}" if versions.get("trl") else "")
+        + f"; hf_specgen at {settings['revision']}.",
         "",
-        "ratio: median step time / median step time of `baseline` (LoRA rows: `lora baseline`); paired: median "
-        "of the per-round ratios. Anchor (`anchor_memory()`): weight snapshot, teacher and Fisher, in MiB, "
+        "ratio: median step time / median step time of the row's baseline (`baseline`, `lora baseline`, `sft "
+        "baseline`, `dpo baseline`: the plain trainer); paired: median of the per-round ratios. Anchor "
+        "(`anchor_memory()`): weight snapshot, teacher and importances (EWC's Fisher, MAS's Omega), in MiB, "
         "and their sum as a multiple of the trainable weights.",
         "",
         "| config | median step (ms) | p25-p75 (ms) | ratio | paired | target | result | Fisher (s) "
@@ -305,17 +380,28 @@ def markdown(report: dict[str, Any]) -> str:
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results/trainer.json"), help="JSON report path")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed optimizer steps per configuration")
-    parser.add_argument("--steps", type=int, default=30, help="timed optimizer steps per configuration")
-    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--suite", choices=list(SUITES), default="trainer", help="Trainer, or TRL's SFT and DPO trainers")
+    parser.add_argument("--shape", choices=list(SHAPES), default="small", help="the model's shape and the run's defaults")
+    parser.add_argument("--warmup", type=int, help="untimed optimizer steps per configuration")
+    parser.add_argument("--steps", type=int, help="timed optimizer steps per configuration")
+    parser.add_argument("--batch-size", type=int)
     parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--hidden", type=int, default=384, help="a multiple of 64 (64-dim attention heads)")
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--vocab", type=int, default=12000)
+    parser.add_argument("--hidden", type=int, help="a multiple of 64 (64-dim attention heads)")
+    parser.add_argument("--layers", type=int)
+    parser.add_argument("--vocab", type=int, help="(the TRL suite uses the shipped tokenizer's vocabulary)")
+    parser.add_argument("--optim", help="the trainers' optimizer (TrainingArguments.optim)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads")
-    parser.add_argument("--only", nargs="+", choices=[c.name for c in CONFIGS], help="these configurations only")
+    parser.add_argument("--only", nargs="+", choices=[c.name for c in CONFIGS + TRL_CONFIGS], help="these configurations only")
     opts = parser.parse_args()
+    shape = SHAPES[opts.shape]
+    for key, value in shape.items():
+        if key != "configs" and getattr(opts, key) is None:
+            setattr(opts, key, value)
+    if opts.suite == "trl":
+        opts.vocab = TRL_TOKENIZER_VOCAB
+    if opts.only is None and opts.suite == "trainer" and "configs" in shape:
+        opts.only = shape["configs"]
     if opts.steps < 2 or opts.warmup < 0 or opts.hidden % 64:
         parser.error("need --steps >= 2, --warmup >= 0 and --hidden a multiple of 64")
     return opts
@@ -329,19 +415,27 @@ def main() -> None:
     datasets.disable_progress_bars()
     warnings.filterwarnings("ignore", category=FutureWarning)
 
-    configs = CONFIGS
+    suite = SUITES[opts.suite]
+    configs = suite
     if opts.only:
-        needed = set(opts.only) | {c.baseline for c in CONFIGS if c.name in opts.only}
-        configs = [c for c in CONFIGS if c.name in needed]
+        needed = set(opts.only) | {c.baseline for c in suite if c.name in opts.only}
+        configs = [c for c in suite if c.name in needed]
     base = build_base_model(opts)
-    dataset = build_dataset(opts)
+    tokenizer = None
+    if opts.suite == "trl":
+        from transformers import AutoTokenizer
+
+        from hf_specgen.tiny.paths import lm_path
+
+        tokenizer = AutoTokenizer.from_pretrained(lm_path())
+    data = {kind: build_dataset(opts, kind, tokenizer) for kind in {c.trainer for c in configs}}
     n_params = sum(p.numel() for p in base.parameters())
     log(f"OPT model: {n_params / 1e6:.1f}M parameters; {len(configs)} configurations", start)
 
     with tempfile.TemporaryDirectory() as output_dir:
         runs: dict[str, Run] = {}
         for cfg in configs:
-            runs[cfg.name] = run = start_run(cfg, base, dataset, opts, output_dir)
+            runs[cfg.name] = run = start_run(cfg, base, data, opts, output_dir, tokenizer)
             log(f"built {cfg.name}" + (f" (Fisher: {run.fisher_s:.2f} s)" if run.fisher_s is not None else ""), start)
         total_steps = opts.warmup + opts.steps
         for step in range(total_steps):
@@ -362,6 +456,9 @@ def main() -> None:
             "tie_word_embeddings": base.config.tie_word_embeddings,
         },
         "settings": {
+            "suite": opts.suite,
+            "shape": opts.shape,
+            "optim": opts.optim,
             "batch_size": opts.batch_size,
             "seq_len": opts.seq_len,
             "warmup": opts.warmup,
@@ -369,7 +466,7 @@ def main() -> None:
             "threads": opts.threads,
             "seed": opts.seed,
             "lora": LORA,
-            "targets": {"weight_terms": WEIGHT_TARGET, "batch_terms": BATCH_TARGET},
+            "targets": {"weight_terms": WEIGHT_TARGET, "kd": KD_TARGET, "feature": BATCH_TARGET},
             "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
             "revision": git_revision(),
             "versions": {
@@ -377,6 +474,7 @@ def main() -> None:
                 "torch": torch.__version__,
                 "transformers": transformers.__version__,
                 "peft": peft.__version__,
+                "trl": _version("trl"),
             },
         },
         "results": [summarize(runs[c.name], runs[c.baseline], opts.warmup) for c in configs],

@@ -17,7 +17,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -50,6 +51,18 @@ def is_peft_model(model: nn.Module) -> bool:
     return isinstance(model, PeftModel)
 
 
+@dataclass
+class DeltaPiece:
+    """A piece of one weight's `theta - theta_pre`, in float32, and how to add a gradient for it.
+
+    `difference` may live in a scratch buffer that the next piece reuses: use it before asking for
+    the next one. `index` selects the piece in the flattened weight (for a per-element importance)."""
+
+    difference: torch.Tensor
+    add_grad_: Callable[[torch.Tensor, float], None]
+    index: slice
+
+
 class WeightDelta:
     """`theta - theta_pre` of one trainable weight, in float32 and in the base weight's layout."""
 
@@ -57,6 +70,11 @@ class WeightDelta:
 
     def delta(self) -> torch.Tensor:
         raise NotImplementedError
+
+    def pieces(self) -> Iterator[DeltaPiece]:
+        """`theta - theta_pre` in pieces, each with its gradient's way in, so that a weight term makes
+        one pass over the weights (here one piece: the whole delta, in its own shape)."""
+        yield DeltaPiece(self.delta(), self.add_grad_, slice(None))
 
     def squared_norm(self) -> torch.Tensor:
         return self.delta().pow(2).sum()
@@ -71,10 +89,12 @@ class WeightDelta:
     @torch.no_grad()
     def squared_norm_and_grad_(self, alpha: float) -> torch.Tensor:
         """`||delta||^2`; adds `alpha` times its gradient to `.grad`."""
-        delta = self.delta()
-        self.add_grad_(delta, 2.0 * alpha)
-        flat = delta.reshape(-1)
-        return torch.dot(flat, flat)
+        values = []
+        for piece in self.pieces():
+            flat = piece.difference.reshape(-1)
+            values.append(torch.dot(flat, flat))
+            piece.add_grad_(piece.difference, 2.0 * alpha)
+        return torch.stack(values).sum()
 
     def fisher_parameter(self) -> torch.Tensor:
         """The tensor whose gradient is the gradient with respect to the effective weight, in the
@@ -154,6 +174,28 @@ class DenseDelta(WeightDelta):
     @torch.no_grad()
     def add_grad_(self, grad_delta: torch.Tensor, alpha: float) -> None:
         _accumulate_grad(self.param, grad_delta, alpha)
+
+    def pieces(self) -> Iterator[DeltaPiece]:
+        """Float32 weights with a float32 gradient and an exact anchor: pieces of `PIECE_ELEMENTS` computed
+        into a scratch buffer reused from piece to piece, so that a weight term reads the weight, the
+        anchor and the gradient once and allocates nothing (otherwise: the whole delta)."""
+        param, grad = self.param, self.param.grad
+        fused = (
+            not self.coarse and param.dtype == torch.float32 and self.reference.dtype == torch.float32
+            and grad is not None and grad.dtype == torch.float32 and grad.is_contiguous() and param.is_contiguous()
+            and self.reference.device == param.device and self.reference.is_contiguous()
+        )  # fmt: skip
+        if not fused:
+            yield from super().pieces()
+            return
+        flat_param, flat_reference, flat_grad = param.detach().reshape(-1), self.reference.reshape(-1), grad.reshape(-1)
+        size = flat_param.numel()
+        for start in range(0, size, PIECE_ELEMENTS):
+            stop = min(start + PIECE_ELEMENTS, size)
+            difference = scratch(param.device, stop - start)
+            torch.sub(flat_param[start:stop], flat_reference[start:stop], out=difference)
+            target = flat_grad[start:stop]
+            yield DeltaPiece(difference, lambda g, alpha, target=target: target.add_(g, alpha=alpha), slice(start, stop))
 
     @torch.no_grad()
     def decay_(self, factor: float) -> torch.Tensor:
@@ -289,6 +331,23 @@ class LoraDelta(WeightDelta):
     @property
     def decayed_parameter(self) -> nn.Parameter:
         return next(b if b.requires_grad else a for _, a, b in self.factors if a.requires_grad or b.requires_grad)
+
+
+PIECE_ELEMENTS = 2**20  # a piece of a weight the weight terms process at once (4 MiB in float32)
+_SCRATCH: dict[tuple[torch.device, int], torch.Tensor] = {}
+
+
+def scratch(device: torch.device, elements: int, slot: int = 0) -> torch.Tensor:
+    """A float32 buffer of `elements` on `device`, kept from call to call (`slot` names independent ones);
+    for more than `PIECE_ELEMENTS`, a new one (a whole weight is not kept)."""
+    if elements > PIECE_ELEMENTS:
+        return torch.empty(elements, dtype=torch.float32, device=device)
+    key = (torch.device(device), slot)
+    buffer = _SCRATCH.get(key)
+    if buffer is None or buffer.numel() < elements:
+        buffer = torch.empty(elements, dtype=torch.float32, device=device)
+        _SCRATCH[key] = buffer
+    return buffer[:elements]
 
 
 def _accumulate_grad(param: nn.Parameter, grad: torch.Tensor, alpha: float) -> None:

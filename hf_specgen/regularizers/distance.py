@@ -17,12 +17,12 @@ class L1Distance(WeightRegularizer):
 
     @torch.no_grad()
     def apply_(self, deltas: Sequence[WeightDelta], grad_scale: float) -> torch.Tensor:
-        total = 0.0
+        totals = []
         for d in deltas:
-            delta = d.delta()
-            total = total + torch.linalg.vector_norm(delta, ord=1)
-            d.add_grad_(delta.sign_(), self.weight * grad_scale)  # the subgradient 0 at delta == 0
-        return self.weight * total
+            for piece in d.pieces():
+                totals.append(torch.linalg.vector_norm(piece.difference, ord=1))
+                piece.add_grad_(piece.difference.sign_(), self.weight * grad_scale)  # the subgradient 0 at delta == 0
+        return self.weight * _sum(totals)
 
 
 class L2Distance(WeightRegularizer):
@@ -36,8 +36,9 @@ class L2Distance(WeightRegularizer):
             return DecoupledL2(args.l2_lambda)
         return cls(args.l2_lambda)
 
+    @torch.no_grad()
     def apply_(self, deltas: Sequence[WeightDelta], grad_scale: float) -> torch.Tensor:
-        return self.weight * sum(d.squared_norm_and_grad_(self.weight * grad_scale) for d in deltas)
+        return self.weight * _sum([d.squared_norm_and_grad_(self.weight * grad_scale) for d in deltas])
 
 
 class DecoupledL2(StepRegularizer):
@@ -56,3 +57,8 @@ class DecoupledL2(StepRegularizer):
 
     def before_step_(self, lr: float, deltas: Sequence[WeightDelta]) -> torch.Tensor:
         return sum(d.decay_(lr * self.weight) for d in deltas)
+
+
+def _sum(values: list[torch.Tensor]) -> torch.Tensor:
+    """The sum of per-piece values, in float32, on their device (0 for none)."""
+    return torch.stack([v.float() for v in values]).sum() if values else torch.zeros(())

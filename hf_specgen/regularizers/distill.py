@@ -52,18 +52,17 @@ class LogitDistillation(BatchRegularizer):
         check_distribution(student, "kd_lambda (logit distillation)")
         teacher, _, _ = supervised_positions(output_logits(batch.teacher), batch.labels, batch.shifts_labels)
         t = self.temperature
+        if mask is not None:  # the supervised positions only, before any vocabulary-wide work
+            student, teacher = student[mask], teacher[mask]
+        count = student.shape[0] if student.dim() == 2 else student[..., 0].numel()
         log_q = F.log_softmax(student.float() / t if t != 1 else student.float(), dim=-1)
         with torch.no_grad():  # the teacher's side needs no graph
             teacher = teacher.to(student.device, torch.float32)
             log_p = F.log_softmax(teacher / t if t != 1 else teacher, dim=-1)
-            p = log_p.exp()
-        kl = torch.einsum("...v,...v->...", p, log_p - log_q)  # per position
-        if mask is not None:
-            kl, count = kl[mask], int(mask.sum())
-        else:
-            count = kl.numel()
+        # sum over positions of KL(p || q) = sum p (log p - log q), one fused kernel and its backward
+        kl = F.kl_div(log_q, log_p, reduction="sum", log_target=True)
         denominator = batch.token_denominator if batch.token_denominator is not None else max(count, 1)
-        return self.weight * t * t * kl.sum() / denominator
+        return self.weight * t * t * kl / denominator
 
 
 class ProtectedFeatures:

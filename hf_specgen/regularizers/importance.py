@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..anchor import WeightDelta
+from ..anchor import WeightDelta, scratch
 from ..batches import reference_inputs, task_labels
 from .base import WeightRegularizer
 
@@ -131,13 +131,16 @@ class ImportanceRegularizer(WeightRegularizer):
     def apply_(self, deltas: Sequence[WeightDelta], grad_scale: float) -> torch.Tensor:
         if self.importance is None:
             raise RuntimeError(f"{self.name}: the importance has not been estimated yet")
-        total = 0.0
+        totals = []
         for d in deltas:
-            delta = d.delta()
-            weighted = self.importance[d.name].to(delta.device) * delta
-            total = total + torch.dot(weighted.reshape(-1), delta.reshape(-1))
-            d.add_grad_(weighted, 2.0 * self.weight * grad_scale)
-        return self.weight * total
+            importance = self.importance[d.name].reshape(-1)
+            for piece in d.pieces():
+                difference = piece.difference
+                weighted = scratch(difference.device, difference.numel(), slot=1).view_as(difference)
+                torch.mul(importance[piece.index].to(difference.device).view_as(difference), difference, out=weighted)
+                totals.append(torch.dot(weighted.reshape(-1), difference.reshape(-1)))
+                piece.add_grad_(weighted, 2.0 * self.weight * grad_scale)
+        return self.weight * (torch.stack(totals).sum() if totals else torch.zeros(()))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {} if self.importance is None else {f"{self.state_key}.{k}": v for k, v in self.importance.items()}
