@@ -109,7 +109,7 @@ SUITES = {"trainer": CONFIGS, "trl": TRL_CONFIGS}
 # Defaults of each shape (flags override them); the 125M shape times the full fine-tuning rows only.
 SHAPES: dict[str, dict[str, Any]] = {
     "small": dict(hidden=384, layers=4, vocab=12000, batch_size=4, warmup=3, steps=30, optim="adamw_torch"),
-    "galactica-125m": dict(hidden=768, layers=12, vocab=50000, batch_size=2, warmup=2, steps=8, optim="sgd",
+    "galactica-125m": dict(hidden=768, layers=12, vocab=50000, batch_size=2, warmup=2, steps=16, optim="sgd",
                            configs=["baseline", "specgen, no regularizer", "l1", "l2", "ewc", "mas", "kd", "feature"]),
 }  # fmt: skip
 TRL_TOKENIZER_VOCAB = 1024  # the shipped tiny Galactica's tokenizer, which the TRL rows' model shares

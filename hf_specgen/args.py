@@ -129,7 +129,16 @@ FINITE_FIELDS = (*(weight_field(name) for name in REGULARIZERS), "kd_temperature
 
 
 def _check_floats(args: TrainingArguments) -> None:
-    """Every regularizer float finite; no float field of `TrainingArguments` NaN (never a meaningful value)."""
+    """Every regularizer float a finite number; no float field of `TrainingArguments` NaN (never a
+    meaningful value); `feature_layers` a list of integers."""
+    for name in FINITE_FIELDS:
+        value = getattr(args, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{name} must be a number, got {value!r}")
+        setattr(args, name, float(value))
+    layers = args.feature_layers
+    if not isinstance(layers, (list, tuple)) or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
+        raise ValueError(f"feature_layers must be a list of hidden-state indices (integers), got {layers!r}")
     for f in fields(args):
         value = getattr(args, f.name, None)
         if not isinstance(value, float) or isinstance(value, bool):
@@ -150,6 +159,8 @@ def _check_device(name: str, value: str) -> None:
         raise ValueError(f"{name} must be 'auto' or a torch device such as 'cpu' or 'cuda:0', got {value!r}") from None
     if device.type == "cpu":
         return
+    if device.type == "meta":
+        raise ValueError(f"{name} cannot be 'meta': a meta tensor holds no values to compare with")
     backend = getattr(torch, device.type, None)
     available = getattr(backend, "is_available", None)
     if available is None or not available():

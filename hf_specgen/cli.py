@@ -11,6 +11,7 @@ from typing import Any
 
 from . import __version__
 from .merge import MergeError, MergeWarning, MergeWriteError, PushError, push_merge, wise_ft, wise_ft_sweep
+from .merge.atomic import Terminated
 from .merge.output import MARKER
 
 
@@ -97,6 +98,7 @@ def _evaluate(args: argparse.Namespace) -> None:
     from .eval.report import ResultRecord
     from .eval.suites import check_suites, evaluate_suites
 
+    _check_model_source(args.model)
     check_suites(args.suite, both_sides=True)
     if (args.hyperparameter is None) != (args.value is None):
         raise ValueError("--hyperparameter and --value go together")
@@ -112,6 +114,24 @@ def _evaluate(args: argparse.Namespace) -> None:
     )  # fmt: skip
     record.save(args.output)
     print(f"{args.output}: speciality {record.speciality_score:.3f}, generality {record.generality_score:.3f}")
+
+
+def _check_model_source(model: str) -> None:
+    """A model directory whose weights can be read (every shard's header), or a Hub id: one line otherwise."""
+    from huggingface_hub.utils import validate_repo_id
+
+    from .merge.checkpoint import Checkpoint
+
+    path = Path(model)
+    if path.exists():
+        if not path.is_dir() or not (path / "config.json").is_file():
+            raise ValueError(f"{model}: not a model directory (no config.json)")
+        Checkpoint(path)  # a truncated, missing or unreadable weight file names itself
+        return
+    try:
+        validate_repo_id(model)
+    except ValueError:
+        raise ValueError(f"{model}: no such directory (nor a Hub id)") from None
 
 
 def _report(args: argparse.Namespace) -> None:
@@ -148,7 +168,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     with warnings.catch_warnings():
         warnings.showwarning = _one_line_merge_warnings(warnings.showwarning)
-        return _run(args, parser)
+        try:
+            return _run(args, parser)
+        except KeyboardInterrupt:  # Ctrl-C: a merge has removed what it had written by now
+            print("specgen: interrupted", file=sys.stderr)
+            return 130
+        except Terminated:  # SIGTERM reached a Python handler that returned
+            print("specgen: terminated", file=sys.stderr)
+            return 143
 
 
 def _one_line_merge_warnings(show: Callable[..., None]) -> Callable[..., None]:

@@ -21,6 +21,7 @@ import contextlib
 import glob
 import math
 import os
+import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -102,8 +103,15 @@ class RegularizationEngine:
         self._step_targets: dict[int, list[WeightDelta]] = {}
         self.reference_fingerprint: float | None = None
         self._built_shapes: dict[str, tuple[int, ...]] = {}
+        if ref_model is not None and not isinstance(ref_model, nn.Module):
+            raise ValueError(
+                f"ref_model must be a model (torch.nn.Module), got {type(ref_model).__name__} {ref_model!r}: load it "
+                "first, e.g. AutoModelForCausalLM.from_pretrained(...)"
+            )
         if self.regularizers:
             self._build(host.model, args, ref_model)
+        elif ref_model is not None and not getattr(host, "_specgen_base_takes_ref_model", False):
+            warnings.warn("ref_model is given but no regularizer is on (every *_lambda is 0): it is not used", stacklevel=3)
 
     def __bool__(self) -> bool:
         return bool(self.regularizers)
@@ -427,7 +435,7 @@ def _check_same_architecture(model: nn.Module, ref_model: nn.Module, *, needs_fe
     base, ref = unwrap_peft(model), unwrap_peft(ref_model)
     if type(base).__name__ != type(ref).__name__:
         raise ValueError(
-            f"ref_model is a {type(ref).__name__}, the model a {type(base).__name__}: pass the pre-trained "
+            f"ref_model is {type(ref).__name__}, the model {type(base).__name__}: pass the pre-trained "
             "model of the same architecture as ref_model"
         )
     if needs_features:

@@ -70,6 +70,12 @@ def test_parses_from_json_and_yaml(tmp_path, suffix):
         ({"learning_rate": float("nan")}, "learning_rate must be a number"),
         ({"anchor_device": "bogus"}, "anchor_device must be 'auto' or a torch device"),
         ({"anchor_device": "cuda:99"}, "anchor_device='cuda:99'"),
+        ({"anchor_device": "meta"}, "anchor_device cannot be 'meta'"),
+        # set in Python rather than parsed: a raw TypeError from `<` before
+        ({"l2_lambda": "0.1"}, "l2_lambda must be a number, got '0.1'"),
+        ({"kd_lambda": None}, "kd_lambda must be a number, got None"),
+        ({"ewc_lambda": True}, "ewc_lambda must be a number, got True"),
+        ({"feature_layers": "abc"}, "feature_layers must be a list of hidden-state indices"),
     ],
 )
 def test_bad_values_raise_naming_the_field(tmp_path, kwargs, field):

@@ -129,7 +129,7 @@ def test_ref_model_of_another_architecture_is_refused_saying_what_differs(args_f
     """It used to fail inside the model's forward with a raw AttributeError."""
     from conftest import tiny_clip
 
-    with pytest.raises(ValueError, match="ref_model is a CLIPModel, the model a OPTForCausalLM"):
+    with pytest.raises(ValueError, match="ref_model is CLIPModel, the model OPTForCausalLM"):
         SpecGenTrainer(model=tiny_opt(), args=args_factory(kd_lambda=1.0), ref_model=tiny_clip())
     config = tiny_opt().config
     config.hidden_size = config.word_embed_proj_dim = 32
@@ -140,3 +140,10 @@ def test_ref_model_of_another_architecture_is_refused_saying_what_differs(args_f
 def test_anchor_device_is_checked_before_anything_is_copied(args_factory):
     with pytest.raises(ValueError, match="anchor_device must be 'auto' or a torch device"):
         args_factory(kd_lambda=1.0, anchor_device="bogus")
+
+
+def test_ref_model_must_be_a_model_and_is_said_unused_without_a_regularizer(args_factory):
+    with pytest.raises(ValueError, match="ref_model must be a model .* got str 'facebook/opt-125m': load it first"):
+        SpecGenTrainer(model=tiny_opt(), args=args_factory(kd_lambda=1.0), ref_model="facebook/opt-125m")
+    with pytest.warns(UserWarning, match="ref_model is given but no regularizer is on"):
+        SpecGenTrainer(model=tiny_opt(), args=args_factory(), ref_model=tiny_opt())

@@ -477,11 +477,20 @@ def read_card(directory):
     return yaml.safe_load(metadata), body
 
 
+def test_model_card_base_model_lists_the_hub_ids(tmp_path):
+    from hf_specgen.merge.card import write_model_card
+
+    write_model_card(tmp_path, "facebook/galactica-125m", str(tmp_path), alpha=0.5)
+    metadata, body = read_card(tmp_path)
+    assert metadata["base_model"] == ["facebook/galactica-125m"] and f"- finetuned: `{tmp_path}`" in body
+
+
 def test_model_card_metadata_and_scores(opt, tmp_path):
     scores = "| alpha | speciality | generality |\n|---|---|---|\n| 0.35 | 71.2 | 55.0 |"
     out = wise_ft(opt["pre"], opt["ft"], 0.35, tmp_path / "out", scores=scores)
     metadata, body = read_card(out)
-    assert metadata["base_model"] == [str(opt["pre"]), str(opt["ft"])]
+    assert "base_model" not in metadata  # local directories: the Hub refuses them as base_model
+    assert f"- pretrained: `{opt['pre']}`" in body and f"- finetuned: `{opt['ft']}`" in body
     assert metadata["tags"] == ["hf_specgen", "wise-ft", "merge"]
     assert metadata["wise_ft"]["alpha"] == 0.35
     assert scores in body and "0.35" in body

@@ -234,6 +234,69 @@ class Stop(Exception):
     pass
 
 
+def reading_raises_signal(monkeypatch, signum):
+    """The first tensor read sends `signum`; the exception its handler raises comes out of the reader as a
+    ValueError, as safetensors' C code turns an exception raised inside it into another one."""
+    original_get = Checkpoint.get
+
+    def get(self, key):
+        if not getattr(get, "sent", False):
+            get.sent = True
+            try:
+                signal.raise_signal(signum)
+            except BaseException:
+                raise ValueError("could not determine the shape of object type 'torch.storage.UntypedStorage'") from None
+        return original_get(self, key)
+
+    monkeypatch.setattr(Checkpoint, "get", get)
+
+
+def test_sigterm_turned_into_another_error_inside_c_code_is_still_a_sigterm(opt, tmp_path, monkeypatch):
+    """It came out as a bad-input error (exit 2) in 5 of 50 `timeout`s of a sweep."""
+    calls = []
+    reading_raises_signal(monkeypatch, signal.SIGTERM)
+    before = signal.signal(signal.SIGTERM, lambda signum, frame: calls.append(signum))
+    try:
+        with pytest.raises(BaseException) as info:
+            wise_ft_sweep(opt["pre"], opt["ft"], [0.25, 0.75], tmp_path / "out")
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert calls == [signal.SIGTERM]  # delivered to the previous handler, after the clean-up
+    assert type(info.value).__name__ == "Terminated" and list(tmp_path.iterdir()) == []
+
+
+def test_ctrl_c_is_one_line_exit_130_and_leaves_nothing(opt, tmp_path, monkeypatch, capsys):
+    """Ctrl-C printed a 20-line traceback and exited 1; inside C code it could even read as bad input."""
+    reading_raises_signal(monkeypatch, signal.SIGINT)
+    assert run(merge_args(opt, tmp_path / "out")) == 130
+    captured = capsys.readouterr()
+    assert captured.err == "specgen: interrupted\n" and list(tmp_path.iterdir()) == []
+
+
+def test_sigterm_while_the_replaced_output_is_removed_waits_for_it(opt, tmp_path, monkeypatch):
+    """A SIGTERM while --overwrite's old output is deleted left a half-deleted `.old` directory: now the
+    signal waits until the new output is in place and the old one gone, then reaches its handler."""
+    import hf_specgen.merge.atomic as atomic
+
+    out = tmp_path / "out"
+    wise_ft(opt["pre"], opt["ft"], 0.3, out)
+    calls, original_remove = [], atomic.remove_path
+
+    def remove_path(path):
+        if path.name.endswith(".old") and not calls:
+            signal.raise_signal(signal.SIGTERM)
+        original_remove(path)
+
+    monkeypatch.setattr(atomic, "remove_path", remove_path)
+    before = signal.signal(signal.SIGTERM, lambda signum, frame: calls.append(signum))
+    try:
+        wise_ft(opt["pre"], opt["ft"], 0.7, out, overwrite=True)
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert calls == [signal.SIGTERM]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and json.loads((out / MARKER).read_text())["alpha"] == 0.7
+
+
 def test_sigterm_in_process_reaches_the_previous_handler_after_cleanup(opt, tmp_path, monkeypatch):
     calls = []
 
@@ -376,3 +439,38 @@ def test_missing_input_directory_is_one_line_naming_it(opt, tmp_path, capsys):
     assert "Repo id" not in err and "PosixPath" not in err
     with pytest.raises(MergeError, match=re.escape("me/not-here: cannot find it as a local directory or on the Hub")):
         wise_ft(opt["pre"], "me/not-here", 0.5, tmp_path / "out")  # offline here
+
+
+def test_finetuned_without_config_takes_the_pretrained_config_and_says_so(opt, tmp_path):
+    """It wrote an output without config.json, which from_pretrained cannot load, and said nothing."""
+    bare = tmp_path / "bare"
+    shutil.copytree(opt["ft"], bare)
+    (bare / "config.json").unlink()
+    with pytest.warns(UserWarning, match=re.escape(f"{bare}: no config.json; the output takes {opt['pre']}'s")):
+        out = wise_ft(opt["pre"], bare, 0.5, tmp_path / "out")
+    assert (out / "config.json").read_bytes() == (Path(opt["pre"]) / "config.json").read_bytes()
+
+
+def test_output_under_a_file_and_a_directory_that_is_no_merge_say_what_to_do(opt, tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    err = expect_usage_error(merge_args(opt, tmp_path / "file" / "out"), capsys, f"{tmp_path / 'file'} is a file, not a directory")
+    assert "cannot write" not in err
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    expect_usage_error(merge_args(opt, tmp_path / "mine"), capsys, "already exists; pass overwrite='any' (--overwrite-any): it is not a merge")
+
+
+def test_max_shard_size_in_plain_bytes(opt, tmp_path, capsys):
+    assert run(merge_args(opt, tmp_path / "out", "0.5", "--max-shard-size", "2000")) == 0
+    assert len(list((tmp_path / "out").glob("model-*-of-*.safetensors"))) > 1
+
+
+def test_eval_of_a_missing_or_corrupt_model_is_one_line(opt, tmp_path, capsys):
+    """`specgen eval` printed lm-eval's traceback for a truncated shard, the Hub's repo-id complaint for a path."""
+    evaluate = ["eval", "--suite", "tiny_general", "--suite", "tiny_medmcqa", "--method", "full", "--output", tmp_path / "r.json"]
+    expect_usage_error([*evaluate, "--model", tmp_path / "nothere"], capsys, f"{tmp_path / 'nothere'}: no such directory (nor a Hub id)")
+    broken = tmp_path / "broken"
+    shutil.copytree(opt["ft"], broken)
+    (broken / "model.safetensors").write_bytes((broken / "model.safetensors").read_bytes()[:100])
+    err = expect_usage_error([*evaluate, "--model", broken], capsys, str(broken / "model.safetensors"))
+    assert "Traceback" not in err and not (tmp_path / "r.json").exists()

@@ -2,9 +2,12 @@
 
 The temporary directory is created like any directory (its permissions follow the umask) and
 removed if the writing fails, is interrupted (Ctrl-C) or terminated: SIGTERM, which `timeout`,
-Slurm and `docker stop` send, is turned into an exception for the time of the write (in the main
-thread), so that the same clean-up runs; the signal is then delivered again to the handler that
-was there before, by default ending the process as SIGTERM does (exit status 128 + 15).
+Slurm and `docker stop` send, and SIGINT are turned into exceptions for the time of the write (in
+the main thread), so that the same clean-up runs, and remembered (an exception raised inside C
+code may come out as another one); the signal is then delivered again to the handler that was
+there before: SIGTERM's default ends the process (exit status 128 + 15), SIGINT's raises
+KeyboardInterrupt. While the finished output is put in place and what it replaces removed, a
+signal only waits, so that neither is left half-deleted.
 
 Nothing can clean up after `kill -9`: temporary names carry their owner,
 `.<name>.<random>.<pid>@<host>.partial` (`.old` for what is being replaced), and the next write
@@ -84,29 +87,60 @@ def remove_abandoned(parent: Path) -> list[Path]:
     return removed
 
 
+class _Signals:
+    """SIGTERM and SIGINT while a directory is written: each raises in the main thread (`Terminated`,
+    `KeyboardInterrupt`) so that the clean-up runs, and is remembered, because C code (safetensors'
+    readers) may turn an exception raised inside it into another one. Once the output is being put
+    in place (`finishing`), they are only remembered: the replaced output is removed whole, then
+    the signal is delivered."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self.finishing = False
+
+    def handler(self, signum: int, frame: object) -> None:
+        first = self.received is None
+        self.received = self.received or signum
+        if first and not self.finishing:  # once: a second signal must not interrupt the clean-up
+            raise KeyboardInterrupt if signum == signal.SIGINT else Terminated(f"signal {signum}")
+
+    def deliver(self, previous: dict[int, object], error: BaseException | None) -> None:
+        """After the clean-up: a received signal goes to the handler that was there before (SIGTERM's
+        default ends the process with 128 + 15; SIGINT's raises KeyboardInterrupt)."""
+        if self.received is None:
+            return
+        if self.received == signal.SIGINT and callable(previous[signal.SIGINT]):
+            raise KeyboardInterrupt from error
+        signal.raise_signal(self.received)  # a default or Python handler runs here
+        if error is not None and not isinstance(error, (Terminated, KeyboardInterrupt)):
+            raise Terminated(f"signal {self.received}") from error
+
+
 @contextlib.contextmanager
-def _sigterm_raises() -> Iterator[None]:
-    """SIGTERM raises `Terminated` in the block; after it, the signal goes to the previous handler."""
-    previous = signal.getsignal(signal.SIGTERM)
-    if threading.current_thread() is not threading.main_thread() or previous in (signal.SIG_IGN, None):
-        yield  # handlers belong to the main thread; an ignored SIGTERM stays ignored
+def _signals_clean_up() -> Iterator[_Signals]:
+    """SIGTERM and SIGINT in the block run its clean-up, then reach the previous handlers (main thread only)."""
+    state = _Signals()
+    caught = (signal.SIGTERM, signal.SIGINT)
+    previous = {s: signal.getsignal(s) for s in caught}
+    if threading.current_thread() is not threading.main_thread():
+        yield state  # handlers belong to the main thread
         return
-    received = []
-
-    def handler(signum: int, frame: object) -> None:
-        if not received:  # once: a second SIGTERM must not interrupt the clean-up
-            received.append(signum)
-            raise Terminated(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, handler)
+    for s in caught:
+        if previous[s] not in (signal.SIG_IGN, None):  # an ignored signal stays ignored
+            signal.signal(s, state.handler)
+    error: BaseException | None = None
     try:
-        yield
-    except Terminated:
-        signal.signal(signal.SIGTERM, previous)
-        signal.raise_signal(signal.SIGTERM)  # the default ends the process here; a Python handler runs now
-        raise
+        yield state
+    except BaseException as raised:
+        error = raised
+        if state.received is None:
+            raise
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s in caught:
+            signal.signal(s, previous[s])
+    state.deliver(previous, error)
+    if error is not None:
+        raise error
 
 
 @contextlib.contextmanager
@@ -137,7 +171,7 @@ def atomic_directory(output_dir: Path) -> Iterator[Path]:
 @contextlib.contextmanager
 def _atomic(output_dir: Path) -> Iterator[Path]:
     parent = output_dir.parent
-    with _sigterm_raises():
+    with _signals_clean_up() as signals:
         parent.mkdir(parents=True, exist_ok=True)
         remove_abandoned(parent)
         temporary = parent / _temporary_name(output_dir.name, "partial")
@@ -145,11 +179,13 @@ def _atomic(output_dir: Path) -> Iterator[Path]:
         old = None
         try:
             yield temporary
+            signals.finishing = True  # from here on a signal waits for the output to be in place
             if os.path.lexists(output_dir):
                 old = parent / _temporary_name(output_dir.name, "old")
                 os.rename(output_dir, old)
             os.rename(temporary, output_dir)
         finally:
+            signals.finishing = True  # the clean-up is not interrupted either
             if old is not None and os.path.lexists(old) and not os.path.lexists(output_dir):
                 os.rename(old, output_dir)  # interrupted between the two renames: the previous output stays
             for leftover in (temporary, old):

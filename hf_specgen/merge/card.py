@@ -10,9 +10,10 @@ TAGS = ["hf_specgen", "wise-ft", "merge"]
 
 
 def write_model_card(directory: Path, pretrained: str, finetuned: str, *, alpha: float, scores: str | None = None) -> None:
-    """`README.md` with YAML metadata (`base_model`: both sources, tags, alpha) and, when known,
-    the speciality/generality scores as a Markdown table."""
-    data = ModelCardData(base_model=[pretrained, finetuned], tags=TAGS, wise_ft={"alpha": alpha})
+    """`README.md` with YAML metadata (`base_model`: the sources that are Hub ids, tags, alpha) and,
+    when known, the speciality/generality scores as a Markdown table; the body names both sources."""
+    hub_ids = [source for source in (pretrained, finetuned) if _is_hub_id(source)]  # the Hub refuses local paths there
+    data = ModelCardData(base_model=hub_ids or None, tags=TAGS, wise_ft={"alpha": alpha})
     body = [
         f"# WiSE-FT merge, alpha = {alpha:g}",
         "",
@@ -30,3 +31,16 @@ def write_model_card(directory: Path, pretrained: str, finetuned: str, *, alpha:
         body += ["", "## Speciality and generality", "", scores.strip()]
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body) + "\n")
     card.save(directory / "README.md")
+
+
+def _is_hub_id(source: str) -> bool:
+    """A Hub model id (`name` or `namespace/name`), not a local directory."""
+    from huggingface_hub.utils import validate_repo_id
+
+    if Path(source).exists():
+        return False
+    try:
+        validate_repo_id(source)
+    except ValueError:
+        return False
+    return True

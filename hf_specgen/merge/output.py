@@ -85,13 +85,16 @@ def check_output_dir(output_dir: Path, sources: Sequence[str | os.PathLike], ove
                     f"{output_dir}: the output directory {relation} the input {name}; choose another output "
                     "directory (nothing was written)"
                 )
+    for ancestor in Path(output_dir).parents:
+        if os.path.lexists(ancestor) and not ancestor.is_dir():
+            raise MergeError(f"{output_dir}: {ancestor} is a file, not a directory (nothing was written)")
     if not os.path.lexists(output_dir):
         return
+    previous_merge = output_dir.is_dir() and (read_marker(output_dir) is not None or not any(output_dir.iterdir()))
     if not overwrite:
-        raise MergeError(
-            f"{output_dir}: already exists; pass overwrite=True (--overwrite) to replace a previous merge"
-        )
-    if overwrite == "any" or (output_dir.is_dir() and (read_marker(output_dir) is not None or not any(output_dir.iterdir()))):
+        flag = "overwrite=True (--overwrite)" if previous_merge else "overwrite='any' (--overwrite-any): it is not a merge"
+        raise MergeError(f"{output_dir}: already exists; pass {flag} to replace it")
+    if overwrite == "any" or previous_merge:
         return
     raise MergeError(
         f"{output_dir}: not written by a merge (no {MARKER}); overwrite=True (--overwrite) replaces only a "

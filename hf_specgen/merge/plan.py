@@ -48,7 +48,7 @@ class MergedTensor:
         dtype = self.dtype or (other.dtype if other is not None else base.dtype)
         delta = self.delta() if self.delta is not None else None  # once for every alpha: a sweep reads A and B once
         for alpha in alphas:
-            yield self._check_finite(self._at(alpha, base, other, delta), dtype)
+            yield self._check_finite(self._at(alpha, base, other, delta), dtype, alpha)
 
     def _at(self, alpha: float, base: torch.Tensor, other: torch.Tensor | None, delta: torch.Tensor | None) -> torch.Tensor:
         if delta is not None:
@@ -63,11 +63,17 @@ class MergedTensor:
         mixed = torch.lerp(base.float(), other[:rows].float(), alpha)
         return torch.cat([mixed, other[rows:].float()])
 
-    def _check_finite(self, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    def _inputs_finite(self) -> bool:
+        """Whether the tensors this one is made of are finite (read again: only on the way to an error)."""
+        loaders = [f for f in (self.base, self.finetuned, self.delta) if f is not None]
+        return all(bool(torch.isfinite(t).all()) for t in (load() for load in loaders) if torch.is_floating_point(t))
+
+    def _check_finite(self, tensor: torch.Tensor, dtype: torch.dtype, alpha: float) -> torch.Tensor:
         tensor = tensor.to(dtype)
         # min and max in one pass, no full-size temporary: NaN propagates into them, inf is one of them
         if tensor.numel() and not torch.isfinite(torch.stack(tensor.aminmax())).all():
-            raise MergeError(f"{self.key}: the merged tensor has NaN or inf values")
+            where = "the inputs hold NaN or inf" if not self._inputs_finite() else f"{dtype} overflows"
+            raise MergeError(f"{self.key}: the merged tensor at alpha={alpha:g} has NaN or inf values ({where})")
         return tensor
 
 

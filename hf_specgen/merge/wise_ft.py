@@ -15,6 +15,7 @@ import json
 import math
 import os
 import shutil
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,7 @@ from transformers.utils.hub import convert_file_size_to_int
 from .atomic import atomic_directory
 from .card import write_model_card
 from .checkpoint import Checkpoint, read_config, resolve
-from .errors import MergeError
+from .errors import MergeError, MergeWarning
 from .hub import check_repo_id, push_folder
 from .lora import ADAPTER_CONFIG, LoraAdapter, is_lora_adapter, warn_if_other_base
 from .output import Overwrite, check_output_dir, write_marker
@@ -83,7 +84,16 @@ def _prepare(pretrained: str | os.PathLike, finetuned: str | os.PathLike, dtype:
         raise MergeError(f"keep_adapter needs a LoRA adapter directory as finetuned; {finetuned} has no {ADAPTER_CONFIG}")
     else:
         plan, side_dirs, weights_name = plan_merge(base, Checkpoint(ft_dir), torch_dtype), [ft_dir], "model"
+        if not (ft_dir / "config.json").is_file():  # e.g. a bare state dict: the output must still load
+            side_dirs = [pre_dir, ft_dir]
+            if (pre_dir / "config.json").is_file():
+                warnings.warn(f"{finetuned}: no config.json; the output takes {pretrained}'s", MergeWarning, stacklevel=3)
     config = _output_config(side_dirs) if weights_name == "model" else None  # an adapter gets no config.json
+    if weights_name == "model" and config is None:
+        warnings.warn(
+            f"neither {pretrained} nor {finetuned} has a config.json: from_pretrained cannot load the output",
+            MergeWarning, stacklevel=3,
+        )  # fmt: skip
     return _Merge(plan, side_dirs, weights_name, sources, config)
 
 
@@ -107,6 +117,8 @@ def _check_shard_size(max_shard_size: str | int) -> int:
     )
     if isinstance(max_shard_size, bool) or not isinstance(max_shard_size, (str, int)):
         raise problem
+    if isinstance(max_shard_size, str) and max_shard_size.strip().isdigit():  # bytes, as an int would say
+        max_shard_size = int(max_shard_size)
     try:
         limit = convert_file_size_to_int(max_shard_size)
     except (ValueError, OverflowError):
