@@ -306,12 +306,31 @@ def start_run(
     return Run(cfg, trainer, timer, thread, fisher_s, trainable_bytes(model))
 
 
+def weight_terms_seconds(run: Run, repeats: int = 5) -> float | None:
+    """Median seconds of one application of the run's weight terms (value and gradient) on its trained
+    weights: the part of a step they cost, measured alone, steadier than a difference of step times."""
+    engine = getattr(run.trainer, "specgen", None)
+    if not engine or not engine.weight_terms:
+        return None
+    for p in run.trainer.model.parameters():
+        if p.requires_grad and p.grad is None:
+            p.grad = torch.zeros_like(p)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        engine.apply_weight_terms(1.0)
+        times.append(time.perf_counter() - start)
+    engine.log_sums = {}
+    return statistics.median(times)
+
+
 def summarize(run: Run, baseline: Run, warmup: int) -> dict[str, Any]:
     times, base_times = run.timer.times[warmup:], baseline.timer.times[warmup:]
     median, base_median = statistics.median(times), statistics.median(base_times)
     quartiles = statistics.quantiles(times, n=4)
     ratio = median / base_median
     memory = run.trainer.anchor_memory() if run.config.specgen else {"weights": 0, "teacher": 0, "fisher": 0}
+    alone = weight_terms_seconds(run)
     cfg = run.config
     return {
         "name": cfg.name,
@@ -329,6 +348,8 @@ def summarize(run: Run, baseline: Run, warmup: int) -> dict[str, Any]:
         "target": cfg.target,
         "passed": None if cfg.target is None else ratio <= cfg.target,
         "fisher_s": run.fisher_s,
+        "weight_terms_s": alone,
+        "weight_terms_share": None if alone is None else alone / base_median,
         "memory": {
             "trainable_bytes": run.trainable_bytes,
             "anchor_bytes": memory,
@@ -358,18 +379,20 @@ def markdown(report: dict[str, Any]) -> str:
         "and their sum as a multiple of the trainable weights.",
         "",
         "| config | median step (ms) | p25-p75 (ms) | ratio | paired | target | result | Fisher (s) "
-        "| trainable (MiB) | weights (MiB) | teacher (MiB) | fisher (MiB) | anchor / trainable |",
-        "|---|---:|---:|---:|---:|---:|:---:|---:|---:|---:|---:|---:|---:|",
+        "| weight terms alone (ms, share of baseline step) | trainable (MiB) | weights (MiB) | teacher (MiB) "
+        "| fisher (MiB) | anchor / trainable |",
+        "|---|---:|---:|---:|---:|---:|:---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in report["results"]:
         memory, anchor = row["memory"], row["memory"]["anchor_bytes"]
         target = "-" if row["target"] is None else f"<= {row['target']:.2f}x"
         result = "-" if row["passed"] is None else ("PASS" if row["passed"] else "MISS")
         fisher = "-" if row["fisher_s"] is None else f"{row['fisher_s']:.2f}"
+        alone = "-" if row.get("weight_terms_s") is None else f"{row['weight_terms_s'] * 1e3:.0f} ({row['weight_terms_share']:.1%})"
         lines.append(
             f"| {row['name']} | {row['median_step_s'] * 1e3:.0f} "
             f"| {row['p25_step_s'] * 1e3:.0f}-{row['p75_step_s'] * 1e3:.0f} | {row['ratio']:.3f}x "
-            f"| {row['paired_ratio']:.3f}x | {target} | {result} | {fisher} | {memory['trainable_bytes'] / MIB:.2f} "
+            f"| {row['paired_ratio']:.3f}x | {target} | {result} | {fisher} | {alone} | {memory['trainable_bytes'] / MIB:.2f} "
             f"| {anchor['weights'] / MIB:.2f} | {anchor['teacher'] / MIB:.2f} | {anchor['fisher'] / MIB:.2f} "
             f"| {memory['anchor_over_trainable']:.2f}x |"
         )

@@ -176,12 +176,13 @@ class DenseDelta(WeightDelta):
         _accumulate_grad(self.param, grad_delta, alpha)
 
     def pieces(self) -> Iterator[DeltaPiece]:
-        """Float32 weights with a float32 gradient and an exact anchor: pieces of `PIECE_ELEMENTS` computed
-        into a scratch buffer reused from piece to piece, so that a weight term reads the weight, the
-        anchor and the gradient once and allocates nothing (otherwise: the whole delta)."""
+        """Float32 weights with a float32 gradient: pieces of `PIECE_ELEMENTS` computed into a scratch buffer
+        reused from piece to piece, so that a weight term reads the weight, the anchor (of any float
+        dtype, a coarse one with its dead zone) and the gradient once and allocates nothing large
+        (otherwise: the whole delta)."""
         param, grad = self.param, self.param.grad
         fused = (
-            not self.coarse and param.dtype == torch.float32 and self.reference.dtype == torch.float32
+            param.dtype == torch.float32 and self.reference.is_floating_point()
             and grad is not None and grad.dtype == torch.float32 and grad.is_contiguous() and param.is_contiguous()
             and self.reference.device == param.device and self.reference.is_contiguous()
         )  # fmt: skip
@@ -193,7 +194,10 @@ class DenseDelta(WeightDelta):
         for start in range(0, size, PIECE_ELEMENTS):
             stop = min(start + PIECE_ELEMENTS, size)
             difference = scratch(param.device, stop - start)
-            torch.sub(flat_param[start:stop], flat_reference[start:stop], out=difference)
+            weights, anchor = flat_param[start:stop], flat_reference[start:stop]
+            torch.sub(weights, anchor, out=difference)  # in float32 whatever the anchor's dtype
+            if self.coarse:  # the dead zone of `anchor_difference`
+                difference.masked_fill_(weights.to(anchor.dtype) == anchor, 0.0)
             target = flat_grad[start:stop]
             yield DeltaPiece(difference, lambda g, alpha, target=target: target.add_(g, alpha=alpha), slice(start, stop))
 
