@@ -1,10 +1,17 @@
-"""WiSE-FT merging: streamed checkpoint interpolation, LoRA adapters, alpha sweeps, Hub push."""
+"""Merging: streamed checkpoint merges by registered methods (WiSE-FT's `linear`, `task_arithmetic`,
+`fisher`), heterogeneous alphas, soups, LoRA adapters, sweeps, Hub push."""
 
 from .errors import MergeError, MergeWarning, MergeWriteError
 from .hub import PushError, push_merge
-from .wise_ft import alpha_dirname, iter_wise_ft, wise_ft, wise_ft_sweep
+from .methods import METHODS, MergeMethod, Parameter, TensorInput, get_method, register_method
+from .options import MergeOptions
+from .run import alpha_dirname, iter_merge, merge, merge_sweep
+from .schedule import AlphaSchedule
+from .soup import greedy_soup
+from .wise_ft import iter_wise_ft, wise_ft, wise_ft_sweep
 
 __all__ = [
-    "MergeError", "MergeWarning", "MergeWriteError", "PushError", "alpha_dirname", "iter_wise_ft", "push_merge",
-    "wise_ft", "wise_ft_sweep",
+    "METHODS", "AlphaSchedule", "MergeError", "MergeMethod", "MergeOptions", "MergeWarning", "MergeWriteError",
+    "Parameter", "PushError", "TensorInput", "alpha_dirname", "get_method", "greedy_soup", "iter_merge",
+    "iter_wise_ft", "merge", "merge_sweep", "push_merge", "register_method", "wise_ft", "wise_ft_sweep",
 ]  # fmt: skip

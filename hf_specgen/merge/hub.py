@@ -83,5 +83,6 @@ def push_merge(directory: str | os.PathLike, repo_id: str, *, private: bool = Fa
     check_model_directory(directory)
     marker = read_marker(directory)
     alpha = marker.get("alpha") if marker else None
-    message = f"WiSE-FT merge, alpha={alpha:g}" if isinstance(alpha, (int, float)) else f"Upload {directory.name}"
+    what = f"{marker['method']} merge, mean" if marker and isinstance(marker.get("method"), str) else "WiSE-FT merge,"
+    message = f"{what} alpha={alpha:g}" if isinstance(alpha, (int, float)) else f"Upload {directory.name}"
     return push_folder(directory, repo_id, private=private, api=hub_api, message=message)

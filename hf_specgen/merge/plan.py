@@ -1,71 +1,100 @@
-"""What each output tensor of a WiSE-FT merge is, decided and checked before anything is written.
+"""What each output tensor of a merge is, decided and checked before anything is written.
 
-A merge is a list of `MergedTensor`s, each computing its output for every alpha from tensors it
-reads lazily; `plan_merge` builds that list for two checkpoints, or for a base model and a LoRA
-adapter, and raises a `MergeError` on anything that does not fit (missing keys, shapes, dtypes,
-architectures) while nothing has been read or written yet.
+A merge is a list of `MergedTensor`s: each says which tensors its output is made of (read lazily:
+the pre-trained tensor, the fine-tuned one or ones, a LoRA delta, per-tensor method inputs such as
+Fisher diagonals), its output dtype, the name the alpha schedule knows it by and how its
+vocabulary grew; `compute` hands those tensors to a merge method (`methods`) once per alpha.
+`plan_merge` builds that list for full checkpoints (one fine-tuned model, or several fine-tunes of
+one base), `plan_lora_merge` and `plan_adapter_scaling` for a base model and a LoRA adapter, and
+each raises a `MergeError` on anything that does not fit (missing keys, shapes, dtypes,
+architectures) while nothing has been read or written yet. The plan is the same whatever the
+method: names, shapes, dtypes, tied weights (written once) and vocabulary growth (rows beyond the
+pre-trained vocabulary come from the fine-tuned model, or the weighted mean of several).
 
-The interpolation is `theta = (1 - alpha) * theta_pre + alpha * theta_ft`: alpha = 0 is the
-pre-trained model, alpha = 1 the fine-tuned one (the WiSE-FT paper's own script has the reverse
-convention). Floating tensors are interpolated in float32; integer and bool tensors must be equal.
+Floating tensors are merged by the method (in float32) and cast to the output dtype; integer and
+bool tensors must be equal in every model and are copied.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 from .checkpoint import Checkpoint
 from .errors import MergeError
 from .lora import LoraAdapter
+from .methods import BoundMethod, weighted_average
 
 Loader = Callable[[], torch.Tensor]
 
 
+class TensorSource(Protocol):
+    """Tensors by name, read lazily: a `Checkpoint`, or a file of per-tensor method inputs."""
+
+    def keys(self) -> list[str]: ...
+    def shape(self, key: str) -> tuple[int, ...]: ...
+    def dtype(self, key: str) -> torch.dtype: ...
+    def get(self, key: str) -> torch.Tensor: ...
+
+
 @dataclass
 class MergedTensor:
-    """One output tensor: `base` interpolated toward `finetuned`, or `base + alpha * delta` (LoRA)."""
+    """One output tensor and what it is made of (see the module's docstring)."""
 
     key: str
     base: Loader
-    finetuned: Loader | None = None
-    delta: Loader | None = None
+    finetuned: tuple[Loader, ...] = ()
+    delta: Loader | None = None  # a LoRA adapter's `scale * B @ A` on `base`
     dtype: torch.dtype | None = None  # output dtype of floating tensors; None: the fine-tuned tensor's
-    new_rows_from: int | None = None  # vocabulary growth: rows from here on come from the fine-tuned model
+    new_rows_from: int | None = None  # vocabulary growth: rows from here on come from the fine-tuned model(s)
+    inputs: dict[str, Loader] = field(default_factory=dict)  # the method's per-tensor inputs (e.g. Fisher diagonals)
+    name: str | None = None  # what the alpha schedule calls it (an adapter's factor: its base weight); default `key`
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # "pretrained", "finetuned": input shapes
 
-    def compute(self, alphas: Sequence[float]) -> Iterator[torch.Tensor]:
-        """The output at each alpha in turn: inputs read once, one output alive at a time."""
+    @property
+    def schedule_name(self) -> str:
+        return self.name or self.key
+
+    def merged(self) -> bool:
+        """Whether the output depends on alpha (floating, with a fine-tuned side or a delta)."""
+        return bool(self.finetuned) or self.delta is not None
+
+    def compute(self, alphas: Sequence[float], method: BoundMethod) -> Iterator[torch.Tensor]:
+        """The output at each of `alphas` in turn: inputs read once, one output alive at a time."""
         base = self.base()
-        other = self.finetuned() if self.finetuned is not None else None
+        tuned = [load() for load in self.finetuned]
         if not torch.is_floating_point(base):
-            if other is not None and not torch.equal(base, other):
-                raise MergeError(f"{self.key}: integer/bool tensors differ between the two models; cannot interpolate")
+            if any(not torch.equal(base, other) for other in tuned):
+                raise MergeError(f"{self.key}: integer/bool tensors differ between the models; cannot interpolate")
             yield from (base for _ in alphas)
             return
-        dtype = self.dtype or (other.dtype if other is not None else base.dtype)
+        dtype = self.dtype or (tuned[0].dtype if tuned else base.dtype)
         delta = self.delta() if self.delta is not None else None  # once for every alpha: a sweep reads A and B once
+        inputs = {name: load() for name, load in self.inputs.items()}
         for alpha in alphas:
-            yield self._check_finite(self._at(alpha, base, other, delta), dtype, alpha)
+            yield self._check_finite(self._at(method, alpha, base, tuned, delta, inputs), dtype, alpha)
 
-    def _at(self, alpha: float, base: torch.Tensor, other: torch.Tensor | None, delta: torch.Tensor | None) -> torch.Tensor:
+    def _at(
+        self, method: BoundMethod, alpha: float, base: torch.Tensor, tuned: list[torch.Tensor],
+        delta: torch.Tensor | None, inputs: dict[str, torch.Tensor],
+    ) -> torch.Tensor:  # fmt: skip
         if delta is not None:
-            return base if alpha == 0 else base.float() + alpha * delta
-        if other is None or (alpha == 0 and self.new_rows_from is None):
-            return base  # bit-exact copies at the ends
-        if alpha == 1:
-            return other
-        if self.new_rows_from is None:  # also 0-dim tensors (CLIP's logit_scale), which have no rows
-            return torch.lerp(base.float(), other.float(), alpha)
+            return method.method.delta(base, delta, alpha)  # planning refuses adapters for methods without one
+        if not tuned:
+            return base  # copied
         rows = self.new_rows_from
-        mixed = torch.lerp(base.float(), other[:rows].float(), alpha)
-        return torch.cat([mixed, other[rows:].float()])
+        if rows is None:  # also 0-dim tensors (CLIP's logit_scale), which have no rows
+            return method(base, tuned, alpha, inputs)
+        mixed = method(base, [t[:rows] for t in tuned], alpha, {k: v[:rows] for k, v in inputs.items()})
+        added = weighted_average([t[rows:] for t in tuned], method.weights)
+        return torch.cat([mixed, added.to(mixed.dtype)])
 
     def _inputs_finite(self) -> bool:
         """Whether the tensors this one is made of are finite (read again: only on the way to an error)."""
-        loaders = [f for f in (self.base, self.finetuned, self.delta) if f is not None]
+        loaders = [self.base, *self.finetuned, *self.inputs.values(), *([self.delta] if self.delta else [])]
         return all(bool(torch.isfinite(t).all()) for t in (load() for load in loaders) if torch.is_floating_point(t))
 
     def _check_finite(self, tensor: torch.Tensor, dtype: torch.dtype, alpha: float) -> torch.Tensor:
@@ -107,6 +136,16 @@ def conv1d_modules(model: torch.nn.Module | None) -> set[str] | None:
     return {name for name, m in model.named_modules() if isinstance(m, Conv1D)} if model is not None else None
 
 
+def linear_weights(model: torch.nn.Module | None) -> set[str] | None:
+    """The weights of the linear layers (`nn.Linear`, GPT-2's `Conv1D`), by parameter name; None
+    where the architecture is unknown. A weight tied to an embedding counts under both names."""
+    from transformers.pytorch_utils import Conv1D
+
+    if model is None:
+        return None
+    return {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D))}
+
+
 class _Source:
     """A checkpoint's tensors, where a key missing from the file can be read through its tied partner."""
 
@@ -142,39 +181,67 @@ def _vocab_size(config: dict | None) -> int | None:
 
 @dataclass
 class MergePlan:
-    """The output tensors, and what the copied config must say differently (e.g. untied weights)."""
+    """The output tensors, what the copied config must say differently (e.g. untied weights), and
+    the planned key of every name a tensor goes by (tied partners, the pre-trained side's name)."""
 
     tensors: list[MergedTensor]
     config_updates: dict[str, Any] = field(default_factory=dict)
+    aliases: dict[str, str] = field(default_factory=dict)
 
 
-def plan_merge(pretrained: Checkpoint, finetuned: Checkpoint, dtype: torch.dtype | None = None) -> MergePlan:
-    """The merge of two full checkpoints, key by key in the fine-tuned checkpoint's order."""
-    _check_same_architecture(pretrained.config, finetuned.config)
-    pre = _Source(pretrained, tied_groups(meta_model(pretrained.directory)))
-    ft = _Source(finetuned, tied_groups(meta_model(finetuned.directory)))
-    missing_pre = [k for k in finetuned.keys() if pre.locate(k) is None]
-    missing_ft = [k for k in pretrained.keys() if ft.locate(k) is None]
-    if missing_pre or missing_ft:
+def _check_same_keys(a: _Source, b: _Source, a_name: str, b_name: str) -> None:
+    missing_a = [k for k in b.checkpoint.keys() if a.locate(k) is None]
+    missing_b = [k for k in a.checkpoint.keys() if b.locate(k) is None]
+    if missing_a or missing_b:
         raise MergeError(
             "the checkpoints do not have the same tensors: "
             + "; ".join(
                 f"missing in {role}: {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}"
-                for role, keys in (("pretrained", missing_pre), ("finetuned", missing_ft))
+                for role, keys in ((a_name, missing_a), (b_name, missing_b))
                 if keys
             )
         )
-    pre_vocab, ft_vocab = _vocab_size(pretrained.config), _vocab_size(finetuned.config)
-    plan, planned = [], set()
-    for key in finetuned.keys():
-        if any(k in planned for k in ft.alias.get(key, [])):
+
+
+def plan_merge(
+    pretrained: Checkpoint, finetuned: Checkpoint | Sequence[Checkpoint], dtype: torch.dtype | None = None
+) -> MergePlan:
+    """The merge of full checkpoints, key by key in the (first) fine-tuned checkpoint's order.
+
+    Args:
+        pretrained: the pre-trained checkpoint.
+        finetuned: the fine-tuned checkpoint, or several fine-tunes of `pretrained` (a soup); all
+            of them must have the same tensors and shapes.
+        dtype: the output dtype of floating tensors (None: the fine-tuned tensor's).
+    """
+    tuned = [finetuned] if isinstance(finetuned, Checkpoint) else list(finetuned)
+    for checkpoint in tuned:
+        _check_same_architecture(pretrained.config, checkpoint.config)
+    pre = _Source(pretrained, tied_groups(meta_model(pretrained.directory)))
+    sources = [_Source(c, tied_groups(meta_model(c.directory))) for c in tuned]
+    ft = sources[0]
+    _check_same_keys(pre, ft, "pretrained", "finetuned")
+    for other in sources[1:]:
+        _check_same_keys(ft, other, f"finetuned {ft.checkpoint.directory}", f"finetuned {other.checkpoint.directory}")
+    first = tuned[0]
+    pre_vocab, ft_vocab = _vocab_size(pretrained.config), _vocab_size(first.config)
+    plan, aliases = [], {}
+    for key in first.keys():
+        if any(aliases.get(k) for k in ft.alias.get(key, [])):
             continue  # a tied weight stored twice (a torch.save'd state dict): written once, as save_pretrained does
-        planned.add(key)
         pre_key = pre.locate(key)
-        pre_shape, ft_shape = pretrained.shape(pre_key), finetuned.shape(key)
-        pre_float, ft_float = pretrained.dtype(pre_key).is_floating_point, finetuned.dtype(key).is_floating_point
+        aliases.update({k: key for k in [key, pre_key, *ft.alias.get(key, []), *pre.alias.get(pre_key, [])]})
+        pre_shape, ft_shape = pretrained.shape(pre_key), first.shape(key)
+        pre_float, ft_float = pretrained.dtype(pre_key).is_floating_point, first.dtype(key).is_floating_point
         if pre_float != ft_float:
             raise MergeError(f"{key}: floating in one model, integer/bool in the other")
+        for other in sources[1:]:
+            other_key = other.locate(key)
+            if other.checkpoint.shape(other_key) != ft_shape or other.checkpoint.dtype(other_key).is_floating_point != ft_float:
+                raise MergeError(
+                    f"{key}: shape {ft_shape} in {first.directory}, {other.checkpoint.shape(other_key)} in "
+                    f"{other.checkpoint.directory} (or floating in one, integer/bool in the other)"
+                )
         new_rows_from = None
         if pre_shape != ft_shape:
             grown = (
@@ -186,11 +253,45 @@ def plan_merge(pretrained: Checkpoint, finetuned: Checkpoint, dtype: torch.dtype
             if not grown:
                 raise MergeError(f"{key}: shape {pre_shape} in pretrained, {ft_shape} in finetuned")
             new_rows_from = pre_vocab  # added tokens: their rows come from the fine-tuned model
+        loaders = tuple(s.loader(s.locate(key)) for s in sources)
         plan.append(
-            MergedTensor(key, pre.loader(pre_key), ft.loader(key), dtype=dtype if ft_float else None,
-                         new_rows_from=new_rows_from)
+            MergedTensor(key, pre.loader(pre_key), loaders, dtype=dtype if ft_float else None, new_rows_from=new_rows_from,
+                         shapes={"pretrained": pre_shape, "finetuned": ft_shape})
         )  # fmt: skip
-    return MergePlan(plan)
+    return MergePlan(plan, aliases={k: v for k, v in aliases.items() if k is not None})
+
+
+def attach_input(plan: MergePlan, name: str, source: TensorSource, like: str, what: str) -> None:
+    """Gives every planned tensor that `source` names its per-tensor method input `name`.
+
+    Args:
+        plan: a plan of full checkpoints (`plan_merge`).
+        name: the method's input (e.g. "fisher_pre").
+        source: the input's tensors, named as the checkpoint's tensors (or a tied partner).
+        like: "pretrained" or "finetuned": whose shape each tensor must have.
+        what: how to name the source in an error (e.g. its path).
+
+    Raises:
+        MergeError: a name the checkpoints do not have, a shape that differs, a tensor that is
+            not floating, or a source with no tensors.
+    """
+    by_key = {tensor.key: tensor for tensor in plan.tensors}
+    keys = source.keys()
+    if not keys:
+        raise MergeError(f"{what}: holds no tensors")
+    unknown = [k for k in keys if plan.aliases.get(k, k) not in by_key]
+    if unknown:
+        raise MergeError(
+            f"{what}: names tensors the checkpoints do not have: {', '.join(unknown[:8])}{' ...' if len(unknown) > 8 else ''}"
+        )
+    for key in keys:
+        tensor = by_key[plan.aliases.get(key, key)]
+        expected = tensor.shapes.get(like)
+        if tuple(source.shape(key)) != expected:
+            raise MergeError(f"{what}: {key} has shape {tuple(source.shape(key))}, the {like} tensor {expected}")
+        if not source.dtype(key).is_floating_point:
+            raise MergeError(f"{what}: {key} is {source.dtype(key)}, not a floating tensor")
+        tensor.inputs[name] = lambda k=key: source.get(k)
 
 
 def plan_lora_merge(
@@ -228,7 +329,7 @@ def plan_lora_merge(
             if adapter.checkpoint.shape(adapter.full[key]) != shape:
                 raise MergeError(f"{key}: shape {adapter.checkpoint.shape(adapter.full[key])} in the adapter, {shape} in the base")
             trained = lambda k=adapter.full[key]: adapter.checkpoint.get(k)  # noqa: E731
-            plan.append(MergedTensor(key, base_loader, trained, dtype=dtype))
+            plan.append(MergedTensor(key, base_loader, (trained,), dtype=dtype))
         else:
             plan.append(MergedTensor(key, base_loader, dtype=dtype if base.dtype(stored).is_floating_point else None))
     return MergePlan(plan, {"tie_word_embeddings": False} if untied else {})
@@ -237,22 +338,26 @@ def plan_lora_merge(
 def plan_adapter_scaling(
     base: Checkpoint, adapter: LoraAdapter, tied: list[list[str]], dtype: torch.dtype | None = None
 ) -> MergePlan:
-    """An adapter whose effect is `alpha * scale * B @ A`: B scaled by alpha, A kept; full tensors
+    """An adapter whose effect is `alpha * scale * B @ A`, alpha that of the base weight it adapts
+    (per module with a heterogeneous schedule): B scaled by alpha, A kept; full tensors
     (`modules_to_save`, biases) interpolated from the base's; saved base weights kept."""
     source = _Source(base, tied)
     full = {key: base_key for base_key, key in adapter.full.items()}
-    scaled = {d.b_key for d in adapter.deltas.values()}
+    scaled = {d.b_key: weight for weight, d in adapter.deltas.items()}
+    base_names = {**{d.a_key: weight for weight, d in adapter.deltas.items()}, **scaled, **full,
+                  **{key: weight for weight, key in adapter.base.items()}}  # fmt: skip
     plan = []
     for key in adapter.checkpoint.keys():
         trained = (lambda k=key: adapter.checkpoint.get(k))
+        name = base_names.get(key)
         if key in scaled:
             zeros = lambda k=key: torch.zeros(adapter.checkpoint.shape(k), dtype=adapter.checkpoint.dtype(k))  # noqa: E731
-            plan.append(MergedTensor(key, zeros, trained, dtype=dtype))
+            plan.append(MergedTensor(key, zeros, (trained,), dtype=dtype, name=name))
         elif key in full:
             base_key = source.locate(full[key])
             if base_key is None:
                 raise MergeError(f"the adapter trains {full[key]}, which the base model does not have")
-            plan.append(MergedTensor(key, source.loader(base_key), trained, dtype=dtype))
+            plan.append(MergedTensor(key, source.loader(base_key), (trained,), dtype=dtype, name=name))
         else:
-            plan.append(MergedTensor(key, trained, dtype=dtype))
+            plan.append(MergedTensor(key, trained, dtype=dtype, name=name))
     return MergePlan(plan)

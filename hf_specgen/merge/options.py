@@ -1,0 +1,64 @@
+"""How a merge is made and written, besides its inputs and alphas: one object for every entry point."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import MergeError
+from .methods import BoundMethod, bind, get_method
+from .output import Overwrite
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class MergeOptions:
+    """The options of `merge`, `merge_sweep`, `iter_merge` (and of `wise_ft` and `wise_ft_sweep`).
+
+    Attributes:
+        method: a registered merge method ("linear", "task_arithmetic", "fisher", ...).
+        weights: one per fine-tuned model (soups, task arithmetic); default 1 each.
+        method_params: the method's scalar parameters by name (e.g. `{"epsilon": 1e-6}` for fisher).
+        method_inputs: the files of the method's per-tensor inputs by name (e.g. `{"fisher_pre":
+            "pre.safetensors", "fisher_finetuned": "ft.safetensors"}`).
+        dtype: "float32", "bfloat16" or "float16"; default: the fine-tuned model's.
+        max_shard_size: the largest output shard, e.g. "5GB", "500MB" or a number of bytes.
+        overwrite: False: refuse an existing output; True: replace it if a previous merge wrote it
+            (it holds `specgen_merge.json`) or it is empty; "any": replace whatever it is.
+        extrapolate: allow alphas outside [0, 1].
+        keep_adapter: with a LoRA adapter, write an adapter whose effect is scaled per module by
+            its alpha instead of the full model.
+    """
+
+    method: str = "linear"
+    weights: Sequence[float] | None = None
+    method_params: Mapping[str, float] = field(default_factory=dict)
+    method_inputs: Mapping[str, str | os.PathLike] = field(default_factory=dict)
+    dtype: str | None = None
+    max_shard_size: str | int = "5GB"
+    overwrite: Overwrite = False
+    extrapolate: bool = False
+    keep_adapter: bool = False
+
+    def bound(self, n_finetuned: int) -> BoundMethod:
+        """The method with its parameters and weights checked (a `MergeError` otherwise), and its
+        inputs: every one it declares given, none it does not."""
+        bound = bind(self.method, n_finetuned, self.weights, self.method_params)
+        declared = get_method(self.method).inputs
+        unknown = sorted(set(self.method_inputs) - set(declared))
+        if unknown:
+            raise MergeError(f"method {self.method!r} takes no input {unknown[0]!r} (its inputs: {', '.join(declared) or 'none'})")
+        missing = [f"{name} (--{name.replace('_', '-')})" for name in declared if name not in self.method_inputs]
+        if missing:
+            raise MergeError(f"method {self.method!r} needs {', '.join(missing)}")
+        return bound
+
+    @property
+    def torch_dtype(self) -> torch.dtype | None:
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise MergeError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        return DTYPES[self.dtype] if self.dtype else None
