@@ -9,7 +9,12 @@ process and each `--repeats` times (the order reversed every other round):
 * `copytree`: `shutil.copytree` of the fine-tuned checkpoint, the I/O floor;
 * `wise_ft`: `wise_ft(pre, ft, alpha=0.5, out)`;
 * `mergekit`: `mergekit-yaml` with `merge_method: linear`, weights 0.5 / 0.5, on the CPU;
-* `sweep`: `wise_ft_sweep` over 5 alphas, against `separate`: 5 `wise_ft` calls in one process.
+* `sweep`: `wise_ft_sweep` over 5 alphas, against `separate`: 5 `wise_ft` calls in one process;
+* `groups`: a heterogeneous merge (`AlphaSchedule(group_alphas=(0.25, 0.5, 0.75))`, HMA's three
+  groups of blocks), against `wise_ft`;
+* `fisher`: Fisher-weighted averaging (`MergeOptions(method="fisher")`) with two synthetic Fisher
+  diagonals sharded like the checkpoints (the Fisher files read shard by shard with the weights),
+  against `wise_ft`: time within 2x, peak RSS within the merge target plus one Fisher shard.
 
 Each child's wall time, CPU time and page faults (`wait4`), its peak RSS (the kernel's high-water
 mark `VmHWM`) and the peaks of its anonymous and file-backed RSS, these three polled from
@@ -17,7 +22,8 @@ mark `VmHWM`) and the peaks of its anonymous and file-backed RSS, these three po
 the previous one's writes. mergekit (`requirements-bench.txt`) is installed into its own virtual
 environment under `--workdir`, never into the project's; if that fails, the report says why and
 the rest is measured all the same.
-Finally a few tensors of the `wise_ft` and mergekit outputs are checked against `0.5 * (pre + ft)`.
+Finally a few tensors of the `wise_ft` and mergekit outputs are checked against `0.5 * (pre + ft)`,
+and of the `groups` and `fisher` outputs against their formulas, all in float64.
 
     .venv/bin/python benchmarks/bench_merge.py --output benchmarks/results/merge.json
 
@@ -60,6 +66,9 @@ MB = 10**6  # shard sizes ("400MB") are decimal, as transformers and mergekit re
 ALPHA = 0.5
 SWEEP_ALPHAS = [0.0, 0.25, 0.5, 0.75, 1.0]
 PRETRAINED_SHARD, FINETUNED_SHARD, OUTPUT_SHARD = "400MB", "300MB", "400MB"
+FISHER_SHARD = "400MB"
+GROUP_ALPHAS = (0.25, 0.5, 0.75)
+FISHER_TIME_FACTOR = 2.0  # target: a Fisher merge within 2x the time of wise_ft
 NOISE = 0.01  # standard deviation of the fine-tuning perturbation
 RSS_FACTOR, RSS_SLACK = 2.5, 300 * MB  # target: peak RSS <= 2.5 x largest shard + 300 MB
 TOLERANCE = 1e-6  # max abs difference to 0.5 * (pre + ft) computed in float64
@@ -80,6 +89,15 @@ from pathlib import Path
 from hf_specgen.merge import alpha_dirname, wise_ft
 for alpha in json.loads(sys.argv[3]):
     wise_ft(sys.argv[1], sys.argv[2], alpha, Path(sys.argv[4]) / alpha_dirname(alpha), max_shard_size=sys.argv[5])"""
+GROUPS = """import json, sys
+from hf_specgen.merge import AlphaSchedule, MergeOptions, merge
+schedule = AlphaSchedule(group_alphas=json.loads(sys.argv[3]))
+merge(sys.argv[1], sys.argv[2], schedule, sys.argv[4], MergeOptions(max_shard_size=sys.argv[5]))"""
+FISHER = """import sys
+from hf_specgen.merge import MergeOptions, merge
+inputs = {"fisher_pre": sys.argv[6], "fisher_finetuned": sys.argv[7]}
+merge(sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4],
+      MergeOptions(method="fisher", method_inputs=inputs, max_shard_size=sys.argv[5]))"""
 
 
 class ChildFailed(RuntimeError):
@@ -108,6 +126,7 @@ class Run:
     command: Callable[[Path], list[str]]
     bytes_written: int
     merge: bool = True  # a merge: held to the RSS target
+    rss_extra: int = 0  # bytes the RSS target allows beyond a two-input merge's (e.g. one Fisher shard)
     keep_output: bool = False  # for the correctness check
     samples: list[Sample] = field(default_factory=list)
     error: str | None = None
@@ -194,6 +213,30 @@ def build_checkpoints(workdir: Path, layers: int, seed: int) -> tuple[Path, Path
     return pretrained, finetuned
 
 
+def build_fisher(checkpoint: Path, seed: int) -> Path:
+    """A synthetic diagonal Fisher of `checkpoint` (positive, heavy-tailed: `exp(2 * N(0, 1))`),
+    sharded by `FISHER_SHARD` as `fisher-0000i-of-0000n.safetensors` with `fisher.safetensors.index.json`
+    (the layout `specgen merge --fisher-pre DIR` reads), cached beside the checkpoint."""
+    from huggingface_hub import save_torch_state_dict
+
+    directory = checkpoint.parent / f"fisher-{checkpoint.name}"
+    stamp = directory / "done"
+    if stamp.is_file():
+        return directory
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir()
+    generator = torch.Generator().manual_seed(seed)
+    fisher = {}
+    for file in weight_files(checkpoint):
+        with safe_open(file, framework="pt") as f:
+            for key in f.keys():
+                shape = f.get_slice(key).get_shape()
+                fisher[key] = torch.randn(shape, generator=generator).mul_(2).exp_()
+    save_torch_state_dict(fisher, directory, filename_pattern="fisher{suffix}.safetensors", max_shard_size=FISHER_SHARD)
+    stamp.write_text("")
+    return directory
+
+
 def install_mergekit(workdir: Path) -> dict[str, Any]:
     """mergekit in `workdir/mergekit-venv` (reused while `requirements-bench.txt` is unchanged).
 
@@ -261,8 +304,29 @@ def read_tensor(directory: Path, key: str) -> torch.Tensor:
         return f.get_tensor(key).double()
 
 
-def spot_check(pretrained: Path, finetuned: Path, outputs: dict[str, Path], layers: int) -> dict[str, Any]:
-    """Max abs differences, on a few tensors, of each output to the float64 reference and to each other."""
+def group_alpha(key: str, layers: int) -> float:
+    """The alpha `GROUP_ALPHAS` gives `key` (blocks split into contiguous groups; the mean outside them)."""
+    parts = key.split(".")
+    if parts[:2] == ["model", "layers"]:
+        return GROUP_ALPHAS[int(parts[2]) * len(GROUP_ALPHAS) // layers]
+    return statistics.fmean(GROUP_ALPHAS)
+
+
+def reference(name: str, key: str, pre: torch.Tensor, ft: torch.Tensor, fishers: tuple[Path, Path], layers: int) -> torch.Tensor:
+    """What output `name` should hold for `key`, in float64."""
+    if name == "groups":
+        alpha = group_alpha(key, layers)
+        return (1 - alpha) * pre + alpha * ft
+    if name == "fisher":
+        f_pre, f_ft = (read_tensor(d, key).clamp_min(1e-8) for d in fishers)  # the method's default epsilon
+        return (ALPHA * f_ft * ft + (1 - ALPHA) * f_pre * pre) / (ALPHA * f_ft + (1 - ALPHA) * f_pre)
+    return (1 - ALPHA) * pre + ALPHA * ft
+
+
+def spot_check(
+    pretrained: Path, finetuned: Path, outputs: dict[str, Path], fishers: tuple[Path, Path], layers: int
+) -> dict[str, Any]:  # fmt: skip
+    """Max abs differences, on a few tensors, of each output to its float64 reference, and of wise_ft to mergekit."""
     keys = [
         "model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight",
         f"model.layers.{layers // 2}.mlp.down_proj.weight", f"model.layers.{layers - 1}.input_layernorm.weight",
@@ -275,12 +339,12 @@ def spot_check(pretrained: Path, finetuned: Path, outputs: dict[str, Path], laye
         "tensors": [],
     }
     for key in keys:
-        reference = (1 - ALPHA) * read_tensor(pretrained, key) + ALPHA * read_tensor(finetuned, key)
+        pre, ft = read_tensor(pretrained, key), read_tensor(finetuned, key)
         merged = {name: read_tensor(path, key) for name, path in outputs.items()}
-        row = {"key": key, **{f"{name} vs reference": (t - reference).abs().max().item() for name, t in merged.items()}}
-        if len(merged) == 2:
-            first, second = merged.values()
-            row[" vs ".join(merged)] = (first - second).abs().max().item()
+        row = {"key": key, **{f"{name} vs reference": (t - reference(name, key, pre, ft, fishers, layers)).abs().max().item()
+                              for name, t in merged.items()}}  # fmt: skip
+        if "wise_ft" in merged and "mergekit" in merged:
+            row["wise_ft vs mergekit"] = (merged["wise_ft"] - merged["mergekit"]).abs().max().item()
         result["tensors"].append(row)
     differences = [value for row in result["tensors"] for name, value in row.items() if name != "key"]
     result["passed"] = all(result["same_keys"].values()) and max(differences) <= TOLERANCE
@@ -293,9 +357,13 @@ def mergekit_command(executable: Path, config: Path, output: Path) -> list[str]:
             str(size_to_int(OUTPUT_SHARD)), "--no-copy-tokenizer", "--quiet"]  # fmt: skip
 
 
-def define_runs(pre: Path, ft: Path, checkpoint_bytes: int, mergekit: dict[str, Any], workdir: Path) -> list[Run]:
+def define_runs(
+    pre: Path, ft: Path, fishers: tuple[Path, Path], checkpoint_bytes: int, mergekit: dict[str, Any], workdir: Path
+) -> list[Run]:  # fmt: skip
     python = sys.executable
     merge_args = [str(pre), str(ft)]
+    fisher_shard = max(f.stat().st_size for d in fishers for f in d.glob("*.safetensors"))
+    groups = json.dumps(list(GROUP_ALPHAS))
     runs = [
         Run("import", "`import hf_specgen.merge` (start-up only)", lambda out: [python, "-c", IMPORT], 0, merge=False),
         Run("copytree", "`shutil.copytree` of finetuned (I/O floor)",
@@ -303,6 +371,12 @@ def define_runs(pre: Path, ft: Path, checkpoint_bytes: int, mergekit: dict[str, 
         Run("wise_ft", f"`wise_ft`, alpha={ALPHA:g}",
             lambda out: [python, "-c", WISE_FT, *merge_args, str(ALPHA), str(out), OUTPUT_SHARD],
             checkpoint_bytes, keep_output=True),
+        Run("groups", f"`merge`, group alphas {', '.join(f'{a:g}' for a in GROUP_ALPHAS)} (HMA)",
+            lambda out: [python, "-c", GROUPS, *merge_args, groups, str(out), OUTPUT_SHARD],
+            checkpoint_bytes, keep_output=True),
+        Run("fisher", f"`merge`, method fisher, alpha={ALPHA:g}",
+            lambda out: [python, "-c", FISHER, *merge_args, str(ALPHA), str(out), OUTPUT_SHARD, *map(str, fishers)],
+            checkpoint_bytes, keep_output=True, rss_extra=fisher_shard),
     ]  # fmt: skip
     if mergekit["executable"] is not None:
         config = workdir / "mergekit.yml"  # JSON is YAML
@@ -350,33 +424,41 @@ def summarize(run: Run, copy_s: float | None, rss_target: int) -> dict[str, Any]
         "peak_rss_bytes": peak_rss,
         "peak_anon_bytes": max(s.peak_anon for s in run.samples),
         "peak_file_bytes": max(s.peak_file for s in run.samples),
-        "rss_target_bytes": rss_target if run.merge else None,
-        "rss_passed": peak_rss <= rss_target if run.merge else None,
+        "rss_target_bytes": rss_target + run.rss_extra if run.merge else None,
+        "rss_passed": peak_rss <= rss_target + run.rss_extra if run.merge else None,
     })  # fmt: skip
     return row
 
 
 def targets(rows: dict[str, dict[str, Any]], correctness: dict[str, Any] | None) -> list[dict[str, Any]]:
-    def faster(name: str, than: str) -> dict[str, Any]:
-        """Judged on the median of the per-round time ratios: the two runs of a round are adjacent in time."""
+    def faster(name: str, than: str, factor: float | None = None) -> dict[str, Any]:
+        """Judged on the median of the per-round time ratios: the two runs of a round are adjacent in time.
+        With `factor`: within `factor` times the time; without: faster."""
         pairs = list(zip(rows.get(name, {}).get("seconds", []), rows.get(than, {}).get("seconds", [])))
-        target = {"target": f"{name} faster than {than}", "value": None, "passed": None, "paired_ratio": None}
+        goal = f"{name} faster than {than}" if factor is None else f"{name} within {factor:g}x the time of {than}"
+        target = {"target": goal, "value": None, "passed": None, "paired_ratio": None}
         if pairs:
             ratios = [a / b for a, b in pairs]
             paired = statistics.median(ratios)
-            target.update({"paired_ratio": paired, "round_ratios": ratios, "passed": paired < 1,
+            passed = paired < 1 if factor is None else paired <= factor
+            target.update({"paired_ratio": paired, "round_ratios": ratios, "passed": passed,
                            "value": f"{paired:.2f}x the time (median of rounds: "
                                     f"{', '.join(f'{r:.2f}' for r in ratios)})"})  # fmt: skip
         return target
 
-    wise = rows["wise_ft"]
+    wise, fisher = rows["wise_ft"], rows["fisher"]
     return [
         {"target": f"wise_ft peak RSS <= {RSS_FACTOR:g} x largest shard + {RSS_SLACK // MB} MB",
          "value": f"{wise['peak_rss_bytes'] / MB:.0f} MB, target {wise['rss_target_bytes'] / MB:.0f} MB"
          if "median_s" in wise else None, "passed": wise.get("rss_passed")},
         faster("wise_ft", "mergekit"),
         faster("sweep", "separate"),
-        {"target": f"outputs = 0.5 * (pre + ft) within {TOLERANCE:g}",
+        {**faster("groups", "wise_ft", 1.0), "target": "groups: time against wise_ft (reported, no target)", "passed": None},
+        faster("fisher", "wise_ft", FISHER_TIME_FACTOR),
+        {"target": "fisher peak RSS <= the merge target + one Fisher shard",
+         "value": f"{fisher['peak_rss_bytes'] / MB:.0f} MB, target {fisher['rss_target_bytes'] / MB:.0f} MB"
+         if "median_s" in fisher else None, "passed": fisher.get("rss_passed")},
+        {"target": f"outputs = their float64 formulas within {TOLERANCE:g}",
          "value": None if correctness is None else "see the spot check",
          "passed": None if correctness is None else correctness["passed"]},
     ]  # fmt: skip
@@ -434,7 +516,9 @@ def markdown(report: dict[str, Any]) -> str:
     correctness = report["correctness"]
     if correctness is not None:
         columns = [name for name in correctness["tensors"][0] if name != "key"]
-        lines += ["", "Spot check, max abs difference (reference: `0.5 * (pre + ft)` in float64):", "",
+        lines += ["", "Spot check, max abs difference to the float64 reference (`0.5 * (pre + ft)`; groups: "
+                  f"alpha {', '.join(f'{a:g}' for a in GROUP_ALPHAS)} by block, their mean outside; fisher: its "
+                  "formula with epsilon 1e-8):", "",
                   "| tensor | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]  # fmt: skip
         for r in correctness["tensors"]:
             lines.append(f"| {r['key']} | " + " | ".join(f"{r[c]:.2e}" for c in columns) + " |")
@@ -485,13 +569,14 @@ def main() -> None:
     workdir.mkdir(parents=True, exist_ok=True)
 
     pretrained, finetuned = build_checkpoints(workdir, opts.layers, opts.seed)
+    fishers = (build_fisher(pretrained, opts.seed + 2), build_fisher(finetuned, opts.seed + 3))
     build_s = time.perf_counter() - start
     pre_files, ft_files = weight_files(pretrained), weight_files(finetuned)
     checkpoint_bytes = sum(f.stat().st_size for f in ft_files)
     largest_shard = max(max(f.stat().st_size for f in pre_files + ft_files), size_to_int(OUTPUT_SHARD))
     rss_target = int(RSS_FACTOR * largest_shard + RSS_SLACK)
     log(f"checkpoints: {checkpoint_bytes / MB:.0f} MB each, in {pretrained.parent} ({build_s:.0f} s)", start)
-    needed = (len(SWEEP_ALPHAS) + 3) * checkpoint_bytes  # a sweep's outputs beside copytree, wise_ft and mergekit's
+    needed = (len(SWEEP_ALPHAS) + 5) * checkpoint_bytes  # a sweep's outputs beside copytree's and the kept merges
     free = shutil.disk_usage(workdir).free
     if free < needed:
         sys.exit(f"{workdir} has {free / MB:.0f} MB free; the outputs need {needed / MB:.0f} MB")
@@ -504,8 +589,8 @@ def main() -> None:
     outputs, logs = workdir / "outputs", workdir / "logs"
     shutil.rmtree(outputs, ignore_errors=True)
     logs.mkdir(exist_ok=True)
-    runs = define_runs(pretrained, finetuned, checkpoint_bytes, mergekit, workdir)
-    warm_page_cache(pre_files + ft_files)
+    runs = define_runs(pretrained, finetuned, fishers, checkpoint_bytes, mergekit, workdir)
+    warm_page_cache(pre_files + ft_files + [f for d in fishers for f in weight_files(d)])
     for repeat in range(opts.repeats):
         for run in runs if repeat % 2 == 0 else runs[::-1]:
             if run.error:
@@ -529,7 +614,7 @@ def main() -> None:
         mergekit["error"] = f"`{mergekit['command']}` failed, {mergekit_run.error}"
 
     merged = {run.name: outputs / run.name for run in runs if run.keep_output and run.samples}
-    correctness = spot_check(pretrained, finetuned, merged, opts.layers) if "wise_ft" in merged else None
+    correctness = spot_check(pretrained, finetuned, merged, fishers, opts.layers) if "wise_ft" in merged else None
     shutil.rmtree(outputs, ignore_errors=True)
 
     copy_samples = next(run for run in runs if run.name == "copytree").samples

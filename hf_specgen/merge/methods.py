@@ -320,8 +320,8 @@ def fisher(
         return pre
     if alpha == 1:
         return ft
-    f_pre = fisher_pre.float().clamp_min(epsilon).mul_(1 - alpha)
-    f_ft = fisher_finetuned.float().clamp_min(epsilon).mul_(alpha)
-    numerator = f_ft * ft.float()
-    numerator.addcmul_(f_pre, pre.float())
-    return numerator.div_(f_ft.add_(f_pre))
+    # theta_pre + w * (theta_ft - theta_pre), w = a F_ft / (a F_ft + (1 - a) F_pre): two temporaries
+    weight = fisher_finetuned.float().clamp_min(epsilon).mul_(alpha)
+    total = fisher_pre.float().clamp_min(epsilon).mul_(1 - alpha).add_(weight)
+    weight.div_(total)
+    return torch.lerp(pre.float(), ft.float(), weight, out=total)
