@@ -53,6 +53,7 @@ class MergedTensor:
     inputs: dict[str, Loader] = field(default_factory=dict)  # the method's per-tensor inputs (e.g. Fisher diagonals)
     name: str | None = None  # what the alpha schedule calls it (an adapter's factor: its base weight); default `key`
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # "pretrained", "finetuned": input shapes
+    floating: bool = True  # False: an integer or bool tensor, copied whatever the alpha
 
     @property
     def schedule_name(self) -> str:
@@ -60,7 +61,7 @@ class MergedTensor:
 
     def merged(self) -> bool:
         """Whether the output depends on alpha (floating, with a fine-tuned side or a delta)."""
-        return bool(self.finetuned) or self.delta is not None
+        return self.floating and (bool(self.finetuned) or self.delta is not None)
 
     def compute(self, alphas: Sequence[float], method: BoundMethod) -> Iterator[torch.Tensor]:
         """The output at each of `alphas` in turn: inputs read once, one output alive at a time."""
@@ -256,7 +257,7 @@ def plan_merge(
         loaders = tuple(s.loader(s.locate(key)) for s in sources)
         plan.append(
             MergedTensor(key, pre.loader(pre_key), loaders, dtype=dtype if ft_float else None, new_rows_from=new_rows_from,
-                         shapes={"pretrained": pre_shape, "finetuned": ft_shape})
+                         shapes={"pretrained": pre_shape, "finetuned": ft_shape}, floating=ft_float)
         )  # fmt: skip
     return MergePlan(plan, aliases={k: v for k, v in aliases.items() if k is not None})
 
