@@ -187,7 +187,7 @@ def _record(merge: _Merge, schedule: AlphaSchedule, alphas: dict[str, float]) ->
     """What `merge_config.json` says: the method, its parameters and inputs, the schedule and every
     merged tensor's alpha (copied tensors, e.g. integer buffers or LoRA's A factors, have none)."""
     method = merge.method
-    fallback = [t.key for t in merge.plan.tensors if method.method.inputs and t.merged() and not t.inputs]
+    fallback = [t.key for t in merge.plan.tensors if t.merged() and not set(method.method.inputs) <= set(t.inputs)]
     pretrained, finetuned = merge.sources
     record = {
         "written_by": "hf_specgen", "version": __version__, "method": method.method.name,
@@ -299,7 +299,11 @@ def alpha_dirname(alpha: float) -> str:
     return f"alpha-{alpha:g}"
 
 
-def _sweep_schedules(alphas: Sequence[float], shape: AlphaSchedule | None, extrapolate: bool) -> list[AlphaSchedule]:
+def _sweep_schedules(
+    alphas: Sequence[float], shape: AlphaSchedule | None, extrapolate: bool
+) -> tuple[list[float], list[AlphaSchedule]]:
+    """The alphas as given (they name the outputs) and the schedule at each: a group shape scaled to a mean
+    holds that mean up to rounding."""
     if not alphas:
         raise MergeError("no alpha given")
     values = [check_alpha(a, extrapolate) for a in alphas]
@@ -312,7 +316,7 @@ def _sweep_schedules(alphas: Sequence[float], shape: AlphaSchedule | None, extra
     schedules = [shape.at_mean(a) for a in values]
     for schedule in schedules:
         schedule.check(extrapolate)
-    return schedules
+    return values, schedules
 
 
 def merge_sweep(
@@ -339,7 +343,7 @@ def merge_sweep(
     """
     options = options or MergeOptions()
     finetuned = _finetuned_list(finetuned)
-    schedules = _sweep_schedules(alphas, shape, options.extrapolate)
+    means, schedules = _sweep_schedules(alphas, shape, options.extrapolate)
     options.bound(len(finetuned))
     check_shard_size(options.max_shard_size)
     output_dir = Path(output_dir)
@@ -347,7 +351,6 @@ def merge_sweep(
     planned = _prepare(pretrained, finetuned, options)
     for schedule in schedules:
         planned.alphas(schedule)
-    means = [s.mean for s in schedules]
     with atomic_directory(output_dir) as temporary:
         directories = [temporary / alpha_dirname(a) for a in means]
         for d in directories:
