@@ -61,14 +61,14 @@ def seq2seq_batch(n: int = 4, seed: int = 1) -> dict[str, torch.Tensor]:
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
-def tiny_clip(seed: int = 0) -> CLIPModel:
+def tiny_clip(seed: int = 0, text_layers: int = 1, vision_layers: int = 1) -> CLIPModel:
     torch.manual_seed(seed)
     config = CLIPConfig(
         text_config={
             "vocab_size": 32,
             "hidden_size": 16,
             "intermediate_size": 32,
-            "num_hidden_layers": 1,
+            "num_hidden_layers": text_layers,
             "num_attention_heads": 2,
             "max_position_embeddings": 8,
             "eos_token_id": 2,
@@ -80,7 +80,7 @@ def tiny_clip(seed: int = 0) -> CLIPModel:
             "patch_size": 8,
             "hidden_size": 16,
             "intermediate_size": 32,
-            "num_hidden_layers": 1,
+            "num_hidden_layers": vision_layers,
             "num_attention_heads": 2,
         },
         projection_dim=8,

@@ -68,10 +68,10 @@ def save(model, directory, **kwargs):
     return Path(directory)
 
 
-def tiny_llama(seed=0, vocab_size=VOCAB):
+def tiny_llama(seed=0, vocab_size=VOCAB, layers=1):
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        vocab_size=vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=layers, num_attention_heads=2,
         num_key_value_heads=1, max_position_embeddings=32, tie_word_embeddings=False,
     )  # fmt: skip
     return LlamaForCausalLM(config)
