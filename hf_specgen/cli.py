@@ -10,21 +10,69 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .merge import MergeError, MergeWarning, MergeWriteError, PushError, push_merge, wise_ft, wise_ft_sweep
+from .merge import AlphaSchedule, MergeError, MergeOptions, MergeWarning, MergeWriteError, PushError, merge, merge_sweep
+from .merge import methods as merge_methods
+from .merge import push_merge
 from .merge.atomic import Terminated
 from .merge.output import MARKER
 
+# dests of the options generated from the registered methods: "<prefix><method>:<parameter>", "<prefix><input>"
+_PARAM, _INPUT = "method_parameter:", "method_input:"
 
-def _alphas(text: str) -> list[float]:
+
+class _Parser(argparse.ArgumentParser):
+    """A usage error is one line, `specgen: error: ...` with exit status 2, as every other refusal."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"specgen: error: {message} (see {self.prog} --help)\n")
+
+
+def _numbers(option: str) -> Callable[[str], list[float]]:
+    """An argparse type: comma-separated numbers, e.g. `0,0.25,0.5`."""
+
+    def parse(text: str) -> list[float]:
+        try:
+            return [float(a) for a in text.split(",") if a.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{option} takes comma-separated numbers, got {text!r}") from None
+
+    return parse
+
+
+def _alpha_rule(text: str) -> tuple[str, float]:
+    """`REGEX=ALPHA`, split at the last `=` (a regular expression may hold one)."""
+    pattern, equals, alpha = text.rpartition("=")
+    if not equals:
+        raise argparse.ArgumentTypeError(f"--alpha-rule takes REGEX=ALPHA, got {text!r} (no '=')")
     try:
-        return [float(a) for a in text.split(",") if a.strip()]
+        return pattern, float(alpha)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--alphas takes comma-separated numbers, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"--alpha-rule takes REGEX=ALPHA, got {text!r}: {alpha!r} is not a number") from None
+
+
+def _method_name(name: str) -> str:
+    """A registered merge method (argparse's `choices` would word its refusal per Python version)."""
+    try:
+        return merge_methods.get_method(name).name
+    except MergeError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _param_flag(method: str, parameter: str) -> str:
+    return f"--{method}-{parameter}".replace("_", "-")
+
+
+def _input_flag(name: str) -> str:
+    return f"--{name}".replace("_", "-")
 
 
 def _add_merge_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pretrained", required=True, help="pre-trained model: directory or Hub id")
-    parser.add_argument("--finetuned", required=True, help="fine-tuned model or LoRA adapter: directory or Hub id")
+    parser.add_argument(
+        "--finetuned", required=True, nargs="+", metavar="FINETUNED",
+        help="fine-tuned model or LoRA adapter: directory or Hub id; several fine-tunes of the pre-trained model "
+             "(full models) for a soup (linear) or task arithmetic",
+    )  # fmt: skip
     parser.add_argument("--output-dir", required=True, type=Path,
                         help="where to write (a sweep: one alpha-<alpha>/ per alpha); it must not exist, unless "
                              "--overwrite or --overwrite-any")  # fmt: skip
@@ -42,30 +90,121 @@ def _add_merge_options(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     parser.add_argument("--extrapolate", action="store_true", help="allow alpha outside [0, 1]")
     parser.add_argument("--keep-adapter", action="store_true", help="LoRA: write an adapter scaled by alpha, not a full model")
+    _add_method_options(parser)
+    _add_schedule_options(parser)
+
+
+def _add_method_options(parser: argparse.ArgumentParser) -> None:
+    """--method, --weights, and each registered method's parameters (`--<method>-<parameter>`) and
+    per-tensor inputs (`--<input>`), generated from the registry: a method registered in Python has
+    its options without a change here."""
+    methods = merge_methods.METHODS
+    parser.add_argument(
+        "--method", type=_method_name, default="linear", metavar="NAME",
+        help="the merge method (default: linear): " + "; ".join(f"{m.name}: {m.formula}" for m in methods.values()),
+    )  # fmt: skip
+    parser.add_argument(
+        "--weights", nargs="+", type=float, metavar="W",
+        help="one weight per --finetuned model (default: 1 each): linear averages the models with them (normalized), "
+             "task_arithmetic scales each task vector by its own",
+    )  # fmt: skip
+    inputs: dict[str, tuple[merge_methods.TensorInput, list[str]]] = {}
+    for method in methods.values():
+        for name, parameter in method.parameters.items():
+            _add_generated(parser, _param_flag(method.name, name), dest=f"{_PARAM}{method.name}:{name}", type=float,
+                           metavar="X", help=f"{parameter.help} (--method {method.name}; default: {parameter.default:g})")  # fmt: skip
+        for name, declared in method.inputs.items():
+            inputs.setdefault(name, (declared, []))[1].append(method.name)
+    for name, (declared, owners) in inputs.items():
+        _add_generated(parser, _input_flag(name), dest=f"{_INPUT}{name}", metavar="FILE",
+                       help=f"{declared.help} (--method {' or '.join(owners)}; named and shaped like the {declared.like} "
+                            "model's tensors)")  # fmt: skip
+
+
+def _add_generated(parser: argparse.ArgumentParser, flag: str, *, help: str, **kwargs: Any) -> None:
+    try:
+        parser.add_argument(flag, help=help.replace("%", "%%"), **kwargs)  # argparse formats help with %
+    except argparse.ArgumentError:
+        raise ValueError(f"a registered merge method's option {flag} clashes with another option of {parser.prog}: "
+                         "rename that parameter or input") from None  # fmt: skip
+
+
+def _add_schedule_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--group-alphas", type=_numbers("--group-alphas"), metavar="A1,A2,...",
+        help="one alpha per group of consecutive transformer blocks, input side first (heterogeneous model averaging), "
+             "e.g. 0.1,0.2,0.3; every stack of blocks (e.g. CLIP's two towers) is split on its own. In a sweep: the "
+             "shape, scaled to each of --alphas as its mean",
+    )  # fmt: skip
+    parser.add_argument("--outside-alpha", type=float, metavar="ALPHA",
+                        help="with --group-alphas: the alpha of tensors outside the blocks (embeddings, final norm, "
+                             "head); default: the groups' mean")  # fmt: skip
+    parser.add_argument(
+        "--alpha-rule", action="append", type=_alpha_rule, metavar="REGEX=ALPHA",
+        help="repeatable, in order, first match wins: tensors whose name matches REGEX (re.search; split at the last "
+             "'=') get ALPHA, the others --alpha (in a sweep: each of --alphas), e.g. 'mlp\\.=0.3'",
+    )  # fmt: skip
+    parser.add_argument("--linear-only", action="store_true",
+                        help="only the weights of linear layers follow the alphas; every other tensor (embeddings, "
+                             "norms, biases) gets --non-linear-alpha")  # fmt: skip
+    parser.add_argument("--non-linear-alpha", type=float, metavar="ALPHA",
+                        help="with --linear-only: the alpha of the other tensors (default: 1, the fine-tuned model's)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="specgen", description="Special without losing generality: WiSE-FT merging, evaluation, reports.")
+    parser = _Parser(prog="specgen", description="Special without losing generality: WiSE-FT merging, evaluation, reports.")
     parser.add_argument("--version", action="version", version=f"%(prog)s (hf_specgen) {__version__}",
                         help="print the version and exit")  # fmt: skip
     commands = parser.add_subparsers(dest="command", required=True)
     merge = commands.add_parser(
-        "merge", help="write theta = (1 - alpha) * theta_pretrained + alpha * theta_finetuned"
+        "merge", help="write theta = (1 - alpha) * theta_pretrained + alpha * theta_finetuned (or another --method)"
     )
     _add_merge_options(merge)
-    merge.add_argument("--alpha", type=float, required=True, help="0: pre-trained, 1: fine-tuned")
+    merge.add_argument("--alpha", type=float,
+                       help="0: pre-trained, 1: fine-tuned (with --alpha-rule: the alpha of tensors no rule matches); "
+                            "needed unless --group-alphas")  # fmt: skip
     merge.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the merged model to this Hub repository")
     merge.add_argument("--private", action="store_true", help="create the Hub repository private")
     merge.add_argument("--scores", type=Path, help="a Markdown file of scores to put in the model card")
     sweep = commands.add_parser("sweep", help="one merge per alpha, reading each input tensor once")
     _add_merge_options(sweep)
-    sweep.add_argument("--alphas", type=_alphas, required=True, help="comma-separated, e.g. 0,0.25,0.5,0.75,1")
+    sweep.add_argument("--alphas", type=_numbers("--alphas"), required=True,
+                       help="comma-separated, e.g. 0,0.25,0.5,0.75,1 (with --group-alphas: the mean alphas)")
     push = commands.add_parser("push", help="upload a model directory written earlier (e.g. a merge whose push failed) to the Hub")
     push.add_argument("directory", metavar="DIR", type=Path, help="a model or LoRA adapter directory")
     push.add_argument("repo_id", metavar="REPO_ID", help="the Hub repository, created if needed, e.g. me/galactica-med-wise")
     push.add_argument("--private", action="store_true", help="create the Hub repository private")
     _add_eval_parsers(commands)
+    _add_fisher_parser(commands)
     return parser
+
+
+def _add_fisher_parser(commands: argparse._SubParsersAction) -> None:
+    fisher = commands.add_parser(
+        "fisher", help="estimate a causal LM's diagonal Fisher (the trainer's EWC estimator) for specgen merge --method fisher"
+    )
+    fisher.add_argument("model", metavar="MODEL", help="a causal language model: directory (holding its tokenizer) or Hub id")
+    fisher.add_argument("--data", required=True, type=Path,
+                        help="the texts: a .json file (a list of strings or of objects with --text-field), a .jsonl "
+                             "file (one per line) or a datasets directory (save_to_disk; its train split)")  # fmt: skip
+    fisher.add_argument("--num-samples", required=True, type=int,
+                        help="how many texts, drawn at random (seeded), the Fisher is averaged over; each gets its own "
+                             "backward pass")  # fmt: skip
+    fisher.add_argument("--output", required=True, type=Path,
+                        help="the .safetensors file to write (atomically), named by the checkpoint's tensors; never "
+                             "inside MODEL")  # fmt: skip
+    fisher.add_argument("--fisher-type", choices=["true", "empirical"], default="true",
+                        help="true: labels sampled from the model (default); empirical: the text's own next tokens")
+    fisher.add_argument("--text-field", default="text", help="the field holding the text in objects and datasets (default: text)")
+    fisher.add_argument("--max-length", type=int, help="truncate each text to this many tokens (default: no truncation)")
+    fisher.add_argument("--batch-size", type=int, default=1,
+                        help="texts per forward pass (default: 1); the Fisher does not depend on it beyond rounding")
+    fisher.add_argument("--seed", type=int, default=42,
+                        help="seeds the choice of texts and the sampled labels (default: 42, TrainingArguments' seed)")
+    fisher.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                        help="the dtype the model runs in (default: float32); the Fisher is summed in float32")
+    fisher.add_argument("--device", help="default: cuda when available, else cpu")
+    fisher.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists (a file; never an input)")
 
 
 def _add_eval_parsers(commands: argparse._SubParsersAction) -> None:
@@ -145,22 +284,100 @@ def _report(args: argparse.Namespace) -> None:
         print(f"wrote {path}")
 
 
-def _merge(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
-    common = dict(
-        dtype=args.dtype, max_shard_size=args.max_shard_size, overwrite="any" if args.overwrite_any else args.overwrite,
+def _merge_options(args: argparse.Namespace) -> MergeOptions:
+    """The options of `merge` / `merge_sweep`; a `MergeError` for a method's option given with another method."""
+    parameters: dict[str, float] = {}
+    inputs: dict[str, str] = {}
+    for dest, value in vars(args).items():
+        if value is None:
+            continue
+        if dest.startswith(_PARAM):
+            owner, name = dest.removeprefix(_PARAM).split(":", 1)
+            if owner != args.method:
+                raise MergeError(f"{_param_flag(owner, name)} is an option of method {owner}, not of {args.method} "
+                                 f"(--method {owner} to use it)")  # fmt: skip
+            parameters[name] = value
+        elif dest.startswith(_INPUT):
+            name = dest.removeprefix(_INPUT)
+            if name not in merge_methods.get_method(args.method).inputs:
+                owners = [m.name for m in merge_methods.METHODS.values() if name in m.inputs]
+                raise MergeError(f"{_input_flag(name)} is an input of method {' or '.join(owners)}, not of "
+                                 f"{args.method} (--method {owners[0]} to use it)")  # fmt: skip
+            inputs[name] = value
+    return MergeOptions(
+        method=args.method, weights=args.weights, method_params=parameters, method_inputs=inputs, dtype=args.dtype,
+        max_shard_size=args.max_shard_size, overwrite="any" if args.overwrite_any else args.overwrite,
         extrapolate=args.extrapolate, keep_adapter=args.keep_adapter,
     )  # fmt: skip
+
+
+def _alpha_schedule(args: argparse.Namespace, alpha: float | None) -> AlphaSchedule | None:
+    """The schedule the options describe at `alpha` (a sweep's shape: alpha None); None for one plain alpha
+    in a sweep (each alpha is then every tensor's)."""
+    if args.non_linear_alpha is not None and not args.linear_only:
+        raise MergeError("--non-linear-alpha goes with --linear-only")
+    shaped = args.group_alphas is not None or args.alpha_rule or args.linear_only or args.outside_alpha is not None
+    if not shaped and args.command == "sweep":
+        return None
+    return AlphaSchedule(
+        alpha=alpha, group_alphas=args.group_alphas, outside_alpha=args.outside_alpha, rules=tuple(args.alpha_rule or ()),
+        linear_only=args.linear_only, non_linear_alpha=1.0 if args.non_linear_alpha is None else args.non_linear_alpha,
+    )  # fmt: skip
+
+
+def _merge(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    options = _merge_options(args)
+    finetuned = args.finetuned[0] if len(args.finetuned) == 1 else args.finetuned
     if args.command == "merge":
+        schedule = _alpha_schedule(args, args.alpha)
         try:
             scores = args.scores.read_text() if args.scores else None
         except OSError as error:  # a usage error like the others, not a traceback
             parser.error(f"--scores: {error}")
-        out = wise_ft(args.pretrained, args.finetuned, args.alpha, args.output_dir, args.push_to_hub,
-                      private=args.private, scores=scores, **common)  # fmt: skip
+        out = merge(args.pretrained, finetuned, schedule, args.output_dir, options, push_to_hub=args.push_to_hub,
+                    private=args.private, scores=scores)  # fmt: skip
         print(f"wrote {out}" + (f" and pushed it to {args.push_to_hub}" if args.push_to_hub else ""))
     else:
-        for alpha, out in wise_ft_sweep(args.pretrained, args.finetuned, args.alphas, args.output_dir, **common).items():
+        shape = _alpha_schedule(args, None)
+        for alpha, out in merge_sweep(args.pretrained, finetuned, args.alphas, args.output_dir, options, shape=shape).items():
             print(f"alpha={alpha:g}: {out}")
+
+
+def _fisher(args: argparse.Namespace) -> None:
+    from .merge.fisher import check_fisher_output, estimate_fisher, read_texts, save_fisher
+
+    for option, value, least in [("--num-samples", args.num_samples, 1), ("--batch-size", args.batch_size, 1),
+                                 ("--max-length", args.max_length, 2)]:  # fmt: skip
+        if value is not None and value < least:
+            raise ValueError(f"{option} must be at least {least}, got {value}")
+    _check_model_source(args.model)
+    if not args.data.exists():
+        raise ValueError(f"{args.data}: no such file or directory (--data)")
+    local = [source for source in (args.model, args.data) if Path(source).exists()]
+    output = check_fisher_output(args.output, local, args.overwrite)
+    texts = read_texts(args.data, args.text_field)
+    model, tokenizer = _causal_lm(args.model, args.dtype, args.device)
+    fisher = estimate_fisher(model, tokenizer, texts, args.num_samples, args.fisher_type, max_length=args.max_length,
+                             batch_size=args.batch_size, seed=args.seed)  # fmt: skip
+    metadata = {"model": args.model, "fisher_type": args.fisher_type, "num_samples": args.num_samples, "seed": args.seed}
+    save_fisher(fisher, output, overwrite=args.overwrite, metadata=metadata)
+    print(f"wrote {output}: the {args.fisher_type} Fisher of {len(fisher)} tensors")
+
+
+def _causal_lm(source: str, dtype: str, device: str | None) -> tuple[Any, Any]:
+    """The model (in `dtype`, on `device`) and its tokenizer; one line where either cannot be loaded."""
+    import torch
+    import transformers
+
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError, TypeError) as error:
+        raise ValueError(f"{source}: no tokenizer could be loaded from it ({str(error).splitlines()[0]})") from None
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, dtype))
+    except ValueError as error:  # e.g. an architecture that is no causal LM
+        raise ValueError(f"{source}: not a causal language model ({str(error).splitlines()[0]})") from None
+    return model.to(device or ("cuda" if torch.cuda.is_available() else "cpu")), tokenizer
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -196,6 +413,8 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             _evaluate(args)
         elif args.command == "report":
             _report(args)
+        elif args.command == "fisher":
+            _fisher(args)
         elif args.command == "push":
             push_merge(args.directory, args.repo_id, private=args.private)
             print(f"pushed {args.directory} to {args.repo_id}")

@@ -191,3 +191,31 @@ def _atomic(output_dir: Path) -> Iterator[Path]:
             for leftover in (temporary, old):
                 if leftover is not None:
                     remove_path(leftover)
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path) -> Iterator[Path]:
+    """A temporary path beside `path` to write one file to, renamed to `path` (replacing it) only if
+    the block succeeds; removed otherwise, SIGTERM included (as `atomic_directory`).
+
+    Raises:
+        MergeWriteError: an `OSError` while writing, naming `path`.
+    """
+    parent = path.parent
+    try:
+        with _signals_clean_up() as signals:
+            parent.mkdir(parents=True, exist_ok=True)
+            remove_abandoned(parent)
+            temporary = parent / _temporary_name(path.name, "partial")
+            try:
+                yield temporary
+                signals.finishing = True
+                os.replace(temporary, path)
+            finally:
+                signals.finishing = True
+                remove_path(temporary)
+    except OSError as error:
+        reason = error.strerror or str(error)
+        if error.filename and not str(error.filename).startswith(str(parent / f".{path.name}.")):
+            reason += f" ({error.filename})"
+        raise MergeWriteError(error.errno, f"{path}: cannot write it: {reason}") from error
