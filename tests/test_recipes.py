@@ -233,6 +233,39 @@ def test_kept_merges_survive_a_rerun_that_merges_more_alphas(tmp_path):
     assert run_files(tmp_path / "kept", "*/merging") == []
 
 
+def test_group_alphas_merge_each_group_of_blocks_at_its_ratio_and_records_carry_the_schedule(tmp_path):
+    """merge_group_alphas (HMA): each alpha is the mean of the shape scaled to it; the records, their
+    report label and the kept merges carry the per-group alphas."""
+    recipe, experiment, training = lm_experiment(tmp_path / "hma", max_steps=2, save_strategy="no")
+    experiment = dataclasses.replace(experiment, alphas=[0.5], keep_merged_models=True, merge_group_alphas=[0.5, 1.5])
+    (record,) = [r for r in run_experiment(recipe, experiment, training) if r.method == "l2" and r.alpha == 0.5]
+    assert record.merge == {"kind": "groups", "group_alphas": [0.25, 0.75], "outside_alpha": 0.5, "mean_alpha": 0.5}
+    assert record.setting == "l2_lambda=1, alpha=0.5 (groups 0.25/0.75)"
+    assert "alpha=0.5 (groups 0.25/0.75)" in (tmp_path / "hma" / "report.md").read_text()
+    merged = load_file(Path(record.model) / "model.safetensors")
+    finetuned = load_file(Path(record.model).parents[1] / "finetuned" / "model.safetensors")
+    pretrained = load_file(Path(recipe.pretrained) / "model.safetensors")
+    # the tiny Galactica has 4 blocks: 0-1 in the input group, 2-3 in the output group
+    for key, alpha in [("model.decoder.layers.0.fc1.weight", 0.25), ("model.decoder.layers.3.fc1.weight", 0.75),
+                       ("model.decoder.final_layer_norm.weight", 0.5)]:  # fmt: skip
+        expected = (1 - alpha) * pretrained[key].double() + alpha * finetuned[key].double()
+        assert (merged[key].double() - expected).abs().max() < 1e-6, key
+        assert not torch.equal(merged[key], finetuned[key])
+    config = json.loads((Path(record.model) / "merge_config.json").read_text())
+    assert config["alphas"]["model.decoder.layers.1.fc1.weight"] == 0.25
+
+
+@pytest.mark.parametrize(
+    ("shape", "alphas", "message"),
+    [([1, 3], [0.75], r"scaled to alpha 0.75 gives \[0.375, 1.125\]: a ratio above 1"),
+     ([], [0.5], "non-negative ratios with a positive mean"), ([-1, 2], [0.5], "non-negative ratios"),
+     ([0, 0], [0.5], "positive mean")],
+)  # fmt: skip
+def test_group_alphas_that_cannot_be_scaled_into_0_1_are_refused(shape, alphas, message):
+    with pytest.raises(ValueError, match=message):
+        ExperimentArguments(alphas=alphas, merge_group_alphas=shape)
+
+
 # ---- configuration ---------------------------------------------------------------------------------
 
 

@@ -56,6 +56,17 @@ def test_means_and_setting():
     assert point("pre-trained", 0.1, 0.2).setting == ""
 
 
+def test_a_heterogeneous_merge_is_labelled_by_its_schedule_and_survives_a_round_trip(tmp_path):
+    groups = {"kind": "groups", "group_alphas": [0.25, 0.5, 0.75], "outside_alpha": 0.5, "mean_alpha": 0.5}
+    record = point("full", 0.5, 0.5, alpha=0.5, merge=groups)
+    assert record.setting == "alpha=0.5 (groups 0.25/0.5/0.75)"
+    rules = {"kind": "rules", "rules": [["mlp", 0.3], ["attn", 0.6]], "default_alpha": 0.5, "linear_only": True,
+             "non_linear_alpha": 1.0, "mean_alpha": 0.5}  # fmt: skip
+    assert point("full", 0.5, 0.5, alpha=0.5, merge=rules).setting == "alpha=0.5 (2 rules, linear only)"
+    assert ResultRecord.load(record.save(tmp_path / "r.json")) == record
+    assert "alpha=0.5 (groups 0.25/0.5/0.75)" in markdown_table([record])
+
+
 def test_markdown_table(table_records):
     assert markdown_table(table_records) == "\n".join([
         "| method | setting | med | med_val | arith | facts | speciality | generality | Pareto |",
@@ -115,6 +126,9 @@ GOOD = {"method": "full", "speciality": {"med": 0.8}, "generality": {"arith": 0.
         ({"alpha": "0.5"}, "alpha must be a finite number"),
         ({"value": 0.1}, "hyperparameter and value go together"),
         ({"lambda": 0.1}, "unknown field 'lambda'"),
+        ({"alpha": 0.5, "merge": [0.1, 0.9]}, "merge must be a merge schedule"),
+        ({"alpha": 0.5, "merge": {"group_alphas": [0.1]}}, "merge must be a merge schedule"),
+        ({"merge": {"kind": "groups"}}, "it needs the merge's (mean) alpha"),
     ],
 )
 def test_bad_record_names_file_and_problem(tmp_path, change, message):

@@ -64,6 +64,9 @@ class ResultRecord:
     generality: dict[str, float]
     cost: dict[str, float] = field(default_factory=dict)  # e.g. {"train_s": 129.0}
     model: str | None = None  # path or Hub id
+    # how the merge at `alpha` was made beyond one alpha for every tensor: `AlphaSchedule.describe()`
+    # (e.g. {"kind": "groups", "group_alphas": [...], "mean_alpha": alpha, ...}); None: plain WiSE-FT
+    merge: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         """Validates every field here, so a bad record fails where it is made or read, not in a plot."""
@@ -78,6 +81,12 @@ class ResultRecord:
         self.generality = _scores("generality", self.generality, required=True)
         self.cost = _scores("cost", self.cost, required=False)
         self.model = _optional_str("model", self.model)
+        if self.merge is not None:
+            if not isinstance(self.merge, Mapping) or not isinstance(self.merge.get("kind"), str):
+                raise ValueError(f"merge must be a merge schedule (a mapping with a 'kind') or null, got {self.merge!r}")
+            if self.alpha is None:
+                raise ValueError("merge describes a merge's schedule: it needs the merge's (mean) alpha")
+            self.merge = dict(self.merge)
 
     @property
     def speciality_score(self) -> float:
@@ -91,7 +100,9 @@ class ResultRecord:
     def setting(self) -> str:
         """What distinguishes this record within its method, e.g. `l2_lambda=0.1, alpha=0.5`."""
         parts = [f"{self.hyperparameter}={self.value:g}"] if self.hyperparameter is not None else []
-        return ", ".join(parts + ([f"alpha={self.alpha:g}"] if self.alpha is not None else []))
+        if self.alpha is not None:
+            parts.append(f"alpha={self.alpha:g}" + (f" ({schedule_summary(self.merge)})" if self.merge else ""))
+        return ", ".join(parts)
 
     @property
     def label(self) -> str:
@@ -196,6 +207,18 @@ def _order(record: ResultRecord) -> tuple:
     """Method, then strength, then alpha (unmerged counts as alpha 1: the fine-tuned weights)."""
     value = (record.value is not None, record.value or 0.0)
     return record.method, value, 1.0 if record.alpha is None else record.alpha
+
+
+def schedule_summary(schedule: Mapping[str, Any]) -> str:
+    """A short label of a merge schedule, e.g. `groups 0.25/0.5/0.75` or `3 rules, linear only`."""
+    kind = schedule["kind"]
+    if kind == "groups":
+        text = "groups " + "/".join(f"{a:g}" for a in schedule.get("group_alphas", []))
+    elif kind == "rules":
+        text = f"{len(schedule.get('rules', []))} rules"
+    else:
+        text = kind
+    return text + (", linear only" if schedule.get("linear_only") else "")
 
 
 def _cell(text: str) -> str:

@@ -7,6 +7,7 @@ publishing. `ExperimentArguments` are the loop's own options, shared by every re
 
 from __future__ import annotations
 
+import statistics
 import sys
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -20,6 +21,7 @@ from transformers import PreTrainedModel
 from ..args import SpecGenTrainingArguments
 from ..eval.report import KEEP_SPECIALITY
 from ..eval.suites import Role
+from ..merge.schedule import AlphaSchedule
 from .config import ConfigError, check_finite, parse_config
 from .methods import DEFAULT_METHODS, METHODS
 from .sources import is_local_path
@@ -37,6 +39,13 @@ class ExperimentArguments:
     alphas: list[float] = field(
         default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0],
         metadata={"help": "WiSE-FT alphas merged and scored for every method (0: pre-trained, 1: fine-tuned)."},
+    )
+    merge_group_alphas: list[float] | None = field(
+        default=None,
+        metadata={"help": "Heterogeneous WiSE-FT (HMA): the shape of one ratio per group of consecutive transformer "
+                  "blocks, input side first (e.g. 0.5 1 1.5 for three groups); each of alphas is the mean it is scaled "
+                  "to, and tensors outside the blocks (embeddings, final norm, head) get that mean. Every scaled ratio "
+                  "must lie in [0, 1]. Default: one alpha for every tensor."},
     )
     lora_r: int = field(default=16, metadata={"help": "LoRA rank (method 'lora')."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator: the update is lora_alpha / r * B @ A."})
@@ -63,6 +72,8 @@ class ExperimentArguments:
             raise ValueError(f"alphas must lie in [0, 1], got {self.alphas}")
         if len(set(self.alphas)) != len(self.alphas):
             raise ValueError(f"alphas {self.alphas} repeat a value")
+        if self.merge_group_alphas is not None:
+            self._check_group_shape()
         if self.lora_r <= 0:
             raise ValueError(f"lora_r must be > 0, got {self.lora_r}")
         if not 0.0 <= self.lora_dropout < 1.0:
@@ -71,6 +82,25 @@ class ExperimentArguments:
             raise ValueError(f"lora_learning_rate must be > 0, got {self.lora_learning_rate}")
         if not 0.0 < self.keep_speciality <= 1.0:
             raise ValueError(f"keep_speciality must be in (0, 1], got {self.keep_speciality}")
+
+
+    def _check_group_shape(self) -> None:
+        shape = self.merge_group_alphas
+        if not shape or statistics.fmean(shape) <= 0 or any(a < 0 for a in shape):
+            raise ValueError(f"merge_group_alphas must be non-negative ratios with a positive mean, got {shape}")
+        for alpha in self.alphas:
+            scaled = [a * alpha / statistics.fmean(shape) for a in shape]
+            if max(scaled) > 1.0:
+                raise ValueError(
+                    f"merge_group_alphas {shape} scaled to alpha {alpha:g} gives {[round(a, 6) for a in scaled]}: "
+                    "a ratio above 1; use smaller alphas or a flatter shape"
+                )
+
+    def merge_schedule(self, alpha: float) -> AlphaSchedule | None:
+        """The schedule a merge at (mean) `alpha` uses; None: one alpha for every tensor."""
+        if self.merge_group_alphas is None:
+            return None
+        return AlphaSchedule(group_alphas=tuple(self.merge_group_alphas)).at_mean(alpha)
 
 
 class Recipe(ABC):

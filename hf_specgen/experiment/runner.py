@@ -28,7 +28,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from ..args import SpecGenTrainingArguments
 from ..eval.report import DEFAULT_TITLE, ResultRecord, best_generality, markdown_table, write_report
-from ..merge import wise_ft, wise_ft_sweep
+from ..merge import MergeOptions, merge, merge_sweep
 from ..merge.wise_ft import alpha_dirname
 from .config import ConfigError
 from .methods import Method, parse_methods
@@ -140,7 +140,9 @@ class _Run:
         self.alphas = [a for a in self.experiment.alphas if a > 0]  # alpha 0 is the pre-trained model itself
 
     def record_path(self, alpha: float) -> Path:
-        return self.records / f"{alpha_dirname(alpha)}.json"
+        shape = self.experiment.merge_group_alphas
+        groups = "" if shape is None else "-groups-" + "_".join(f"{a:g}" for a in shape)
+        return self.records / f"{alpha_dirname(alpha)}{groups}.json"
 
     def execute(self, state: PartialState) -> list[ResultRecord]:
         if not self.finetuned.is_dir():
@@ -207,10 +209,11 @@ class _Run:
             start = time.perf_counter()
             scores = self.recipe.evaluate(models[alpha])
             kept = alpha in direct or self.experiment.keep_merged_models
+            schedule = self.experiment.merge_schedule(alpha)
             ResultRecord(
                 method=self.method.name, alpha=alpha, hyperparameter=hyperparameter, value=value, **scores,
                 cost={"train_s": training["train_s"], "eval_s": round(time.perf_counter() - start, 1)},
-                model=str(models[alpha]) if kept else None,
+                model=str(models[alpha]) if kept else None, merge=schedule.describe() if schedule else None,
             ).save(self.record_path(alpha))  # fmt: skip
         if merged_root.is_dir() and not self.experiment.keep_merged_models:
             shutil.rmtree(merged_root)
@@ -220,7 +223,9 @@ class _Run:
         (`keep_merged_models`): the sweep is written aside, then each alpha moved in."""
         sweep_root = self.directory / "merging"
         # the run's own directories: replace whatever an interrupted run left (inputs stay protected)
-        swept = wise_ft_sweep(self.recipe.pretrained, self.finetuned, alphas, sweep_root, overwrite="any")
+        shape = self.experiment.merge_schedule(1.0)  # the group shape, scaled to each alpha
+        swept = merge_sweep(self.recipe.pretrained, self.finetuned, alphas, sweep_root, MergeOptions(overwrite="any"),
+                            shape=shape)  # fmt: skip
         merged_root.mkdir(exist_ok=True)
         models = {}
         for alpha, directory in swept.items():
@@ -260,7 +265,8 @@ def publish(
     pick = best_generality([r for r in records if r.method in by_method], keep)
     run = by_method[pick.method]
     print(f"[{run.recipe.name}] publishing {pick.label} ({_scores(pick)}) to {base.hub_model_id}", flush=True)
-    return wise_ft(
-        run.recipe.pretrained, run.finetuned, pick.alpha, Path(base.output_dir) / "published", base.hub_model_id,
-        private=bool(base.hub_private_repo), overwrite="any", scores=markdown_table(records), hub_api=hub_api,
+    schedule = run.experiment.merge_schedule(pick.alpha) or pick.alpha
+    return merge(
+        run.recipe.pretrained, run.finetuned, schedule, Path(base.output_dir) / "published", MergeOptions(overwrite="any"),
+        push_to_hub=base.hub_model_id, private=bool(base.hub_private_repo), scores=markdown_table(records), hub_api=hub_api,
     )  # fmt: skip
