@@ -341,8 +341,8 @@ def fisher_options(fisher_pre, fisher_ft, **params):
 
 
 def test_fisher_with_equal_fishers_is_linear(models, tmp_path):
-    """(a F x + (1 - a) F y) / (a F + (1 - a) F) = a x + (1 - a) y: equal up to float32 rounding, a few
-    units of the last place of a |x| + (1 - a) |y| (products, a sum and a quotient against a lerp)."""
+    """(a F x + (1 - a) F y) / (a F + (1 - a) F) = a x + (1 - a) y: equal up to float32 rounding (of the
+    Fisher weights and of the interpolation), a few units of the last place of a |x| + (1 - a) |y|."""
     m = models("clip")
     alpha = 0.3
     path, _ = fisher_file(tmp_path / "fisher.safetensors", shapes_of(m["pre_sd"]), 3)
@@ -361,7 +361,7 @@ def test_fisher_with_equal_fishers_is_linear(models, tmp_path):
 def test_fisher_zero_on_a_tensor_returns_the_pretrained_tensor(models, tmp_path):
     """F_ft = 0 on a tensor: theta - theta_pre = a eps (theta_ft - theta_pre) / (a eps + (1 - a) F_pre),
     with F_pre >= 0.5 and eps = 1e-8 at most 2e-8 |theta_ft - theta_pre| (a = 0.5), below float32's
-    rounding of theta_pre: within that plus 2 units of its last place (three roundings of half a unit). With eps = 0.01 the same formula, by hand."""
+    rounding of theta_pre: within that plus 2 eps32 |theta_pre| (a few roundings of half a unit). With eps = 0.01 the same formula, by hand."""
     m = models("clip")
     key = "text_model.encoder.layers.1.mlp.fc1.weight"
     alpha = 0.5
