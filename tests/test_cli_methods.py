@@ -228,7 +228,23 @@ def test_a_registered_method_gets_its_cli_options(opt3, tmp_path, capsys, scaled
                      "--step-scale", tmp_path / "scale.safetensors")  # fmt: skip
     assert run(["merge", *argv]) == 0
     check_merged(out, pre, lambda k: pre[k].double() + 0.15 * scale[k].double() * (ft[k].double() - pre[k].double()))
-    assert merge_config(out)["parameters"] == {"beta": 0.3}
+    assert merge_config(out)["parameters"] == {"beta": 0.3} and capsys.readouterr().err == ""
+    refused(["merge", *merge_cli(opt3, tmp_path / "default", "--method", "scaled_step", "--alpha", "0.5")], capsys,
+            "method 'scaled_step' needs step_scale (--step-scale)", output=tmp_path / "default")  # fmt: skip
+
+
+def test_a_method_without_fallback_needs_inputs_for_every_tensor(opt3, tmp_path, capsys, scaled_step):
+    key = "model.decoder.layers.0.fc1.weight"
+    save_file({key: torch.ones(32, 16)}, tmp_path / "scale.safetensors")  # one tensor only
+    out = tmp_path / "out"
+    argv = merge_cli(opt3, out, "--method", "scaled_step", "--alpha", "0.5", "--step-scale", tmp_path / "scale.safetensors")
+    assert run(["merge", *argv]) == 2
+    err = capsys.readouterr().err
+    head = "specgen: error: method 'scaled_step' has no fallback method: its inputs (step_scale) must cover every merged tensor; they lack "
+    assert err.startswith(head) and err.endswith(" ...\n") and err.count("\n") == 1
+    lacking = err.removeprefix(head).removesuffix(" ...\n").split(", ")
+    assert len(lacking) == 8 and set(lacking) < set(opt3["pre_sd"]) - {key}
+    assert not out.exists() and leftovers(tmp_path) == []
 
 
 # ---- fisher: the file specgen fisher writes, and the merge it weights ------------------------------

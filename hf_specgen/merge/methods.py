@@ -148,6 +148,8 @@ class BoundMethod:
 
     def __call__(self, pre: Tensor, finetuned: Sequence[Tensor], alpha: float, inputs: Mapping[str, Tensor]) -> Tensor:
         if self.method.inputs and not set(self.method.inputs) <= set(inputs):
+            if not self.method.fallback:  # planning refuses this; never recurse into itself
+                raise MergeError(f"method {self.method.name!r}: a tensor lacks its inputs and there is no fallback method")
             return self.fallback()(pre, finetuned, alpha, {})
         return self.method.function(pre, finetuned, alpha=alpha, weights=self.weights, **inputs, **self.params)
 

@@ -142,6 +142,13 @@ def _prepare(pretrained: Source, finetuned: list[Source], options: MergeOptions)
         for name, path in options.method_inputs.items():
             like = method.method.inputs[name].like
             attach_input(plan, name, TensorFile(path), like, f"{name} ({path})")
+        declared = list(method.method.inputs)
+        uncovered = [t.key for t in plan.tensors if t.merged() and not set(declared) <= set(t.inputs)]
+        if uncovered and method.method.fallback is None:  # nothing to merge them with
+            raise MergeError(
+                f"method {method.method.name!r} has no fallback method: its inputs ({', '.join(declared)}) must cover "
+                f"every merged tensor; they lack {', '.join(uncovered[:8])}{' ...' if len(uncovered) > 8 else ''}"
+            )
     config = _output_config(side_dirs) if weights_name == "model" else None  # an adapter gets no config.json
     if weights_name == "model" and config is None:
         warnings.warn(
