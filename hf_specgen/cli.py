@@ -369,6 +369,10 @@ def _causal_lm(source: str, dtype: str, device: str | None) -> tuple[Any, Any]:
     import torch
     import transformers
 
+    path = Path(source)
+    if path.is_dir() and not any(next(path.glob(p), None) for p in ("tokenizer*", "vocab.*", "*.model", "*.tiktoken")):
+        raise ValueError(f"{source}: no tokenizer files (tokenizer.json, tokenizer_config.json, ...): save the tokenizer "
+                         "beside the model")  # fmt: skip
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError, TypeError) as error:

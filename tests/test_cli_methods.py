@@ -3,7 +3,9 @@ in-process on a sharded 3-block OPT (tied head) and two fine-tunes of it: every 
 a float64 computation by hand, every refusal one line with exit status 2 and nothing written."""
 
 import json
+import os
 import re
+import stat
 
 import datasets
 import pytest
@@ -357,8 +359,12 @@ def test_save_fisher_is_atomic(tmp_path, monkeypatch):
         save_fisher({"w": torch.zeros(2)}, path, overwrite=True)
     assert [p.name for p in tmp_path.iterdir()] == ["f.safetensors"] and torch.equal(load_file(path)["w"], torch.ones(2))
     monkeypatch.undo()
-    save_fisher({"w": torch.zeros(2, dtype=torch.float16)}, path, overwrite=True)
-    assert load_file(path)["w"].dtype == torch.float32
+    previous = os.umask(0o027)
+    try:
+        save_fisher({"w": torch.zeros(2, dtype=torch.float16)}, path, overwrite=True)
+    finally:
+        os.umask(previous)
+    assert load_file(path)["w"].dtype == torch.float32 and stat.S_IMODE(path.stat().st_mode) == 0o640  # the umask's
 
 
 # ---- refusals: one line, exit 2, nothing written --------------------------------------------------
@@ -440,6 +446,11 @@ def test_bad_fisher_arguments_exit_2_before_writing(opt3, tmp_path, capsys):
     inside = opt3["pre"] / "fisher.safetensors"
     refused([*fisher[:-1], inside, "--num-samples", "4", "--overwrite"], capsys,
             f"{inside}: the output lies inside the input {opt3['pre']}; choose another output (nothing was written)", output=inside)  # fmt: skip
+    bare = save(tiny_opt(), tmp_path / "bare")  # no tokenizer saved with it
+    capsys.readouterr()
+    refused([*fisher[:1], bare, *fisher[2:], "--num-samples", "4"], capsys,
+            f"{bare}: no tokenizer files (tokenizer.json, tokenizer_config.json, ...): save the tokenizer beside the model",
+            output=out)  # fmt: skip
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "w1 w2"}\n{"body": "w3"}\n')
     refused([*fisher[:3], bad, *fisher[4:], "--num-samples", "4"], capsys, f"{bad}, line 2: no string field 'text'", output=out)

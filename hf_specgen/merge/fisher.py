@@ -271,4 +271,18 @@ def save_fisher(
     header = {"format": "pt", "written_by": "hf_specgen", **{k: str(v) for k, v in (metadata or {}).items()}}
     with atomic_file(path) as temporary:
         save_file(tensors, str(temporary), metadata=header)
+        os.chmod(temporary, 0o666 & ~_umask())  # as open() would make it: safetensors' own file is 0o600
     return path
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux says it."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
