@@ -10,9 +10,10 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .merge import AlphaSchedule, MergeError, MergeOptions, MergeWarning, MergeWriteError, PushError, merge, merge_sweep
+from .merge import (
+    AlphaSchedule, MergeError, MergeOptions, MergeWarning, MergeWriteError, PushError, merge, merge_sweep, push_merge,
+)  # fmt: skip
 from .merge import methods as merge_methods
-from .merge import push_merge
 from .merge.atomic import Terminated
 from .merge.output import MARKER
 

@@ -71,6 +71,12 @@ def check_merged(out, pre_sd, expected_of):
     return merged
 
 
+def check_interpolated(out, opt3, alpha_of):
+    """Every tensor of `out` is WiSE-FT between pre and ft1 at its own alpha, `alpha_of(key)`."""
+    pre, ft = sds(opt3, "pre", "ft1")
+    return check_merged(out, pre, lambda k: (1 - alpha_of(k)) * pre[k].double() + alpha_of(k) * ft[k].double())
+
+
 def merge_config(out):
     return json.loads((out / "merge_config.json").read_text())
 
@@ -121,11 +127,10 @@ def test_group_alphas_and_outside_alpha(opt3, tmp_path):
         block = BLOCK.search(key)
         return 0.1 if block is None else (0.2, 0.8)[group_of_block[int(block[1])]]
 
-    pre, ft = sds(opt3, "pre", "ft1")
-    check_merged(out, pre, lambda k: (1 - alpha_of(k)) * pre[k].double() + alpha_of(k) * ft[k].double())
+    merged = check_interpolated(out, opt3, alpha_of)
     config = merge_config(out)
     assert config["schedule"] == {"kind": "groups", "group_alphas": [0.2, 0.8], "outside_alpha": 0.1, "mean_alpha": 0.5}
-    assert config["alphas"] == {k: alpha_of(k) for k in pre}
+    assert config["alphas"] == {k: alpha_of(k) for k in merged}
 
 
 def test_sweep_scales_the_group_shape_to_each_mean(opt3, tmp_path, capsys):
@@ -133,14 +138,13 @@ def test_sweep_scales_the_group_shape_to_each_mean(opt3, tmp_path, capsys):
     argv = merge_cli(opt3, out, "--alphas", "0.2,0.4", "--group-alphas", "0.1,0.2,0.3")
     assert run(["sweep", *argv]) == 0
     assert capsys.readouterr().out.splitlines() == [f"alpha=0.2: {out / 'alpha-0.2'}", f"alpha=0.4: {out / 'alpha-0.4'}"]
-    pre, ft = sds(opt3, "pre", "ft1")
     for mean, groups in [(0.2, (0.1, 0.2, 0.3)), (0.4, (0.2, 0.4, 0.6))]:  # 3 blocks, 3 groups: one each
 
         def alpha_of(key):
             block = BLOCK.search(key)
             return mean if block is None else groups[int(block[1])]  # outside: the mean
 
-        check_merged(out / f"alpha-{mean:g}", pre, lambda k: (1 - alpha_of(k)) * pre[k].double() + alpha_of(k) * ft[k].double())
+        check_interpolated(out / f"alpha-{mean:g}", opt3, alpha_of)
         assert merge_config(out / f"alpha-{mean:g}")["schedule"]["group_alphas"] == pytest.approx(list(groups), abs=1e-15)
     marker = json.loads((out / "specgen_merge.json").read_text())
     assert marker["alphas"] == [0.2, 0.4] and marker["shape"]["kind"] == "groups"
@@ -158,22 +162,20 @@ def test_alpha_rules_in_order_split_at_the_last_equals(opt3, tmp_path):
             return 0.9
         return 0.7 if "self_attn.q_proj" in key else 0.5
 
-    pre, ft = sds(opt3, "pre", "ft1")
     assert alpha_of("model.decoder.layers.1.fc1.weight") == 0.2 and alpha_of("model.decoder.layers.2.self_attn.q_proj.bias") == 0.7
-    check_merged(out, pre, lambda k: (1 - alpha_of(k)) * pre[k].double() + alpha_of(k) * ft[k].double())
+    check_interpolated(out, opt3, alpha_of)
     assert merge_config(out)["schedule"]["rules"] == [[r"fc\d\.weight$", 0.2], [r"layers\.1\.", 0.9], [r"self_attn\.(?=q_proj)", 0.7]]
 
 
 def test_sweep_with_rules_sweeps_the_default_alpha(opt3, tmp_path):
     out = tmp_path / "sweep"
     assert run(["sweep", *merge_cli(opt3, out, "--alphas", "0,0.6", "--alpha-rule", "fc1=1")]) == 0
-    pre, ft = sds(opt3, "pre", "ft1")
     for default in (0.0, 0.6):
 
         def alpha_of(key):
             return 1.0 if "fc1" in key else default
 
-        check_merged(out / f"alpha-{default:g}", pre, lambda k: (1 - alpha_of(k)) * pre[k].double() + alpha_of(k) * ft[k].double())
+        check_interpolated(out / f"alpha-{default:g}", opt3, alpha_of)
 
 
 def test_linear_only_with_non_linear_alpha(opt3, tmp_path):
@@ -183,9 +185,8 @@ def test_linear_only_with_non_linear_alpha(opt3, tmp_path):
     def alpha_of(key):  # the tied lm_head is stored as the input embedding: an embedding, not a linear layer
         return 0.4 if LINEAR.search(key) else 0.25
 
-    pre, ft = sds(opt3, "pre", "ft1")
-    check_merged(out, pre, lambda k: (1 - alpha_of(k)) * pre[k].double() + alpha_of(k) * ft[k].double())
-    assert sum(1 for k in pre if alpha_of(k) == 0.4) == 3 * 6
+    merged = check_interpolated(out, opt3, alpha_of)
+    assert sum(1 for k in merged if alpha_of(k) == 0.4) == 3 * 6
 
 
 def test_linear_only_defaults_other_tensors_to_the_finetuned(opt3, tmp_path):
