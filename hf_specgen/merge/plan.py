@@ -139,7 +139,9 @@ def conv1d_modules(model: torch.nn.Module | None) -> set[str] | None:
 
 def linear_weights(model: torch.nn.Module | None) -> set[str] | None:
     """The weights of the linear layers (`nn.Linear`, GPT-2's `Conv1D`), by parameter name; None
-    where the architecture is unknown. A weight tied to an embedding counts under both names."""
+    where the architecture is unknown. A tied weight is written once, under the name the checkpoint
+    stores it by, and is linear or not by that name: OPT's `lm_head.weight`, tied to and stored as
+    `model.decoder.embed_tokens.weight`, is an embedding."""
     from transformers.pytorch_utils import Conv1D
 
     if model is None:

@@ -87,7 +87,10 @@ class AlphaSchedule:
     @property
     def mean(self) -> float:
         """The alpha that sums the schedule up: `alpha`, or the groups' mean."""
-        return statistics.fmean(self.group_alphas) if self.group_alphas is not None else self.alpha
+        if self.group_alphas is None:
+            return self.alpha
+        # to 12 significant digits: groups scaled to a mean of 0.2 average to 0.20000000000000004
+        return float(f"{statistics.fmean(self.group_alphas):.12g}")
 
     def check(self, extrapolate: bool) -> None:
         """A `MergeError` for alphas out of range (outside [0, 1] without `extrapolate`, not finite),
