@@ -33,9 +33,12 @@ def _numbers(option: str) -> Callable[[str], list[float]]:
 
     def parse(text: str) -> list[float]:
         try:
-            return [float(a) for a in text.split(",") if a.strip()]
+            items = text.split(",")
+            if any(not a.strip() for a in items):
+                raise ValueError
+            return [float(a) for a in items]
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{option} takes comma-separated numbers, got {text!r}") from None
+            raise argparse.ArgumentTypeError(f"{option} takes comma-separated numbers (none empty), got {text!r}") from None
 
     return parse
 

@@ -384,8 +384,9 @@ def test_bad_merge_options_exit_2_before_writing(opt3, tmp_path, capsys):
     pre_fisher = tmp_path / "pre.safetensors"
     save_file({k: torch.ones_like(v) for k, v in opt3["pre_sd"].items()}, pre_fisher)
     cases = [
-        ([*merge, "--group-alphas", "0.1,x"], "argument --group-alphas: --group-alphas takes comma-separated numbers, got '0.1,x'" + help_),
-        (["sweep", *merge_cli(opt3, out), "--alphas", "0.1;0.2"], "argument --alphas: --alphas takes comma-separated numbers, got '0.1;0.2'" + " (see specgen sweep --help)"),
+        ([*merge, "--group-alphas", "0.1,x"], "argument --group-alphas: --group-alphas takes comma-separated numbers (none empty), got '0.1,x'" + help_),
+        ([*merge, "--group-alphas", "0.1,,0.3"], "argument --group-alphas: --group-alphas takes comma-separated numbers (none empty), got '0.1,,0.3'" + help_),
+        (["sweep", *merge_cli(opt3, out), "--alphas", "0.1;0.2"], "argument --alphas: --alphas takes comma-separated numbers (none empty), got '0.1;0.2'" + " (see specgen sweep --help)"),
         ([*merge, "--alpha", "0.5", "--weights", "1", "x"], "argument --weights: invalid float value: 'x'" + help_),
         ([*merge, "--alpha", "0.5", "--alpha-rule", "mlp"], "argument --alpha-rule: --alpha-rule takes REGEX=ALPHA, got 'mlp' (no '=')" + help_),
         ([*merge, "--alpha", "0.5", "--alpha-rule", "fc1=high"], "argument --alpha-rule: --alpha-rule takes REGEX=ALPHA, got 'fc1=high': 'high' is not a number" + help_),

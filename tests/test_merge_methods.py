@@ -758,3 +758,91 @@ def test_a_method_registered_in_one_function_works_end_to_end(models, tmp_path, 
 def test_registered_method_was_removed():
     """The method registered above is gone (its fixture pops it): other tests see the built-in ones."""
     assert "sign_step" not in METHODS and list(METHODS)[:3] == ["linear", "task_arithmetic", "fisher"]
+
+
+# ---- found by a new user's trial ------------------------------------------------------------------
+
+
+def test_keep_adapter_counts_the_blocks_of_the_base_model(tmp_path):
+    """An adapter on blocks 0-1 of a 4-block model: with two groups both blocks are in the input group, for
+    the written adapter as for the full merge (the adapter's own names showed only 2 blocks)."""
+    base_dir, adapter_dir, _ = adapted(tmp_path, build=lambda: tiny_llama(layers=4), layers_to_transform=[0, 1])
+    groups = AlphaSchedule(group_alphas=(0.2, 0.6))
+    full = merge_config(merge(base_dir, adapter_dir, groups, tmp_path / "full"))["alphas"]
+    kept = merge_config(merge(base_dir, adapter_dir, groups, tmp_path / "kept", MergeOptions(keep_adapter=True)))["alphas"]
+    adapted_weights = {k for k in full if re.search(r"layers\.[01]\.self_attn\.[qv]_proj", k)}
+    assert len(adapted_weights) == 4 and all(full[k] == 0.2 for k in adapted_weights)
+    assert len(kept) == 4 and all(k.endswith("lora_B.weight") and a == 0.2 for k, a in kept.items())
+    three = AlphaSchedule(group_alphas=(0.2, 0.4, 0.6))  # 3 groups of 4 blocks: blocks 0 and 1 in groups 0 and 0
+    kept = merge_config(merge(base_dir, adapter_dir, three, tmp_path / "three", MergeOptions(keep_adapter=True)))["alphas"]
+    assert all(a == 0.2 for a in kept.values())
+    rule = AlphaSchedule(alpha=0.5, rules=((r"mlp\.", 0.1),))  # matches the model, not the adapter: accepted
+    kept = merge_config(merge(base_dir, adapter_dir, rule, tmp_path / "rule", MergeOptions(keep_adapter=True)))["alphas"]
+    assert set(kept.values()) == {0.5}
+
+
+def test_fisher_refuses_alphas_outside_0_1_even_with_extrapolate(models, tmp_path, nothing_written):
+    m = models("opt")
+    options = MergeOptions(method="fisher", method_inputs=_fisher_inputs(m, tmp_path), extrapolate=True)
+    message = ("method 'fisher' is defined for alphas in [0, 1] only, extrapolate or not; got 2 (a F_ft and (1 - a) "
+               "F_pre must both be non-negative, or the denominator can vanish)")  # fmt: skip
+    with pytest.raises(MergeError, match=f"^{re.escape(message)}$"):
+        merge(m["pre"], m["a"], 2.0, tmp_path / "out", options)
+    with pytest.raises(MergeError, match=re.escape("got -0.5")):
+        merge(m["pre"], m["a"], AlphaSchedule(alpha=0.5, rules=(("fc1", -0.5),)), tmp_path / "out", options)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("value", "shown"), [(-1.0, "min -1, max 1"), (float("nan"), "min nan, max nan"),
+                                              (float("inf"), "min 0, max inf")])  # fmt: skip
+def test_fisher_values_that_are_negative_nan_or_inf_are_refused_and_nothing_is_left(models, tmp_path, value, shown):
+    """A Fisher diagonal is finite and non-negative: anything else (e.g. the weights file passed by
+    mistake) was floored at epsilon or made the pre-trained value win, silently."""
+    m = models("opt")
+    inputs = _fisher_inputs(m, tmp_path)
+    bad = load_file(inputs["fisher_finetuned"])
+    key = "model.decoder.layers.1.fc1.weight"
+    bad[key] = torch.ones_like(bad[key])
+    bad[key][0, 0] = value if value != float("inf") else value
+    if value == float("inf"):
+        bad[key][0, 1] = 0.0
+    save_file(bad, inputs["fisher_finetuned"])
+    with pytest.raises(MergeError) as error:
+        merge(m["pre"], m["a"], 0.5, tmp_path / "out", MergeOptions(method="fisher", method_inputs=inputs))
+    assert str(error.value) == (f"{key}: fisher_finetuned (--fisher-finetuned) holds negative, NaN or inf values ({shown}); "
+                                "method 'fisher' needs finite, non-negative ones")  # fmt: skip
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
+def test_a_negative_share_of_a_soup_needs_extrapolate(models, tmp_path):
+    m = models("opt")
+    with pytest.raises(MergeError, match=re.escape("a negative share of method 'linear''s mean extrapolates")):
+        merge(m["pre"], [m["a"], m["b"]], 1.0, tmp_path / "out", MergeOptions(weights=(1.0, -0.5)))
+    assert not (tmp_path / "out").exists()
+    out = read_weights(merge(m["pre"], [m["a"], m["b"]], 1.0, tmp_path / "x", MergeOptions(weights=(1.0, -0.5), extrapolate=True)))
+    key = "model.decoder.layers.0.fc1.weight"
+    assert_by_hand(out[key], 2 * m["a_sd"][key].double() - m["b_sd"][key].double(), key)  # (A - B / 2) / (1 / 2)
+    options = MergeOptions(method="task_arithmetic", weights=(1.0, -0.5))  # a negated task vector: no extrapolation
+    out = read_weights(merge(m["pre"], [m["a"], m["b"]], 1.0, tmp_path / "ta", options))
+    pre = m["pre_sd"][key].double()
+    assert_by_hand(out[key], pre + (m["a_sd"][key].double() - pre) - 0.5 * (m["b_sd"][key].double() - pre), key)
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [(lambda: AlphaSchedule(alpha=0.5, rules=("fc1=0.3",)), "an alpha rule is a (regular expression, alpha) pair, got 'fc1=0.3'"),
+     (lambda: AlphaSchedule(group_alphas="0.1,0.2"), "group_alphas and rules take sequences"),
+     (lambda: AlphaSchedule(alpha=0.5, rules=(("", 0.3),)).check(False), "alpha rule '' (--alpha-rule) is empty")],
+)  # fmt: skip
+def test_malformed_schedules_are_one_merge_error(build, message):
+    with pytest.raises(MergeError, match=re.escape(message)):
+        build()
+
+
+def test_a_sweep_says_which_scaled_group_alpha_is_out_of_range(models, tmp_path):
+    m = models("llama")
+    message = ("the group shape scaled to mean alpha 0.8 is 0.533333, 1.06667: group alpha 2 must be in [0, 1] (0: "
+               "pretrained, 1: finetuned), got 1.06666666667")  # fmt: skip
+    with pytest.raises(MergeError, match=f"^{re.escape(message)}"):
+        merge_sweep(m["pre"], m["a"], [0.2, 0.8], tmp_path / "sweep", shape=AlphaSchedule(group_alphas=(1, 2)))
+    assert AlphaSchedule(group_alphas=(1, 2, 3)).at_mean(0.2).group_alphas == (0.1, 0.2, 0.3)  # not 0.30000000000000004

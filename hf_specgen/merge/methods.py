@@ -82,6 +82,9 @@ class MergeMethod:
     fallback: str | None = None  # the method for a tensor its inputs do not cover (None: an error)
     delta: Callable[[Tensor, Tensor, float], Tensor] | None = None  # on a LoRA delta: (W0, scale * B @ A, alpha)
     tags: tuple[str, ...] = ("merge",)
+    interpolates_only: bool | str = False  # alphas outside [0, 1] refused even with extrapolate (a str: why)
+    weights_are_shares: bool = False  # the weights are shares of a mean: a negative one extrapolates
+    non_negative_inputs: bool = False  # every per-tensor input must be finite and >= 0 (e.g. Fisher diagonals)
 
 
 METHODS: dict[str, MergeMethod] = {}
@@ -97,6 +100,9 @@ def register_method(
     fallback: str | None = None,
     delta: Callable[[Tensor, Tensor, float], Tensor] | None = None,
     tags: Sequence[str] = ("merge",),
+    interpolates_only: bool | str = False,
+    weights_are_shares: bool = False,
+    non_negative_inputs: bool = False,
 ) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
     """Registers a method under `name` (a decorator); the function is returned unchanged.
 
@@ -112,6 +118,10 @@ def register_method(
             no exact form on a low-rank delta (the adapter is then refused: merge it into the full
             model first).
         tags: the model card's tags besides `hf_specgen`.
+        interpolates_only: alphas outside [0, 1] are refused even with `extrapolate` (a string says why).
+        weights_are_shares: the fine-tuned models' weights are shares of a mean (a soup): a negative
+            one extrapolates and needs `extrapolate`.
+        non_negative_inputs: every per-tensor input must be finite and >= 0 (checked as it is read).
 
     Returns:
         The decorator.
@@ -123,7 +133,7 @@ def register_method(
         description = (function.__doc__ or "").strip().split("\n")[0]
         METHODS[name] = MergeMethod(
             name, function, formula, description, dict(parameters or {}), dict(inputs or {}), max_finetuned, fallback,
-            delta, tuple(tags),
+            delta, tuple(tags), interpolates_only, weights_are_shares, non_negative_inputs,
         )  # fmt: skip
         return function
 
@@ -163,8 +173,9 @@ class BoundMethod:
 
 
 def bind(
-    name: str, n_finetuned: int, weights: Sequence[float] | None = None, params: Mapping[str, Any] | None = None
-) -> BoundMethod:
+    name: str, n_finetuned: int, weights: Sequence[float] | None = None, params: Mapping[str, Any] | None = None,
+    extrapolate: bool = False,
+) -> BoundMethod:  # fmt: skip
     """`name` with its parameters checked and defaulted, and the weights of `n_finetuned` models.
 
     Args:
@@ -173,6 +184,7 @@ def bind(
         weights: one per fine-tuned model (default: 1 each); finite, summing to a positive number.
         params: the method's parameters by name; unknown names, non-numbers and values outside
             their declared range are refused.
+        extrapolate: allow negative weights where the weights are shares of a mean (a soup).
 
     Returns:
         The bound method; a `MergeError` for anything that does not fit.
@@ -187,6 +199,11 @@ def bind(
         raise MergeError(f"weights (--weights): {len(weights)} given for {n_finetuned} fine-tuned model(s)")
     if not all(_is_number(w) and math.isfinite(w) for w in weights) or not sum(weights) > 0:
         raise MergeError(f"weights (--weights) must be finite numbers summing to a positive number, got {list(weights)}")
+    if method.weights_are_shares and not extrapolate and any(w < 0 for w in weights):
+        raise MergeError(
+            f"weights (--weights) {list(weights)}: a negative share of method {name!r}'s mean extrapolates beyond the "
+            "fine-tuned models; pass extrapolate=True (--extrapolate) to allow it"
+        )
     params = dict(params or {})
     unknown = sorted(set(params) - set(method.parameters))
     if unknown:
@@ -238,6 +255,7 @@ def _linear_delta(pre: Tensor, delta: Tensor, alpha: float) -> Tensor:
     formula="theta = (1 - alpha) * theta_pre + alpha * sum_i w_i theta_i / sum_i w_i",
     delta=_linear_delta,
     tags=("wise-ft", "merge"),
+    weights_are_shares=True,
 )
 def linear(pre: Tensor, finetuned: Sequence[Tensor], *, alpha: float, weights: Sequence[float]) -> Tensor:
     """WiSE-FT: interpolation toward the fine-tuned model, or toward the weighted soup of several.
@@ -298,6 +316,8 @@ def task_arithmetic(pre: Tensor, finetuned: Sequence[Tensor], *, alpha: float, w
     max_finetuned=1,
     fallback="linear",
     tags=("fisher-merging", "merge"),
+    interpolates_only="a F_ft and (1 - a) F_pre must both be non-negative, or the denominator can vanish",
+    non_negative_inputs=True,
 )
 def fisher(
     pre: Tensor, finetuned: Sequence[Tensor], *, alpha: float, weights: Sequence[float], fisher_pre: Tensor,

@@ -47,7 +47,7 @@ class MergeOptions:
     def bound(self, n_finetuned: int) -> BoundMethod:
         """The method with its parameters and weights checked (a `MergeError` otherwise), and its
         inputs: every one it declares given, none it does not."""
-        bound = bind(self.method, n_finetuned, self.weights, self.method_params)
+        bound = bind(self.method, n_finetuned, self.weights, self.method_params, self.extrapolate)
         declared = get_method(self.method).inputs
         unknown = sorted(set(self.method_inputs) - set(declared))
         if unknown:

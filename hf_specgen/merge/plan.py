@@ -75,6 +75,14 @@ class MergedTensor:
         dtype = self.dtype or (tuned[0].dtype if tuned else base.dtype)
         delta = self.delta() if self.delta is not None else None  # once for every alpha: a sweep reads A and B once
         inputs = {name: load() for name, load in self.inputs.items()}
+        if method.method.non_negative_inputs:
+            for name, tensor in inputs.items():
+                low, high = tensor.aminmax() if tensor.numel() else (tensor.new_zeros(()), tensor.new_zeros(()))
+                if not (bool(torch.isfinite(high)) and bool(low >= 0)):  # NaN fails both comparisons
+                    raise MergeError(
+                        f"{self.key}: {name} (--{name.replace('_', '-')}) holds negative, NaN or inf values (min "
+                        f"{low.item():g}, max {high.item():g}); method {method.method.name!r} needs finite, non-negative ones"
+                    )
         for alpha in alphas:
             yield self._check_finite(self._at(method, alpha, base, tuned, delta, inputs), dtype, alpha)
 

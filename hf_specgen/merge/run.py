@@ -67,6 +67,7 @@ class _Merge:
     architecture_dir: Path  # where the linear layers are read from
     config: dict[str, Any] | None = None  # what the output's config.json says, before the plan's updates
     inputs: dict[str, str] = field(default_factory=dict)  # the method's input files
+    model_names: list[str] | None = None  # an adapter's base model's tensors: where blocks are counted, rules matched
 
     @property
     def sources(self) -> tuple[str, str | list[str]]:
@@ -80,7 +81,16 @@ class _Merge:
     def alphas(self, schedule: AlphaSchedule) -> dict[str, float]:
         """Each output tensor's alpha by schedule name (a `MergeError` where the schedule does not fit)."""
         names = list(dict.fromkeys(t.schedule_name for t in self.plan.tensors))
-        return schedule.resolve(names, self.linear if schedule.linear_only else None)
+        alphas = schedule.resolve(names, self.linear if schedule.linear_only else None, self.model_names)
+        method = self.method.method
+        if method.interpolates_only:
+            outside = sorted({a for a in alphas.values() if not 0.0 <= a <= 1.0})
+            if outside:
+                raise MergeError(
+                    f"method {method.name!r} is defined for alphas in [0, 1] only, extrapolate or not; got {outside[0]:g}"
+                    + (f" ({method.interpolates_only})" if isinstance(method.interpolates_only, str) else "")
+                )
+        return alphas
 
     def plain(self, schedule: AlphaSchedule) -> bool:
         """Plain WiSE-FT (linear, one fine-tuned model, one alpha): written exactly as before methods existed."""
@@ -156,7 +166,8 @@ def _prepare(pretrained: Source, finetuned: list[Source], options: MergeOptions)
             MergeWarning, stacklevel=4,
         )  # fmt: skip
     inputs = {name: str(path) for name, path in options.method_inputs.items()}
-    return _Merge(plan, method, side_dirs, weights_name, *names, pre_dir, config, inputs)
+    model_names = base.keys() if adapters else None
+    return _Merge(plan, method, side_dirs, weights_name, *names, pre_dir, config, inputs, model_names)
 
 
 def check_shard_size(max_shard_size: str | int) -> int:
@@ -321,8 +332,14 @@ def _sweep_schedules(
         raise MergeError(f"alphas {values} give the same output directory names: {names}")
     shape = shape or AlphaSchedule(alpha=0.0)
     schedules = [shape.at_mean(a) for a in values]
-    for schedule in schedules:
-        schedule.check(extrapolate)
+    for mean, schedule in zip(values, schedules):
+        try:
+            schedule.check(extrapolate)
+        except MergeError as error:
+            if shape.group_alphas is None:
+                raise
+            scaled = ", ".join(f"{a:g}" for a in schedule.group_alphas)
+            raise MergeError(f"the group shape scaled to mean alpha {mean:g} is {scaled}: {error}") from None
     return values, schedules
 
 

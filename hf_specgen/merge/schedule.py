@@ -75,9 +75,16 @@ class AlphaSchedule:
     non_linear_alpha: float = 1.0
 
     def __post_init__(self) -> None:
+        if isinstance(self.group_alphas, str) or isinstance(self.rules, str):
+            raise MergeError("group_alphas and rules take sequences (e.g. (0.1, 0.2, 0.3) and (('mlp', 0.3),)), not a string")
         if self.group_alphas is not None:
             object.__setattr__(self, "group_alphas", tuple(self.group_alphas))
-        object.__setattr__(self, "rules", tuple(tuple(rule) for rule in self.rules))
+        rules = []
+        for rule in self.rules:
+            if isinstance(rule, str) or not isinstance(rule, Sequence) or len(rule) != 2:
+                raise MergeError(f"an alpha rule is a (regular expression, alpha) pair, got {rule!r}")
+            rules.append(tuple(rule))
+        object.__setattr__(self, "rules", tuple(rules))
 
     @property
     def scalar(self) -> bool:
@@ -89,8 +96,7 @@ class AlphaSchedule:
         """The alpha that sums the schedule up: `alpha`, or the groups' mean."""
         if self.group_alphas is None:
             return self.alpha
-        # to 12 significant digits: groups scaled to a mean of 0.2 average to 0.20000000000000004
-        return float(f"{statistics.fmean(self.group_alphas):.12g}")
+        return _round(statistics.fmean(self.group_alphas))
 
     def check(self, extrapolate: bool) -> None:
         """A `MergeError` for alphas out of range (outside [0, 1] without `extrapolate`, not finite),
@@ -115,6 +121,8 @@ class AlphaSchedule:
             if value is not None:
                 check_alpha(value, extrapolate, what)
         for pattern, _ in self.rules:
+            if pattern == "":
+                raise MergeError("alpha rule '' (--alpha-rule) is empty: it would match every tensor; use --alpha instead")
             try:
                 re.compile(pattern)
             except (re.error, TypeError) as error:
@@ -128,14 +136,18 @@ class AlphaSchedule:
         current = statistics.fmean(self.group_alphas)
         if current == 0:
             raise MergeError(f"the group shape {list(self.group_alphas)} has mean 0: it cannot be scaled to a mean alpha")
-        return replace(self, group_alphas=tuple(a * mean / current for a in self.group_alphas))
+        return replace(self, group_alphas=tuple(_round(a * mean / current) for a in self.group_alphas))
 
-    def resolve(self, names: Sequence[str], linear: set[str] | None = None) -> dict[str, float]:
+    def resolve(
+        self, names: Sequence[str], linear: set[str] | None = None, model_names: Sequence[str] | None = None
+    ) -> dict[str, float]:
         """The alpha of each tensor name.
 
         Args:
             names: every tensor of the merge, by the name the schedule knows it by.
             linear: the weights of linear layers (needed with `linear_only`; None: unknown).
+            model_names: every tensor of the model, where `names` are only some of them (an adapter's):
+                blocks are counted and rules must match among these (default: `names`).
 
         Returns:
             `{name: alpha}`; a `MergeError` where the groups or rules do not fit the names.
@@ -145,18 +157,19 @@ class AlphaSchedule:
                 "linear_only (--linear-only) needs the architecture to know the linear layers: transformers cannot "
                 "build it from the pre-trained model's config.json"
             )
+        universe = list(model_names) if model_names is not None else names
         if self.group_alphas is not None:
-            alphas = self._by_groups(names)
+            alphas = self._by_groups(names, universe)
         elif self.rules:
-            alphas = self._by_rules(names)
+            alphas = self._by_rules(names, universe)
         else:
             alphas = {name: self.alpha for name in names}
         if self.linear_only:
             alphas = {name: a if name in linear else self.non_linear_alpha for name, a in alphas.items()}
         return alphas
 
-    def _by_groups(self, names: Sequence[str]) -> dict[str, float]:
-        counts, k = block_counts(names), len(self.group_alphas)
+    def _by_groups(self, names: Sequence[str], universe: Sequence[str]) -> dict[str, float]:
+        counts, k = block_counts([*universe, *names]), len(self.group_alphas)
         if not counts:
             raise MergeError(
                 "group alphas (--group-alphas): no transformer blocks found in the tensor names (layers.N., h.N., "
@@ -173,9 +186,10 @@ class AlphaSchedule:
             alphas[name] = outside if found is None else self.group_alphas[found[1] * k // counts[found[0]]]
         return alphas
 
-    def _by_rules(self, names: Sequence[str]) -> dict[str, float]:
+    def _by_rules(self, names: Sequence[str], universe: Sequence[str]) -> dict[str, float]:
         compiled = [(re.compile(pattern), a) for pattern, a in self.rules]
-        unmatched = [p for (p, _), (r, _) in zip(self.rules, compiled) if not any(r.search(n) for n in names)]
+        everything = [*universe, *names]
+        unmatched = [p for (p, _), (r, _) in zip(self.rules, compiled) if not any(r.search(n) for n in everything)]
         if unmatched:
             raise MergeError(f"alpha rule {unmatched[0]!r} (--alpha-rule) matches no tensor of the model")
         return {name: next((a for r, a in compiled if r.search(name)), self.alpha) for name in names}
@@ -192,6 +206,11 @@ class AlphaSchedule:
         if self.linear_only:
             kind.update(linear_only=True, non_linear_alpha=self.non_linear_alpha)
         return {**kind, "mean_alpha": self.mean}
+
+
+def _round(alpha: float) -> float:
+    """To 12 significant digits: a shape scaled to a mean of 0.2 gives 0.2, not 0.20000000000000004."""
+    return float(f"{alpha:.12g}")
 
 
 def check_alpha(alpha: Any, extrapolate: bool, what: str = "alpha") -> float:
