@@ -20,7 +20,7 @@ import hf_specgen.merge.run as run_module
 from conftest import VOCAB, lm_dataset, make_args, perturb_, tiny_clip, tiny_opt
 from hf_specgen import SpecGenTrainer
 from hf_specgen.merge import (
-    METHODS, AlphaSchedule, MergeError, MergeOptions, Parameter, greedy_soup, iter_merge, merge, merge_sweep,
+    METHODS, AlphaSchedule, MergeError, MergeOptions, MergeWarning, Parameter, greedy_soup, iter_merge, merge, merge_sweep,
     register_method, wise_ft,
 )  # fmt: skip
 from test_merge import leftovers, read_card, read_weights, rule_tensors, save, tiny_llama, write_checkpoint
@@ -416,6 +416,10 @@ def test_a_training_runs_ewc_fisher_is_accepted_as_fisher_pre(tmp_path):
     by_directory = merge(pre_dir, checkpoint, alpha, tmp_path / "by_dir", fisher_options(checkpoint, ft_path))
     again = read_weights(by_directory)
     assert all(torch.equal(again[k], merged[k]) for k in merged)
+    message = ("a training run's EWC Fisher is the pre-trained model's (estimated at theta_pre), given as "
+               "fisher_finetuned (--fisher-finetuned)")  # fmt: skip
+    with pytest.warns(MergeWarning, match=re.escape(message)):  # the other way round: merged, with a warning
+        merge(pre_dir, checkpoint, alpha, tmp_path / "swapped", fisher_options(ft_path, state_path))
 
 
 def test_tensors_the_fisher_files_lack_fall_back_to_linear(models, tmp_path):
@@ -445,7 +449,8 @@ def test_tensors_the_fisher_files_lack_fall_back_to_linear(models, tmp_path):
     assert record["method"] == "fisher"
     assert record["fallback"]["method"] == "linear"
     assert sorted(record["fallback"]["tensors"]) == sorted(lacking.values())
-    assert "- merged with linear (no fisher_pre, fisher_finetuned for them): 3 tensors" in read_card(out)[1]
+    assert record["fallback"]["missing"] == {"fisher_pre": 2, "fisher_finetuned": 2}
+    assert "- merged with linear: 3 tensors (no fisher_pre for 2, no fisher_finetuned for 2)" in read_card(out)[1]
 
 
 def test_integer_tensors_are_copied_with_no_alpha_and_no_fallback(tmp_path):

@@ -82,8 +82,9 @@ def _method_card(
     ]
     if record.get("fallback"):
         fallback = record["fallback"]
-        body.append(f"- merged with {fallback['method']} (no {', '.join(record['inputs'])} for them): "
-                    f"{len(fallback['tensors'])} tensors")  # fmt: skip
+        missing = fallback.get("missing") or dict.fromkeys(record["inputs"], len(fallback["tensors"]))
+        lacking = ", ".join(f"no {name} for {count}" for name, count in missing.items())
+        body.append(f"- merged with {fallback['method']}: {len(fallback['tensors'])} tensors ({lacking})")
     body += ["", "<details><summary>The alpha of every merged tensor (also in merge_config.json)</summary>", "",
              "| tensor | alpha |", "|---|---|"]  # fmt: skip
     body += [f"| `{key}` | {value:g} |" for key, value in record["alphas"].items()]

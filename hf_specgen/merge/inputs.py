@@ -54,7 +54,8 @@ class TensorFile:
         else:
             raise MergeError(f"{path}: no such safetensors file or directory")
         stored = self.checkpoint.keys()
-        if any(k.startswith(EWC_FISHER) for k in stored):  # a training run's state: its EWC Fisher only
+        self.training_state = any(k.startswith(EWC_FISHER) for k in stored)  # estimated at theta_pre
+        if self.training_state:  # a training run's state: its EWC Fisher only
             stored = [k for k in stored if k.startswith(EWC_FISHER)]
             renamed = [checkpoint_name(k.removeprefix(EWC_FISHER)) for k in stored]
         elif self.checkpoint.files[0].name.startswith(REGULARIZER_STATE):

@@ -151,7 +151,14 @@ def _prepare(pretrained: Source, finetuned: list[Source], options: MergeOptions)
                 warnings.warn(f"{finetuned[0]}: no config.json; the output takes {pretrained}'s", MergeWarning, stacklevel=4)
         for name, path in options.method_inputs.items():
             like = method.method.inputs[name].like
-            attach_input(plan, name, TensorFile(path), like, f"{name} ({path})")
+            source = TensorFile(path)
+            if source.training_state and like != "pretrained":
+                warnings.warn(
+                    f"{path}: a training run's EWC Fisher is the pre-trained model's (estimated at theta_pre), given as "
+                    f"{name} (--{name.replace('_', '-')}); estimate the fine-tuned model's with specgen fisher",
+                    MergeWarning, stacklevel=4,
+                )  # fmt: skip
+            attach_input(plan, name, source, like, f"{name} ({path})")
         declared = list(method.method.inputs)
         uncovered = [t.key for t in plan.tensors if t.merged() and not set(declared) <= set(t.inputs)]
         if uncovered and method.method.fallback is None:  # nothing to merge them with
@@ -214,7 +221,10 @@ def _record(merge: _Merge, schedule: AlphaSchedule, alphas: dict[str, float]) ->
         "alphas": {t.key: alphas[t.schedule_name] for t in merge.plan.tensors if t.merged()},
     }  # fmt: skip
     if fallback:
-        record["fallback"] = {"method": method.fallback().method.name, "tensors": fallback}
+        by_key = {t.key: t for t in merge.plan.tensors}
+        missing = {name: sum(name not in by_key[key].inputs for key in fallback) for name in method.method.inputs}
+        record["fallback"] = {"method": method.fallback().method.name, "tensors": fallback,
+                              "missing": {name: count for name, count in missing.items() if count}}  # fmt: skip
     return record
 
 
