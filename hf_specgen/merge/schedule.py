@@ -128,6 +128,14 @@ class AlphaSchedule:
             except (re.error, TypeError) as error:
                 raise MergeError(f"alpha rule {pattern!r} is not a regular expression ({error})") from None
 
+    @property
+    def max_mean(self) -> float:
+        """The largest mean alpha this schedule's group shape scales to with every group alpha in [0, 1]
+        (1 without group alphas)."""
+        if self.group_alphas is None or max(self.group_alphas) <= 0:
+            return 1.0
+        return _round(min(1.0, statistics.fmean(self.group_alphas) / max(self.group_alphas)))
+
     def at_mean(self, mean: float) -> AlphaSchedule:
         """This schedule's shape at another mean: a sweep point. Group alphas are scaled so that their
         mean is `mean` (their mean must not be 0); otherwise `alpha` becomes `mean`."""
