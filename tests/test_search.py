@@ -1,0 +1,108 @@
+"""HMA's group-ratio search: the alpha gradient against finite differences, the fixed mean, K = 1, and a
+problem whose answer is known (only one group of blocks was fine-tuned)."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from hf_specgen.merge import MergeError, wise_ft
+from hf_specgen.merge.search import GroupAlphaObjective, _encode, ratios, search_group_alphas
+from hf_specgen.tiny import lm_path
+from test_merge import read_weights
+
+TEXTS = ["the patient takes two tablets a day", "a dose of the drug lowers the pressure",
+         "the heart rate rises after the dose", "take the tablet with water"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """The tiny Galactica (4 blocks) and a fine-tune of it on four sentences that trained only blocks
+    2 and 3 (group 1 of 2), with 24 samples of those sentences."""
+    root = tmp_path_factory.mktemp("search")
+    pre_dir, ft_dir = root / "pre", root / "ft"
+    shutil.copytree(lm_path(), pre_dir)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(pre_dir)
+    tokenizer = AutoTokenizer.from_pretrained(pre_dir)
+    trained = [p for n, p in model.named_parameters() if ".layers.2." in n or ".layers.3." in n]
+    for param in model.parameters():
+        param.requires_grad_(any(param is t for t in trained))
+    optimizer = torch.optim.Adam(trained, lr=3e-3)
+    batch = _encode(tokenizer, TEXTS, 32)
+    for _ in range(30):
+        optimizer.zero_grad()
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(),
+                                          ignore_index=-100).backward()  # fmt: skip
+        optimizer.step()
+    model.save_pretrained(ft_dir)
+    tokenizer.save_pretrained(ft_dir)
+    return pre_dir, ft_dir, TEXTS * 6
+
+
+def objective_of(pre_dir, ft_dir, groups, dtype=torch.float64):
+    model = AutoModelForCausalLM.from_pretrained(pre_dir, dtype=dtype).eval()
+    tuned = AutoModelForCausalLM.from_pretrained(ft_dir, dtype=dtype)
+    return GroupAlphaObjective(model, {n: p.detach() for n, p in tuned.named_parameters()}, groups)
+
+
+def test_the_alpha_gradient_equals_finite_differences(pair):
+    pre_dir, ft_dir, _ = pair
+    objective = objective_of(pre_dir, ft_dir, groups=2)
+    tokenizer = AutoTokenizer.from_pretrained(pre_dir)
+    batch = _encode(tokenizer, [("the patient", " takes two tablets"), "a dose of the drug"], 32)
+    alphas, mean, h = [0.3, 0.7], 0.5, 1e-5
+    _, gradient = objective.loss_and_gradient(batch, alphas, mean)
+    assert gradient[1] != 0.0
+    for k in range(2):
+        up, down = list(alphas), list(alphas)
+        up[k] += h
+        down[k] -= h
+        objective.set_alphas(up, mean)
+        with torch.no_grad():
+            high = float(objective.loss(batch))
+        objective.set_alphas(down, mean)
+        with torch.no_grad():
+            low = float(objective.loss(batch))
+        finite = (high - low) / (2 * h)
+        assert abs(gradient[k] - finite) <= 1e-3 * max(abs(finite), 1e-12), (k, gradient[k], finite)
+    assert gradient[0] == 0.0  # group 0's blocks did not change: theta_ft - theta_pre is 0 there
+
+
+def test_ratios_keep_their_mean_and_one_group_is_wise_ft(pair, tmp_path):
+    pre_dir, ft_dir, _ = pair
+    scores = torch.tensor([-3.0, 0.5, 4.0], dtype=torch.float64)
+    assert float(ratios(scores, 0.4, 0.05).mean()) == pytest.approx(0.4, abs=1e-15)
+    objective = objective_of(pre_dir, ft_dir, groups=1, dtype=torch.float32)
+    objective.set_alphas([0.3], 0.3)
+    expected = read_weights(wise_ft(pre_dir, ft_dir, 0.3, tmp_path / "wise"))
+    for name, param in objective.params.items():
+        key = name if name in expected else "model.decoder.embed_tokens.weight"  # lm_head is tied to it
+        torch.testing.assert_close(param.detach(), expected[key], rtol=0, atol=1e-6)
+
+
+def test_the_search_raises_the_ratio_of_the_group_that_was_fine_tuned_at_a_fixed_mean(pair):
+    pre_dir, ft_dir, samples = pair
+    found = search_group_alphas(pre_dir, ft_dir, samples, groups=2, mean_alpha=0.4, steps=12, learning_rate=0.5,
+                                batch_size=8, held_out=0.25, patience=12)  # fmt: skip
+    assert found.group_alphas[1] > found.group_alphas[0] + 0.1
+    assert all(abs(sum(e["group_alphas"]) / 2 - 0.4) < 1e-12 for e in found.history)  # the mean at every step
+    assert found.held_out_loss < found.uniform_loss
+    assert found.state_bytes == 2 * 4 * sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(pre_dir).parameters())
+    one = search_group_alphas(pre_dir, ft_dir, samples, groups=1, mean_alpha=0.4, steps=2, held_out=0.25)
+    assert one.group_alphas == (0.4,) and all(e["group_alphas"] == [0.4] for e in one.history)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"groups": 5}, "5 groups, but model.decoder.layers has only 4 blocks"), ({"mean_alpha": 0.0}, "mean_alpha must be in (0, 1]"),
+     ({"held_out": 1.0}, "held_out must be in [0, 1)"), ({"groups": 0}, "groups must be an integer >= 1")],
+)  # fmt: skip
+def test_bad_arguments_are_one_merge_error(pair, kwargs, message):
+    pre_dir, ft_dir, samples = pair
+    with pytest.raises(MergeError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+        search_group_alphas(pre_dir, ft_dir, samples, **kwargs)
