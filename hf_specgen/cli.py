@@ -180,7 +180,37 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--private", action="store_true", help="create the Hub repository private")
     _add_eval_parsers(commands)
     _add_fisher_parser(commands)
+    _add_hma_parser(commands)
     return parser
+
+
+def _add_hma_parser(commands: argparse._SubParsersAction) -> None:
+    hma = commands.add_parser(
+        "hma", help="search HMA's group alphas at a fixed mean on samples' likelihood, then write that merge"
+    )
+    hma.add_argument("--pretrained", required=True, help="pre-trained causal LM: directory or Hub id")
+    hma.add_argument("--finetuned", required=True, help="fine-tuned causal LM (full model): directory or Hub id")
+    hma.add_argument("--data", required=True, type=Path,
+                     help="the samples, e.g. the fine-tuned model's answers to training prompts: .json, .jsonl or a "
+                          "datasets directory, read as by specgen fisher")  # fmt: skip
+    hma.add_argument("--text-field", default="text", help="the field of the text scored (default: text)")
+    hma.add_argument("--prompt-field", help="a field of prompts, not scored, put before each text (default: none)")
+    hma.add_argument("--output-dir", required=True, type=Path,
+                     help="the merge to write; hma_search.json beside its weights holds the search")
+    hma.add_argument("--groups", type=int, default=3, help="K groups of consecutive blocks, input side first (default: 3)")
+    hma.add_argument("--mean-alpha", type=float, default=0.2, help="the ratios' fixed mean (default: 0.2)")
+    hma.add_argument("--steps", type=int, default=50, help="optimizer steps at most (default: 50)")
+    hma.add_argument("--learning-rate", type=float, default=0.1, help="Adam's learning rate on the ratio scores (default: 0.1)")
+    hma.add_argument("--batch-size", type=int, default=8, help="samples per step (default: 8)")
+    hma.add_argument("--max-length", type=int, default=256, help="tokens per sample at most (default: 256)")
+    hma.add_argument("--held-out", type=float, default=0.2, help="share of samples held out for early stopping (default: 0.2)")
+    hma.add_argument("--patience", type=int, default=10, help="steps without a better held-out loss before stopping (default: 10)")
+    hma.add_argument("--eps", type=float, default=0.05, help="floor of each group's weight, sigmoid(s) + eps (default: 0.05)")
+    hma.add_argument("--middle-penalty", type=float, default=0.0,
+                     help="lambda of sum over the middle groups of (alpha_k - mean)^2 (default: 0)")
+    hma.add_argument("--seed", type=int, default=0, help="the samples' order (default: 0)")
+    hma.add_argument("--max-shard-size", default="5GB", help="largest output shard (default: 5GB)")
+    hma.add_argument("--overwrite", action="store_true", help="replace OUTPUT_DIR if a previous merge wrote it or it is empty")
 
 
 def _add_fisher_parser(commands: argparse._SubParsersAction) -> None:
@@ -368,6 +398,48 @@ def _fisher(args: argparse.Namespace) -> None:
     print(f"wrote {output}: the {args.fisher_type} Fisher of {len(fisher)} tensors")
 
 
+def _hma(args: argparse.Namespace) -> None:
+    import json
+
+    from .merge import AlphaSchedule, MergeOptions, merge, search_group_alphas
+    from .merge.atomic import atomic_file
+    from .merge.fisher import read_texts
+    from .merge.output import check_output_dir
+    from .merge.run import check_shard_size
+
+    for option, value, least in [("--groups", args.groups, 1), ("--steps", args.steps, 1), ("--batch-size", args.batch_size, 1),
+                                 ("--max-length", args.max_length, 2), ("--patience", args.patience, 1)]:  # fmt: skip
+        if value < least:
+            raise ValueError(f"{option} must be at least {least}, got {value}")
+    for source in (args.pretrained, args.finetuned):
+        _check_model_source(source)
+    if not args.data.exists():
+        raise ValueError(f"{args.data}: no such file or directory (--data)")
+    check_shard_size(args.max_shard_size)
+    check_output_dir(args.output_dir, [args.pretrained, args.finetuned, args.data], args.overwrite)  # before searching
+    texts = read_texts(args.data, args.text_field)
+    samples: list[Any] = texts
+    if args.prompt_field:
+        prompts = read_texts(args.data, args.prompt_field)
+        samples = list(zip(prompts, texts))
+    found = search_group_alphas(
+        args.pretrained, args.finetuned, samples, groups=args.groups, mean_alpha=args.mean_alpha, eps=args.eps,
+        steps=args.steps, learning_rate=args.learning_rate, batch_size=args.batch_size, max_length=args.max_length,
+        held_out=args.held_out, patience=args.patience, middle_penalty=args.middle_penalty, seed=args.seed,
+    )  # fmt: skip
+    schedule = AlphaSchedule(group_alphas=found.group_alphas)
+    options = MergeOptions(max_shard_size=args.max_shard_size, overwrite=args.overwrite)
+    out = merge(args.pretrained, args.finetuned, schedule, args.output_dir, options)
+    record = {"group_alphas": list(found.group_alphas), "mean_alpha": found.mean_alpha, "held_out_loss": found.held_out_loss,
+              "uniform_loss": found.uniform_loss, "samples": len(samples), "state_bytes": found.state_bytes,
+              "history": found.history}  # fmt: skip
+    with atomic_file(out / "hma_search.json") as temporary:
+        Path(temporary).write_text(json.dumps(record, indent=2) + "\n")
+    ratios = ", ".join(f"{a:.4g}" for a in found.group_alphas)
+    print(f"wrote {out}: group alphas {ratios} (mean {found.mean_alpha:g}); held-out loss {found.held_out_loss:.4f}, "
+          f"uniform {found.uniform_loss:.4f}")  # fmt: skip
+
+
 def _causal_lm(source: str, dtype: str, device: str | None) -> tuple[Any, Any]:
     """The model (in `dtype`, on `device`) and its tokenizer; one line where either cannot be loaded."""
     import torch
@@ -423,6 +495,8 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             _report(args)
         elif args.command == "fisher":
             _fisher(args)
+        elif args.command == "hma":
+            _hma(args)
         elif args.command == "push":
             push_merge(args.directory, args.repo_id, private=args.private)
             print(f"pushed {args.directory} to {args.repo_id}")

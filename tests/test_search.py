@@ -3,6 +3,7 @@ problem whose answer is known (only one group of blocks was fine-tuned)."""
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -106,3 +107,47 @@ def test_bad_arguments_are_one_merge_error(pair, kwargs, message):
     pre_dir, ft_dir, samples = pair
     with pytest.raises(MergeError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
         search_group_alphas(pre_dir, ft_dir, samples, **kwargs)
+
+
+def test_specgen_hma_searches_then_writes_the_merge_and_the_search(pair, tmp_path, capsys):
+    from hf_specgen.cli import main
+
+    pre_dir, ft_dir, samples = pair
+    data = tmp_path / "samples.jsonl"
+    data.write_text("".join(json.dumps({"prompt": text.split()[0], "text": " " + " ".join(text.split()[1:])}) + "\n"
+                            for text in samples))  # fmt: skip
+    out = tmp_path / "hma"
+    argv = ["hma", "--pretrained", str(pre_dir), "--finetuned", str(ft_dir), "--data", str(data), "--prompt-field", "prompt",
+            "--groups", "2", "--mean-alpha", "0.4", "--steps", "6", "--learning-rate", "0.5", "--held-out", "0.25",
+            "--output-dir", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    search = json.loads((out / "hma_search.json").read_text())
+    config = json.loads((out / "merge_config.json").read_text())
+    assert config["schedule"]["group_alphas"] == search["group_alphas"] and search["samples"] == len(samples)
+    assert search["group_alphas"][1] > search["group_alphas"][0] and len(search["history"]) == 6
+    assert search["held_out_loss"] < search["uniform_loss"]
+    assert AutoModelForCausalLM.from_pretrained(out) is not None
+    assert capsys.readouterr().out.startswith(f"wrote {out}: group alphas ")
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [({"--output-dir": "PRE/inside"}, "lies inside"), ({"--data": "missing.jsonl"}, "missing.jsonl: no such file or directory (--data)"),
+     ({"--groups": "5"}, "5 groups, but model.decoder.layers has only 4 blocks"), ({"--steps": "0"}, "--steps must be at least 1, got 0")],
+)  # fmt: skip
+def test_specgen_hma_bad_input_is_one_line_and_writes_nothing(pair, tmp_path, capsys, change, message):
+    from hf_specgen.cli import main
+
+    pre_dir, ft_dir, samples = pair
+    data = tmp_path / "samples.json"
+    data.write_text(json.dumps(samples))
+    options = {"--pretrained": str(pre_dir), "--finetuned": str(ft_dir), "--data": str(data), "--output-dir": str(tmp_path / "out"),
+               "--steps": "2"}  # fmt: skip
+    options.update({k: v.replace("PRE", str(pre_dir)) if k == "--output-dir" else str(tmp_path / v) if k == "--data" else v
+                    for k, v in change.items()})  # fmt: skip
+    with pytest.raises(SystemExit) as exited:
+        main(["hma", *[x for pair_ in options.items() for x in pair_]])
+    assert exited.value.code == 2
+    error = capsys.readouterr().err
+    assert error.startswith("specgen: error: ") and message in error and error.count("\n") == 1
+    assert not (tmp_path / "out").exists() and not (pre_dir / "inside").exists()

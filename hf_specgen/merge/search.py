@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from .checkpoint import Checkpoint, resolve
 from .errors import MergeError
 from .schedule import block_counts, find_block
 
@@ -69,12 +70,7 @@ class GroupAlphaObjective:
         for name, param in self.params.items():
             if tuple(finetuned[name].shape) != tuple(param.shape):
                 raise MergeError(f"{name}: shape {tuple(param.shape)} in pretrained, {tuple(finetuned[name].shape)} in finetuned")
-        counts = block_counts(list(self.params))
-        if not counts:
-            raise MergeError("no transformer blocks found in the parameter names (layers.N., h.N., blocks.N., ...)")
-        small = [(stack, n) for stack, n in counts.items() if n < groups]
-        if small:
-            raise MergeError(f"{groups} groups, but {small[0][0]} has only {small[0][1]} blocks")
+        counts = check_groups(list(self.params), groups)
         self.groups = groups
         self.group_of: dict[str, int | None] = {}
         for name in self.params:
@@ -118,6 +114,17 @@ class GroupAlphaObjective:
             if group is not None and param.grad is not None:
                 gradient[group] += float(torch.dot(param.grad.flatten().double(), self.delta[name].flatten().double()))
         return float(loss.detach()), gradient
+
+
+def check_groups(names: Sequence[str], groups: int) -> dict[str, int]:
+    """The blocks of each stack in `names`; a `MergeError` where there are none or fewer than `groups`."""
+    counts = block_counts(names)
+    if not counts:
+        raise MergeError("no transformer blocks found in the parameter names (layers.N., h.N., blocks.N., ...)")
+    small = [(stack, n) for stack, n in counts.items() if n < groups]
+    if small:
+        raise MergeError(f"{groups} groups, but {small[0][0]} has only {small[0][1]} blocks")
+    return counts
 
 
 def ratios(scores: torch.Tensor, mean: float, eps: float) -> torch.Tensor:
@@ -175,6 +182,7 @@ def search_group_alphas(
         raise MergeError(f"held_out must be in [0, 1), got {held_out!r}")
     if len(samples) < (2 if held_out else 1):
         raise MergeError(f"search_group_alphas needs samples (got {len(samples)}; with held_out, at least 2)")
+    check_groups(Checkpoint(resolve(pretrained)).keys(), groups)  # before loading anything
     tokenizer = _tokenizer(AutoTokenizer, finetuned, pretrained)
     model = AutoModelForCausalLM.from_pretrained(pretrained, dtype=torch.float32)
     tuned = AutoModelForCausalLM.from_pretrained(finetuned, dtype=torch.float32)
