@@ -101,7 +101,8 @@ def test_the_search_raises_the_ratio_of_the_group_that_was_fine_tuned_at_a_fixed
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [({"groups": 5}, "5 groups, but model.decoder.layers has only 4 blocks"), ({"mean_alpha": 0.0}, "mean_alpha must be in (0, 1]"),
-     ({"held_out": 1.0}, "held_out must be in [0, 1)"), ({"groups": 0}, "groups must be an integer >= 1")],
+     ({"held_out": 1.0}, "held_out must be in [0, 1)"), ({"groups": 0}, "groups must be an integer >= 1"),
+     ({"eps": -0.1}, "eps must be a finite number >= 0"), ({"learning_rate": float("nan")}, "learning_rate must be a finite number > 0")],
 )  # fmt: skip
 def test_bad_arguments_are_one_merge_error(pair, kwargs, message):
     pre_dir, ft_dir, samples = pair

@@ -13,6 +13,7 @@ the model plus two copies of its parameters (`theta_pre` and the difference), in
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -178,6 +179,10 @@ def search_group_alphas(
         raise MergeError(f"groups must be an integer >= 1, got {groups!r}")
     if not (isinstance(mean_alpha, (int, float)) and 0.0 < mean_alpha <= 1.0):
         raise MergeError(f"mean_alpha must be in (0, 1], got {mean_alpha!r}")
+    for name, value, positive in (("eps", eps, False), ("learning_rate", learning_rate, True),
+                                  ("middle_penalty", middle_penalty, False)):  # fmt: skip
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and (value > 0 if positive else value >= 0)):
+            raise MergeError(f"{name} must be a finite number {'> 0' if positive else '>= 0'}, got {value!r}")
     if not 0.0 <= held_out < 1.0:
         raise MergeError(f"held_out must be in [0, 1), got {held_out!r}")
     if len(samples) < (2 if held_out else 1):
