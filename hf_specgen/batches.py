@@ -56,3 +56,26 @@ def reference_inputs(model: nn.Module, inputs: dict[str, Any], label_names: Sequ
             )
         kept["decoder_input_ids"] = base.prepare_decoder_input_ids_from_labels(labels=labels)
     return kept
+
+
+def right_padded(rows: Sequence[Sequence[int]], labels: Sequence[Sequence[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """A causal LM batch from token rows: `input_ids` right-padded with `pad_id`, `attention_mask`,
+    and `labels` (each row's own, e.g. -100 on a prompt) with -100 on the padding.
+
+    Args:
+        rows: token ids, one list per example.
+        labels: one list per example, as long as its row.
+        pad_id: the padding token id.
+
+    Returns:
+        `{"input_ids", "attention_mask", "labels"}`, long tensors of shape (examples, longest row).
+    """
+    width = max(len(row) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    padded_labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    for i, (row, label) in enumerate(zip(rows, labels)):
+        input_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        attention_mask[i, : len(row)] = 1
+        padded_labels[i, : len(label)] = torch.tensor(label, dtype=torch.long)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": padded_labels}

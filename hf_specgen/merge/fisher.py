@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from ..anchor import DenseDelta, is_peft_model
+from ..batches import right_padded
 from ..regularizers import EWC, ImportanceSample
 from .atomic import atomic_file
 from .errors import MergeWarning
@@ -152,14 +153,7 @@ def _batches(encoded: list[list[int]], batch_size: int, pad_id: int, device: tor
     """Right-padded batches whose labels are the inputs (-100 on padding): each text is its own target."""
     for start in range(0, len(encoded), batch_size):
         rows = encoded[start : start + batch_size]
-        width = max(len(r) for r in rows)
-        input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        labels = torch.full((len(rows), width), -100, dtype=torch.long)
-        for i, row in enumerate(rows):
-            ids = torch.tensor(row, dtype=torch.long)
-            input_ids[i, : len(row)], attention_mask[i, : len(row)], labels[i, : len(row)] = ids, 1, ids
-        yield {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device), "labels": labels.to(device)}
+        yield {key: tensor.to(device) for key, tensor in right_padded(rows, rows, pad_id).items()}
 
 
 def estimate_fisher(

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from ..batches import right_padded
 from .checkpoint import Checkpoint, resolve
 from .errors import MergeError
 from .schedule import block_counts, find_block
@@ -198,12 +199,12 @@ def search_group_alphas(
     order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(seed)).tolist()
     cut = max(1, round(len(samples) * held_out)) if held_out else 0
     held, train = [samples[i] for i in order[:cut]], [samples[i] for i in order[cut:]]
-    held_batch = _encode(tokenizer, held, max_length) if held else None
+    held_batch = _encode(tokenizer, held or train, max_length)  # without held-out samples: the training loss decides
 
     def held_loss(alphas: Sequence[float]) -> float:
         objective.set_alphas(alphas, mean_alpha)
         with torch.no_grad():
-            return float(objective.loss(held_batch if held_batch is not None else _encode(tokenizer, train, max_length)))
+            return float(objective.loss(held_batch))
 
     scores = torch.zeros(groups, dtype=torch.float64, requires_grad=True)  # K = 1: exactly the mean
     optimizer = torch.optim.Adam([scores], lr=learning_rate)
@@ -257,13 +258,7 @@ def _encode(tokenizer: Any, samples: Sequence[Sample], max_length: int) -> dict[
         ids = (prompt_ids + completion_ids)[:max_length]
         rows.append(ids)
         labels.append(([-100] * len(prompt_ids) + completion_ids)[:max_length])
-    width = max(map(len, rows))
-    if width < 2 or all(all(label == -100 for label in row[1:]) for row in labels):
+    if max(map(len, rows)) < 2 or all(all(label == -100 for label in row[1:]) for row in labels):
         raise MergeError("the samples have no completion tokens to score")
-    pad = tokenizer.pad_token_id
-    return {
-        "input_ids": torch.tensor([r + [pad] * (width - len(r)) for r in rows]),
-        "attention_mask": torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows]),
-        "labels": torch.tensor([r + [-100] * (width - len(r)) for r in labels]),
-    }
+    return right_padded(rows, labels, tokenizer.pad_token_id)
 
