@@ -190,11 +190,18 @@ def _add_hma_parser(commands: argparse._SubParsersAction) -> None:
     )
     hma.add_argument("--pretrained", required=True, help="pre-trained causal LM: directory or Hub id")
     hma.add_argument("--finetuned", required=True, help="fine-tuned causal LM (full model): directory or Hub id")
-    hma.add_argument("--data", required=True, type=Path,
-                     help="the samples, e.g. the fine-tuned model's answers to training prompts: .json, .jsonl or a "
-                          "datasets directory, read as by specgen fisher")  # fmt: skip
+    samples = hma.add_mutually_exclusive_group(required=True)
+    samples.add_argument("--data", type=Path,
+                         help="the samples, e.g. the fine-tuned model's answers to training prompts: .json, .jsonl or a "
+                              "datasets directory, read as by specgen fisher")  # fmt: skip
+    samples.add_argument("--generate-from", type=Path, metavar="PROMPTS",
+                         help="prompts (.json, .jsonl or a datasets directory) that the fine-tuned model answers greedily; "
+                              "the answers are the samples, as in the paper (--prompt-field names the prompts' field)")  # fmt: skip
     hma.add_argument("--text-field", default="text", help="the field of the text scored (default: text)")
-    hma.add_argument("--prompt-field", help="a field of prompts, not scored, put before each text (default: none)")
+    hma.add_argument("--prompt-field",
+                     help="a field of prompts, not scored, put before each text (default: none; with --generate-from: prompt)")
+    hma.add_argument("--max-new-tokens", type=int, default=64,
+                     help="with --generate-from: tokens generated per prompt at most (default: 64)")
     hma.add_argument("--output-dir", required=True, type=Path,
                      help="the merge to write; hma_search.json beside its weights holds the search")
     hma.add_argument("--groups", type=int, default=3, help="K groups of consecutive blocks, input side first (default: 3)")
@@ -401,27 +408,34 @@ def _fisher(args: argparse.Namespace) -> None:
 def _hma(args: argparse.Namespace) -> None:
     import json
 
-    from .merge import AlphaSchedule, MergeOptions, merge, search_group_alphas
+    from .merge import AlphaSchedule, MergeOptions, generate_completions, merge, search_group_alphas
     from .merge.atomic import atomic_file
     from .merge.fisher import read_texts
     from .merge.output import check_output_dir
     from .merge.run import check_shard_size
 
     for option, value, least in [("--groups", args.groups, 1), ("--steps", args.steps, 1), ("--batch-size", args.batch_size, 1),
-                                 ("--max-length", args.max_length, 2), ("--patience", args.patience, 1)]:  # fmt: skip
+                                 ("--max-length", args.max_length, 2), ("--patience", args.patience, 1),
+                                 ("--max-new-tokens", args.max_new_tokens, 1)]:  # fmt: skip
         if value < least:
             raise ValueError(f"{option} must be at least {least}, got {value}")
     for source in (args.pretrained, args.finetuned):
         _check_model_source(source)
-    if not args.data.exists():
-        raise ValueError(f"{args.data}: no such file or directory (--data)")
+    data, option = (args.data, "--data") if args.data is not None else (args.generate_from, "--generate-from")
+    if not data.exists():
+        raise ValueError(f"{data}: no such file or directory ({option})")
     check_shard_size(args.max_shard_size)
-    check_output_dir(args.output_dir, [args.pretrained, args.finetuned, args.data], args.overwrite)  # before searching
-    texts = read_texts(args.data, args.text_field)
-    samples: list[Any] = texts
-    if args.prompt_field:
-        prompts = read_texts(args.data, args.prompt_field)
-        samples = list(zip(prompts, texts))
+    check_output_dir(args.output_dir, [args.pretrained, args.finetuned, data], args.overwrite)  # before searching
+    samples: list[Any]
+    if args.generate_from is not None:
+        prompts = read_texts(data, args.prompt_field or "prompt")
+        model, tokenizer = _causal_lm(args.finetuned, "float32", None)
+        samples = generate_completions(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+        del model
+    else:
+        samples = read_texts(data, args.text_field)
+        if args.prompt_field:
+            samples = list(zip(read_texts(data, args.prompt_field), samples))
     found = search_group_alphas(
         args.pretrained, args.finetuned, samples, groups=args.groups, mean_alpha=args.mean_alpha, eps=args.eps,
         steps=args.steps, learning_rate=args.learning_rate, batch_size=args.batch_size, max_length=args.max_length,
@@ -433,6 +447,8 @@ def _hma(args: argparse.Namespace) -> None:
     record = {"group_alphas": list(found.group_alphas), "mean_alpha": found.mean_alpha, "held_out_loss": found.held_out_loss,
               "uniform_loss": found.uniform_loss, "samples": len(samples), "state_bytes": found.state_bytes,
               "history": found.history}  # fmt: skip
+    if args.generate_from is not None:  # what the search scored: the fine-tuned model's answers
+        record["generated"] = [{"prompt": prompt, "completion": completion} for prompt, completion in samples]
     with atomic_file(out / "hma_search.json") as temporary:
         Path(temporary).write_text(json.dumps(record, indent=2) + "\n")
     ratios = ", ".join(f"{a:.4g}" for a in found.group_alphas)

@@ -152,3 +152,51 @@ def test_specgen_hma_bad_input_is_one_line_and_writes_nothing(pair, tmp_path, ca
     error = capsys.readouterr().err
     assert error.startswith("specgen: error: ") and message in error and error.count("\n") == 1
     assert not (tmp_path / "out").exists() and not (pre_dir / "inside").exists()
+
+
+def test_generate_completions_are_the_models_greedy_answers_and_restore_the_tokenizer(pair):
+    from hf_specgen.merge import generate_completions
+
+    _, ft_dir, _ = pair
+    model = AutoModelForCausalLM.from_pretrained(ft_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(ft_dir)
+    prompts = ["the patient", "a dose of the drug lowers", "take"]  # different lengths: left padding matters
+    pairs = generate_completions(model, tokenizer, prompts, max_new_tokens=5, batch_size=2)
+    assert [p for p, _ in pairs] == prompts
+    for prompt, completion in pairs:  # each equals the answer generated alone, without padding
+        ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        alone = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        assert completion == tokenizer.decode(alone[0, ids.shape[1]:], skip_special_tokens=True)
+    assert pairs[0][1].endswith("es two")  # the fine-tune's sentence, "the patient takes two tablets", in tiny BPE pieces
+    assert tokenizer.padding_side == "right" and not model.training
+
+
+@pytest.mark.parametrize(("prompts", "kwargs", "message"), [
+    ([], {}, "needs prompts"), (["ok", " "], {}, "prompt 1 is empty"), (["ok"], {"max_new_tokens": 0}, "max_new_tokens must be"),
+])  # fmt: skip
+def test_generate_completions_bad_input(pair, prompts, kwargs, message):
+    from hf_specgen.merge import generate_completions
+
+    _, ft_dir, _ = pair
+    with pytest.raises(MergeError, match=message):
+        generate_completions(AutoModelForCausalLM.from_pretrained(ft_dir), AutoTokenizer.from_pretrained(ft_dir), prompts, **kwargs)
+
+
+def test_specgen_hma_generate_from_scores_the_finetuned_models_answers(pair, tmp_path):
+    from hf_specgen.cli import main
+
+    pre_dir, ft_dir, _ = pair
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": text.split()[0] + " " + text.split()[1]}) + "\n" for text in TEXTS * 3))
+    out = tmp_path / "hma"
+    argv = ["hma", "--pretrained", str(pre_dir), "--finetuned", str(ft_dir), "--generate-from", str(prompts),
+            "--max-new-tokens", "6", "--groups", "2", "--mean-alpha", "0.4", "--steps", "4", "--learning-rate", "0.5",
+            "--held-out", "0.25", "--output-dir", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    search = json.loads((out / "hma_search.json").read_text())
+    generated = search["generated"]
+    assert len(generated) == search["samples"] == 12 and generated[0]["prompt"] == "the patient"
+    assert generated[0]["completion"].startswith("kes two")  # "the patient takes two ...", in tiny BPE pieces
+    assert search["group_alphas"][1] > search["group_alphas"][0]  # the fine-tuned group's answers pull its ratio up
+    with pytest.raises(SystemExit):  # --data and --generate-from exclude each other
+        main([*argv[:5], "--data", str(prompts), *argv[5:]])

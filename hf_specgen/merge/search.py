@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +27,17 @@ from .errors import MergeError
 from .schedule import block_counts, find_block
 
 Sample = str | tuple[str, str]  # a text, or (prompt, completion): only the completion is scored
+Batch = dict[str, torch.Tensor]
+Loss = Callable[[torch.nn.Module, Batch], torch.Tensor]  # (model, batch) -> the mean loss of the batch
+
+
+def causal_lm_loss(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    """The mean negative log-likelihood per scored token of `batch` (labels -100 are not scored)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    labels = batch["labels"][:, 1:]
+    logits = logits[:, :-1].flatten(0, 1)
+    logits = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
+    return torch.nn.functional.cross_entropy(logits, labels.flatten(), ignore_index=-100, reduction="mean")
 
 
 @dataclass
@@ -61,10 +72,15 @@ class GroupAlphaObjective:
         model: the pre-trained model (its parameters are overwritten with the merge).
         finetuned: the fine-tuned model's parameters by name (same names and shapes).
         groups: the number of groups of contiguous blocks.
+        loss: `(model, batch) -> mean loss`, what the ratios minimize: by default a causal LM's
+            negative log-likelihood per scored token (`causal_lm_loss`); a recipe gives its own,
+            e.g. a classifier's cross-entropy against the fine-tuned model's predictions.
     """
 
-    def __init__(self, model: torch.nn.Module, finetuned: dict[str, torch.Tensor], groups: int) -> None:
-        self.model = model
+    def __init__(
+        self, model: torch.nn.Module, finetuned: dict[str, torch.Tensor], groups: int, loss: Loss = causal_lm_loss
+    ) -> None:
+        self.model, self.loss_function = model, loss
         self.params = dict(model.named_parameters())  # tied weights once
         missing = sorted(set(self.params) - set(finetuned))
         if missing:
@@ -94,16 +110,12 @@ class GroupAlphaObjective:
                 alpha = mean if group is None else alphas[group]
                 param.copy_(torch.add(self.pre[name], self.delta[name], alpha=float(alpha)))
 
-    def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The mean negative log-likelihood per scored token of `batch` (labels -100 are not scored)."""
-        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        labels = batch["labels"][:, 1:]
-        logits = logits[:, :-1].flatten(0, 1)
-        logits = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
-        return torch.nn.functional.cross_entropy(logits, labels.flatten(), ignore_index=-100, reduction="mean")
+    def loss(self, batch: Batch) -> torch.Tensor:
+        """The loss of the model as it stands (the last `set_alphas`) on `batch`."""
+        return self.loss_function(self.model, batch)
 
     def loss_and_gradient(
-        self, batch: dict[str, torch.Tensor], alphas: Sequence[float], mean: float
+        self, batch: Batch, alphas: Sequence[float], mean: float
     ) -> tuple[float, list[float]]:
         """The loss at `alphas` and `dloss/dalpha_k = sum over group k of <dloss/dtheta, theta_ft - theta_pre>`."""
         self.set_alphas(alphas, mean)
@@ -176,14 +188,7 @@ def search_group_alphas(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if not (isinstance(groups, int) and groups >= 1):
-        raise MergeError(f"groups must be an integer >= 1, got {groups!r}")
-    if not (isinstance(mean_alpha, (int, float)) and 0.0 < mean_alpha <= 1.0):
-        raise MergeError(f"mean_alpha must be in (0, 1], got {mean_alpha!r}")
-    for name, value, positive in (("eps", eps, False), ("learning_rate", learning_rate, True),
-                                  ("middle_penalty", middle_penalty, False)):  # fmt: skip
-        if not (isinstance(value, (int, float)) and math.isfinite(value) and (value > 0 if positive else value >= 0)):
-            raise MergeError(f"{name} must be a finite number {'> 0' if positive else '>= 0'}, got {value!r}")
+    check_search_options(groups, mean_alpha, eps=eps, learning_rate=learning_rate, middle_penalty=middle_penalty)
     if not 0.0 <= held_out < 1.0:
         raise MergeError(f"held_out must be in [0, 1), got {held_out!r}")
     if len(samples) < (2 if held_out else 1):
@@ -194,12 +199,63 @@ def search_group_alphas(
     tuned = AutoModelForCausalLM.from_pretrained(finetuned, dtype=torch.float32)
     objective = GroupAlphaObjective(model, {n: p.detach() for n, p in tuned.named_parameters()}, groups)
     del tuned
-    model.eval()  # no dropout: the same loss for the same ratios
 
     order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(seed)).tolist()
     cut = max(1, round(len(samples) * held_out)) if held_out else 0
     held, train = [samples[i] for i in order[:cut]], [samples[i] for i in order[cut:]]
     held_batch = _encode(tokenizer, held or train, max_length)  # without held-out samples: the training loss decides
+    encoded: dict[int, Batch] = {}  # by the first sample's index: a pass over the samples repeats its batches
+
+    def train_batch(step: int) -> Batch:
+        first = step * batch_size % len(train)
+        if first not in encoded:
+            rows = [train[(first + i) % len(train)] for i in range(min(batch_size, len(train)))]
+            encoded[first] = _encode(tokenizer, rows, max_length)
+        return encoded[first]
+
+    return optimize_group_alphas(objective, train_batch, held_batch, mean_alpha=mean_alpha, eps=eps, steps=steps,
+                                 learning_rate=learning_rate, patience=patience, middle_penalty=middle_penalty)  # fmt: skip
+
+
+def check_search_options(groups: int, mean_alpha: float, **nonnegative: float) -> None:
+    """One `MergeError` per bad option of a ratio search: `groups` an integer >= 1, `mean_alpha`
+    in (0, 1], and each of `nonnegative` a finite number >= 0 (`learning_rate` > 0)."""
+    if isinstance(groups, bool) or not (isinstance(groups, int) and groups >= 1):
+        raise MergeError(f"groups must be an integer >= 1, got {groups!r}")
+    if isinstance(mean_alpha, bool) or not (isinstance(mean_alpha, (int, float)) and 0.0 < mean_alpha <= 1.0):
+        raise MergeError(f"mean_alpha must be in (0, 1], got {mean_alpha!r}")
+    for name, value in nonnegative.items():
+        positive = name == "learning_rate"
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and (value > 0 if positive else value >= 0)):
+            raise MergeError(f"{name} must be a finite number {'> 0' if positive else '>= 0'}, got {value!r}")
+
+
+def optimize_group_alphas(
+    objective: GroupAlphaObjective,
+    train_batch: Callable[[int], Batch],
+    held_batch: Batch,
+    *,
+    mean_alpha: float,
+    eps: float = 0.05,
+    steps: int = 50,
+    learning_rate: float = 0.1,
+    patience: int = 10,
+    middle_penalty: float = 0.0,
+) -> GroupSearch:
+    """The search itself, over any model and loss: Adam on the ratio scores, early-stopped on `held_batch`.
+
+    Args:
+        objective: the model, the fine-tuned weights, the groups and the loss.
+        train_batch: the batch of an optimizer step (0, 1, ...).
+        held_batch: the batch whose loss chooses the ratios and stops the search.
+        mean_alpha, eps, steps, learning_rate, patience, middle_penalty: as in `search_group_alphas`.
+
+    Returns:
+        The `GroupSearch`: the ratios with the lowest held-out loss, and the path to them.
+    """
+    groups = objective.groups
+    check_search_options(groups, mean_alpha, eps=eps, learning_rate=learning_rate, middle_penalty=middle_penalty)
+    objective.model.eval()  # no dropout: the same loss for the same ratios
 
     def held_loss(alphas: Sequence[float]) -> float:
         objective.set_alphas(alphas, mean_alpha)
@@ -213,9 +269,8 @@ def search_group_alphas(
     result = GroupSearch(tuple(uniform), float(mean_alpha), best_loss, best_loss, state_bytes=objective.state_bytes)
     stale = 0
     for step in range(steps):
-        batch = [train[(step * batch_size + i) % len(train)] for i in range(min(batch_size, len(train)))]
         alphas = ratios(scores, mean_alpha, eps)
-        loss, gradient = objective.loss_and_gradient(_encode(tokenizer, batch, max_length), alphas.tolist(), mean_alpha)
+        loss, gradient = objective.loss_and_gradient(train_batch(step), alphas.tolist(), mean_alpha)
         optimizer.zero_grad()
         surrogate = torch.dot(alphas, torch.tensor(gradient, dtype=torch.float64))  # d/ds of the loss through the ratios
         if middle_penalty and groups > 2:
@@ -233,6 +288,7 @@ def search_group_alphas(
             if stale >= patience:
                 break
     result.group_alphas, result.held_out_loss = tuple(best), best_loss
+    objective.set_alphas(best, mean_alpha)  # the model left at the chosen ratios
     return result
 
 

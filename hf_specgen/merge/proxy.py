@@ -1,0 +1,66 @@
+"""Proxy samples for the ratio search: prompts answered by the fine-tuned model.
+
+The alignment-tax paper's HMA scores a merge by how likely it makes what the fine-tuned model
+itself says ("proxy distillation"), not the training targets: the fine-tuned model's greedy
+answers to the training prompts. `generate_completions` makes those `(prompt, completion)` pairs,
+which `search_group_alphas` scores on the completion only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from .errors import MergeError
+
+
+def generate_completions(
+    model: Any, tokenizer: Any, prompts: Sequence[str], *, max_new_tokens: int = 64, batch_size: int = 8
+) -> list[tuple[str, str]]:
+    """The model's greedy completion of each prompt, as `(prompt, completion)` pairs.
+
+    Args:
+        model: a causal LM (e.g. the fine-tuned model), in evaluation mode for the call.
+        tokenizer: its tokenizer; prompts are left-padded in batches (its padding side is restored).
+        prompts: the prompts, each non-empty.
+        max_new_tokens: tokens generated per prompt at most (fewer where the model ends its answer).
+        batch_size: prompts per `generate` call.
+
+    Returns:
+        One pair per prompt, in order; the completion is the decoded new tokens without special tokens.
+
+    Raises:
+        MergeError: no prompts, an empty prompt, or a bad `max_new_tokens` / `batch_size`.
+    """
+    if not prompts:
+        raise MergeError("generate_completions needs prompts (got none)")
+    empty = [i for i, prompt in enumerate(prompts) if not isinstance(prompt, str) or not prompt.strip()]
+    if empty:
+        raise MergeError(f"prompt {empty[0]} is empty or not a string: every prompt needs text to answer")
+    for name, value in (("max_new_tokens", max_new_tokens), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise MergeError(f"{name} must be an integer >= 1, got {value!r}")
+    side, pad_token, was_training = tokenizer.padding_side, tokenizer.pad_token, model.training
+    if pad_token is None:
+        if tokenizer.eos_token is None:
+            raise MergeError("the tokenizer has neither a padding nor an end-of-text token to pad prompts with")
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"  # generation continues every row from its last real token
+    model.eval()
+    pairs = []
+    try:
+        for start in range(0, len(prompts), batch_size):
+            chunk = list(prompts[start : start + batch_size])
+            encoded = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
+            encoded = {key: value.to(model.device) for key, value in encoded.items()}
+            with torch.no_grad():
+                output = model.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=False,
+                                        pad_token_id=tokenizer.pad_token_id)
+            new = output[:, encoded["input_ids"].shape[1] :]
+            pairs += zip(chunk, tokenizer.batch_decode(new, skip_special_tokens=True))
+    finally:
+        tokenizer.padding_side, tokenizer.pad_token = side, pad_token
+        model.train(was_training)
+    return pairs
