@@ -23,12 +23,16 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import torch
+import torch.nn.functional as F
 from transformers import CLIPModel, CLIPProcessor
 
 from hf_specgen import SpecGenTrainer, SpecGenTrainingArguments
 from hf_specgen.data.image_classification import ClassPromptCollator, class_prompt_loss, freeze_text_tower
-from hf_specgen.eval.clip import accuracy, zero_shot_head
-from hf_specgen.experiment import ConfigError, Recipe, check_model, is_local_path, load_split
+from hf_specgen.eval.clip import accuracy, pixel_logits, zero_shot_head
+from hf_specgen.experiment import ConfigError, ExperimentArguments, Recipe, check_model, is_local_path, load_split
+from hf_specgen.merge import GroupSearch
+from hf_specgen.merge.search import GroupAlphaObjective, optimize_group_alphas, row_batches
 
 TEMPLATES = [
     "a photo of a {}.", "a low-resolution photo of a {}.", "a close-up photo of the {}.", "a drawing of a {}.",
@@ -173,6 +177,31 @@ class ClipImageNet(Recipe):
             }
             for role, sets in self._sets.items()
         }
+
+    def search_group_alphas(
+        self, finetuned: Path, groups: int, mean_alpha: float, experiment: ExperimentArguments
+    ) -> GroupSearch:
+        """HMA's ratios on the first `hma_max_samples` training images: the merged model's cross-entropy,
+        under the training classifier (`templates[0]`), against the fine-tuned model's predicted classes
+        (`generated`, the paper's proxy) or the labels (`targets`)."""
+        o = self.options
+        data = self.train_data.select(range(min(experiment.hma_max_samples, len(self.train_data))))
+        processor = CLIPProcessor.from_pretrained(self.pretrained)
+        model = CLIPModel.from_pretrained(self.pretrained, dtype=torch.float32)
+        tuned = CLIPModel.from_pretrained(finetuned, dtype=torch.float32).eval()
+        head = zero_shot_head(model, processor, self._train_names, o.templates[:1])  # the frozen text tower's: every merge's
+        pixels = processor(images=[image.convert("RGB") for image in data[o.image_column]], return_tensors="pt")["pixel_values"]
+        if experiment.hma_samples == "generated":
+            with torch.no_grad():
+                labels = pixel_logits(tuned, pixels, head).argmax(-1)
+        else:
+            labels = torch.tensor(data[o.label_column])
+        objective = GroupAlphaObjective(
+            model, {name: p.detach() for name, p in tuned.named_parameters()}, groups,
+            loss=lambda merged, batch: F.cross_entropy(pixel_logits(merged, batch["pixel_values"], head), batch["labels"]),
+        )  # fmt: skip
+        train_batch, held_batch = row_batches({"pixel_values": pixels, "labels": labels}, batch_size=16, seed=self.seed)
+        return optimize_group_alphas(objective, train_batch, held_batch, mean_alpha=mean_alpha, steps=experiment.hma_steps)
 
     def fingerprint(self) -> dict[str, Any]:
         o = self.options

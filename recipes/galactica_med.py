@@ -22,9 +22,10 @@ from typing import Any
 from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq
 
 from hf_specgen import SpecGenTrainer, SpecGenTrainingArguments
-from hf_specgen.data.medmcqa import TRAINING_COLUMNS, tokenize_for_training
+from hf_specgen.data.medmcqa import TRAINING_COLUMNS, answer, doc_to_text, tokenize_for_training
 from hf_specgen.eval.suites import LM_SUITES, check_suites, evaluate_suites
-from hf_specgen.experiment import Recipe, check_model, is_local_path, load_split
+from hf_specgen.experiment import ExperimentArguments, Recipe, check_model, is_local_path, load_split
+from hf_specgen.merge import GroupSearch, generate_completions, search_group_alphas
 
 
 @dataclass
@@ -43,6 +44,9 @@ class MedMCQAArguments:
     eval_limit: int | None = field(default=None, metadata={"help": "At most N examples per task (quick runs)."})
     eval_num_fewshot: int | None = field(default=None, metadata={"help": "Few-shot examples per question (lm-eval)."})
     eval_batch_size: int = field(default=16, metadata={"help": "Evaluation batch size."})
+    hma_max_new_tokens: int = field(
+        default=32, metadata={"help": "HMA with generated samples: answer tokens generated per prompt at most (one line kept)."}
+    )
 
 
 class GalacticaMed(Recipe):
@@ -81,6 +85,24 @@ class GalacticaMed(Recipe):
         return evaluate_suites(model, options.eval_suites, tokenizer=tokenizer, limit=options.eval_limit,
                                num_fewshot=options.eval_num_fewshot, batch_size=options.eval_batch_size)  # fmt: skip
 
+    def search_group_alphas(
+        self, finetuned: Path, groups: int, mean_alpha: float, experiment: ExperimentArguments
+    ) -> GroupSearch:
+        """HMA's ratios on the first `hma_max_samples` training questions: each prompt with the fine-tuned
+        model's greedy answer, its first line (`generated`), or the correct option's text (`targets`)."""
+        docs = self.train_data.select(range(min(experiment.hma_max_samples, len(self.train_data))))
+        prompts = [doc_to_text(doc) for doc in docs]
+        if experiment.hma_samples == "generated":
+            model, tokenizer = AutoModelForCausalLM.from_pretrained(finetuned), AutoTokenizer.from_pretrained(finetuned)
+            answers = generate_completions(model, tokenizer, prompts, max_new_tokens=self.options.hma_max_new_tokens,
+                                           batch_size=self.options.eval_batch_size)  # fmt: skip
+            completions = [completion.split("\n")[0] + "\n" for _, completion in answers]  # an answer is one line
+        else:
+            completions = [f" {answer(doc)}\n" for doc in docs]  # as `tokenize_for_training` trains it
+        return search_group_alphas(self.pretrained, finetuned, list(zip(prompts, completions)), groups=groups,
+                                   mean_alpha=mean_alpha, steps=experiment.hma_steps, max_length=self.options.max_length,
+                                   seed=self.seed)  # fmt: skip
+
     def fingerprint(self) -> dict[str, Any]:
         o = self.options
         return {"recipe": self.name, "model": o.model_name_or_path, "data": [o.dataset_name, o.train_split, o.max_train_samples],
@@ -89,6 +111,9 @@ class GalacticaMed(Recipe):
     def eval_fingerprint(self) -> dict[str, Any]:
         o = self.options
         return {"suites": o.eval_suites, "limit": o.eval_limit, "fewshot": o.eval_num_fewshot}
+
+    def hma_fingerprint(self) -> dict[str, Any]:
+        return {"max_new_tokens": self.options.hma_max_new_tokens}
 
 
 if __name__ == "__main__":

@@ -64,9 +64,15 @@ def image_logits(
         for batch in tqdm(batches, total=total, desc="images", unit="batch", leave=False):
             images = [image.convert("RGB") for image in batch[image_column]]
             pixels = processor(images=images, return_tensors="pt")["pixel_values"].to(device)
-            embeds = F.normalize(model.get_image_features(pixel_values=pixels).pooler_output, dim=-1)
-            out.append(embeds @ head.to(embeds.dtype).T)
+            out.append(pixel_logits(model, pixels, head))
     return torch.cat(out)
+
+
+def pixel_logits(model: CLIPModel, pixel_values: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
+    """`[batch, classes]` logits of processed images against `head`: the normalized image embeddings
+    times the head (differentiable with respect to the image tower)."""
+    embeds = F.normalize(model.get_image_features(pixel_values=pixel_values).pooler_output, dim=-1)
+    return embeds @ head.to(embeds.dtype).T
 
 
 def accuracy(

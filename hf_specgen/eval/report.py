@@ -24,6 +24,7 @@ from typing import Any
 from matplotlib.figure import Figure
 
 REFERENCE_METHODS = ("pre-trained", "zero-shot")  # the starting point, drawn apart from the curves
+SELECTION_RULES = ("auto", "hma")  # ResultRecord.selection["rule"]
 KEEP_SPECIALITY = 0.95  # the summary's point: most general among those keeping this share of the best speciality
 DEFAULT_TITLE = "Speciality vs generality"
 _PATHS = {"json": "report.json", "markdown": "report.md", "plot": "report.png"}
@@ -67,6 +68,10 @@ class ResultRecord:
     # how the merge at `alpha` was made beyond one alpha for every tensor: `AlphaSchedule.describe()`
     # (e.g. {"kind": "groups", "group_alphas": [...], "mean_alpha": alpha, ...}); None: plain WiSE-FT
     merge: dict[str, Any] | None = None
+    # how the point was chosen rather than swept: {"rule": "auto", "keep", "floor", "evaluations", ...}
+    # (`select_alpha`'s pick) or {"rule": "hma", "held_out_loss", "uniform_loss", ...} (a ratio search's
+    # merge); None: a grid point
+    selection: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         """Validates every field here, so a bad record fails where it is made or read, not in a plot."""
@@ -87,6 +92,12 @@ class ResultRecord:
             if self.alpha is None:
                 raise ValueError("merge describes a merge's schedule: it needs the merge's (mean) alpha")
             self.merge = dict(self.merge)
+        if self.selection is not None:
+            if not isinstance(self.selection, Mapping) or self.selection.get("rule") not in SELECTION_RULES:
+                raise ValueError(f"selection must be a mapping whose rule is one of {SELECTION_RULES}, or null, got {self.selection!r}")
+            if self.alpha is None:
+                raise ValueError("selection describes a chosen merge: it needs the merge's (mean) alpha")
+            self.selection = dict(self.selection)
 
     @property
     def speciality_score(self) -> float:
@@ -101,7 +112,10 @@ class ResultRecord:
         """What distinguishes this record within its method, e.g. `l2_lambda=0.1, alpha=0.5`."""
         parts = [f"{self.hyperparameter}={self.value:g}"] if self.hyperparameter is not None else []
         if self.alpha is not None:
-            parts.append(f"alpha={self.alpha:g}" + (f" ({schedule_summary(self.merge)})" if self.merge else ""))
+            notes = [schedule_summary(self.merge)] if self.merge else []
+            if self.selection is not None:
+                notes.insert(0, selection_summary(self.selection))
+            parts.append(f"alpha={self.alpha:g}" + (f" ({'; '.join(notes)})" if notes else ""))
         return ", ".join(parts)
 
     @property
@@ -204,21 +218,31 @@ def best_generality(records: Sequence[ResultRecord], keep: float = KEEP_SPECIALI
 
 
 def _order(record: ResultRecord) -> tuple:
-    """Method, then strength, then alpha (unmerged counts as alpha 1: the fine-tuned weights)."""
+    """Method, then strength, then grid before chosen points, then alpha (unmerged counts as alpha 1:
+    the fine-tuned weights)."""
     value = (record.value is not None, record.value or 0.0)
-    return record.method, value, 1.0 if record.alpha is None else record.alpha
+    chosen = "" if record.selection is None else record.selection["rule"]
+    return record.method, value, chosen, 1.0 if record.alpha is None else record.alpha
 
 
 def schedule_summary(schedule: Mapping[str, Any]) -> str:
     """A short label of a merge schedule, e.g. `groups 0.25/0.5/0.75` or `3 rules, linear only`."""
     kind = schedule["kind"]
     if kind == "groups":
-        text = "groups " + "/".join(f"{a:g}" for a in schedule.get("group_alphas", []))
+        text = "groups " + "/".join(f"{a:.3g}" for a in schedule.get("group_alphas", []))
     elif kind == "rules":
         text = f"{len(schedule.get('rules', []))} rules"
     else:
         text = kind
     return text + (", linear only" if schedule.get("linear_only") else "")
+
+
+def selection_summary(selection: Mapping[str, Any]) -> str:
+    """A short label of how a point was chosen, e.g. `auto: keeps 95% of the gain, 5 evaluations` or `HMA search`."""
+    if selection["rule"] == "auto":
+        text = f"auto: keeps {selection.get('keep', 0):.0%} of the gain, {selection.get('evaluations', '?')} evaluations"
+        return text + ("" if selection.get("monotone", True) else ", not monotone")
+    return f"HMA search, {selection.get('samples', 'samples')}"
 
 
 def _cell(text: str) -> str:
@@ -258,18 +282,29 @@ def plot(records: Sequence[ResultRecord], path: str | os.PathLike, title: str = 
     ax = figure.add_subplot()
     methods = dict.fromkeys(r.method for r in sorted(records, key=_order) if r.method not in REFERENCE_METHODS)
     origin = [r for r in records if r.method in REFERENCE_METHODS][:1]  # alpha 0 of every WiSE-FT curve
+    chosen_markers = {"auto": "D", "hma": "^"}
     for method in methods:
-        curve = sorted((r for r in records if r.method == method), key=_order)
+        curve = sorted((r for r in records if r.method == method and r.selection is None), key=_order)
         line = origin + curve if all(r.alpha is not None for r in curve) else curve
         strengths = {(r.hyperparameter, r.value) for r in curve}
         label, annotate = method, (lambda r: r.setting)
         if len(strengths) == 1 and all(r.alpha is not None for r in curve):  # one strength: in the legend; alphas on the points
             (name, value), annotate = strengths.pop(), (lambda r: f"{r.alpha:g}")
             label = f"{method} ({name}={value:g})" if name is not None else method
-        ax.plot([r.speciality_score for r in line], [r.generality_score for r in line], marker="o", label=label, markevery=slice(len(line) - len(curve), None))
+        (drawn,) = ax.plot([r.speciality_score for r in line], [r.generality_score for r in line], marker="o", label=label,
+                           markevery=slice(len(line) - len(curve), None))  # fmt: skip
         for r in curve:
             ax.annotate(annotate(r), (r.speciality_score, r.generality_score), xytext=(4, 4),
                         textcoords="offset points", fontsize=7)  # fmt: skip
+        for r in (r for r in records if r.method == method and r.selection is not None):  # chosen, not swept: apart
+            rule = r.selection["rule"]
+            ax.scatter([r.speciality_score], [r.generality_score], marker=chosen_markers[rule], s=70, color=drawn.get_color(),
+                       edgecolors="black", zorder=5)  # fmt: skip
+            ax.annotate(f"{'auto' if rule == 'auto' else 'HMA'} {r.alpha:g}", (r.speciality_score, r.generality_score),
+                        xytext=(4, -9), textcoords="offset points", fontsize=7)  # fmt: skip
+    for rule, what in (("auto", "auto-alpha pick"), ("hma", "HMA ratio search")):
+        if any(r.selection is not None and r.selection["rule"] == rule for r in records):
+            ax.scatter([], [], marker=chosen_markers[rule], s=70, color="white", edgecolors="black", label=what)
     references = [r for r in records if _is_reference(r)]
     if references:
         ax.scatter([r.speciality_score for r in references], [r.generality_score for r in references],
@@ -284,6 +319,33 @@ def plot(records: Sequence[ResultRecord], path: str | os.PathLike, title: str = 
     path = Path(path)
     figure.savefig(path, dpi=120)
     return path
+
+
+def chosen_points(records: Sequence[ResultRecord]) -> str:
+    """Markdown lines on the points chosen rather than swept: each auto-alpha pick (its alpha, floor
+    and evaluations) and each HMA merge beside the uniform merge of its method at the same mean
+    alpha, where the records hold one. Empty without chosen points."""
+    lines = []
+    for r in sorted((r for r in records if r.selection is not None), key=_order):
+        chosen = r.selection
+        if chosen["rule"] == "auto":
+            lines.append(f"- {r.method}: auto alpha {r.alpha:g} (speciality {r.speciality_score:.3f} >= floor "
+                         f"{chosen.get('floor', math.nan):.3f}, generality {r.generality_score:.3f}) after "
+                         f"{chosen.get('evaluations', '?')} evaluations ({chosen.get('reused', 0)} reused from the grid)"
+                         + ("" if chosen.get("monotone", True) else "; " + chosen.get("reason", "")))  # fmt: skip
+            continue
+        uniform = [u for u in records if u.method == r.method and u.value == r.value and u.alpha == r.alpha
+                   and u.selection is None and u.merge is None]  # fmt: skip
+        ratios = "/".join(f"{a:.3g}" for a in (r.merge or {}).get("group_alphas", []))
+        text = (f"- {r.method}: HMA ratios {ratios} (mean {r.alpha:g}): speciality {r.speciality_score:.3f}, "
+                f"generality {r.generality_score:.3f}")  # fmt: skip
+        if uniform:
+            u = uniform[0]
+            text += (f"; uniform alpha {u.alpha:g}: {u.speciality_score:.3f}, {u.generality_score:.3f} "
+                     f"(HMA {r.speciality_score - u.speciality_score:+.3f} speciality, "
+                     f"{r.generality_score - u.generality_score:+.3f} generality)")  # fmt: skip
+        lines.append(text)
+    return "\n".join(lines)
 
 
 def _summary(records: Sequence[ResultRecord], keep: float) -> str:
@@ -319,7 +381,9 @@ def write_report(
         "best_generality": index[id(best_generality(records, keep))],
         "keep_speciality": keep,
     }
-    markdown = f"# {title}\n\n{markdown_table(records)}\n\n{_summary(records, keep)}\n\n![{title}]({_PATHS['plot']})\n"
+    chosen = chosen_points(records)
+    chosen = f"Chosen, not swept:\n\n{chosen}\n\n" if chosen else ""
+    markdown = f"# {title}\n\n{markdown_table(records)}\n\n{_summary(records, keep)}\n\n{chosen}![{title}]({_PATHS['plot']})\n"
     return _write_atomically(output_dir, report, markdown, lambda path: plot(records, path, title=title))
 
 

@@ -68,6 +68,7 @@ def _preset(parser: argparse.ArgumentParser, path: Path) -> dict[str, Any]:
     if not isinstance(values, dict):
         raise ConfigError(f"config {path} must be a mapping of field names to values")
     actions = {action.dest: action for action in parser._actions}
+    values = _flatten(values, actions, path)
     unknown = sorted(key for key in values if key not in actions or key == "config")
     if unknown:
         raise ConfigError(f"config {path}: unknown field(s) {unknown}")
@@ -80,6 +81,25 @@ def _preset(parser: argparse.ArgumentParser, path: Path) -> dict[str, Any]:
             raise ConfigError(f"config {path}: invalid value {value!r} for {key}: {error}") from error
         action.required = False  # given by the preset
     return converted
+
+
+def _flatten(values: dict[str, Any], actions: dict[str, Any], path: Path) -> dict[str, Any]:
+    """A mapping under a key that is no field stands for the fields it prefixes:
+    `hma: {groups: 3, mean_alphas: [0.2]}` is `hma_groups: 3` and `hma_mean_alphas: [0.2]`."""
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict) and key not in actions:
+            unknown = sorted(sub for sub in value if f"{key}_{sub}" not in actions)
+            if unknown:
+                raise ConfigError(f"config {path}: unknown field(s) {[f'{key}.{sub}' for sub in unknown]}")
+            items = {f"{key}_{sub}": item for sub, item in value.items()}
+        else:
+            items = {key: value}
+        for name, item in items.items():
+            if name in flat:
+                raise ConfigError(f"config {path}: {name} is given twice")
+            flat[name] = item
+    return flat
 
 
 def _convert(action: argparse.Action, value: Any) -> Any:

@@ -22,6 +22,7 @@ from ..args import SpecGenTrainingArguments
 from ..eval.report import KEEP_SPECIALITY
 from ..eval.suites import Role
 from ..merge.schedule import AlphaSchedule
+from ..merge.search import GroupSearch
 from .config import ConfigError, check_finite, parse_config
 from .methods import DEFAULT_METHODS, METHODS
 from .sources import is_local_path
@@ -36,9 +37,49 @@ class ExperimentArguments:
         metadata={"help": f"Methods to fine-tune with: {', '.join(METHODS)}, or '+' combinations (e.g. kd+feature); "
                   f"default {' '.join(DEFAULT_METHODS)}. Each regularizer's strength is its <name>_lambda."},
     )
-    alphas: list[float] = field(
-        default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0],
-        metadata={"help": "WiSE-FT alphas merged and scored for every method (0: pre-trained, 1: fine-tuned)."},
+    alphas: list[str] = field(
+        default_factory=lambda: ["0", "0.25", "0.5", "0.75", "1"],
+        metadata={"help": "WiSE-FT alphas merged and scored for every method (0: pre-trained, 1: fine-tuned), and/or "
+                  "`auto`: the most general alpha keeping auto_keep of the fine-tune's speciality gain, found by "
+                  "bisection (`hf_specgen.merge.select_alpha`), e.g. `auto` alone or `0 0.5 1 auto`. After parsing, "
+                  "alphas holds the numbers and `auto` has set auto_alpha."},
+    )
+    auto_alpha: bool = field(
+        default=False,
+        metadata={"help": "Choose an alpha per method automatically (what `auto` in alphas switches on): the grid's "
+                  "scored points are reused, and every point the search scores is recorded."},
+    )
+    auto_keep: float = field(
+        default=0.95,
+        metadata={"help": "With alphas auto: the share of the fine-tune's speciality gain over the pre-trained model "
+                  "that the chosen alpha keeps (floor = s(0) + auto_keep * (s(1) - s(0))), in (0, 1]."},
+    )
+    auto_budget: int = field(
+        default=6, metadata={"help": "With alphas auto: evaluations at most besides the two ends (alpha 0 and 1)."}
+    )
+    hma_groups: int | None = field(
+        default=None,
+        metadata={"help": "HMA points: search this many layer-group ratios (consecutive blocks, input side first) at "
+                  "each of hma_mean_alphas for every method (`hf_specgen.merge.search_group_alphas`), merge and score "
+                  "them; the uniform merge at each mean is scored too, for comparison. YAML: `hma: {groups: 3, "
+                  "mean_alphas: [0.2, 0.5]}`. Default: no HMA points."},
+    )
+    hma_mean_alphas: list[float] = field(
+        default_factory=lambda: [0.2, 0.5], metadata={"help": "HMA: the fixed means of the ratios searched, each in (0, 1]."}
+    )
+    hma_samples: str = field(
+        default="generated",
+        metadata={"help": "HMA's samples: `generated` (the fine-tuned model's answers to training prompts, the paper's "
+                  "proxy) or `targets` (the training data's own answers or labels).",
+                  "choices": ["generated", "targets"]},
+    )
+    hma_max_samples: int = field(default=64, metadata={"help": "HMA: training examples the samples come from, at most."})
+    hma_steps: int = field(default=30, metadata={"help": "HMA: optimizer steps of the ratio search, at most."})
+    publish_point: str = field(
+        default="best",
+        metadata={"help": "With push_to_hub: `best` publishes the most general point keeping keep_speciality of the best "
+                  "speciality; `auto`, the most general of the methods' auto-alpha picks (needs alphas auto).",
+                  "choices": ["best", "auto"]},
     )
     merge_group_alphas: list[float] | None = field(
         default=None,
@@ -67,6 +108,8 @@ class ExperimentArguments:
     report_title: str | None = field(default=None, metadata={"help": "Title of the report's table and plot."})
 
     def __post_init__(self) -> None:
+        self.alphas, auto = _grid_and_auto(self.alphas)
+        self.auto_alpha = self.auto_alpha or auto
         check_finite(self)  # first: NaN passes every range check below
         if any(not 0.0 <= a <= 1.0 for a in self.alphas):
             raise ValueError(f"alphas must lie in [0, 1], got {self.alphas}")
@@ -82,13 +125,28 @@ class ExperimentArguments:
             raise ValueError(f"lora_learning_rate must be > 0, got {self.lora_learning_rate}")
         if not 0.0 < self.keep_speciality <= 1.0:
             raise ValueError(f"keep_speciality must be in (0, 1], got {self.keep_speciality}")
-
+        if not 0.0 < self.auto_keep <= 1.0:
+            raise ValueError(f"auto_keep must be in (0, 1], got {self.auto_keep}")
+        if self.auto_budget < 1:
+            raise ValueError(f"auto_budget must be >= 1, got {self.auto_budget}")
+        if self.publish_point == "auto" and not self.auto_alpha:
+            raise ValueError("publish_point auto publishes an auto-alpha pick: add auto to alphas")
+        if self.hma_groups is not None:
+            if self.hma_groups < 1:
+                raise ValueError(f"hma_groups must be >= 1, got {self.hma_groups}")
+            if not self.hma_mean_alphas or any(not 0.0 < a <= 1.0 for a in self.hma_mean_alphas):
+                raise ValueError(f"hma_mean_alphas must be one or more means in (0, 1], got {self.hma_mean_alphas}")
+            for name in ("hma_max_samples", "hma_steps"):
+                if getattr(self, name) < (2 if name == "hma_max_samples" else 1):
+                    raise ValueError(f"{name} must be >= {2 if name == 'hma_max_samples' else 1}, got {getattr(self, name)}")
+        if not self.alphas and not self.auto_alpha:
+            raise ValueError("alphas is empty: give alphas to merge, or auto")
 
     def _check_group_shape(self) -> None:
         shape = self.merge_group_alphas
         if not shape or statistics.fmean(shape) <= 0 or any(a < 0 for a in shape):
             raise ValueError(f"merge_group_alphas must be non-negative ratios with a positive mean, got {shape}")
-        for alpha in self.alphas:
+        for alpha in [*self.alphas, *(self.hma_mean_alphas if self.hma_groups is not None else [])]:
             scaled = [a * alpha / statistics.fmean(shape) for a in shape]
             if max(scaled) > 1.0:
                 raise ValueError(
@@ -101,6 +159,22 @@ class ExperimentArguments:
         if self.merge_group_alphas is None:
             return None
         return AlphaSchedule(group_alphas=tuple(self.merge_group_alphas)).at_mean(alpha)
+
+
+def _grid_and_auto(alphas: list[Any]) -> tuple[list[float], bool]:
+    """`alphas` as given (numbers, number strings, `auto`) -> (the numbers, whether `auto` was named)."""
+    numbers, auto = [], False
+    for item in alphas:
+        if isinstance(item, str) and item.strip().lower() == "auto":
+            if auto:
+                raise ValueError("alphas names auto twice")
+            auto = True
+            continue
+        try:
+            numbers.append(float(item))
+        except (TypeError, ValueError):
+            raise ValueError(f"alphas: {item!r} is neither a number in [0, 1] nor auto") from None
+    return numbers, auto
 
 
 class Recipe(ABC):
@@ -157,6 +231,31 @@ class Recipe(ABC):
     @abstractmethod
     def evaluate(self, model_dir: Path) -> dict[Role, dict[str, float]]:
         """`{"speciality": {metric: score}, "generality": {...}}` of a saved model (main process only)."""
+
+    def search_group_alphas(
+        self, finetuned: Path, groups: int, mean_alpha: float, experiment: ExperimentArguments
+    ) -> GroupSearch:
+        """HMA's ratio search on this recipe's model and data, for an HMA point (`hma_groups`).
+
+        Recipes that offer HMA points override it: samples from `experiment.hma_max_samples`
+        training examples (`hma_samples`: the fine-tuned model's answers or the data's targets),
+        the model's loss on them, `experiment.hma_steps` steps (`hf_specgen.merge.search_group_alphas`
+        for causal LMs; `optimize_group_alphas` with a loss of its own otherwise).
+
+        Args:
+            finetuned: the full fine-tuned model's directory (a LoRA run's adapter already merged).
+            groups: K, the number of ratios.
+            mean_alpha: their fixed mean.
+            experiment: the options (`hma_samples`, `hma_max_samples`, `hma_steps`).
+
+        Returns:
+            The `GroupSearch` whose ratios the loop merges and scores.
+        """
+        raise NotImplementedError(f"{self.name} has no HMA ratio search")
+
+    def hma_fingerprint(self) -> dict[str, Any]:
+        """The recipe's own options that change its HMA search's samples (keys the HMA records; default none)."""
+        return {}
 
     @abstractmethod
     def fingerprint(self) -> dict[str, Any]:

@@ -27,8 +27,10 @@ from accelerate import PartialState
 from transformers.trainer_utils import get_last_checkpoint
 
 from ..args import SpecGenTrainingArguments
-from ..eval.report import DEFAULT_TITLE, ResultRecord, best_generality, markdown_table, write_report
-from ..merge import MergeOptions, merge, merge_sweep
+from ..eval.report import DEFAULT_TITLE, ResultRecord, best_generality, markdown_table, schedule_summary, write_report
+from ..merge import AlphaSchedule, MergeError, MergeOptions, merge, merge_sweep, select_alpha
+from ..merge.checkpoint import Checkpoint, resolve
+from ..merge.search import check_groups
 from ..merge.wise_ft import alpha_dirname
 from .config import ConfigError
 from .methods import Method, parse_methods
@@ -59,15 +61,18 @@ def run_experiment(
         check_paths(recipe.local_paths())
         created = check_output_dir(root)  # before the model and data load, let alone get scored
         recipe.prepare()
+        if experiment.hma_groups is not None:
+            _check_hma(recipe, experiment.hma_groups)
     except BaseException as error:
         remove_created(created)  # nothing is written when the configuration cannot run
         if isinstance(error, ValueError) and not isinstance(error, ConfigError):  # a method, suite or option
             raise ConfigError(str(error)) from error
         raise
-    records = [_reference(recipe, root, state)]
+    reference = _reference(recipe, root, state)
+    records = [reference]
     runs = [_Run(recipe, method, experiment, base, root) for method in methods]
     for run in runs:
-        records += run.execute(state)
+        records += run.execute(state, reference)
     if state.is_main_process:
         title = experiment.report_title or f"{recipe.name}: {DEFAULT_TITLE.lower()}"
         write_report(records, root, title=title, keep=experiment.keep_speciality)
@@ -76,6 +81,16 @@ def run_experiment(
                 publish(records, runs, experiment.keep_speciality, base, hub_api)
     state.wait_for_everyone()
     return records
+
+
+def _check_hma(recipe: Recipe, groups: int) -> None:
+    """HMA points need the recipe's ratio search and a model with at least `groups` blocks per stack."""
+    if type(recipe).search_group_alphas is Recipe.search_group_alphas:
+        raise ConfigError(f"recipe {recipe.name} has no HMA ratio search (search_group_alphas): remove hma_groups")
+    try:
+        check_groups(Checkpoint(resolve(recipe.pretrained)).keys(), groups)
+    except MergeError as error:
+        raise ConfigError(f"hma_groups {groups}: {error}") from error
 
 
 @contextlib.contextmanager
@@ -137,24 +152,115 @@ class _Run:
         self.directory = self.root / "runs" / f"{self.method.name}-{_key(self.recipe.fingerprint(), training, lora)}"
         self.finetuned = self.directory / "finetuned"
         self.records = self.directory / f"records-{_key(self.recipe.eval_fingerprint())}"
-        self.alphas = [a for a in self.experiment.alphas if a > 0]  # alpha 0 is the pre-trained model itself
+        # alpha 0 is the pre-trained model itself; HMA's means are scored uniformly too, to compare
+        hma_means = self.experiment.hma_mean_alphas if self.experiment.hma_groups is not None else []
+        self.alphas = [a for a in dict.fromkeys([*self.experiment.alphas, *hma_means]) if a > 0]
 
     def record_path(self, alpha: float) -> Path:
-        shape = self.experiment.merge_group_alphas
-        groups = "" if shape is None else "-groups-" + "_".join(f"{a:g}" for a in shape)
-        return self.records / f"{alpha_dirname(alpha)}{groups}.json"
+        return self.records / f"{alpha_dirname(alpha)}{self.groups_suffix()}.json"
 
-    def execute(self, state: PartialState) -> list[ResultRecord]:
+    def groups_suffix(self) -> str:
+        shape = self.experiment.merge_group_alphas
+        return "" if shape is None else "-groups-" + "_".join(f"{a:g}" for a in shape)
+
+    def auto_path(self) -> Path:
+        e = self.experiment
+        return self.records / f"auto-keep-{e.auto_keep:g}-budget-{e.auto_budget}{self.groups_suffix()}.json"
+
+    def hma_path(self, mean: float) -> Path:
+        e = self.experiment
+        own = self.recipe.hma_fingerprint()
+        return self.records / (f"hma-{e.hma_groups}-mean-{mean:g}-{e.hma_samples}-{e.hma_max_samples}-{e.hma_steps}"
+                               + (f"-{_key(own)}" if own else "") + ".json")  # fmt: skip
+
+    def execute(self, state: PartialState, reference: ResultRecord) -> list[ResultRecord]:
         if not self.finetuned.is_dir():
             self.train(state)
         if state.is_main_process:
             with _one_process_models():
                 self.score_merges()
+                if self.experiment.auto_alpha and not self.auto_path().is_file():
+                    self.select(reference)
+                for mean in self.experiment.hma_mean_alphas if self.experiment.hma_groups is not None else []:
+                    if not self.hma_path(mean).is_file():
+                        self.search_hma(mean)
         state.wait_for_everyone()
         records = [ResultRecord.load(self.record_path(a)) for a in self.alphas]
+        if self.experiment.auto_alpha:  # the points the search scored besides the grid, then its pick
+            pick = ResultRecord.load(self.auto_path())
+            records += [ResultRecord.load(self.record_path(a)) for a in pick.selection["scored"] if a not in self.alphas]
+            records.append(pick)
+        if self.experiment.hma_groups is not None:
+            records += [ResultRecord.load(self.hma_path(mean)) for mean in self.experiment.hma_mean_alphas]
         if state.is_main_process:
             self.summarize(records)
         return records
+
+    def select(self, reference: ResultRecord) -> None:
+        """The auto-alpha pick (`select_alpha`), each point it needs scored once: a point the grid
+        (or an earlier search) recorded is read, a new one merged, scored and recorded like a grid point."""
+        shape = self.experiment.merge_schedule(1.0)
+        upper = shape.max_mean if shape is not None else 1.0
+        reused = []
+
+        def evaluate(alpha: float) -> tuple[float, float]:
+            if self.record_path(alpha).is_file():
+                reused.append(alpha)
+            else:
+                self.score_merges([alpha])
+            record = ResultRecord.load(self.record_path(alpha))
+            return record.speciality_score, record.generality_score
+
+        e = self.experiment
+        choice = select_alpha(evaluate, keep=e.auto_keep, budget=e.auto_budget, upper=upper,
+                              known={0.0: (reference.speciality_score, reference.generality_score)})  # fmt: skip
+        inner = sorted(a for a in choice.evaluated if 0.0 < a < upper)  # what the bracket scored besides the ends
+        selection = {"rule": "auto", "keep": e.auto_keep, "budget": e.auto_budget, "floor": choice.floor,
+                     "evaluations": len(inner), "reused": len([a for a in reused if a in inner]),
+                     "scored": [a for a in sorted(choice.evaluated) if a > 0], "monotone": choice.monotone,
+                     "reason": choice.reason}  # fmt: skip
+        if choice.alpha > 0:
+            point = ResultRecord.load(self.record_path(choice.alpha))
+        else:  # no speciality gained: the pre-trained model keeps all of it
+            hyperparameter, value = self.method.hyperparameter(self.base, self.experiment.lora_r)
+            point = ResultRecord(method=self.method.name, alpha=0.0, hyperparameter=hyperparameter, value=value,
+                                 speciality=reference.speciality, generality=reference.generality)  # fmt: skip
+        dataclasses.replace(point, selection=selection).save(self.auto_path())
+
+    def search_hma(self, mean: float) -> None:
+        """HMA at `mean`: the recipe's ratio search on the full fine-tuned model (a LoRA run's adapter
+        merged at alpha 1 for it), then that merge scored and recorded with its ratios and search."""
+        e = self.experiment
+        start = time.perf_counter()
+        with self._full_finetuned() as finetuned:
+            found = self.recipe.search_group_alphas(finetuned, e.hma_groups, mean, e)
+        search_s = round(time.perf_counter() - start, 1)
+        schedule = AlphaSchedule(group_alphas=found.group_alphas)
+        target = self.directory / "merged" / f"hma-{e.hma_groups}-mean-{mean:g}"
+        merge(self.recipe.pretrained, self.finetuned, schedule, target, MergeOptions(overwrite="any"))
+        selection = {"rule": "hma", "samples": e.hma_samples, "max_samples": e.hma_max_samples,
+                     "held_out_loss": found.held_out_loss, "uniform_loss": found.uniform_loss,
+                     "steps": len(found.history), "loss_curve": [h["held_out_loss"] for h in found.history],
+                     "state_bytes": found.state_bytes}  # fmt: skip
+        self._score(mean, target, kept=e.keep_merged_models, merge=schedule.describe(), selection=selection,
+                    path=self.hma_path(mean), search_s=search_s)  # fmt: skip
+        if not e.keep_merged_models:
+            shutil.rmtree(target)
+            with contextlib.suppress(OSError):
+                target.parent.rmdir()
+
+    @contextlib.contextmanager
+    def _full_finetuned(self) -> Iterator[Path]:
+        """The fine-tuned model as a full checkpoint: the run's own, or its LoRA adapter merged at alpha 1
+        into a directory removed afterwards."""
+        if not self.method.lora:
+            yield self.finetuned
+            return
+        target = self.directory / "finetuned-merged"
+        try:
+            yield merge(self.recipe.pretrained, self.finetuned, 1.0, target, MergeOptions(overwrite="any"))
+        finally:
+            shutil.rmtree(target, ignore_errors=True)
 
     def train(self, state: PartialState) -> None:
         model, processor = self.recipe.load_model()
@@ -194,29 +300,39 @@ class _Run:
         )  # fmt: skip
         return get_peft_model(model, config)
 
-    def score_merges(self) -> None:
-        """Merges and scores the alphas without a record (alpha 1 of a full fine-tune is the model itself)."""
-        missing = [a for a in self.alphas if not self.record_path(a).is_file()]
+    def score_merges(self, alphas: list[float] | None = None) -> None:
+        """Merges and scores the alphas (default: the run's) without a record (alpha 1 of a full
+        fine-tune is the model itself)."""
+        missing = [a for a in (self.alphas if alphas is None else alphas) if not self.record_path(a).is_file()]
         direct = {1.0: self.finetuned} if 1.0 in missing and not self.method.lora else {}
         to_merge = [a for a in missing if a not in direct]
         merged_root = self.directory / "merged"
         models = dict(direct)
         if to_merge:
             models.update(self._merge(to_merge, merged_root))
-        training = self.training_log()
-        hyperparameter, value = self.method.hyperparameter(self.base, self.experiment.lora_r)
         for alpha in missing:
-            start = time.perf_counter()
-            scores = self.recipe.evaluate(models[alpha])
-            kept = alpha in direct or self.experiment.keep_merged_models
             schedule = self.experiment.merge_schedule(alpha)
-            ResultRecord(
-                method=self.method.name, alpha=alpha, hyperparameter=hyperparameter, value=value, **scores,
-                cost={"train_s": training["train_s"], "eval_s": round(time.perf_counter() - start, 1)},
-                model=str(models[alpha]) if kept else None, merge=schedule.describe() if schedule else None,
-            ).save(self.record_path(alpha))  # fmt: skip
-        if merged_root.is_dir() and not self.experiment.keep_merged_models:
-            shutil.rmtree(merged_root)
+            self._score(alpha, models[alpha], kept=alpha in direct or self.experiment.keep_merged_models,
+                        merge=schedule.describe() if schedule else None, path=self.record_path(alpha))  # fmt: skip
+        if not self.experiment.keep_merged_models:
+            for alpha in to_merge:
+                shutil.rmtree(models[alpha])
+            with contextlib.suppress(OSError):  # empty unless an earlier run kept merges there
+                merged_root.rmdir()
+
+    def _score(self, alpha: float, model: Path, *, kept: bool, path: Path, search_s: float | None = None,
+               merge: dict[str, Any] | None = None, selection: dict[str, Any] | None = None) -> None:  # fmt: skip
+        """Scores `model` (the merge at `alpha`) and writes its record to `path`."""
+        hyperparameter, value = self.method.hyperparameter(self.base, self.experiment.lora_r)
+        start = time.perf_counter()
+        scores = self.recipe.evaluate(model)
+        cost = {"train_s": self.training_log()["train_s"], "eval_s": round(time.perf_counter() - start, 1)}
+        if search_s is not None:
+            cost["search_s"] = search_s
+        ResultRecord(
+            method=self.method.name, alpha=alpha, hyperparameter=hyperparameter, value=value, **scores, cost=cost,
+            model=str(model) if kept else None, merge=merge, selection=selection,
+        ).save(path)  # fmt: skip
 
     def _merge(self, alphas: list[float], merged_root: Path) -> dict[float, Path]:
         """Sweeps `alphas` into `merged_root/alpha-<a>/`, beside the merges an earlier run kept there
@@ -243,9 +359,16 @@ class _Run:
 
     def summarize(self, records: list[ResultRecord]) -> None:
         training = self.training_log()
-        points = " | ".join(f"alpha {r.alpha:g}: {r.speciality_score:.3f} / {r.generality_score:.3f}" for r in records)
+        points = " | ".join(f"alpha {r.alpha:g}{_chosen(r)}: {r.speciality_score:.3f} / {r.generality_score:.3f}"
+                            for r in records)  # fmt: skip
         print(f"[{self.recipe.name}] {self.method.name}: {training['steps']} steps in {training['train_s']:.0f} s; "
               f"speciality / generality {points}", flush=True)  # fmt: skip
+
+
+def _chosen(record: ResultRecord) -> str:
+    if record.selection is None:
+        return ""
+    return " (auto)" if record.selection["rule"] == "auto" else " (HMA " + schedule_summary(record.merge or {"kind": "?"}) + ")"
 
 
 def _free_memory() -> None:
@@ -254,18 +377,28 @@ def _free_memory() -> None:
         torch.cuda.empty_cache()
 
 
+def _schedule_of(record: ResultRecord) -> AlphaSchedule | float:
+    """What merges `record`'s point again: its group alphas (a group shape or an HMA search), or its alpha."""
+    if record.merge is not None and record.merge["kind"] == "groups":
+        return AlphaSchedule(group_alphas=tuple(record.merge["group_alphas"]), outside_alpha=record.merge.get("outside_alpha"))
+    return record.alpha
+
+
 def publish(
     records: list[ResultRecord], runs: list[_Run], keep: float, base: SpecGenTrainingArguments, hub_api: Any = None
 ) -> Path:
     """Merges the chosen point again (at its alpha) and pushes it with the report's table in its card.
 
     The rule: among the fine-tuned points keeping at least `keep` of the best speciality, the most
-    general one (`best_generality`)."""
+    general one (`best_generality`); with `publish_point` auto, among the methods' auto-alpha picks."""
     by_method = {run.method.name: run for run in runs}
-    pick = best_generality([r for r in records if r.method in by_method], keep)
+    candidates = [r for r in records if r.method in by_method]
+    if runs and runs[0].experiment.publish_point == "auto":  # the auto-alpha picks only
+        candidates = [r for r in candidates if r.selection is not None and r.selection["rule"] == "auto"]
+    pick = best_generality(candidates, keep)
     run = by_method[pick.method]
     print(f"[{run.recipe.name}] publishing {pick.label} ({_scores(pick)}) to {base.hub_model_id}", flush=True)
-    schedule = run.experiment.merge_schedule(pick.alpha) or pick.alpha
+    schedule = _schedule_of(pick)
     return merge(
         run.recipe.pretrained, run.finetuned, schedule, Path(base.output_dir) / "published", MergeOptions(overwrite="any"),
         push_to_hub=base.hub_model_id, private=bool(base.hub_private_repo), scores=markdown_table(records), hub_api=hub_api,

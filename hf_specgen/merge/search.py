@@ -217,6 +217,40 @@ def search_group_alphas(
                                  learning_rate=learning_rate, patience=patience, middle_penalty=middle_penalty)  # fmt: skip
 
 
+def row_batches(
+    rows: Batch, *, held_out: float = 0.2, batch_size: int = 8, seed: int = 0
+) -> tuple[Callable[[int], Batch], Batch]:
+    """Splits a batch of equal-length rows (e.g. images and their labels) into the search's step
+    batches and its held-out batch, in a seeded order, for `optimize_group_alphas`.
+
+    Args:
+        rows: tensors with one row per sample along their first dimension.
+        held_out: the share of rows held out (at least one row when > 0; 0: none, the training rows
+            are the held-out batch too).
+        batch_size: rows per step; the steps cycle over the training rows.
+        seed: the order of the rows.
+
+    Returns:
+        `(train_batch, held_batch)`: the batch of step `i`, and the held-out batch.
+    """
+    count = len(next(iter(rows.values())))
+    if any(len(value) != count for value in rows.values()):
+        raise MergeError("row_batches: the tensors differ in their number of rows")
+    if count < (2 if held_out else 1):
+        raise MergeError(f"the ratio search needs samples (got {count}; with held_out, at least 2)")
+    order = torch.randperm(count, generator=torch.Generator().manual_seed(seed))
+    cut = max(1, round(count * held_out)) if held_out else 0
+    held, train = order[:cut], order[cut:]
+    size = min(batch_size, len(train))
+
+    def train_batch(step: int) -> Batch:
+        first = step * size % len(train)
+        index = train[(torch.arange(size) + first) % len(train)]
+        return {key: value[index] for key, value in rows.items()}
+
+    return train_batch, {key: value[held if cut else train] for key, value in rows.items()}
+
+
 def check_search_options(groups: int, mean_alpha: float, **nonnegative: float) -> None:
     """One `MergeError` per bad option of a ratio search: `groups` an integer >= 1, `mean_alpha`
     in (0, 1], and each of `nonnegative` a finite number >= 0 (`learning_rate` > 0)."""
