@@ -186,16 +186,18 @@ class ClipImageNet(Recipe):
         (`generated`, the paper's proxy) or the labels (`targets`)."""
         o = self.options
         data = self.train_data.select(range(min(experiment.hma_max_samples, len(self.train_data))))
+        device = "cuda" if torch.cuda.is_available() else "cpu"
         processor = CLIPProcessor.from_pretrained(self.pretrained)
-        model = CLIPModel.from_pretrained(self.pretrained, dtype=torch.float32)
-        tuned = CLIPModel.from_pretrained(finetuned, dtype=torch.float32).eval()
+        model = CLIPModel.from_pretrained(self.pretrained, dtype=torch.float32).to(device)
+        tuned = CLIPModel.from_pretrained(finetuned, dtype=torch.float32).to(device).eval()
         head = zero_shot_head(model, processor, self._train_names, o.templates[:1])  # the frozen text tower's: every merge's
-        pixels = processor(images=[image.convert("RGB") for image in data[o.image_column]], return_tensors="pt")["pixel_values"]
+        images = [image.convert("RGB") for image in data[o.image_column]]
+        pixels = processor(images=images, return_tensors="pt")["pixel_values"].to(device)
         if experiment.hma_samples == "generated":
             with torch.no_grad():
                 labels = pixel_logits(tuned, pixels, head).argmax(-1)
         else:
-            labels = torch.tensor(data[o.label_column])
+            labels = torch.tensor(data[o.label_column], device=device)
         objective = GroupAlphaObjective(
             model, {name: p.detach() for name, p in tuned.named_parameters()}, groups,
             loss=lambda merged, batch: F.cross_entropy(pixel_logits(merged, batch["pixel_values"], head), batch["labels"]),

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq
 
 from hf_specgen import SpecGenTrainer, SpecGenTrainingArguments
@@ -94,6 +95,7 @@ class GalacticaMed(Recipe):
         prompts = [doc_to_text(doc) for doc in docs]
         if experiment.hma_samples == "generated":
             model, tokenizer = AutoModelForCausalLM.from_pretrained(finetuned), AutoTokenizer.from_pretrained(finetuned)
+            model.to("cuda" if torch.cuda.is_available() else "cpu")
             answers = generate_completions(model, tokenizer, prompts, max_new_tokens=self.options.hma_max_new_tokens,
                                            batch_size=self.options.eval_batch_size)  # fmt: skip
             completions = [completion.split("\n")[0] + "\n" for _, completion in answers]  # an answer is one line

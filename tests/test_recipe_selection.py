@@ -166,7 +166,7 @@ def test_yaml_mappings_and_auto_in_alphas(tmp_path):
      ({"publish_point": "auto"}, "publish_point auto publishes an auto-alpha pick"),
      ({"auto_keep": 0.0}, "auto_keep must be in"), ({"auto_budget": 0}, "auto_budget must be >= 1"),
      ({"hma_groups": 2, "hma_mean_alphas": [0.0]}, "hma_mean_alphas must be one or more means in"),
-     ({"hma_groups": 0}, "hma_groups must be >= 1"), ({"hma_groups": 2, "hma_max_samples": 1}, "hma_max_samples must be >= 2")],
+     ({"hma_groups": -1}, "hma_groups must be >= 1 \\(or 0: no HMA points\\)"), ({"hma_groups": 2, "hma_max_samples": 1}, "hma_max_samples must be >= 2")],
 )  # fmt: skip
 def test_bad_selection_options_are_refused(changes, message):
     with pytest.raises(ValueError, match=message):

@@ -37,7 +37,7 @@ def launcher(processes: int, config: str | None = None) -> list[str]:
     return [sys.executable, "-m", "accelerate.commands.launch", *machine, "--num_processes", str(processes), "--main_process_port", "0"]
 
 
-LM_ARGS = ["--config", str(CONFIGS / "galactica_med_tiny.yaml"), "--methods", "full", "l2", "--alphas", "0", "0.5", "1",
+LM_ARGS = ["--config", str(CONFIGS / "galactica_med_tiny.yaml"), "--hma_groups", "0", "--methods", "full", "l2", "--alphas", "0", "0.5", "1",
            "--max_steps", "3", "--eval_limit", "8", "--l2_lambda", "10", "--disable_tqdm", "true"]  # fmt: skip
 
 
@@ -112,7 +112,7 @@ def test_rerun_skips_finished_work_and_scores_only_what_is_missing(lm_demo):
 
 def test_lm_recipe_on_two_processes_trains_together_and_scores_once(tmp_path):
     """DDP (gloo): every process trains, the main one merges, scores and writes; the others wait."""
-    stdout = launch("galactica_med.py", tmp_path / "ddp", "--config", str(CONFIGS / "galactica_med_tiny.yaml"),
+    stdout = launch("galactica_med.py", tmp_path / "ddp", "--config", str(CONFIGS / "galactica_med_tiny.yaml"), "--hma_groups", "0",
                     "--methods", "full", "--alphas", "1", "--max_steps", "2", "--eval_limit", "4", "--disable_tqdm", "true",
                     processes=2)  # fmt: skip
     assert [line.split(":")[0] for line in stdout.splitlines() if line.startswith("[galactica_med] ")] == [
@@ -127,7 +127,7 @@ def test_lm_recipe_under_zero3_partitions_training_and_scores_on_one_process(tmp
     """ZeRO-3 on 2 processes: the model loads partitioned (zero.Init), L2 works on each rank's
     partition, KD's teacher is a partitioned copy, and the main process loads whole models to merge
     and score while the other waits (a partitioned load there would be a collective it never joins)."""
-    stdout = launch("galactica_med.py", tmp_path / "z3", "--config", str(CONFIGS / "galactica_med_tiny.yaml"),
+    stdout = launch("galactica_med.py", tmp_path / "z3", "--config", str(CONFIGS / "galactica_med_tiny.yaml"), "--hma_groups", "0",
                     "--methods", "l2", "kd", "--alphas", "0.5", "1", "--max_steps", "2", "--eval_limit", "4",
                     "--disable_tqdm", "true", processes=2, config="zero3")  # fmt: skip
     assert [line.split(":")[0] for line in stdout.splitlines() if line.startswith("[galactica_med] ")] == [
@@ -144,7 +144,7 @@ def test_lm_recipe_under_zero3_partitions_training_and_scores_on_one_process(tmp
 def test_clip_recipe_on_two_processes(tmp_path):
     """`accelerate launch` with 2 processes (DDP, gloo): both train (KD's teacher on each), the main
     one merges and scores, the other waits; records and summaries are written once."""
-    stdout = launch("clip_imagenet.py", tmp_path / "demo", "--config", str(CONFIGS / "clip_tiny.yaml"),
+    stdout = launch("clip_imagenet.py", tmp_path / "demo", "--config", str(CONFIGS / "clip_tiny.yaml"), "--hma_groups", "0",
                     "--methods", "full", "kd", "--alphas", "0.5", "1", "--max_steps", "3", "--eval_max_samples", "40",
                     "--disable_tqdm", "true", processes=2)  # fmt: skip
     finetuned = run_files(tmp_path / "demo", "*/finetuned")
@@ -179,7 +179,7 @@ def lm_experiment(output_dir: Path, **overrides):
     module = load_recipe("galactica_med")
     options, experiment, training = parse_config(
         (module.MedMCQAArguments, ExperimentArguments, SpecGenTrainingArguments),
-        ["--config", str(CONFIGS / "galactica_med_tiny.yaml"), "--output_dir", str(output_dir), "--methods", "l2",
+        ["--config", str(CONFIGS / "galactica_med_tiny.yaml"), "--hma_groups", "0", "--output_dir", str(output_dir), "--methods", "l2",
          "--alphas", "0.5", "1", "--max_steps", "4", "--save_strategy", "steps", "--save_steps", "2",
          "--eval_limit", "4", "--l2_lambda", "1", "--disable_tqdm", "true", "--logging_steps", "1"],
     )  # fmt: skip
@@ -279,7 +279,8 @@ def test_yaml_preset_then_command_line_overrides(tmp_path):
     assert options.model_name_or_path == "hf_specgen/tiny-galactica" and options.eval_suites == ["tiny_medmcqa", "tiny_general"]
     assert training.learning_rate == 3e-4 and training.num_train_epochs == 10  # the override, and the preset
     assert training.l2_lambda == 1e-2 and isinstance(training.l2_lambda, float)  # YAML's "1.0e-2" converted
-    assert experiment.methods == ["kd+feature"] and experiment.alphas == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert experiment.methods == ["kd+feature"] and experiment.alphas == [0.0, 0.25, 0.5, 0.75, 1.0] and experiment.auto_alpha
+    assert (experiment.auto_keep, experiment.auto_budget, experiment.hma_groups, experiment.hma_mean_alphas) == (0.95, 4, 3, [0.5])
     assert training.push_to_hub is True and training.hub_model_id == "me/model"
 
 
@@ -522,4 +523,5 @@ def test_published_presets_parse(recipe, preset):
                                                  ["--config", str(CONFIGS / f"{preset}.yaml"), "--use_cpu", "true"])  # fmt: skip
     assert options.model_name_or_path in ("facebook/galactica-1.3b", "openai/clip-vit-base-patch16")
     assert experiment.methods == ["full", "l1", "l2", "ewc", "kd", "feature", "lora"] and len(experiment.alphas) == 5
+    assert experiment.auto_alpha and experiment.hma_groups == 3 and experiment.hma_mean_alphas == [0.2, 0.5]
     assert training.bf16 and parse_methods(experiment.methods, training)

@@ -57,12 +57,12 @@ class ExperimentArguments:
     auto_budget: int = field(
         default=6, metadata={"help": "With alphas auto: evaluations at most besides the two ends (alpha 0 and 1)."}
     )
-    hma_groups: int | None = field(
-        default=None,
+    hma_groups: int = field(
+        default=0,
         metadata={"help": "HMA points: search this many layer-group ratios (consecutive blocks, input side first) at "
                   "each of hma_mean_alphas for every method (`hf_specgen.merge.search_group_alphas`), merge and score "
                   "them; the uniform merge at each mean is scored too, for comparison. YAML: `hma: {groups: 3, "
-                  "mean_alphas: [0.2, 0.5]}`. Default: no HMA points."},
+                  "mean_alphas: [0.2, 0.5]}`. 0 (the default): no HMA points."},
     )
     hma_mean_alphas: list[float] = field(
         default_factory=lambda: [0.2, 0.5], metadata={"help": "HMA: the fixed means of the ratios searched, each in (0, 1]."}
@@ -131,9 +131,9 @@ class ExperimentArguments:
             raise ValueError(f"auto_budget must be >= 1, got {self.auto_budget}")
         if self.publish_point == "auto" and not self.auto_alpha:
             raise ValueError("publish_point auto publishes an auto-alpha pick: add auto to alphas")
-        if self.hma_groups is not None:
-            if self.hma_groups < 1:
-                raise ValueError(f"hma_groups must be >= 1, got {self.hma_groups}")
+        if self.hma_groups < 0:
+            raise ValueError(f"hma_groups must be >= 1 (or 0: no HMA points), got {self.hma_groups}")
+        if self.hma_groups:
             if not self.hma_mean_alphas or any(not 0.0 < a <= 1.0 for a in self.hma_mean_alphas):
                 raise ValueError(f"hma_mean_alphas must be one or more means in (0, 1], got {self.hma_mean_alphas}")
             for name in ("hma_max_samples", "hma_steps"):
@@ -146,7 +146,7 @@ class ExperimentArguments:
         shape = self.merge_group_alphas
         if not shape or statistics.fmean(shape) <= 0 or any(a < 0 for a in shape):
             raise ValueError(f"merge_group_alphas must be non-negative ratios with a positive mean, got {shape}")
-        for alpha in [*self.alphas, *(self.hma_mean_alphas if self.hma_groups is not None else [])]:
+        for alpha in [*self.alphas, *(self.hma_mean_alphas if self.hma_groups else [])]:
             scaled = [a * alpha / statistics.fmean(shape) for a in shape]
             if max(scaled) > 1.0:
                 raise ValueError(

@@ -61,7 +61,7 @@ def run_experiment(
         check_paths(recipe.local_paths())
         created = check_output_dir(root)  # before the model and data load, let alone get scored
         recipe.prepare()
-        if experiment.hma_groups is not None:
+        if experiment.hma_groups:
             _check_hma(recipe, experiment.hma_groups)
     except BaseException as error:
         remove_created(created)  # nothing is written when the configuration cannot run
@@ -153,7 +153,7 @@ class _Run:
         self.finetuned = self.directory / "finetuned"
         self.records = self.directory / f"records-{_key(self.recipe.eval_fingerprint())}"
         # alpha 0 is the pre-trained model itself; HMA's means are scored uniformly too, to compare
-        hma_means = self.experiment.hma_mean_alphas if self.experiment.hma_groups is not None else []
+        hma_means = self.experiment.hma_mean_alphas if self.experiment.hma_groups else []
         self.alphas = [a for a in dict.fromkeys([*self.experiment.alphas, *hma_means]) if a > 0]
 
     def record_path(self, alpha: float) -> Path:
@@ -181,7 +181,7 @@ class _Run:
                 self.score_merges()
                 if self.experiment.auto_alpha and not self.auto_path().is_file():
                     self.select(reference)
-                for mean in self.experiment.hma_mean_alphas if self.experiment.hma_groups is not None else []:
+                for mean in self.experiment.hma_mean_alphas if self.experiment.hma_groups else []:
                     if not self.hma_path(mean).is_file():
                         self.search_hma(mean)
         state.wait_for_everyone()
@@ -190,7 +190,7 @@ class _Run:
             pick = ResultRecord.load(self.auto_path())
             records += [ResultRecord.load(self.record_path(a)) for a in pick.selection["scored"] if a not in self.alphas]
             records.append(pick)
-        if self.experiment.hma_groups is not None:
+        if self.experiment.hma_groups:
             records += [ResultRecord.load(self.hma_path(mean)) for mean in self.experiment.hma_mean_alphas]
         if state.is_main_process:
             self.summarize(records)

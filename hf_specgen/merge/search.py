@@ -98,7 +98,7 @@ class GroupAlphaObjective:
             # at least float32 (float64 models stay float64: the gradient is checked against finite differences)
             dtype = {name: torch.promote_types(param.dtype, torch.float32) for name, param in self.params.items()}
             self.pre = {name: param.detach().to(dtype[name], copy=True) for name, param in self.params.items()}
-            self.delta = {name: finetuned[name].to(dtype[name]) - self.pre[name] for name in self.params}
+            self.delta = {name: finetuned[name].to(self.pre[name].device, dtype[name]) - self.pre[name] for name in self.params}
         self.state_bytes = sum(t.numel() * t.element_size() for t in [*self.pre.values(), *self.delta.values()])
 
     def set_alphas(self, alphas: Sequence[float], mean: float) -> None:
@@ -163,6 +163,7 @@ def search_group_alphas(
     patience: int = 10,
     middle_penalty: float = 0.0,
     seed: int = 0,
+    device: str | None = None,
 ) -> GroupSearch:
     """Searches HMA's K group alphas at a fixed mean by gradient on the samples' likelihood.
 
@@ -182,6 +183,8 @@ def search_group_alphas(
         patience: stop when the held-out loss has not improved for this many steps.
         middle_penalty: `lambda * sum over middle groups of (alpha_k - mean)^2`, keeping them near the mean.
         seed: the order of the samples.
+        device: where the model, the two parameter copies and the batches live (default: CUDA when
+            available, else the CPU).
 
     Returns:
         The `GroupSearch`: the ratios with the lowest held-out loss, and the path to them.
@@ -195,7 +198,8 @@ def search_group_alphas(
         raise MergeError(f"search_group_alphas needs samples (got {len(samples)}; with held_out, at least 2)")
     check_groups(Checkpoint(resolve(pretrained)).keys(), groups)  # before loading anything
     tokenizer = _tokenizer(AutoTokenizer, finetuned, pretrained)
-    model = AutoModelForCausalLM.from_pretrained(pretrained, dtype=torch.float32)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = AutoModelForCausalLM.from_pretrained(pretrained, dtype=torch.float32).to(device)
     tuned = AutoModelForCausalLM.from_pretrained(finetuned, dtype=torch.float32)
     objective = GroupAlphaObjective(model, {n: p.detach() for n, p in tuned.named_parameters()}, groups)
     del tuned
@@ -203,14 +207,14 @@ def search_group_alphas(
     order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(seed)).tolist()
     cut = max(1, round(len(samples) * held_out)) if held_out else 0
     held, train = [samples[i] for i in order[:cut]], [samples[i] for i in order[cut:]]
-    held_batch = _encode(tokenizer, held or train, max_length)  # without held-out samples: the training loss decides
+    held_batch = _encode(tokenizer, held or train, max_length, device)  # without held-out samples: the training loss decides
     encoded: dict[int, Batch] = {}  # by the first sample's index: a pass over the samples repeats its batches
 
     def train_batch(step: int) -> Batch:
         first = step * batch_size % len(train)
         if first not in encoded:
             rows = [train[(first + i) % len(train)] for i in range(min(batch_size, len(train)))]
-            encoded[first] = _encode(tokenizer, rows, max_length)
+            encoded[first] = _encode(tokenizer, rows, max_length, device)
         return encoded[first]
 
     return optimize_group_alphas(objective, train_batch, held_batch, mean_alpha=mean_alpha, eps=eps, steps=steps,
@@ -338,7 +342,7 @@ def _tokenizer(auto: Any, *directories: str | os.PathLike) -> Any:
     raise MergeError(f"no tokenizer in {', '.join(map(str, directories))}")
 
 
-def _encode(tokenizer: Any, samples: Sequence[Sample], max_length: int) -> dict[str, torch.Tensor]:
+def _encode(tokenizer: Any, samples: Sequence[Sample], max_length: int, device: str = "cpu") -> dict[str, torch.Tensor]:
     """Right-padded input ids, attention mask and labels (prompt and padding at -100)."""
     rows, labels = [], []
     for sample in samples:
@@ -350,5 +354,5 @@ def _encode(tokenizer: Any, samples: Sequence[Sample], max_length: int) -> dict[
         labels.append(([-100] * len(prompt_ids) + completion_ids)[:max_length])
     if max(map(len, rows)) < 2 or all(all(label == -100 for label in row[1:]) for row in labels):
         raise MergeError("the samples have no completion tokens to score")
-    return right_padded(rows, labels, tokenizer.pad_token_id)
+    return {key: value.to(device) for key, value in right_padded(rows, labels, tokenizer.pad_token_id).items()}
 
