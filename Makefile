@@ -4,7 +4,7 @@ PYTHON ?= $(VENV)/bin/python
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test bench foundations phenomenon tiny-sweep clean
+.PHONY: install demo test bench selection foundations phenomenon tiny-sweep clean
 
 # torch==2.13.0 first: its CPU wheel lies on disk; any other torch request pulls a CUDA build.
 install:
@@ -13,8 +13,8 @@ install:
 	$(VENV)/bin/pip install torch==2.13.0
 	$(VENV)/bin/pip install -e ".[dev,deepspeed,trl]"
 
-# Both recipes on their tiny offline presets: every method, 5 alphas, report per recipe and one over both
-# (results/demo/). Re-running skips what is done.
+# Both recipes on their tiny offline presets: every method, 5 alphas, an auto-alpha pick and an HMA point
+# per method, report per recipe and one over both (results/demo/). Re-running skips what is done.
 LAUNCH = $(VENV)/bin/accelerate launch --cpu --num_processes 1 --num_cpu_threads_per_process 2 --num_machines 1 --mixed_precision no --dynamo_backend no
 demo:
 	$(LAUNCH) recipes/galactica_med.py --config recipes/configs/galactica_med_tiny.yaml --output_dir results/demo/galactica_med
@@ -29,6 +29,11 @@ bench:
 	$(PYTHON) benchmarks/bench_trainer.py --shape galactica-125m --output benchmarks/results/trainer_125m.json
 	$(PYTHON) benchmarks/bench_trainer.py --suite trl --output benchmarks/results/trainer_trl.json
 	$(PYTHON) benchmarks/bench_merge.py --output benchmarks/results/merge.json
+
+# Auto alpha against 5- and 11-point grids, HMA against uniform averaging, on the demo's fine-tunes
+# (after `make demo`; its copies run in /tmp, the demo's reports stay as they are).
+selection:
+	$(PYTHON) benchmarks/bench_selection.py --output benchmarks/results/selection.json
 
 # Rebuild the shipped tiny foundations (hf_specgen/tiny/models/) from their seeds.
 foundations:

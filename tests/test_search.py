@@ -74,6 +74,28 @@ def test_the_alpha_gradient_equals_finite_differences(pair):
     assert gradient[0] == 0.0  # group 0's blocks did not change: theta_ft - theta_pre is 0 there
 
 
+@pytest.mark.parametrize("mean", [0.5, 0.9, 1.0])
+def test_ratios_never_pass_1_keep_their_mean_and_carry_a_gradient(mean):
+    """Plain rescaling at mean 0.5 with scores (-6, -6, 6) gives 1.36 to the last group: it is held at 1
+    and the excess goes to the others in proportion to their weights."""
+    scores = torch.tensor([-6.0, -6.0, 6.0], dtype=torch.float64, requires_grad=True)
+    weights = torch.sigmoid(scores.detach()) + 0.05
+    assert float(mean * 3 * weights[2] / weights.sum()) > 1  # what HMA's plain parameterization gives
+    alphas = ratios(scores, mean, 0.05)
+    values = alphas.detach()
+    assert float(values.max()) <= 1.0 and float(values.min()) >= 0.0
+    assert float(values.mean()) == pytest.approx(mean, abs=1e-15)
+    assert float(values[2]) == 1.0
+    if mean < 1:
+        free = weights[:2]
+        expected = (3 * mean - 1) * free / free.sum()  # the rest of the total, shared by weight
+        torch.testing.assert_close(alphas[:2].detach(), expected, rtol=0, atol=1e-15)
+        alphas[0].backward()
+        assert float(scores.grad[0]) > 0 and float(scores.grad[2]) == 0.0  # the capped group no longer moves
+    else:
+        assert alphas.tolist() == [1.0, 1.0, 1.0]
+
+
 def test_ratios_keep_their_mean_and_one_group_is_wise_ft(pair, tmp_path):
     pre_dir, ft_dir, _ = pair
     scores = torch.tensor([-3.0, 0.5, 4.0], dtype=torch.float64)

@@ -3,7 +3,8 @@ likely to produce what the fine-tuned model produces ("Mitigating the Alignment 
 
 The merge is `theta(alpha) = theta_pre + alpha_k (theta_ft - theta_pre)` for the tensors of group
 k (contiguous blocks, as `AlphaSchedule(group_alphas=...)` splits them; tensors outside the blocks
-at the mean). The ratios are `alpha_k = mean * K * w_k / sum_j w_j` with `w_k = sigmoid(s_k) + eps`,
+at the mean). The ratios are `alpha_k = mean * K * w_k / sum_j w_j` with `w_k = sigmoid(s_k) + eps`
+(held at 1 where that would pass 1, the excess spread over the other groups: `ratios`),
 so their mean is the mean alpha at every step, and `s` is what is optimized (Adam), on the
 token-level negative log-likelihood of samples (prompts masked). The gradient with respect to
 `alpha_k` is the ordinary weight gradient dotted with `theta_ft - theta_pre` over group k's
@@ -142,9 +143,21 @@ def check_groups(names: Sequence[str], groups: int) -> dict[str, int]:
 
 
 def ratios(scores: torch.Tensor, mean: float, eps: float) -> torch.Tensor:
-    """`alpha_k = mean * K * w_k / sum_j w_j`, `w = sigmoid(scores) + eps`: K ratios whose mean is `mean`."""
+    """K ratios in [0, 1] whose mean is `mean`: `alpha_k = c * w_k`, `w = sigmoid(scores) + eps`, `c`
+    rescaling them to the mean (HMA's parameterization), except that a ratio that would pass 1 is
+    held at 1 and its excess spread over the others in proportion to their weights (at a mean of
+    0.5 with 3 groups, the plain rescaling reaches 1.5: a merge beyond the fine-tuned model)."""
     weights = torch.sigmoid(scores) + eps
-    return mean * len(scores) * weights / weights.sum()
+    total = mean * len(scores)
+    capped = torch.zeros(len(scores), dtype=torch.bool)
+    while True:  # at most K rounds: each caps at least one more group
+        if bool(capped.all()):
+            return torch.ones_like(weights)
+        scale = (total - int(capped.sum())) / weights[~capped].sum()
+        over = (scale * weights > 1) & ~capped
+        if not bool(over.any()):
+            return torch.where(capped, torch.ones_like(weights), scale * weights)
+        capped |= over
 
 
 def search_group_alphas(
