@@ -35,6 +35,15 @@ def records_of(output_dir: Path, pattern: str) -> list[ResultRecord]:
     return [ResultRecord.load(p) for p in run_files(output_dir, pattern)]
 
 
+def test_selection_methods_limit_the_chosen_points_to_those_methods(tmp_path):
+    recipe, experiment, training = lm_experiment(tmp_path / "some", max_steps=2, save_strategy="no")
+    experiment = dataclasses.replace(experiment, methods=["full", "l2"], alphas=[1.0], auto_alpha=True, auto_budget=1,
+                                     selection_methods=["l2", "lora"])  # fmt: skip
+    records = run_experiment(recipe, experiment, training)
+    assert [r.method for r in records if r.selection is not None] == ["l2"]
+    assert not run_files(tmp_path / "some", "full-*/records-*/auto-*.json") and run_files(tmp_path / "some", "l2-*/records-*/auto-*.json")
+
+
 def test_auto_alpha_bisects_from_the_ends_and_records_every_point_it_scored(choosing):
     output_dir, _ = choosing
     (reference,) = records_of(output_dir, "pre-trained/*/record.json")
@@ -166,7 +175,7 @@ def test_yaml_mappings_and_auto_in_alphas(tmp_path):
      ({"publish_point": "auto"}, "publish_point auto publishes an auto-alpha pick"),
      ({"auto_keep": 0.0}, "auto_keep must be in"), ({"auto_budget": 0}, "auto_budget must be >= 1"),
      ({"hma_groups": 2, "hma_mean_alphas": [0.0]}, "hma_mean_alphas must be one or more means in"),
-     ({"hma_groups": -1}, "hma_groups must be >= 1 \\(or 0: no HMA points\\)"), ({"hma_groups": 2, "hma_max_samples": 1}, "hma_max_samples must be >= 2")],
+     ({"selection_methods": ["full", "l3"]}, "unknown method 'l3'"), ({"hma_groups": -1}, "hma_groups must be >= 1 \\(or 0: no HMA points\\)"), ({"hma_groups": 2, "hma_max_samples": 1}, "hma_max_samples must be >= 2")],
 )  # fmt: skip
 def test_bad_selection_options_are_refused(changes, message):
     with pytest.raises(ValueError, match=message):

@@ -24,7 +24,7 @@ from ..eval.suites import Role
 from ..merge.schedule import AlphaSchedule
 from ..merge.search import GroupSearch
 from .config import ConfigError, check_finite, parse_config
-from .methods import DEFAULT_METHODS, METHODS
+from .methods import DEFAULT_METHODS, METHODS, Method
 from .sources import is_local_path
 
 
@@ -75,6 +75,12 @@ class ExperimentArguments:
     )
     hma_max_samples: int = field(default=64, metadata={"help": "HMA: training examples the samples come from, at most."})
     hma_steps: int = field(default=30, metadata={"help": "HMA: optimizer steps of the ratio search, at most."})
+    selection_methods: list[str] | None = field(
+        default=None,
+        metadata={"help": "The methods that get the auto-alpha pick and the HMA points (default: every method of "
+                  "methods); e.g. `full l2` to spend those evaluations on a few. Names of methods not in methods "
+                  "are accepted (a preset can name more than a command line runs)."},
+    )
     publish_point: str = field(
         default="best",
         metadata={"help": "With push_to_hub: `best` publishes the most general point keeping keep_speciality of the best "
@@ -139,6 +145,8 @@ class ExperimentArguments:
             for name in ("hma_max_samples", "hma_steps"):
                 if getattr(self, name) < (2 if name == "hma_max_samples" else 1):
                     raise ValueError(f"{name} must be >= {2 if name == 'hma_max_samples' else 1}, got {getattr(self, name)}")
+        for name in self.selection_methods or []:  # a typo is an error; a method this run does not train is not
+            Method.parse(name)
         if not self.alphas and not self.auto_alpha:
             raise ValueError("alphas is empty: give alphas to merge, or auto")
 
@@ -153,6 +161,10 @@ class ExperimentArguments:
                     f"merge_group_alphas {shape} scaled to alpha {alpha:g} gives {[round(a, 6) for a in scaled]}: "
                     "a ratio above 1; use smaller alphas or a flatter shape"
                 )
+
+    def chooses(self, method: str) -> bool:
+        """Whether `method` gets the auto-alpha pick and the HMA points (`selection_methods`)."""
+        return self.selection_methods is None or method in self.selection_methods
 
     def merge_schedule(self, alpha: float) -> AlphaSchedule | None:
         """The schedule a merge at (mean) `alpha` uses; None: one alpha for every tensor."""

@@ -152,9 +152,11 @@ class _Run:
         self.directory = self.root / "runs" / f"{self.method.name}-{_key(self.recipe.fingerprint(), training, lora)}"
         self.finetuned = self.directory / "finetuned"
         self.records = self.directory / f"records-{_key(self.recipe.eval_fingerprint())}"
+        chooses = self.experiment.chooses(self.method.name)  # selection_methods
+        self.auto = self.experiment.auto_alpha and chooses
+        self.hma_means = self.experiment.hma_mean_alphas if self.experiment.hma_groups and chooses else []
         # alpha 0 is the pre-trained model itself; HMA's means are scored uniformly too, to compare
-        hma_means = self.experiment.hma_mean_alphas if self.experiment.hma_groups else []
-        self.alphas = [a for a in dict.fromkeys([*self.experiment.alphas, *hma_means]) if a > 0]
+        self.alphas = [a for a in dict.fromkeys([*self.experiment.alphas, *self.hma_means]) if a > 0]
 
     def record_path(self, alpha: float) -> Path:
         return self.records / f"{alpha_dirname(alpha)}{self.groups_suffix()}.json"
@@ -179,19 +181,18 @@ class _Run:
         if state.is_main_process:
             with _one_process_models():
                 self.score_merges()
-                if self.experiment.auto_alpha and not self.auto_path().is_file():
+                if self.auto and not self.auto_path().is_file():
                     self.select(reference)
-                for mean in self.experiment.hma_mean_alphas if self.experiment.hma_groups else []:
+                for mean in self.hma_means:
                     if not self.hma_path(mean).is_file():
                         self.search_hma(mean)
         state.wait_for_everyone()
         records = [ResultRecord.load(self.record_path(a)) for a in self.alphas]
-        if self.experiment.auto_alpha:  # the points the search scored besides the grid, then its pick
+        if self.auto:  # the points the search scored besides the grid, then its pick
             pick = ResultRecord.load(self.auto_path())
             records += [ResultRecord.load(self.record_path(a)) for a in pick.selection["scored"] if a not in self.alphas]
             records.append(pick)
-        if self.experiment.hma_groups:
-            records += [ResultRecord.load(self.hma_path(mean)) for mean in self.experiment.hma_mean_alphas]
+        records += [ResultRecord.load(self.hma_path(mean)) for mean in self.hma_means]
         if state.is_main_process:
             self.summarize(records)
         return records
