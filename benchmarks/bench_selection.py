@@ -33,6 +33,7 @@ from hf_specgen.eval.report import ResultRecord  # noqa: E402
 
 GRID_5 = [0.25, 0.5, 0.75]  # besides the ends
 GRID_11 = [round(0.1 * i, 1) for i in range(1, 10)]
+METHODS = ["full", "l1", "l2", "ewc", "kd", "feature", "lora"]  # the tiny presets' methods, all of them chosen for
 RECIPES = {"galactica_med": "galactica_med_tiny.yaml", "clip_imagenet": "clip_tiny.yaml"}
 
 
@@ -40,7 +41,7 @@ def run_recipe(name: str, config: str, output_dir: Path, means: list[float]) -> 
     alphas = ["0", *map(str, GRID_11), "0.25", "0.75", "1", "auto"]
     command = [sys.executable, str(ROOT / "recipes" / f"{name}.py"), "--config", str(ROOT / "recipes" / "configs" / config),
                "--output_dir", str(output_dir), "--alphas", *alphas, "--hma_mean_alphas", *map(str, means),
-               "--disable_tqdm", "true"]  # fmt: skip
+               "--selection_methods", *METHODS, "--disable_tqdm", "true"]  # fmt: skip
     start = time.perf_counter()
     subprocess.run(command, check=True, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL)
     return time.perf_counter() - start
