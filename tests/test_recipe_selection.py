@@ -182,8 +182,12 @@ def test_bad_selection_options_are_refused(changes, message):
         ExperimentArguments(**changes)
 
 
-def test_hma_groups_beyond_the_models_blocks_stop_before_training(tmp_path):
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"hma_groups": 5}, "hma_groups 5: 5 groups, but model.decoder.layers has only 4 blocks"),
+    ({"auto_alpha": True, "publish_point": "auto", "selection_methods": ["full"]}, "no auto pick to publish"),
+])  # fmt: skip
+def test_chosen_points_that_cannot_be_made_stop_before_training(tmp_path, changes, message):
     recipe, experiment, training = lm_experiment(tmp_path / "out")
-    with pytest.raises(ConfigError, match="hma_groups 5: 5 groups, but model.decoder.layers has only 4 blocks"):
-        run_experiment(recipe, dataclasses.replace(experiment, hma_groups=5), training)
+    with pytest.raises(ConfigError, match=message):
+        run_experiment(recipe, dataclasses.replace(experiment, **changes), training)
     assert not (tmp_path / "out").exists()

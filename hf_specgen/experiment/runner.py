@@ -58,6 +58,9 @@ def run_experiment(
         methods = parse_methods(experiment.methods, base)
         if base.push_to_hub and not base.hub_model_id:
             raise ValueError("push_to_hub needs hub_model_id (or --push-to-hub REPO_ID): where to publish")
+        if experiment.publish_point == "auto" and not any(experiment.chooses(m.name) for m in methods):
+            raise ValueError(f"publish_point auto, but none of methods {experiment.methods} is among selection_methods "
+                             f"{experiment.selection_methods}: no auto pick to publish")
         check_paths(recipe.local_paths())
         created = check_output_dir(root)  # before the model and data load, let alone get scored
         recipe.prepare()
