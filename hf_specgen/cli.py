@@ -200,7 +200,7 @@ def _add_hma_parser(commands: argparse._SubParsersAction) -> None:
     hma.add_argument("--text-field", default="text", help="the field of the text scored (default: text)")
     hma.add_argument("--prompt-field",
                      help="a field of prompts, not scored, put before each text (default: none; with --generate-from: prompt)")
-    hma.add_argument("--max-new-tokens", type=int, default=64,
+    hma.add_argument("--max-new-tokens", type=int,
                      help="with --generate-from: tokens generated per prompt at most (default: 64)")
     hma.add_argument("--output-dir", required=True, type=Path,
                      help="the merge to write; hma_search.json beside its weights holds the search")
@@ -416,11 +416,13 @@ def _hma(args: argparse.Namespace) -> None:
 
     for option, value, least in [("--groups", args.groups, 1), ("--steps", args.steps, 1), ("--batch-size", args.batch_size, 1),
                                  ("--max-length", args.max_length, 2), ("--patience", args.patience, 1),
-                                 ("--max-new-tokens", args.max_new_tokens, 1)]:  # fmt: skip
+                                 ("--max-new-tokens", 64 if args.max_new_tokens is None else args.max_new_tokens, 1)]:  # fmt: skip
         if value < least:
             raise ValueError(f"{option} must be at least {least}, got {value}")
     for source in (args.pretrained, args.finetuned):
         _check_model_source(source)
+    if args.data is not None and args.max_new_tokens is not None:
+        raise ValueError("--max-new-tokens goes with --generate-from: with --data nothing is generated")
     data, option = (args.data, "--data") if args.data is not None else (args.generate_from, "--generate-from")
     if not data.exists():
         raise ValueError(f"{data}: no such file or directory ({option})")
@@ -430,7 +432,8 @@ def _hma(args: argparse.Namespace) -> None:
     if args.generate_from is not None:
         prompts = read_texts(data, args.prompt_field or "prompt")
         model, tokenizer = _causal_lm(args.finetuned, "float32", None)
-        samples = generate_completions(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+        new_tokens = 64 if args.max_new_tokens is None else args.max_new_tokens
+        samples = generate_completions(model, tokenizer, prompts, max_new_tokens=new_tokens, batch_size=args.batch_size)
         del model
     else:
         samples = read_texts(data, args.text_field)

@@ -57,8 +57,9 @@ def test_auto_alpha_bisects_from_the_ends_and_records_every_point_it_scored(choo
         inner = [a for a in scored if a < 1]
         assert chosen["evaluations"] == len(inner) <= 2 and set(inner) <= {0.5, 0.25, 0.75}  # bisection's midpoints
         assert chosen["reused"] == (0.5 in inner)  # 0.5 was scored for the HMA comparison first
-        meeting = {a: r for a, r in [(0.0, reference), *scored.items()] if r.speciality_score >= chosen["floor"]}
-        best = max(meeting, key=lambda a: (meeting[a].generality_score, -a))
+        shown = {r.alpha: r for r in records_of(output_dir, f"{method}-*/records-*/alpha-*.json")}  # grid and search
+        meeting = {a: r for a, r in [(0.0, reference), *shown.items()] if r.speciality_score >= chosen["floor"]}
+        best = max(meeting, key=lambda a: (meeting[a].generality_score, -a))  # never less general than a point shown
         assert pick.alpha == best and (pick.speciality, pick.generality) == (meeting[best].speciality, meeting[best].generality)
 
 

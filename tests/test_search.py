@@ -222,3 +222,5 @@ def test_specgen_hma_generate_from_scores_the_finetuned_models_answers(pair, tmp
     assert search["group_alphas"][1] > search["group_alphas"][0]  # the fine-tuned group's answers pull its ratio up
     with pytest.raises(SystemExit):  # --data and --generate-from exclude each other
         main([*argv[:5], "--data", str(prompts), *argv[5:]])
+    with pytest.raises(SystemExit):  # nothing is generated from --data: --max-new-tokens would be ignored
+        main([*argv[:5], "--data", str(prompts), *argv[7:]])

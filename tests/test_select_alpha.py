@@ -84,7 +84,7 @@ def test_an_unreachable_floor_names_the_best_point():
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [({"keep": 0.0}, "keep must be in (0, 1], got 0.0"), ({"keep": 1.5}, "keep must be in (0, 1]"),
-     ({"keep": 0.9, "floor": 0.5}, "give either keep"), ({"keep": None}, "give either keep"),
+     ({"keep": 0.9, "floor": 0.5}, "give either keep"),
      ({"floor": math.nan, "keep": None}, "floor must be a finite number"), ({"budget": 0}, "budget must be an integer >= 1"),
      ({"resolution": 0}, "resolution must be in (0, 1)"), ({"upper": 1.5}, "upper must be in (0, 1]"), ({"slack": -1}, "slack must be a finite number >= 0"),
      ({"known": {0.5: (0.1,)}}, "evaluate(0.5) must return (speciality, generality)")],
@@ -117,3 +117,16 @@ def test_selecting_the_mean_alpha_of_a_group_schedule_on_real_merges(tmp_path):
     assert choice.monotone and 0.0 < choice.alpha < shape.max_mean and choice.speciality >= choice.floor
     lower = max(a for a in choice.evaluated if a < choice.alpha)
     assert choice.evaluated[lower][0] < choice.floor  # the bracket: just below the choice misses the floor
+
+
+def test_floor_alone_and_neither_keep_nor_floor():
+    """`floor=` needs no `keep=None`; with neither, keep is 0.95. A fine-tune without a speciality gain
+    gives alpha 0 without an evaluation, and says why."""
+    evaluate, calls = curve(lambda a: a)
+    assert select_alpha(evaluate, floor=0.5, budget=1).alpha == 0.5
+    evaluate, calls = curve(lambda a: a)
+    assert select_alpha(evaluate).floor == 0.95
+    evaluate, calls = curve(lambda a: 0.5 - 0.25 * a)  # the fine-tune lost speciality
+    choice = select_alpha(evaluate, keep=0.9)
+    assert (choice.alpha, choice.calls, choice.monotone) == (0.0, 2, False)
+    assert choice.reason.startswith("the fine-tuned end's speciality 0.25 is not above the pre-trained model's 0.5: no gain")

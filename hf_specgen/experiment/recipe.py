@@ -216,6 +216,9 @@ class Recipe(ABC):
             run_experiment(cls(options, training.seed), experiment, training)
         except ConfigError as error:
             sys.exit(f"{cls.name}.py: error: {error}")
+        except KeyboardInterrupt:  # one line, as specgen's; what is done stays, and a re-run continues from it
+            print(f"{cls.name}.py: interrupted; run the same command again to continue where it stopped", file=sys.stderr)
+            sys.exit(130)
         finally:  # torch's documented shutdown: no process group left to the interpreter's exit
             if torch.distributed.is_available() and torch.distributed.is_initialized():
                 torch.distributed.destroy_process_group()

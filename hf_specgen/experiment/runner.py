@@ -189,6 +189,8 @@ class _Run:
                 for mean in self.hma_means:
                     if not self.hma_path(mean).is_file():
                         self.search_hma(mean)
+            if not self.experiment.keep_merged_models:  # also what an interrupted run left there
+                shutil.rmtree(self.directory / "merged", ignore_errors=True)
         state.wait_for_everyone()
         records = [ResultRecord.load(self.record_path(a)) for a in self.alphas]
         if self.auto:  # the points the search scored besides the grid, then its pick
@@ -219,12 +221,19 @@ class _Run:
         choice = select_alpha(evaluate, keep=e.auto_keep, budget=e.auto_budget, upper=upper,
                               known={0.0: (reference.speciality_score, reference.generality_score)})  # fmt: skip
         inner = sorted(a for a in choice.evaluated if 0.0 < a < upper)  # what the bracket scored besides the ends
+        alpha, reason = choice.alpha, choice.reason
+        # never less general than a point the run already shows: a grid point the bracket did not visit may meet the floor
+        shown = {a: ResultRecord.load(self.record_path(a)) for a in self.alphas if self.record_path(a).is_file()}
+        better = {a: r for a, r in shown.items() if r.speciality_score >= choice.floor and r.generality_score > choice.generality}
+        if better:
+            alpha = max(better, key=lambda a: (better[a].generality_score, -a))
+            reason += f"; the grid's alpha {alpha:g} also reaches the floor and is more general: chosen instead"
         selection = {"rule": "auto", "keep": e.auto_keep, "budget": e.auto_budget, "floor": choice.floor,
                      "evaluations": len(inner), "reused": len([a for a in reused if a in inner]),
                      "scored": [a for a in sorted(choice.evaluated) if a > 0], "monotone": choice.monotone,
-                     "reason": choice.reason}  # fmt: skip
-        if choice.alpha > 0:
-            point = ResultRecord.load(self.record_path(choice.alpha))
+                     "searched_alpha": choice.alpha, "reason": reason}  # fmt: skip
+        if alpha > 0:
+            point = ResultRecord.load(self.record_path(alpha))
         else:  # no speciality gained: the pre-trained model keeps all of it
             hyperparameter, value = self.method.hyperparameter(self.base, self.experiment.lora_r)
             point = ResultRecord(method=self.method.name, alpha=0.0, hyperparameter=hyperparameter, value=value,

@@ -47,7 +47,7 @@ class AlphaChoice:
 def select_alpha(
     evaluate: Callable[[float], Scores],
     *,
-    keep: float | None = 0.95,
+    keep: float | None = None,
     floor: float | None = None,
     budget: int = 6,
     resolution: float = 0.01,
@@ -61,8 +61,8 @@ def select_alpha(
         evaluate: scores the merge at an alpha, returning `(speciality, generality)` (higher is
             better for both), e.g. by merging with `iter_merge` and running the evaluation.
         keep: the share of the speciality gain to keep: the floor is `s(0) + keep * (s(1) - s(0))`;
-            in (0, 1].
-        floor: an absolute speciality floor instead of `keep` (pass `keep=None`).
+            in (0, 1]; 0.95 when neither `keep` nor `floor` is given.
+        floor: an absolute speciality floor instead of `keep`.
         budget: evaluations allowed besides the two ends (at least 1).
         resolution: stop once the bracket around the crossing is this narrow (a share of `upper`).
         slack: how far speciality may fall between two scored points, as alpha grows, before the
@@ -80,8 +80,10 @@ def select_alpha(
         ValueError: bad arguments, an `evaluate` that does not return two finite numbers, or no
             scored point that reaches the floor (an absolute floor above the fine-tuned model's).
     """
-    if (keep is None) == (floor is None):
+    if keep is not None and floor is not None:
         raise ValueError("give either keep (a share of the speciality gain) or floor (an absolute speciality), not both")
+    if keep is None and floor is None:
+        keep = 0.95
     if keep is not None and not (isinstance(keep, (int, float)) and 0.0 < keep <= 1.0):
         raise ValueError(f"keep must be in (0, 1], got {keep!r}")
     if floor is not None and not _finite(floor):
@@ -109,6 +111,12 @@ def select_alpha(
     low, high = 0.0, float(upper)
     if s0 >= choice.floor:
         high = 0.0  # the pre-trained model already meets it (no speciality gained to keep)
+        if keep is not None:
+            choice.monotone = s1 >= s0
+            choice.alpha, choice.speciality, choice.generality = 0.0, *choice.evaluated[0.0]
+            choice.reason = (f"the fine-tuned end's speciality {s1:g} is not above the pre-trained model's {s0:g}: "
+                             "no gain to keep, so alpha 0 (the pre-trained model)")
+            return choice
     spent = 0
     while high - low > resolution * upper and spent < budget:
         middle = (low + high) / 2
