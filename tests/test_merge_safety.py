@@ -267,6 +267,16 @@ def test_sigterm_turned_into_another_error_inside_c_code_is_still_a_sigterm(opt,
 
 def test_ctrl_c_is_one_line_exit_130_and_leaves_nothing(opt, tmp_path, monkeypatch, capsys):
     """Ctrl-C printed a 20-line traceback and exited 1; inside C code it could even read as bad input."""
+    # Python's own SIGINT handler, whatever the session inherited or an earlier test left (ignored SIGINT
+    # stays ignored by design, and then there is no Ctrl-C to test)
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        check_ctrl_c(opt, tmp_path, monkeypatch, capsys)
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
+def check_ctrl_c(opt, tmp_path, monkeypatch, capsys):
     reading_raises_signal(monkeypatch, signal.SIGINT)
     assert run(merge_args(opt, tmp_path / "out")) == 130
     captured = capsys.readouterr()
