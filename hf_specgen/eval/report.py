@@ -4,7 +4,9 @@ Fine-tuning buys speciality (domain scores) with generality (general-task scores
 and a regularizer's strength move along that trade-off. One `ResultRecord` (one JSON file) holds
 one evaluated model; the report ranks them by the two means, marks the Pareto front, and writes a
 table (the one `hf_specgen.merge.wise_ft(..., scores=...)` embeds in the model card), a plot and
-the JSON behind both.
+the JSON behind both. Methods are compared by their own curves too: each method's Pareto front (all its
+strengths, alphas and early-stopping points, from the pre-trained point), the most general point keeping
+a share of the fine-tuned model's speciality, and the area the front dominates (`method_summary`).
 """
 
 from __future__ import annotations
@@ -26,6 +28,11 @@ from matplotlib.figure import Figure
 REFERENCE_METHODS = ("pre-trained", "zero-shot")  # the starting point, drawn apart from the curves
 SELECTION_RULES = ("auto", "hma")  # ResultRecord.selection["rule"]
 KEEP_SPECIALITY = 0.95  # the summary's point: most general among those keeping this share of the best speciality
+METHOD_KEEPS = (0.9, 0.95, 1.0)  # the per-method table's columns: shares of the fine-tuned model's speciality
+FINETUNED_METHOD = "full"  # its alpha-1 record is "the fine-tuned model" the methods are measured against
+CHECKPOINT_KEYS = ("fraction", "step", "steps")  # ResultRecord.checkpoint
+CHOSEN_MARKERS = {"auto": "D", "hma": "^"}  # the plot's markers of chosen points, by rule
+FAINT = 0.35  # the plot's opacity of a method's points off its front
 DEFAULT_TITLE = "Speciality vs generality"
 _PATHS = {"json": "report.json", "markdown": "report.md", "plot": "report.png"}
 
@@ -36,15 +43,46 @@ def _number(name: str, value: Any) -> float:
     return float(value)
 
 
-def _scores(name: str, scores: Any, required: bool) -> dict[str, float]:
+def _scores(name: str, scores: Any, required: bool, kind: str = "metric name to score") -> dict[str, float]:
     if not isinstance(scores, Mapping):
-        raise ValueError(f"{name} must be a mapping of metric name to score, got {scores!r}")
+        raise ValueError(f"{name} must be a mapping of {kind}, got {scores!r}")
     if required and not scores:
         raise ValueError(f"{name} is empty: a record needs at least one {name} score")
     for key in scores:
         if not isinstance(key, str):
-            raise ValueError(f"{name} metric names must be strings, got {key!r}")
+            raise ValueError(f"{name} names must be strings, got {key!r}")
     return {key: _number(f"{name}[{key!r}]", value) for key, value in scores.items()}
+
+
+def _strengths(strengths: Any) -> dict[str, float] | None:
+    if strengths is None:
+        return None
+    if isinstance(strengths, Mapping) and not strengths:
+        raise ValueError("strengths is empty: give the training's strengths (e.g. {'l2_lambda': 0.1}) or null")
+    return _scores("strengths", strengths, required=False, kind="strength name to number (e.g. {'l2_lambda': 0.1})")
+
+
+def _checkpoint(checkpoint: Any, alpha: float | None) -> dict[str, Any] | None:
+    if checkpoint is None:
+        return None
+    if not isinstance(checkpoint, Mapping) or any(key not in checkpoint for key in CHECKPOINT_KEYS):
+        raise ValueError(f"checkpoint must be a mapping with {', '.join(CHECKPOINT_KEYS)}, or null, got {checkpoint!r}")
+    fraction = _number("checkpoint['fraction']", checkpoint["fraction"])
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"checkpoint['fraction'] must lie strictly between 0 and 1, got {fraction!r}")
+    for key in ("step", "steps"):
+        count = checkpoint[key]
+        if isinstance(count, bool) or not isinstance(count, numbers.Integral) or count <= 0:
+            raise ValueError(f"checkpoint[{key!r}] must be a positive integer, got {count!r}")
+    if checkpoint["step"] > checkpoint["steps"]:
+        raise ValueError(f"checkpoint['step'] {checkpoint['step']} is past the training's {checkpoint['steps']} steps")
+    if alpha is not None:
+        raise ValueError(f"checkpoint and alpha exclude each other: an early-stopping point is scored as is, got alpha {alpha:g}")
+    return {**checkpoint, "fraction": fraction, "step": int(checkpoint["step"]), "steps": int(checkpoint["steps"])}
+
+
+def _percent(share: float) -> str:
+    return f"{100 * share:.3g}%"
 
 
 def _optional_str(name: str, value: Any) -> str | None:
@@ -72,6 +110,12 @@ class ResultRecord:
     # (`select_alpha`'s pick) or {"rule": "hma", "held_out_loss", "uniform_loss", ...} (a ratio search's
     # merge); None: a grid point
     selection: dict[str, Any] | None = None
+    # the strengths (or LoRA rank) of the training that made this point, e.g. {"kd_lambda": 1.0, "l2_lambda": 0.1}
+    # or {"lora_r": 16}; None: at most the one in hyperparameter/value
+    strengths: dict[str, float] | None = None
+    # an early-stopping point: the checkpoint saved at `fraction` of training, scored as is (no alpha), e.g.
+    # {"fraction": 0.25, "step": 60, "steps": 240}; None: the end of training (or a merge of it)
+    checkpoint: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         """Validates every field here, so a bad record fails where it is made or read, not in a plot."""
@@ -98,6 +142,11 @@ class ResultRecord:
             if self.alpha is None:
                 raise ValueError("selection describes a chosen merge: it needs the merge's (mean) alpha")
             self.selection = dict(self.selection)
+        self.strengths = _strengths(self.strengths)
+        if self.strengths is not None and self.strengths.get(self.hyperparameter, self.value) != self.value:
+            raise ValueError(f"value {self.value:g} disagrees with strengths[{self.hyperparameter!r}] "
+                             f"= {self.strengths[self.hyperparameter]:g}")  # fmt: skip
+        self.checkpoint = _checkpoint(self.checkpoint, self.alpha)
 
     @property
     def speciality_score(self) -> float:
@@ -108,9 +157,20 @@ class ResultRecord:
         return statistics.fmean(self.generality.values())
 
     @property
+    def strength_items(self) -> list[tuple[str, float]]:
+        """The training's strengths, each name once: hyperparameter=value unless among `strengths`, then `strengths`."""
+        strengths = self.strengths or {}
+        single = [(self.hyperparameter, self.value)] if self.hyperparameter not in (None, *strengths) else []
+        return single + list(strengths.items())
+
+    @property
     def setting(self) -> str:
-        """What distinguishes this record within its method, e.g. `l2_lambda=0.1, alpha=0.5`."""
-        parts = [f"{self.hyperparameter}={self.value:g}"] if self.hyperparameter is not None else []
+        """What distinguishes this record within its method, e.g. `kd_lambda=1, l2_lambda=0.1, alpha=0.5` or
+        `l2_lambda=0.1, step 60 of 240 (25%)`."""
+        parts = [f"{name}={value:g}" for name, value in self.strength_items]
+        if self.checkpoint is not None:
+            checkpoint = self.checkpoint
+            parts.append(f"step {checkpoint['step']} of {checkpoint['steps']} ({_percent(checkpoint['fraction'])})")
         if self.alpha is not None:
             notes = [schedule_summary(self.merge)] if self.merge else []
             if self.selection is not None:
@@ -212,17 +272,191 @@ def best_generality(records: Sequence[ResultRecord], keep: float = KEEP_SPECIALI
     more speciality, then input order): the usual pick, a little domain score for much generality."""
     if not records:
         raise ValueError("no records")
-    threshold = keep * max(r.speciality_score for r in records)
-    candidates = [r for r in records if r.speciality_score >= threshold]
-    return max(candidates, key=lambda r: (r.generality_score, r.speciality_score))
+    return _most_general(records, keep * max(r.speciality_score for r in records))
+
+
+def _most_general(records: Iterable[ResultRecord], floor: float) -> ResultRecord | None:
+    """The most general record with at least `floor` speciality (ties: more speciality, then input order); None: none."""
+    candidates = [r for r in records if r.speciality_score >= floor]
+    return max(candidates, key=lambda r: (r.generality_score, r.speciality_score), default=None)
+
+
+def _training(record: ResultRecord) -> tuple:
+    """The training that made a record, hashable and ordered: its strengths by name (() without any)."""
+    return tuple(sorted(record.strength_items))
 
 
 def _order(record: ResultRecord) -> tuple:
-    """Method, then strength, then grid before chosen points, then alpha (unmerged counts as alpha 1:
-    the fine-tuned weights)."""
-    value = (record.value is not None, record.value or 0.0)
+    """Method, then strengths, then grid before chosen points, then the end of training before its early-stopping
+    points (by fraction), then alpha (unmerged counts as alpha 1: the fine-tuned weights)."""
     chosen = "" if record.selection is None else record.selection["rule"]
-    return record.method, value, chosen, 1.0 if record.alpha is None else record.alpha
+    early = (0.0,) if record.checkpoint is None else (1.0, record.checkpoint["fraction"])
+    return record.method, _training(record), chosen, early, 1.0 if record.alpha is None else record.alpha
+
+
+def _methods(records: Sequence[ResultRecord]) -> list[str]:
+    """The methods compared (all but the reference ones), in `_order`."""
+    return list(dict.fromkeys(r.method for r in sorted(records, key=_order) if r.method not in REFERENCE_METHODS))
+
+
+def method_fronts(records: Sequence[ResultRecord]) -> dict[str, list[ResultRecord]]:
+    """Each method's own Pareto front: over all its points (strengths, alphas, early stops, chosen points) and
+    the reference (pre-trained) points, which start every method's curve.
+
+    Args:
+        records: the records of every method and the reference point(s).
+
+    Returns:
+        method -> its front by speciality ascending (`pareto_front`), methods in `_order` (references excluded).
+    """
+    references = [r for r in records if r.method in REFERENCE_METHODS]
+    return {method: pareto_front([*references, *(r for r in records if r.method == method)]) for method in _methods(records)}
+
+
+def _reference(records: Sequence[ResultRecord]) -> ResultRecord | None:
+    """The pre-trained point: the first record of a reference method, else the first at alpha 0; None: none."""
+    return next((r for r in records if r.method in REFERENCE_METHODS), next((r for r in records if r.alpha == 0.0), None))
+
+
+def _finetuned(records: Sequence[ResultRecord]) -> ResultRecord | None:
+    """`finetuned_point`, or None where the records hold no candidate."""
+    ends = [r for r in records if r.method not in REFERENCE_METHODS and r.alpha in (None, 1.0)
+            and r.selection is None and r.checkpoint is None and r.merge is None]  # fmt: skip
+    full = sorted((r for r in ends if r.method == FINETUNED_METHOD), key=lambda r: r.strengths is not None)  # stable
+    return full[0] if full else max(ends, key=lambda r: r.speciality_score, default=None)
+
+
+def finetuned_point(records: Sequence[ResultRecord]) -> ResultRecord:
+    """The fine-tuned model the methods are measured against: the first record of method `full` at alpha 1
+    (or unmerged) with no selection, early stop or merge schedule, those without strengths first; without
+    one, the most special such record of any method.
+
+    Args:
+        records: the records to look in.
+
+    Returns:
+        the fine-tuned point.
+
+    Raises:
+        ValueError: no record is a whole training's end (alpha 1 or unmerged, not chosen, not an early stop).
+    """
+    finetuned = _finetuned(records)
+    if finetuned is None:
+        raise ValueError(f"no fine-tuned point: no record of a method (not {' or '.join(REFERENCE_METHODS)}) at alpha 1 "
+                         "or unmerged without selection, checkpoint or merge schedule")  # fmt: skip
+    return finetuned
+
+
+def _scale(axis: str, pre: float, finetuned: float) -> Callable[[float], float]:
+    """Maps `axis`'s scores so that the lower of `pre` and `finetuned` is 0 and the higher 1."""
+    low, high = sorted((pre, finetuned))
+    if high == low:
+        raise ValueError(f"hypervolume: the pre-trained and fine-tuned points have the same {axis} ({low:.4g}), "
+                         f"so the {axis} axis has no span to scale by")  # fmt: skip
+    return lambda score: (score - low) / (high - low)
+
+
+def hypervolume(points: Iterable[ResultRecord], reference: ResultRecord, finetuned: ResultRecord) -> float:
+    """The area of the (speciality, generality) plane the points dominate above the corner
+    (min(s_pre, s_ft), min(g_pre, g_ft)), both axes scaled so that the pre-trained and fine-tuned points span
+    [0, 1]: the union of the rectangles from the corner to each point. Points below the corner on an axis add
+    nothing; points beyond 1 are not clipped.
+
+    Args:
+        points: the records, e.g. a method's front.
+        reference: the pre-trained point.
+        finetuned: the fine-tuned point.
+
+    Returns:
+        the area, 0 for no points; the pre-trained and fine-tuned points alone make 0.
+
+    Raises:
+        ValueError: the two points tie on an axis (nothing to scale it by).
+    """
+    speciality = _scale("speciality", reference.speciality_score, finetuned.speciality_score)
+    generality = _scale("generality", reference.generality_score, finetuned.generality_score)
+    corners = sorted(((speciality(p.speciality_score), generality(p.generality_score)) for p in points), reverse=True)
+    area, height = 0.0, 0.0
+    for x, y in corners:  # by x descending: each point adds the strip above the highest one before it
+        if x > 0.0 and y > height:
+            area, height = area + x * (y - height), y
+    return area
+
+
+def _comparison(records: Sequence[ResultRecord], keeps: Sequence[float]) -> tuple[list[dict[str, Any]], ResultRecord]:
+    """`method_summary`'s rows with the most general records themselves (or None), and the fine-tuned point."""
+    reference = _reference(records)
+    if reference is None:
+        raise ValueError(f"no pre-trained point to compare methods from: no record of {' or '.join(REFERENCE_METHODS)} "
+                         "nor at alpha 0")  # fmt: skip
+    finetuned = finetuned_point(records)
+    rows = []
+    for method, front in method_fronts(records).items():
+        own = [r for r in records if r.method == method]
+        rows.append({
+            "method": method, "points": len(own), "trainings": len({_training(r) for r in own}),
+            "best": {keep: _most_general(own, keep * finetuned.speciality_score) for keep in keeps},
+            "hypervolume": hypervolume(front, reference, finetuned),
+        })  # fmt: skip
+    return rows, finetuned
+
+
+def method_summary(records: Sequence[ResultRecord], keeps: Sequence[float] = METHOD_KEEPS) -> list[dict[str, Any]]:
+    """Each method against the fine-tuned model (`finetuned_point`), from the pre-trained point.
+
+    Args:
+        records: the records of every method and the reference (pre-trained) point.
+        keeps: shares of the fine-tuned speciality a point must keep to count for `best_generality`.
+
+    Returns:
+        one row per method, in `_order`: {"method", "points" (its records), "trainings" (distinct strengths),
+        "best_generality": {keep: the highest generality among its points with speciality >= keep * s_ft, or None},
+        "best_point": {keep: that point's label, or None}, "hypervolume": `hypervolume` of its `method_fronts` front}.
+
+    Raises:
+        ValueError: no pre-trained point (a reference method's record or alpha 0), no fine-tuned point, or the two
+            tie on an axis.
+    """
+    rows, _ = _comparison(records, keeps)
+    for row in rows:
+        best = row.pop("best")
+        row["best_generality"] = {keep: None if r is None else r.generality_score for keep, r in best.items()}
+        row["best_point"] = {keep: None if r is None else r.label for keep, r in best.items()}
+        row["hypervolume"] = row.pop("hypervolume")  # last, as documented
+    return rows
+
+
+def method_table(records: Sequence[ResultRecord], keeps: Sequence[float] = METHOD_KEEPS) -> str:
+    """GitHub Markdown: one row per method (`method_summary`), each keep's most general point as its generality
+    and setting ("-": no point keeps that much), then a line naming the largest dominated area and its margin.
+
+    Args:
+        records: as for `method_summary`.
+        keeps: as for `method_summary`.
+
+    Returns:
+        the table and the line under it.
+    """
+    rows, finetuned = _comparison(records, keeps)
+    floors = [f"best generality at speciality >= {keep * finetuned.speciality_score:.3f} ({_percent(keep)})" for keep in keeps]
+    header = ["method", "trainings", "points", *floors, "hypervolume"]
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    for row in rows:
+        best = ["-" if r is None else f"{r.generality_score:.3f}" + (f" ({r.setting})" if r.setting else "")
+                for r in row["best"].values()]  # fmt: skip
+        cells = [row["method"], str(row["trainings"]), str(row["points"]), *best, f"{row['hypervolume']:.3f}"]
+        lines.append("| " + " | ".join(map(_cell, cells)) + " |")
+    return "\n".join(lines + ["", _winner(rows)] if rows else lines)
+
+
+def _winner(rows: Sequence[Mapping[str, Any]]) -> str:
+    first, *others = sorted(rows, key=lambda row: -row["hypervolume"])
+    text = f"Largest dominated area: {first['method']} ({first['hypervolume']:.3f})"
+    if not others:
+        return text + ", the only method."
+    second = others[0]
+    margin = first["hypervolume"] - second["hypervolume"]
+    return text + f", {margin:.3f} more than {second['method']} ({second['hypervolume']:.3f})."
 
 
 def schedule_summary(schedule: Mapping[str, Any]) -> str:
@@ -273,52 +507,89 @@ def _is_reference(record: ResultRecord) -> bool:
 
 
 def plot(records: Sequence[ResultRecord], path: str | os.PathLike, title: str = DEFAULT_TITLE) -> Path:
-    """PNG of generality against speciality: one curve per method in order of strength and alpha
-    (points marked with their alpha when the method has one strength, given in the legend), the
-    pre-trained point as a star, the Pareto front as a dashed staircase with ringed points.
+    """PNG of generality against speciality (`_figure`).
+
+    Args:
+        records: the records to draw.
+        path: the PNG to write.
+        title: the plot's title.
+
+    Returns:
+        `path`.
+    """
+    path = Path(path)
+    _figure(records, title).savefig(path, dpi=120)
+    return path
+
+
+def _figure(records: Sequence[ResultRecord], title: str) -> Figure:
+    """One line per method along its own front from the pre-trained point (`method_fronts`), its other points
+    faint, early stops as squares, chosen points as diamonds (auto) and triangles (HMA); the pre-trained point
+    a star, the fine-tuned one an X; the overall Pareto front a dashed staircase with ringed points.
 
     Drawn on a bare `Figure` (Agg), so it needs no display and leaves pyplot's state alone."""
     figure = Figure(figsize=(7, 5), layout="constrained")
     ax = figure.add_subplot()
-    methods = dict.fromkeys(r.method for r in sorted(records, key=_order) if r.method not in REFERENCE_METHODS)
-    origin = [r for r in records if r.method in REFERENCE_METHODS][:1]  # alpha 0 of every WiSE-FT curve
-    chosen_markers = {"auto": "D", "hma": "^"}
-    for method in methods:
-        curve = sorted((r for r in records if r.method == method and r.selection is None), key=_order)
-        line = origin + curve if all(r.alpha is not None for r in curve) else curve
-        strengths = {(r.hyperparameter, r.value) for r in curve}
-        label, annotate = method, (lambda r: r.setting)
-        if len(strengths) == 1 and all(r.alpha is not None for r in curve):  # one strength: in the legend; alphas on the points
-            (name, value), annotate = strengths.pop(), (lambda r: f"{r.alpha:g}")
-            label = f"{method} ({name}={value:g})" if name is not None else method
-        (drawn,) = ax.plot([r.speciality_score for r in line], [r.generality_score for r in line], marker="o", label=label,
-                           markevery=slice(len(line) - len(curve), None))  # fmt: skip
-        for r in curve:
-            ax.annotate(annotate(r), (r.speciality_score, r.generality_score), xytext=(4, 4),
-                        textcoords="offset points", fontsize=7)  # fmt: skip
-        for r in (r for r in records if r.method == method and r.selection is not None):  # chosen, not swept: apart
-            rule = r.selection["rule"]
-            ax.scatter([r.speciality_score], [r.generality_score], marker=chosen_markers[rule], s=70, color=drawn.get_color(),
-                       edgecolors="black", zorder=5)  # fmt: skip
-            ax.annotate(f"{'auto' if rule == 'auto' else 'HMA'} {r.alpha:g}", (r.speciality_score, r.generality_score),
-                        xytext=(4, -9), textcoords="offset points", fontsize=7)  # fmt: skip
+    for method, front in method_fronts(records).items():
+        _draw_method(ax, [r for r in records if r.method == method], front)
     for rule, what in (("auto", "auto-alpha pick"), ("hma", "HMA ratio search")):
         if any(r.selection is not None and r.selection["rule"] == rule for r in records):
-            ax.scatter([], [], marker=chosen_markers[rule], s=70, color="white", edgecolors="black", label=what)
+            ax.scatter([], [], marker=CHOSEN_MARKERS[rule], s=70, color="white", edgecolors="black", label=what)
+    if any(r.checkpoint is not None for r in records):
+        ax.scatter([], [], marker="s", s=20, color="grey", label="early stop")
     references = [r for r in records if _is_reference(r)]
     if references:
-        ax.scatter([r.speciality_score for r in references], [r.generality_score for r in references],
-                   marker="*", s=250, color="black", zorder=3, label="pre-trained")  # fmt: skip
+        ax.scatter(*_means(references), marker="*", s=250, color="black", zorder=3, label="pre-trained")
+    finetuned = _finetuned(records)
+    if finetuned is not None:
+        ax.scatter(*_means([finetuned]), marker="X", s=110, color="black", zorder=6, label="fine-tuned")
     front = pareto_front(records)
-    fx, fy = [r.speciality_score for r in front], [r.generality_score for r in front]
-    ax.step(fx, fy, where="pre", linestyle="--", color="grey", zorder=1, label="Pareto front")
-    ax.scatter(fx, fy, s=160, facecolors="none", edgecolors="red", linewidths=1.5, zorder=4)
+    ax.step(*_means(front), where="pre", linestyle="--", color="grey", zorder=1, label="Pareto front")
+    ax.scatter(*_means(front), s=160, facecolors="none", edgecolors="red", linewidths=1.5, zorder=4)
     ax.set(xlabel="speciality (mean domain score)", ylabel="generality (mean general score)", title=title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    path = Path(path)
-    figure.savefig(path, dpi=120)
-    return path
+    return figure
+
+
+def _means(records: Sequence[ResultRecord]) -> tuple[list[float], list[float]]:
+    return [r.speciality_score for r in records], [r.generality_score for r in records]
+
+
+def _short_setting(record: ResultRecord) -> str:
+    """A point's place on its training's curve: its alpha, or its share of training for an early stop."""
+    if record.checkpoint is not None:
+        return _percent(record.checkpoint["fraction"])
+    return "" if record.alpha is None else f"{record.alpha:g}"
+
+
+def _draw_method(ax: Any, own: Sequence[ResultRecord], front: Sequence[ResultRecord]) -> None:
+    """A method's front as one line (its strength in the legend if it has one), its other points faint, early
+    stops as squares, chosen points apart; annotations: every grid point with one strength, else the front's."""
+    method, on_front = own[0].method, {id(r) for r in front}
+    one_training = len({_training(r) for r in own}) == 1
+    strengths = ", ".join(f"{name}={value:g}" for name, value in own[0].strength_items) if one_training else ""
+    marked = [i for i, r in enumerate(front) if r.method == method and r.selection is None and r.checkpoint is None]
+    (line,) = ax.plot(*_means(front), marker="o", markevery=marked, label=f"{method} ({strengths})" if strengths else method)
+    color = line.get_color()
+    for r in own:
+        if r.selection is not None:
+            _draw_chosen(ax, r, color)
+        elif r.checkpoint is not None or id(r) not in on_front:
+            ax.scatter(*_means([r]), marker="s" if r.checkpoint is not None else "o", s=18, color=color,
+                       alpha=1.0 if id(r) in on_front else FAINT, linewidths=0, zorder=2)  # fmt: skip
+    for r in own:
+        text = _short_setting(r) if r.selection is None and (one_training or id(r) in on_front) else ""
+        if text:
+            ax.annotate(text, (r.speciality_score, r.generality_score), xytext=(4, 4), textcoords="offset points", fontsize=7)
+
+
+def _draw_chosen(ax: Any, record: ResultRecord, color: Any) -> None:
+    """A point chosen, not swept: its rule's marker, edged black, and its alpha."""
+    rule = record.selection["rule"]
+    ax.scatter(*_means([record]), marker=CHOSEN_MARKERS[rule], s=70, color=color, edgecolors="black", zorder=5)
+    ax.annotate(f"{'auto' if rule == 'auto' else 'HMA'} {record.alpha:g}", (record.speciality_score, record.generality_score),
+                xytext=(4, -9), textcoords="offset points", fontsize=7)  # fmt: skip
 
 
 def chosen_points(records: Sequence[ResultRecord]) -> str:
@@ -363,8 +634,10 @@ def write_report(
     records: Sequence[ResultRecord], output_dir: str | os.PathLike, title: str = DEFAULT_TITLE,
     keep: float = KEEP_SPECIALITY,
 ) -> dict[str, Path]:  # fmt: skip
-    """`report.json` (records, means, front, pick), `report.md` and `report.png` in `output_dir`;
-    the pick is the most general point keeping `keep` of the best speciality.
+    """`report.json` (records, means, front, pick, per-method summary), `report.md` and `report.png` in
+    `output_dir`; the pick is the most general point keeping `keep` of the best speciality. The per-method
+    comparison (`method_summary`, `method_table`) is left out where the records hold no method, no pre-trained
+    point or no fine-tuned point apart from it on both axes.
 
     All three are written in a temporary directory beside `output_dir` and moved in only once all
     succeeded: a failure leaves no output (and no new `output_dir`); other files there are kept."""
@@ -381,10 +654,40 @@ def write_report(
         "best_generality": index[id(best_generality(records, keep))],
         "keep_speciality": keep,
     }
+    per_method = ""
+    if _comparable(records):
+        report["methods"] = [{key: _string_keys(value) for key, value in row.items()} for row in method_summary(records)]
+        per_method = _per_method_section(records)
     chosen = chosen_points(records)
     chosen = f"Chosen, not swept:\n\n{chosen}\n\n" if chosen else ""
-    markdown = f"# {title}\n\n{markdown_table(records)}\n\n{_summary(records, keep)}\n\n{chosen}![{title}]({_PATHS['plot']})\n"
+    markdown = (f"# {title}\n\n{markdown_table(records)}\n\n{_summary(records, keep)}\n\n{per_method}{chosen}"
+                f"![{title}]({_PATHS['plot']})\n")  # fmt: skip
     return _write_atomically(output_dir, report, markdown, lambda path: plot(records, path, title=title))
+
+
+def _comparable(records: Sequence[ResultRecord]) -> bool:
+    """Whether the records hold what `method_summary` needs: a method, a pre-trained point and a fine-tuned
+    point apart from it on both axes."""
+    reference, finetuned = _reference(records), _finetuned(records)
+    if not _methods(records) or reference is None or finetuned is None:
+        return False
+    return reference.speciality_score != finetuned.speciality_score and reference.generality_score != finetuned.generality_score
+
+
+def _string_keys(value: Any) -> Any:
+    """A keep -> value mapping with its keeps as JSON keys (`0.95`, `1`); anything else as is."""
+    return {f"{keep:g}": item for keep, item in value.items()} if isinstance(value, Mapping) else value
+
+
+def _per_method_section(records: Sequence[ResultRecord]) -> str:
+    finetuned = finetuned_point(records)
+    return (
+        f"## Per method\n\nEach method is measured against the fine-tuned model, {finetuned.label}, whose speciality is "
+        f"{finetuned.speciality_score:.3f}: its most general point keeping each share of that speciality, and the "
+        "area its own Pareto front dominates, both axes scaled so that the pre-trained and fine-tuned points span "
+        "[0, 1] (1: as special as the fine-tuned and as general as the pre-trained model).\n\n"
+        f"{method_table(records)}\n\n"
+    )
 
 
 def _write_atomically(
