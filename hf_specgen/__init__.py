@@ -12,10 +12,11 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-_LAZY = {"SpecGenTrainer": ".trainer", "SpecGenTrainingArguments": ".args"}
+_LAZY = {"SpecGenTrainer": ".trainer", "SpecGenTrainingArguments": ".args", "WeightAveraging": ".averaging"}
 
 if TYPE_CHECKING:
     from .args import SpecGenTrainingArguments
+    from .averaging import WeightAveraging
     from .trainer import SpecGenTrainer
 
 
@@ -25,4 +26,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["SpecGenTrainer", "SpecGenTrainingArguments", "__version__"]
+__all__ = ["SpecGenTrainer", "SpecGenTrainingArguments", "WeightAveraging", "__version__"]
