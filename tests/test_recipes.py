@@ -78,8 +78,10 @@ def test_lm_recipe_writes_records_report_and_summaries(lm_demo):
     assert "| l2 | l2_lambda=10, alpha=0.5 |" in (output_dir / "report.md").read_text()
     assert (output_dir / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summaries = [line for line in stdout.splitlines() if line.startswith("[galactica_med] ")]
-    assert [line.split(":")[0] for line in summaries] == ["[galactica_med] pre-trained", "[galactica_med] full", "[galactica_med] l2"]
-    assert "3 steps" in summaries[1] and "alpha 0.5: " in summaries[1]
+    assert [line.split(":")[0] for line in summaries] == ["[galactica_med] pre-trained", "[galactica_med] 2 trainings",
+                                                          "[galactica_med] full", "[galactica_med] l2 (l2_lambda=10)"]  # fmt: skip
+    assert summaries[1] == "[galactica_med] 2 trainings: full 1, l2 1"  # what the grid implies, before training
+    assert "3 steps" in summaries[2] and "alpha 0.5: " in summaries[2]
     # merges are scored, then removed; checkpoints are removed once the fine-tuned model is saved
     assert run_files(output_dir, "*/merged") == [] and run_files(output_dir, "*/trainer") == []
 
@@ -114,13 +116,15 @@ def test_lm_recipe_on_two_processes_trains_together_and_scores_once(tmp_path):
     """DDP (gloo): every process trains, the main one merges, scores and writes; the others wait."""
     stdout = launch("galactica_med.py", tmp_path / "ddp", "--config", str(CONFIGS / "galactica_med_tiny.yaml"), "--hma_groups", "0",
                     "--methods", "full", "--alphas", "1", "--max_steps", "2", "--eval_limit", "4", "--disable_tqdm", "true",
-                    processes=2)  # fmt: skip
+                    "--eval_fractions", "0.5", processes=2)  # fmt: skip
     assert [line.split(":")[0] for line in stdout.splitlines() if line.startswith("[galactica_med] ")] == [
-        "[galactica_med] pre-trained", "[galactica_med] full"]
+        "[galactica_med] pre-trained", "[galactica_med] 1 training", "[galactica_med] full"]
     (finetuned,) = run_files(tmp_path / "ddp", "full-*/finetuned")
     assert json.loads((finetuned / "specgen_training.json").read_text())["steps"] == 2
     report = json.loads((tmp_path / "ddp" / "report.json").read_text())
-    assert [(r["method"], r["alpha"]) for r in report["records"]] == [("pre-trained", None), ("full", 1.0)]
+    assert [(r["method"], r["alpha"]) for r in report["records"]] == [("pre-trained", None), ("full", 1.0), ("full", None)]
+    assert report["records"][2]["checkpoint"] == {"fraction": 0.5, "step": 1, "steps": 2}  # saved once, by the main process
+    assert run_files(tmp_path / "ddp", "full-*/early/*") == [finetuned.parent / "early" / "fraction-0.5"]
 
 
 def test_lm_recipe_under_zero3_partitions_training_and_scores_on_one_process(tmp_path):
@@ -128,17 +132,20 @@ def test_lm_recipe_under_zero3_partitions_training_and_scores_on_one_process(tmp
     partition, KD's teacher is a partitioned copy, and the main process loads whole models to merge
     and score while the other waits (a partitioned load there would be a collective it never joins)."""
     stdout = launch("galactica_med.py", tmp_path / "z3", "--config", str(CONFIGS / "galactica_med_tiny.yaml"), "--hma_groups", "0",
-                    "--methods", "l2", "kd", "--alphas", "0.5", "1", "--max_steps", "2", "--eval_limit", "4",
-                    "--disable_tqdm", "true", processes=2, config="zero3")  # fmt: skip
+                    "--methods", "l2+ema", "kd", "--alphas", "0.5", "1", "--max_steps", "2", "--eval_limit", "4",
+                    "--ema_decay", "0.5", "--eval_fractions", "0.5", "--disable_tqdm", "true", processes=2, config="zero3")  # fmt: skip
     assert [line.split(":")[0] for line in stdout.splitlines() if line.startswith("[galactica_med] ")] == [
-        "[galactica_med] pre-trained", "[galactica_med] l2", "[galactica_med] kd"]
+        "[galactica_med] pre-trained", "[galactica_med] 2 trainings", "[galactica_med] l2+ema (l2_lambda=0.01)",
+        "[galactica_med] kd (kd_lambda=1)"]  # fmt: skip
     pretrained = load_file(lm_path() / "model.safetensors")
-    for method in ("l2", "kd"):
+    for method in ("l2+ema", "kd"):
         (finetuned,) = run_files(tmp_path / "z3", f"{method}-*/finetuned")
         weights = load_file(finetuned / "model.safetensors")  # consolidated from the partitions
         assert weights.keys() == pretrained.keys() and any(not torch.equal(weights[k], v) for k, v in pretrained.items())
+        early = load_file(finetuned.parent / "early" / "fraction-0.5" / "model.safetensors")  # gathered in a callback
+        assert early.keys() == pretrained.keys() and any(not torch.equal(early[k], weights[k]) for k in weights)
     report = json.loads((tmp_path / "z3" / "report.json").read_text())
-    assert len(report["records"]) == 5
+    assert len(report["records"]) == 7
 
 
 def test_clip_recipe_on_two_processes(tmp_path):
@@ -156,7 +163,7 @@ def test_clip_recipe_on_two_processes(tmp_path):
         assert all(0.0 <= v <= 1.0 and abs(v * 40 - round(v * 40)) < 1e-5 for v in {**record.speciality, **record.generality}.values())
     report = json.loads((tmp_path / "demo" / "report.json").read_text())
     assert len(report["records"]) == 5 and report["title"].startswith("clip_imagenet")
-    assert sum(line.startswith("[clip_imagenet] ") for line in stdout.splitlines()) == 3
+    assert sum(line.startswith("[clip_imagenet] ") for line in stdout.splitlines()) == 4  # the reference, the grid, 2 runs
 
 
 # ---- in-process: an interrupted training resumes; publishing ------------------------------------------

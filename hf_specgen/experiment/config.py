@@ -12,7 +12,7 @@ import argparse
 import dataclasses
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,17 +26,36 @@ class ConfigError(ValueError):
     """A recipe's configuration cannot run: raised before any model or data set is trained."""
 
 
-def parse_config(dataclass_types: Sequence[type], argv: Sequence[str] | None = None) -> tuple[Any, ...]:
+def parse_config(
+    dataclass_types: Sequence[type], argv: Sequence[str] | None = None, *, grid_fields: Collection[str] = ()
+) -> tuple[Any, ...]:
     """Instances of `dataclass_types` from `--config FILE` (YAML) overridden by the other arguments.
 
     `--push-to-hub REPO_ID` is accepted as a shorthand for `--push_to_hub --hub_model_id REPO_ID`.
+
+    Args:
+        dataclass_types: the argument dataclasses, e.g. a recipe's options, `ExperimentArguments`,
+            `SpecGenTrainingArguments`.
+        argv: the command line (default `sys.argv[1:]`).
+        grid_fields: fields that may take a list of values (`l2_lambda: [0.01, 0.1]` in the YAML,
+            `--l2_lambda 0.01 0.1` on the command line); the instances hold each list's first value.
+
+    Returns:
+        One instance per dataclass type, in order; with `grid_fields`, then a dict of the lists given,
+        `{field: [values converted by the field's type]}` (the command line's replacing the file's).
     """
     parser = HfArgumentParser(dataclass_types)
     parser.add_argument("--config", type=Path, help="YAML preset; command-line arguments override it")
     argv = _hub_shorthand(list(sys.argv[1:] if argv is None else argv))
+    actions = {action.dest: action for action in parser._actions}
+    argv, command_line_grids = _command_line_grids(argv, grid_fields, actions)
     known, _ = parser.parse_known_args(argv)  # only to find --config: the full parse comes below
+    grids: dict[str, list[Any]] = {}
     if known.config is not None:
-        parser.set_defaults(**_preset(parser, known.config))
+        preset = _preset(parser, known.config, grid_fields)
+        grids = {name: value for name, value in preset.items() if name in grid_fields and isinstance(value, list)}
+        parser.set_defaults(**{name: value[0] if name in grids and value else value for name, value in preset.items()})
+    grids.update(command_line_grids)
     try:
         # the outputs: one instance per dataclass, a namespace of the other options (--config), the rest
         *instances, _, rest = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
@@ -46,7 +65,46 @@ def parse_config(dataclass_types: Sequence[type], argv: Sequence[str] | None = N
         raise ConfigError(f"invalid configuration: {error}") from error
     if rest:
         raise ConfigError(f"unknown arguments {rest}")
-    return tuple(instances)
+    return (*instances, grids) if grid_fields else tuple(instances)
+
+
+def _command_line_grids(
+    argv: list[str], grid_fields: Collection[str], actions: dict[str, argparse.Action]
+) -> tuple[list[str], dict[str, list[Any]]]:
+    """`--l2_lambda 0.01 0.1` -> (`--l2_lambda 0.01`, {"l2_lambda": [0.01, 0.1]}) for the grid fields."""
+    if not grid_fields:
+        return argv, {}
+    kept, grids, i = [], {}, 0
+    while i < len(argv):
+        token = argv[i]
+        name = token[2:].split("=", 1)[0] if token.startswith("--") else None
+        if name not in grid_fields:
+            kept.append(token)
+            i += 1
+            continue
+        if "=" in token:
+            values, i = [token.split("=", 1)[1]], i + 1
+        else:
+            j = i + 1
+            while j < len(argv) and not (argv[j].startswith("-") and not _is_number(argv[j])):
+                j += 1
+            values, i = argv[i + 1 : j], j
+        if not values:
+            raise ConfigError(f"invalid configuration: --{name} needs one value or more")
+        try:
+            grids[name] = [_convert_one(actions[name], value) for value in values]
+        except (ValueError, TypeError, argparse.ArgumentTypeError) as error:
+            raise ConfigError(f"invalid configuration: --{name} {' '.join(values)}: {error}") from error
+        kept += [f"--{name}", values[0]]
+    return kept, grids
+
+
+def _is_number(token: str) -> bool:
+    try:
+        float(token)
+    except ValueError:
+        return False
+    return True
 
 
 def check_finite(instance: Any) -> None:
@@ -59,8 +117,9 @@ def check_finite(instance: Any) -> None:
             raise ValueError(f"{f.name} must be {'finite numbers' if items is value else 'a finite number'}, got {value}")
 
 
-def _preset(parser: argparse.ArgumentParser, path: Path) -> dict[str, Any]:
-    """The YAML file's values, checked against the parser's fields and converted by their types."""
+def _preset(parser: argparse.ArgumentParser, path: Path, grid_fields: Collection[str] = ()) -> dict[str, Any]:
+    """The YAML file's values, checked against the parser's fields and converted by their types
+    (a list for a grid field: each item converted)."""
     try:
         values = yaml.safe_load(path.read_text()) or {}
     except (OSError, yaml.YAMLError) as error:
@@ -76,7 +135,12 @@ def _preset(parser: argparse.ArgumentParser, path: Path) -> dict[str, Any]:
     for key, value in values.items():
         action = actions[key]
         try:
-            converted[key] = _convert(action, value)
+            if key in grid_fields and isinstance(value, list):
+                if not value:
+                    raise ValueError("an empty list: give one value or more")
+                converted[key] = [_convert_one(action, item) for item in value]
+            else:
+                converted[key] = _convert(action, value)
         except (ValueError, TypeError, argparse.ArgumentTypeError) as error:
             raise ConfigError(f"config {path}: invalid value {value!r} for {key}: {error}") from error
         action.required = False  # given by the preset
@@ -106,6 +170,8 @@ def _convert(action: argparse.Action, value: Any) -> Any:
     if action.nargs in ("+", "*") and value is not None:
         items = value if isinstance(value, list) else [value]
         return [_convert_one(action, item) for item in items]
+    if isinstance(value, (list, dict)):
+        raise ValueError(f"a {type(value).__name__} where one value is expected")
     return _convert_one(action, value)
 
 

@@ -1,6 +1,7 @@
 """Fine-tuning methods a recipe compares, by name: `full`, one regularizer (`l1`, `l2`, `ewc`,
 `mas`, `kd`, `feature`: the registry's names), `lora`, or a combination joined by `+` (e.g.
-`kd+feature`, `lora+l2`).
+`kd+feature`, `lora+l2`); any of them with a moving average of the weights during training,
+`+ema` or `+sma` (e.g. `full+ema`, `l2+sma`), whose averaged weights become the run's model.
 
 A method switches on its regularizers at the strengths the configuration gives (`l2_lambda`, ...)
 and switches the others off, so one configuration holds every method's strength.
@@ -17,6 +18,7 @@ from ..regularizers import REGULARIZERS as REGISTRY
 
 REGULARIZERS = tuple(REGISTRY)
 METHODS = ("full", *REGULARIZERS, "lora")
+AVERAGES = ("ema", "sma")  # moving averages of the weights during training (`hf_specgen.averaging`)
 # What a recipe compares when its configuration names no methods (MAS is opt-in: `--methods ... mas`).
 DEFAULT_METHODS = ("full", "l1", "l2", "ewc", "kd", "feature", "lora")
 
@@ -28,17 +30,28 @@ class Method:
     name: str
     regularizers: tuple[str, ...]
     lora: bool
+    average: str | None = None  # "ema" or "sma": the run's model is the moving average of its weights
 
     @classmethod
     def parse(cls, name: str) -> Method:
         parts = name.split("+")
-        unknown = [p for p in parts if p not in METHODS]
-        if unknown or len(set(parts)) != len(parts) or ("full" in parts and len(parts) > 1):
+        averages = [p for p in parts if p in AVERAGES]
+        trained = [p for p in parts if p not in AVERAGES]
+        unknown = [p for p in trained if p not in METHODS]
+        if unknown or len(set(parts)) != len(parts) or ("full" in trained and len(trained) > 1) or len(averages) > 1:
             raise ValueError(
                 f"unknown method {name!r}: use one of {', '.join(METHODS)} or a '+' combination of "
-                f"{', '.join(REGULARIZERS)} and lora (e.g. kd+feature)"
+                f"{', '.join(REGULARIZERS)} and lora (e.g. kd+feature), optionally with one of {', '.join(AVERAGES)} "
+                "(e.g. full+ema, l2+sma)"
             )
-        return cls(name, tuple(p for p in parts if p in REGULARIZERS), "lora" in parts)
+        if not trained:
+            raise ValueError(f"method {name!r} averages a training's weights: name the training too, e.g. full+{averages[0]}")
+        return cls(name, tuple(p for p in parts if p in REGULARIZERS), "lora" in parts, averages[0] if averages else None)
+
+    @property
+    def strength_fields(self) -> tuple[str, ...]:
+        """The options that set this method's strengths: each regularizer's `<name>_lambda`, and `lora_r`."""
+        return (*(f"{r}_lambda" for r in self.regularizers), *(("lora_r",) if self.lora else ()))
 
     def training_arguments(self, base: SpecGenTrainingArguments, **changes: object) -> SpecGenTrainingArguments:
         """`base` with this method's regularizers at their configured strength and the others off."""

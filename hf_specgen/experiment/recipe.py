@@ -24,6 +24,8 @@ from ..eval.suites import Role
 from ..merge.schedule import AlphaSchedule
 from ..merge.search import GroupSearch
 from .config import ConfigError, check_finite, parse_config
+from .early_stopping import check_fractions
+from .grid import GRID_FIELDS
 from .methods import DEFAULT_METHODS, METHODS, Method
 from .sources import is_local_path
 
@@ -94,7 +96,34 @@ class ExperimentArguments:
                   "to, and tensors outside the blocks (embeddings, final norm, head) get that mean. Every scaled ratio "
                   "must lie in [0, 1]. Default: one alpha for every tensor."},
     )
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank (method 'lora')."})
+    strength_combination: str = field(
+        default="product",
+        metadata={"help": "Combined methods (kd+l2) with strength lists: `product` trains every combination of the "
+                  "lists, `paired` the i-th values together (lists of one length, or one value). Any <name>_lambda and "
+                  "lora_r may be a list (`l2_lambda: [1e-3, 1e-2]`, `--l2_lambda 1e-3 1e-2`): each method trains at "
+                  "each of its strengths.",
+                  "choices": ["product", "paired"]},
+    )
+    eval_fractions: list[float] = field(
+        default_factory=list,
+        metadata={"help": "Early stopping as a baseline: the model saved at these fractions of training (e.g. 0.25 "
+                  "0.5 0.75), scored as extra points of every method; nothing is trained for them. Runs trained "
+                  "before a fraction was asked have no checkpoint at it (said, not retrained)."},
+    )
+    ema_decay: float = field(
+        default=0.99,
+        metadata={"help": "Methods `<method>+ema`: the run's model is the exponential moving average of its weights, "
+                  "avg = ema_decay * avg + (1 - ema_decay) * weights after each optimizer step; in [0, 1)."},
+    )
+    sma_start: float = field(
+        default=0.5,
+        metadata={"help": "Methods `<method>+sma`: the run's model is the mean of its weights after each step from "
+                  "this fraction of training on; in [0, 1)."},
+    )
+    sma_window: int | None = field(
+        default=None, metadata={"help": "Methods `<method>+sma`: average the last sma_window steps instead (>= 1)."}
+    )
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank (method 'lora'); a list trains one run per rank."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator: the update is lora_alpha / r * B @ A."})
     lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
     lora_target_modules: list[str] | None = field(
@@ -112,6 +141,9 @@ class ExperimentArguments:
         default=False, metadata={"help": "Keep every WiSE-FT merge on disk after scoring it (default: only the scores)."}
     )
     report_title: str | None = field(default=None, metadata={"help": "Title of the report's table and plot."})
+    # {option: [values]} of the strengths given as lists (`parse_config(..., grid_fields=GRID_FIELDS)` fills it;
+    # programs set it directly): not a command-line field of its own
+    strength_grids: dict[str, list[float]] = field(default_factory=dict, init=False)
 
     def __post_init__(self) -> None:
         self.alphas, auto = _grid_and_auto(self.alphas)
@@ -147,6 +179,7 @@ class ExperimentArguments:
                     raise ValueError(f"{name} must be >= {2 if name == 'hma_max_samples' else 1}, got {getattr(self, name)}")
         for name in self.selection_methods or []:  # a typo is an error; a method this run does not train is not
             Method.parse(name)
+        self.eval_fractions = check_fractions(self.eval_fractions)
         if not self.alphas and not self.auto_alpha:
             raise ValueError("alphas is empty: give alphas to merge, or auto")
 
@@ -212,7 +245,9 @@ class Recipe(ABC):
         from .runner import run_experiment
 
         try:
-            options, experiment, training = parse_config((cls.arguments, ExperimentArguments, SpecGenTrainingArguments), argv)
+            types = (cls.arguments, ExperimentArguments, SpecGenTrainingArguments)
+            options, experiment, training, grids = parse_config(types, argv, grid_fields=GRID_FIELDS)
+            experiment.strength_grids = grids
             run_experiment(cls(options, training.seed), experiment, training)
         except ConfigError as error:
             sys.exit(f"{cls.name}.py: error: {error}")

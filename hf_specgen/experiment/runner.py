@@ -1,9 +1,10 @@
-"""The experiment loop every recipe shares: per method, fine-tune with `SpecGenTrainer`, merge the
-WiSE-FT alphas, score both sides, record; then the report, and optionally publish the chosen model.
+"""The experiment loop every recipe shares: per method and strength, fine-tune with `SpecGenTrainer`,
+merge the WiSE-FT alphas, score both sides (and the early-stopping checkpoints), record; then the
+report, and optionally publish the chosen model.
 
-Each run lives in `output_dir/runs/<method>-<key>/`, `key` hashing everything that changes its
-fine-tuned model (recipe data and model, method, training arguments), and its scores in
-`records-<key>/`, keyed by the evaluation's settings. Re-running skips what exists: a fine-tuned
+Each run (a method at one of its strengths) lives in `output_dir/runs/<method>-<key>/`, `key` hashing
+everything that changes its fine-tuned model (recipe data and model, method, training arguments,
+LoRA and averaging options), and its scores in `records-<key>/`, keyed by the evaluation's settings. Re-running skips what exists: a fine-tuned
 model is not retrained, a scored alpha is not re-scored, and an interrupted training resumes from
 its last checkpoint. Training runs on every process of a launch; merging and scoring
 run on the main process while the others wait.
@@ -33,6 +34,8 @@ from ..merge.checkpoint import Checkpoint, resolve
 from ..merge.search import check_groups
 from ..merge.wise_ft import alpha_dirname
 from .config import ConfigError
+from .early_stopping import EarlyCheckpoints, checkpoint_directory, saved_checkpoint
+from .grid import TrainingPoint, expand_points, grid_summary
 from .methods import Method, parse_methods
 from .recipe import ExperimentArguments, Recipe
 from .sources import check_output_dir, check_paths, remove_created
@@ -56,6 +59,11 @@ def run_experiment(
     created: list[Path] = []
     try:
         methods = parse_methods(experiment.methods, base)
+        points = expand_points(methods, experiment.strength_grids, _strength_defaults(base, experiment),
+                               experiment.strength_combination)  # fmt: skip
+        for method in methods:
+            if method.average:
+                weight_averaging(method, experiment)  # its options, checked before anything trains
         if base.push_to_hub and not base.hub_model_id:
             raise ValueError("push_to_hub needs hub_model_id (or --push-to-hub REPO_ID): where to publish")
         if experiment.publish_point == "auto" and not any(experiment.chooses(m.name) for m in methods):
@@ -73,7 +81,10 @@ def run_experiment(
         raise
     reference = _reference(recipe, root, state)
     records = [reference]
-    runs = [_Run(recipe, method, experiment, base, root) for method in methods]
+    runs = [_Run(recipe, point, experiment, base, root) for point in points]
+    if state.is_main_process:
+        done = sum(run.finetuned.is_dir() for run in runs)
+        print(f"[{recipe.name}] {grid_summary(points)}" + (f"; {done} already trained" if done else ""), flush=True)
     for run in runs:
         records += run.execute(state, reference)
     if state.is_main_process:
@@ -84,6 +95,21 @@ def run_experiment(
                 publish(records, runs, experiment.keep_speciality, base, hub_api)
     state.wait_for_everyone()
     return records
+
+
+def _strength_defaults(base: SpecGenTrainingArguments, experiment: ExperimentArguments) -> dict[str, float]:
+    """Every strength option's single value: the training arguments' `<name>_lambda`s and `lora_r`."""
+    return {**{f.name: getattr(base, f.name) for f in dataclasses.fields(base) if f.name.endswith("_lambda")},
+            "lora_r": experiment.lora_r}  # fmt: skip
+
+
+def weight_averaging(method: Method, experiment: ExperimentArguments) -> Any:
+    """The callback that makes a `<method>+ema` / `+sma` run's model the moving average of its weights."""
+    from ..averaging import WeightAveraging
+
+    if method.average == "ema":
+        return WeightAveraging("ema", ema_decay=experiment.ema_decay)
+    return WeightAveraging("sma", sma_start=experiment.sma_start, sma_window=experiment.sma_window)
 
 
 def _check_hma(recipe: Recipe, groups: int) -> None:
@@ -140,19 +166,30 @@ def _scores(record: ResultRecord) -> str:
 
 @dataclasses.dataclass
 class _Run:
-    """One method's fine-tune and its WiSE-FT merges, in its own directory."""
+    """One method's fine-tune at one of its strengths, its WiSE-FT merges and early-stopping points, in its own directory."""
 
     recipe: Recipe
-    method: Method
+    point: TrainingPoint
     experiment: ExperimentArguments
-    base: SpecGenTrainingArguments
+    base: SpecGenTrainingArguments  # the configuration's; __post_init__ sets this point's strengths in it
     root: Path
 
     def __post_init__(self) -> None:
-        options = dataclasses.asdict(self.experiment)
+        self.method: Method = self.point.method
+        strengths = self.point.values
+        self.lora_r = int(strengths.pop("lora_r", self.experiment.lora_r))
+        if strengths:
+            self.base = dataclasses.replace(self.base, **strengths)
+        options = {k: v for k, v in dataclasses.asdict(self.experiment).items() if k != "strength_grids"}
         lora = {k: v for k, v in options.items() if k.startswith("lora_")} if self.method.lora else None
+        if lora is not None:
+            lora["lora_r"] = self.lora_r
         training = {k: v for k, v in self.method.training_arguments(self.base).to_dict().items() if k not in _NOT_IN_KEY}
-        self.directory = self.root / "runs" / f"{self.method.name}-{_key(self.recipe.fingerprint(), training, lora)}"
+        parts = [self.recipe.fingerprint(), training, lora]
+        if self.method.average:  # only then: the runs of the other methods keep their keys
+            parts.append({k: options[k] for k in ("ema_decay",) if self.method.average == "ema"}
+                         | {k: options[k] for k in ("sma_start", "sma_window") if self.method.average == "sma"})  # fmt: skip
+        self.directory = self.root / "runs" / f"{self.method.name}-{_key(*parts)}"
         self.finetuned = self.directory / "finetuned"
         self.records = self.directory / f"records-{_key(self.recipe.eval_fingerprint())}"
         chooses = self.experiment.chooses(self.method.name)  # selection_methods
@@ -167,6 +204,9 @@ class _Run:
     def groups_suffix(self) -> str:
         shape = self.experiment.merge_group_alphas
         return "" if shape is None else "-groups-" + "_".join(f"{a:g}" for a in shape)
+
+    def early_path(self, fraction: float) -> Path:
+        return self.records / f"early-{fraction:g}.json"
 
     def auto_path(self) -> Path:
         e = self.experiment
@@ -184,6 +224,7 @@ class _Run:
         if state.is_main_process:
             with _one_process_models():
                 self.score_merges()
+                self.score_early_points()
                 if self.auto and not self.auto_path().is_file():
                     self.select(reference)
                 for mean in self.hma_means:
@@ -198,6 +239,7 @@ class _Run:
             records += [ResultRecord.load(self.record_path(a)) for a in pick.selection["scored"] if a not in self.alphas]
             records.append(pick)
         records += [ResultRecord.load(self.hma_path(mean)) for mean in self.hma_means]
+        records += [ResultRecord.load(self.early_path(f)) for f in self.experiment.eval_fractions if self.early_path(f).is_file()]
         if state.is_main_process:
             self.summarize(records)
         return records
@@ -235,9 +277,10 @@ class _Run:
         if alpha > 0:
             point = ResultRecord.load(self.record_path(alpha))
         else:  # no speciality gained: the pre-trained model keeps all of it
-            hyperparameter, value = self.method.hyperparameter(self.base, self.experiment.lora_r)
+            hyperparameter, value = self.method.hyperparameter(self.base, self.lora_r)
             point = ResultRecord(method=self.method.name, alpha=0.0, hyperparameter=hyperparameter, value=value,
-                                 speciality=reference.speciality, generality=reference.generality)  # fmt: skip
+                                 strengths=self.strengths(), speciality=reference.speciality,
+                                 generality=reference.generality)  # fmt: skip
         dataclasses.replace(point, selection=selection).save(self.auto_path())
 
     def search_hma(self, mean: float) -> None:
@@ -245,7 +288,7 @@ class _Run:
         merged at alpha 1 for it), then that merge scored and recorded with its ratios and search."""
         e = self.experiment
         start = time.perf_counter()
-        with self._full_finetuned() as finetuned:
+        with self._full_model(self.finetuned) as finetuned:
             found = self.recipe.search_group_alphas(finetuned, e.hma_groups, mean, e)
         search_s = round(time.perf_counter() - start, 1)
         schedule = AlphaSchedule(group_alphas=found.group_alphas)
@@ -263,17 +306,40 @@ class _Run:
                 target.parent.rmdir()
 
     @contextlib.contextmanager
-    def _full_finetuned(self) -> Iterator[Path]:
-        """The fine-tuned model as a full checkpoint: the run's own, or its LoRA adapter merged at alpha 1
-        into a directory removed afterwards."""
+    def _full_model(self, trained: Path) -> Iterator[Path]:
+        """A model this run saved (`finetuned`, an early-stopping checkpoint) as a full checkpoint: itself,
+        or its LoRA adapter merged at alpha 1 into a directory removed afterwards."""
         if not self.method.lora:
-            yield self.finetuned
+            yield trained
             return
-        target = self.directory / "finetuned-merged"
+        target = self.directory / "full-merged"
         try:
-            yield merge(self.recipe.pretrained, self.finetuned, 1.0, target, MergeOptions(overwrite="any"))
+            yield merge(self.recipe.pretrained, trained, 1.0, target, MergeOptions(overwrite="any"))
         finally:
             shutil.rmtree(target, ignore_errors=True)
+
+    def score_early_points(self) -> None:
+        """Scores the checkpoints saved at `eval_fractions` of training that have no record yet (a run trained
+        before a fraction was asked has no checkpoint at it: said once, nothing retrained)."""
+        missing = [f for f in self.experiment.eval_fractions if not self.early_path(f).is_file()]
+        absent = [f for f in missing if saved_checkpoint(self.early_root, f) is None]
+        if absent:
+            print(f"[{self.recipe.name}] {self.point.describe()}: trained without a checkpoint at eval_fractions "
+                  f"{', '.join(f'{f:g}' for f in absent)}; no early-stopping point there (delete {self.directory} "
+                  "to retrain)", flush=True)  # fmt: skip
+        for fraction in (f for f in missing if f not in absent):
+            saved = checkpoint_directory(self.early_root, fraction)
+            with self._full_model(saved) as model:
+                self._score(None, model, kept=not self.method.lora, path=self.early_path(fraction),
+                            checkpoint=saved_checkpoint(self.early_root, fraction))  # fmt: skip
+
+    @property
+    def early_root(self) -> Path:
+        return self.directory / "early"
+
+    def strengths(self) -> dict[str, float] | None:
+        """This run's strengths for its records (`lora_r` as a number), None for a method without any."""
+        return {name: float(value) for name, value in self.point.strengths} or None
 
     def train(self, state: PartialState) -> None:
         model, processor = self.recipe.load_model()
@@ -284,6 +350,12 @@ class _Run:
             learning_rate=(self.experiment.lora_learning_rate if self.method.lora else None) or self.base.learning_rate,
         )  # fmt: skip
         trainer = self.recipe.build_trainer(model, processor, args)
+        averaging = weight_averaging(self.method, self.experiment) if self.method.average else None
+        if averaging is not None:
+            trainer.add_callback(averaging)  # first: the early checkpoints save the average of the same step
+        if self.experiment.eval_fractions:
+            trainer.add_callback(EarlyCheckpoints(self._saver(trainer, processor, averaging), self.experiment.eval_fractions,
+                                                  self.early_root))  # fmt: skip
         checkpoint = get_last_checkpoint(args.output_dir) if Path(args.output_dir).is_dir() else None
         start = time.perf_counter()
         result = trainer.train(resume_from_checkpoint=checkpoint)
@@ -303,12 +375,24 @@ class _Run:
         del trainer, model
         _free_memory()
 
+    @staticmethod
+    def _saver(trainer: Any, processor: Any, averaging: Any) -> Any:
+        """Saves the model as the run would at that moment (with averaging: its average) and its processor."""
+
+        def save(path: str) -> None:
+            with averaging.swapped(trainer.model) if averaging is not None else contextlib.nullcontext():
+                trainer.save_model(path)
+            if PartialState().is_main_process:
+                processor.save_pretrained(path)
+
+        return save
+
     def _with_lora(self, model: Any) -> Any:
         from peft import LoraConfig, get_peft_model
 
         targets = self.experiment.lora_target_modules or self.recipe.default_lora_targets
         config = LoraConfig(
-            r=self.experiment.lora_r, lora_alpha=self.experiment.lora_alpha,
+            r=self.lora_r, lora_alpha=self.experiment.lora_alpha,
             lora_dropout=self.experiment.lora_dropout, target_modules=targets,
         )  # fmt: skip
         return get_peft_model(model, config)
@@ -333,18 +417,19 @@ class _Run:
             with contextlib.suppress(OSError):  # empty unless an earlier run kept merges there
                 merged_root.rmdir()
 
-    def _score(self, alpha: float, model: Path, *, kept: bool, path: Path, search_s: float | None = None,
-               merge: dict[str, Any] | None = None, selection: dict[str, Any] | None = None) -> None:  # fmt: skip
-        """Scores `model` (the merge at `alpha`) and writes its record to `path`."""
-        hyperparameter, value = self.method.hyperparameter(self.base, self.experiment.lora_r)
+    def _score(self, alpha: float | None, model: Path, *, kept: bool, path: Path, search_s: float | None = None,
+               merge: dict[str, Any] | None = None, selection: dict[str, Any] | None = None,
+               checkpoint: dict[str, Any] | None = None) -> None:  # fmt: skip
+        """Scores `model` (the merge at `alpha`, or with `checkpoint` an early-stopping point) and writes its record to `path`."""
+        hyperparameter, value = self.method.hyperparameter(self.base, self.lora_r)
         start = time.perf_counter()
         scores = self.recipe.evaluate(model)
         cost = {"train_s": self.training_log()["train_s"], "eval_s": round(time.perf_counter() - start, 1)}
         if search_s is not None:
             cost["search_s"] = search_s
         ResultRecord(
-            method=self.method.name, alpha=alpha, hyperparameter=hyperparameter, value=value, **scores, cost=cost,
-            model=str(model) if kept else None, merge=merge, selection=selection,
+            method=self.method.name, alpha=alpha, hyperparameter=hyperparameter, value=value, strengths=self.strengths(),
+            **scores, cost=cost, model=str(model) if kept else None, merge=merge, selection=selection, checkpoint=checkpoint,
         ).save(path)  # fmt: skip
 
     def _merge(self, alphas: list[float], merged_root: Path) -> dict[float, Path]:
@@ -372,16 +457,22 @@ class _Run:
 
     def summarize(self, records: list[ResultRecord]) -> None:
         training = self.training_log()
-        points = " | ".join(f"alpha {r.alpha:g}{_chosen(r)}: {r.speciality_score:.3f} / {r.generality_score:.3f}"
+        points = " | ".join(f"{_where(r)}{_chosen(r)}: {r.speciality_score:.3f} / {r.generality_score:.3f}"
                             for r in records)  # fmt: skip
-        print(f"[{self.recipe.name}] {self.method.name}: {training['steps']} steps in {training['train_s']:.0f} s; "
+        print(f"[{self.recipe.name}] {self.point.describe()}: {training['steps']} steps in {training['train_s']:.0f} s; "
               f"speciality / generality {points}", flush=True)  # fmt: skip
 
 
 def _chosen(record: ResultRecord) -> str:
+    if record.checkpoint is not None:
+        return f" (step {record.checkpoint['step']})"
     if record.selection is None:
         return ""
     return " (auto)" if record.selection["rule"] == "auto" else " (HMA " + schedule_summary(record.merge or {"kind": "?"}) + ")"
+
+
+def _where(record: ResultRecord) -> str:
+    return f"{record.checkpoint['fraction']:g} of training" if record.checkpoint is not None else f"alpha {record.alpha:g}"
 
 
 def _free_memory() -> None:
@@ -391,7 +482,10 @@ def _free_memory() -> None:
 
 
 def _schedule_of(record: ResultRecord) -> AlphaSchedule | float:
-    """What merges `record`'s point again: its group alphas (a group shape or an HMA search), or its alpha."""
+    """What merges `record`'s point again: its group alphas (a group shape or an HMA search), or its alpha
+    (an early-stopping checkpoint: itself, alpha 1)."""
+    if record.alpha is None:
+        return 1.0
     if record.merge is not None and record.merge["kind"] == "groups":
         return AlphaSchedule(group_alphas=tuple(record.merge["group_alphas"]), outside_alpha=record.merge.get("outside_alpha"))
     return record.alpha
@@ -404,15 +498,19 @@ def publish(
 
     The rule: among the fine-tuned points keeping at least `keep` of the best speciality, the most
     general one (`best_generality`); with `publish_point` auto, among the methods' auto-alpha picks."""
-    by_method = {run.method.name: run for run in runs}
-    candidates = [r for r in records if r.method in by_method]
+
+    def run_of(record: ResultRecord) -> _Run | None:  # the run (method and strengths) that made the record
+        return next((run for run in runs if (run.method.name, run.strengths()) == (record.method, record.strengths)), None)
+
+    candidates = [r for r in records if run_of(r) is not None]
     if runs and runs[0].experiment.publish_point == "auto":  # the auto-alpha picks only
         candidates = [r for r in candidates if r.selection is not None and r.selection["rule"] == "auto"]
     pick = best_generality(candidates, keep)
-    run = by_method[pick.method]
+    run = run_of(pick)
     print(f"[{run.recipe.name}] publishing {pick.label} ({_scores(pick)}) to {base.hub_model_id}", flush=True)
     schedule = _schedule_of(pick)
+    trained = run.finetuned if pick.checkpoint is None else checkpoint_directory(run.early_root, pick.checkpoint["fraction"])
     return merge(
-        run.recipe.pretrained, run.finetuned, schedule, Path(base.output_dir) / "published", MergeOptions(overwrite="any"),
+        run.recipe.pretrained, trained, schedule, Path(base.output_dir) / "published", MergeOptions(overwrite="any"),
         push_to_hub=base.hub_model_id, private=bool(base.hub_private_repo), scores=markdown_table(records), hub_api=hub_api,
     )  # fmt: skip
