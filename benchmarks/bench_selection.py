@@ -33,15 +33,22 @@ from hf_specgen.eval.report import ResultRecord  # noqa: E402
 
 GRID_5 = [0.25, 0.5, 0.75]  # besides the ends
 GRID_11 = [round(0.1 * i, 1) for i in range(1, 10)]
-METHODS = ["full", "l1", "l2", "ewc", "kd", "feature", "lora"]  # the tiny presets' methods, all of them chosen for
+METHODS = ["full", "l1", "l2", "ewc", "kd", "feature", "lora"]  # one strength each, all of them chosen for
 RECIPES = {"galactica_med": "galactica_med_tiny.yaml", "clip_imagenet": "clip_tiny.yaml"}
+# Per recipe: the strength of the tiny preset's sweep that this measurement uses (one run per method, whose
+# fine-tune the demo made) and the HMA search (3 groups for the LM, 2 for CLIP, whose text tower has 2 blocks).
+SETTINGS = {
+    "galactica_med": ["--l2_lambda", "0.01", "--lora_r", "16", "--hma_groups", "3"],
+    "clip_imagenet": ["--l2_lambda", "0.1", "--lora_r", "8", "--hma_groups", "2"],
+}
+HMA = ["--hma_samples", "generated", "--hma_max_samples", "64", "--hma_steps", "20"]
 
 
 def run_recipe(name: str, config: str, output_dir: Path, means: list[float]) -> float:
     alphas = ["0", *map(str, GRID_11), "0.25", "0.75", "1", "auto"]
     command = [sys.executable, str(ROOT / "recipes" / f"{name}.py"), "--config", str(ROOT / "recipes" / "configs" / config),
                "--output_dir", str(output_dir), "--alphas", *alphas, "--hma_mean_alphas", *map(str, means),
-               "--selection_methods", *METHODS, "--disable_tqdm", "true"]  # fmt: skip
+               "--methods", *METHODS, "--selection_methods", *METHODS, *SETTINGS[name], *HMA, "--disable_tqdm", "true"]  # fmt: skip
     start = time.perf_counter()
     subprocess.run(command, check=True, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL)
     return time.perf_counter() - start
@@ -59,6 +66,8 @@ def measure(name: str, output_dir: Path) -> dict:
     rows = {"hma": [], "auto": []}
     for run in sorted(p for p in (output_dir / "runs").iterdir() if p.name not in ("pre-trained", "zero-shot")):
         method = run.name.rsplit("-", 1)[0]
+        if method not in METHODS or not any(run.glob("records-*/auto-*.json")):  # a strength or method of the sweep only
+            continue
         (records,) = run.glob("records-*")
         grid = {0.0: reference}
         grid.update({r.alpha: r for r in map(ResultRecord.load, records.glob("alpha-*.json"))})

@@ -18,9 +18,9 @@ from hf_specgen.experiment import ConfigError, ExperimentArguments, parse_config
 from hf_specgen.experiment.runner import _schedule_of
 from hf_specgen.merge import AlphaSchedule, merge
 from hf_specgen.tiny import lm_path
-from test_recipes import CONFIGS, launch, lm_experiment, load_recipe, run_files
+from test_recipes import TINY_CLIP, TINY_LM, launch, lm_experiment, load_recipe, run_files
 
-CHOOSING = ["--config", str(CONFIGS / "galactica_med_tiny.yaml"), "--methods", "full", "lora", "--alphas", "0", "1", "auto",
+CHOOSING = ["--config", str(TINY_LM), "--methods", "full", "lora", "--alphas", "0", "1", "auto",
             "--auto_budget", "2", "--hma_groups", "2", "--hma_mean_alphas", "0.5", "--hma_steps", "3", "--hma_max_samples", "8",
             "--hma_max_new_tokens", "8", "--max_steps", "20", "--eval_limit", "8", "--disable_tqdm", "true"]  # fmt: skip
 
@@ -94,7 +94,7 @@ def test_clip_hma_with_the_labels_as_targets_and_its_merge_is_the_records_ratios
     module = load_recipe("clip_imagenet")
     options, experiment, training = parse_config(
         (module.ImageClassificationArguments, ExperimentArguments, SpecGenTrainingArguments),
-        ["--config", str(CONFIGS / "clip_tiny.yaml"), "--output_dir", str(tmp_path / "clip"), "--methods", "full",
+        ["--config", str(TINY_CLIP), "--output_dir", str(tmp_path / "clip"), "--methods", "full",
          "--alphas", "1", "--hma_groups", "2", "--hma_mean_alphas", "0.4", "--hma_samples", "targets", "--hma_steps", "4",
          "--hma_max_samples", "32", "--max_steps", "10", "--eval_max_samples", "16", "--keep_merged_models", "true",
          "--disable_tqdm", "true", "--save_strategy", "no"],

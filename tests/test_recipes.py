@@ -9,12 +9,14 @@ import re
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
 import datasets
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
@@ -22,6 +24,7 @@ from conftest import FakeHub
 from hf_specgen import SpecGenTrainingArguments
 from hf_specgen.eval.report import ResultRecord, best_generality
 from hf_specgen.experiment import ConfigError, ExperimentArguments, Method, parse_config, parse_methods, run_experiment
+from hf_specgen.experiment.grid import GRID_FIELDS
 from hf_specgen.merge import wise_ft
 from hf_specgen.tiny import GENERAL_TASKS, clip_path, lm_path
 from hf_specgen.tiny.names import tiny_dataset
@@ -30,6 +33,19 @@ ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "recipes" / "configs"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
 
+
+def single_point(preset: str) -> Path:
+    """The tiny preset without the demo's sweep: the first value of each strength list and no early-stopping
+    points; the base of the tests that run a recipe (a test that wants a sweep asks for it)."""
+    values = yaml.safe_load((CONFIGS / preset).read_text())
+    values = {k: v[0] if k in GRID_FIELDS and isinstance(v, list) else v for k, v in values.items() if k != "eval_fractions"}
+    path = Path(tempfile.mkdtemp(prefix="hf_specgen_presets_")) / preset
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+TINY_LM, TINY_CLIP = single_point("galactica_med_tiny.yaml"), single_point("clip_tiny.yaml")
+
 def launcher(processes: int, config: str | None = None) -> list[str]:
     """`accelerate launch` on CPU, or with one of the recipes' Accelerate configs (`config`)."""
     machine = ["--config_file", str(ROOT / "recipes" / "accelerate" / f"{config}.yaml")] if config else [
@@ -37,7 +53,7 @@ def launcher(processes: int, config: str | None = None) -> list[str]:
     return [sys.executable, "-m", "accelerate.commands.launch", *machine, "--num_processes", str(processes), "--main_process_port", "0"]
 
 
-LM_ARGS = ["--config", str(CONFIGS / "galactica_med_tiny.yaml"), "--hma_groups", "0", "--methods", "full", "l2", "--alphas", "0", "0.5", "1",
+LM_ARGS = ["--config", str(TINY_LM), "--hma_groups", "0", "--methods", "full", "l2", "--alphas", "0", "0.5", "1",
            "--max_steps", "3", "--eval_limit", "8", "--l2_lambda", "10", "--disable_tqdm", "true"]  # fmt: skip
 
 
@@ -114,7 +130,7 @@ def test_rerun_skips_finished_work_and_scores_only_what_is_missing(lm_demo):
 
 def test_lm_recipe_on_two_processes_trains_together_and_scores_once(tmp_path):
     """DDP (gloo): every process trains, the main one merges, scores and writes; the others wait."""
-    stdout = launch("galactica_med.py", tmp_path / "ddp", "--config", str(CONFIGS / "galactica_med_tiny.yaml"), "--hma_groups", "0",
+    stdout = launch("galactica_med.py", tmp_path / "ddp", "--config", str(TINY_LM), "--hma_groups", "0",
                     "--methods", "full", "--alphas", "1", "--max_steps", "2", "--eval_limit", "4", "--disable_tqdm", "true",
                     "--eval_fractions", "0.5", processes=2)  # fmt: skip
     assert [line.split(":")[0] for line in stdout.splitlines() if line.startswith("[galactica_med] ")] == [
@@ -131,7 +147,7 @@ def test_lm_recipe_under_zero3_partitions_training_and_scores_on_one_process(tmp
     """ZeRO-3 on 2 processes: the model loads partitioned (zero.Init), L2 works on each rank's
     partition, KD's teacher is a partitioned copy, and the main process loads whole models to merge
     and score while the other waits (a partitioned load there would be a collective it never joins)."""
-    stdout = launch("galactica_med.py", tmp_path / "z3", "--config", str(CONFIGS / "galactica_med_tiny.yaml"), "--hma_groups", "0",
+    stdout = launch("galactica_med.py", tmp_path / "z3", "--config", str(TINY_LM), "--hma_groups", "0",
                     "--methods", "l2+ema", "kd", "--alphas", "0.5", "1", "--max_steps", "2", "--eval_limit", "4",
                     "--ema_decay", "0.5", "--eval_fractions", "0.5", "--disable_tqdm", "true", processes=2, config="zero3")  # fmt: skip
     assert [line.split(":")[0] for line in stdout.splitlines() if line.startswith("[galactica_med] ")] == [
@@ -151,7 +167,7 @@ def test_lm_recipe_under_zero3_partitions_training_and_scores_on_one_process(tmp
 def test_clip_recipe_on_two_processes(tmp_path):
     """`accelerate launch` with 2 processes (DDP, gloo): both train (KD's teacher on each), the main
     one merges and scores, the other waits; records and summaries are written once."""
-    stdout = launch("clip_imagenet.py", tmp_path / "demo", "--config", str(CONFIGS / "clip_tiny.yaml"), "--hma_groups", "0",
+    stdout = launch("clip_imagenet.py", tmp_path / "demo", "--config", str(TINY_CLIP), "--hma_groups", "0",
                     "--methods", "full", "kd", "--alphas", "0.5", "1", "--max_steps", "3", "--eval_max_samples", "40",
                     "--disable_tqdm", "true", processes=2)  # fmt: skip
     finetuned = run_files(tmp_path / "demo", "*/finetuned")
@@ -186,7 +202,7 @@ def lm_experiment(output_dir: Path, **overrides):
     module = load_recipe("galactica_med")
     options, experiment, training = parse_config(
         (module.MedMCQAArguments, ExperimentArguments, SpecGenTrainingArguments),
-        ["--config", str(CONFIGS / "galactica_med_tiny.yaml"), "--hma_groups", "0", "--output_dir", str(output_dir), "--methods", "l2",
+        ["--config", str(TINY_LM), "--hma_groups", "0", "--output_dir", str(output_dir), "--methods", "l2",
          "--alphas", "0.5", "1", "--max_steps", "4", "--save_strategy", "steps", "--save_steps", "2",
          "--eval_limit", "4", "--l2_lambda", "1", "--disable_tqdm", "true", "--logging_steps", "1"],
     )  # fmt: skip
@@ -280,7 +296,7 @@ def test_yaml_preset_then_command_line_overrides(tmp_path):
     module = load_recipe("galactica_med")
     options, experiment, training = parse_config(
         (module.MedMCQAArguments, ExperimentArguments, SpecGenTrainingArguments),
-        ["--config", str(CONFIGS / "galactica_med_tiny.yaml"), "--learning_rate", "3e-4", "--methods", "kd+feature",
+        ["--config", str(TINY_LM), "--learning_rate", "3e-4", "--methods", "kd+feature",
          "--push-to-hub", "me/model", "--output_dir", str(tmp_path)],
     )  # fmt: skip
     assert options.model_name_or_path == "hf_specgen/tiny-galactica" and options.eval_suites == ["tiny_medmcqa", "tiny_general"]
@@ -343,7 +359,7 @@ def test_bad_configuration_stops_before_training_with_one_message(args, message,
     args = [a.format(**values) for a in args]
     output_dir = tmp_path / "out"
     with pytest.raises(SystemExit) as stop:
-        load_recipe("galactica_med").GalacticaMed.main(["--config", str(CONFIGS / "galactica_med_tiny.yaml"), "--output_dir", str(output_dir), *args])
+        load_recipe("galactica_med").GalacticaMed.main(["--config", str(TINY_LM), "--output_dir", str(output_dir), *args])
     assert stop.value.code != 0
     error = str(stop.value.code) if isinstance(stop.value.code, str) else capsys.readouterr().err
     assert error.startswith("galactica_med.py: error: ") and len(error.strip().splitlines()) == 1, error
@@ -405,7 +421,7 @@ def test_unwritable_output_dir_stops_before_any_work(case, tmp_path, read_only_d
         "is_a_file": (tmp_path / "file", "'.*/file' is not a directory"),
         "read_only": read_only_dir,
     }[case]
-    error = stop_message(module.GalacticaMed.main, ["--config", str(CONFIGS / "galactica_med_tiny.yaml"), "--output_dir", str(output_dir)])
+    error = stop_message(module.GalacticaMed.main, ["--config", str(TINY_LM), "--output_dir", str(output_dir)])
     assert re.match(rf"galactica_med.py: error: output_dir '{re.escape(str(output_dir))}'.*{reason}", error), error
     assert calls == []
     assert (tmp_path / "file").read_text() == "in the way" and sorted(p.name for p in tmp_path.iterdir()) == ["file", "read_only"]
@@ -414,7 +430,7 @@ def test_unwritable_output_dir_stops_before_any_work(case, tmp_path, read_only_d
 def test_output_dir_created_for_the_check_is_removed_when_the_configuration_fails(tmp_path):
     module = load_recipe("galactica_med")
     output_dir = tmp_path / "new" / "out"
-    error = stop_message(module.GalacticaMed.main, ["--config", str(CONFIGS / "galactica_med_tiny.yaml"),
+    error = stop_message(module.GalacticaMed.main, ["--config", str(TINY_LM),
                                                     "--output_dir", str(output_dir), "--train_split", "dev"])  # fmt: skip
     assert "not 'dev'" in error and list(tmp_path.iterdir()) == []
 
@@ -464,7 +480,7 @@ def test_non_finite_floats_are_refused_naming_the_field(args, field, tmp_path, m
     calls = counting_calls(monkeypatch, module.GalacticaMed)
     (tmp_path / "nan.yaml").write_text((CONFIGS / "galactica_med_tiny.yaml").read_text() + "lora_dropout: .nan\n")
     args = [a.format(nan_preset=tmp_path / "nan.yaml") for a in args]
-    error = stop_message(module.GalacticaMed.main, ["--config", str(CONFIGS / "galactica_med_tiny.yaml"),
+    error = stop_message(module.GalacticaMed.main, ["--config", str(TINY_LM),
                                                     "--output_dir", str(tmp_path / "out"), *args])  # fmt: skip
     assert re.match(rf"galactica_med.py: error: .*\b{field}\b.*finite", error), error
     assert calls == [] and not (tmp_path / "out").exists()
@@ -515,7 +531,7 @@ def test_clip_evaluation_reads_the_configured_columns():
 def test_clip_recipe_refuses_a_malformed_evaluation_set(tmp_path):
     module = load_recipe("clip_imagenet")
     with pytest.raises(SystemExit, match="'photo' is not NAME=SOURCE"):
-        module.ClipImageNet.main(["--config", str(CONFIGS / "clip_tiny.yaml"), "--output_dir", str(tmp_path / "out"), "--speciality_sets", "photo"])
+        module.ClipImageNet.main(["--config", str(TINY_CLIP), "--output_dir", str(tmp_path / "out"), "--speciality_sets", "photo"])
     with pytest.raises(ConfigError, match="templates must each contain"):
         parse_config((module.ImageClassificationArguments,), ["--templates", "a photo"])
     assert not (tmp_path / "out").exists()

@@ -20,6 +20,7 @@ import torch  # noqa: E402
 from conftest import lm_dataset, make_args, tiny_opt  # noqa: E402
 from hf_specgen import SpecGenTrainer  # noqa: E402
 from hf_specgen.averaging import WeightAveraging  # noqa: E402
+from finish import finish  # noqa: E402  (this folder is the script's sys.path[0])
 
 
 def main() -> None:
@@ -50,13 +51,7 @@ def main() -> None:
         result = {"world_size": world_size, "eval_loss": eval_loss, "zero3": zero3}
         with open(os.path.join(options.output_dir, "result.json"), "w") as f:
             json.dump(result, f)
-    # As tests/scripts/train_tiny.py: wait for every rank, destroy the process groups and leave without the
-    # interpreter's finalization, which DeepSpeed's gloo worker threads can abort.
-    trainer.accelerator.wait_for_everyone()
-    trainer.accelerator.end_training()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    finish(trainer)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from transformers.trainer_pt_utils import nested_gather  # noqa: E402
 from conftest import lm_dataset, make_args, perturb_, tiny_opt  # noqa: E402
 from hf_specgen import SpecGenTrainer  # noqa: E402
 from hf_specgen.anchor import local_numel  # noqa: E402
+from finish import finish  # noqa: E402  (this folder is the script's sys.path[0])
 
 REGULARIZERS = dict(l1_lambda=0.01, l2_lambda=0.5, ewc_lambda=2.0, ewc_num_samples=4, mas_lambda=0.05, mas_num_samples=4,
                    kd_lambda=0.7, feature_lambda=0.3)  # fmt: skip
@@ -114,16 +115,7 @@ def main() -> None:
         }
         with open(os.path.join(output_dir, "result.json"), "w") as f:
             json.dump(result, f)
-    # Wait for every rank's pending (asynchronous ZeRO-3) communication, destroy the process groups, then
-    # leave without the interpreter's finalization: DeepSpeed keeps references to its groups, whose gloo
-    # worker threads then outlive destroy_process_group, and finalizing the interpreter under them
-    # aborts now and then ("terminate called without an active exception", seen once in CI; pytorch
-    # PR 179291 describes it). Everything this script reports is written by now.
-    trainer.accelerator.wait_for_everyone()
-    trainer.accelerator.end_training()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    finish(trainer)
 
 
 if __name__ == "__main__":
