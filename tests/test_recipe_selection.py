@@ -22,7 +22,7 @@ from test_recipes import TINY_CLIP, TINY_LM, launch, lm_experiment, load_recipe,
 
 CHOOSING = ["--config", str(TINY_LM), "--methods", "full", "lora", "--alphas", "0", "1", "auto",
             "--auto_budget", "2", "--hma_groups", "2", "--hma_mean_alphas", "0.5", "--hma_steps", "3", "--hma_max_samples", "8",
-            "--hma_max_new_tokens", "8", "--max_steps", "20", "--eval_limit", "8", "--disable_tqdm", "true"]  # fmt: skip
+            "--hma_max_new_tokens", "8", "--selection_methods", "full", "lora", "--max_steps", "20", "--eval_limit", "8", "--disable_tqdm", "true"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +116,8 @@ def test_publish_point_auto_publishes_the_auto_pick(tmp_path):
     hub = FakeHub()
     recipe, experiment, training = lm_experiment(tmp_path / "auto", push_to_hub=True, hub_model_id="me/auto", max_steps=20,
                                                  save_strategy="no")  # fmt: skip
-    experiment = dataclasses.replace(experiment, alphas=[1.0], auto_alpha=True, auto_budget=2, publish_point="auto")
+    experiment = dataclasses.replace(experiment, alphas=[1.0], auto_alpha=True, auto_budget=2, publish_point="auto",
+                                     selection_methods=None)  # fmt: skip
     records = run_experiment(recipe, experiment, training, hub_api=hub)
     (pick,) = [r for r in records if r.selection is not None]
     (upload,) = hub.uploads

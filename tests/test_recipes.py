@@ -294,16 +294,16 @@ def test_group_alphas_that_cannot_be_scaled_into_0_1_are_refused(shape, alphas, 
 
 def test_yaml_preset_then_command_line_overrides(tmp_path):
     module = load_recipe("galactica_med")
-    options, experiment, training = parse_config(
+    options, experiment, training, grids = parse_config(
         (module.MedMCQAArguments, ExperimentArguments, SpecGenTrainingArguments),
-        ["--config", str(TINY_LM), "--learning_rate", "3e-4", "--methods", "kd+feature",
-         "--push-to-hub", "me/model", "--output_dir", str(tmp_path)],
+        ["--config", str(CONFIGS / "galactica_med_tiny.yaml"), "--learning_rate", "3e-4", "--methods", "kd+feature",
+         "--push-to-hub", "me/model", "--output_dir", str(tmp_path)], grid_fields=GRID_FIELDS,
     )  # fmt: skip
     assert options.model_name_or_path == "hf_specgen/tiny-galactica" and options.eval_suites == ["tiny_medmcqa", "tiny_general"]
     assert training.learning_rate == 3e-4 and training.num_train_epochs == 10  # the override, and the preset
-    assert training.l2_lambda == 1e-2 and isinstance(training.l2_lambda, float)  # YAML's "1.0e-2" converted
-    assert experiment.methods == ["kd+feature"] and experiment.alphas == [0.0, 0.25, 0.5, 0.75, 1.0] and experiment.auto_alpha
-    assert (experiment.auto_keep, experiment.auto_budget, experiment.hma_groups, experiment.hma_mean_alphas) == (0.95, 4, 3, [0.5])
+    assert grids == {"l2_lambda": [1e-2, 1e-1]} and training.l2_lambda == 1e-2 and isinstance(training.l2_lambda, float)  # YAML's "1.0e-2" converted
+    assert experiment.methods == ["kd+feature"] and experiment.alphas == [0.0, 0.5, 1.0] and experiment.auto_alpha
+    assert (experiment.auto_keep, experiment.auto_budget, experiment.hma_groups, experiment.eval_fractions) == (0.95, 4, 0, [0.5])
     assert training.push_to_hub is True and training.hub_model_id == "me/model"
 
 
