@@ -103,13 +103,15 @@ def _strength_defaults(base: SpecGenTrainingArguments, experiment: ExperimentArg
             "lora_r": experiment.lora_r}  # fmt: skip
 
 
-def weight_averaging(method: Method, experiment: ExperimentArguments) -> Any:
-    """The callback that makes a `<method>+ema` / `+sma` run's model the moving average of its weights."""
+def weight_averaging(method: Method, experiment: ExperimentArguments, anchor_device: str = "auto") -> Any:
+    """The callback that makes a `<method>+ema` / `+sma` run's model the moving average of its weights,
+    kept on `anchor_device` (the training arguments'; "auto": beside each weight)."""
     from ..averaging import WeightAveraging
 
+    device = None if anchor_device == "auto" else anchor_device
     if method.average == "ema":
-        return WeightAveraging("ema", ema_decay=experiment.ema_decay)
-    return WeightAveraging("sma", sma_start=experiment.sma_start, sma_window=experiment.sma_window)
+        return WeightAveraging("ema", ema_decay=experiment.ema_decay, device=device)
+    return WeightAveraging("sma", sma_start=experiment.sma_start, sma_window=experiment.sma_window, device=device)
 
 
 def _check_hma(recipe: Recipe, groups: int) -> None:
@@ -350,7 +352,7 @@ class _Run:
             learning_rate=(self.experiment.lora_learning_rate if self.method.lora else None) or self.base.learning_rate,
         )  # fmt: skip
         trainer = self.recipe.build_trainer(model, processor, args)
-        averaging = weight_averaging(self.method, self.experiment) if self.method.average else None
+        averaging = weight_averaging(self.method, self.experiment, self.base.anchor_device) if self.method.average else None
         if averaging is not None:
             trainer.add_callback(averaging)  # first: the early checkpoints save the average of the same step
         if self.experiment.eval_fractions:
