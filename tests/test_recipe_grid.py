@@ -113,7 +113,9 @@ def test_lists_in_the_yaml_and_on_the_command_line_become_grids(tmp_path):
     [
         ("l2_lambda: []\n", [], "invalid value \\[\\] for l2_lambda: an empty list"),
         ("", ["--l2_lambda", "--methods", "l2"], "--l2_lambda needs one value or more"),
-        ("", ["--l2_lambda", "0.1", "x"], r"--l2_lambda 0.1 x: could not convert string to float: 'x'"),
+        ("", ["--l2_lambda", "0.1", "x"], r"--l2_lambda 0.1 x: numbers expected \(could not convert string to float: 'x'\)"),
+        ("", ["--lora_r", "4", "4.5"], r"--lora_r 4 4.5: whole numbers expected"),
+        ("", ["--learning_rate", "1e-3", "2e-3"], r"unknown arguments \['2e-3'\] \(only l1_lambda, .*lora_r take several values\)"),
         ("lora_r: [4, many]\n", [], "invalid value .* for lora_r"),
         ("learning_rate: [0.1, 0.2]\n", [], "invalid value .* for learning_rate: a list where one value is expected"),
     ],

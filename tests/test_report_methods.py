@@ -302,3 +302,21 @@ def test_strengths_and_checkpoint_survive_a_round_trip_and_old_records_load(tmp_
 def test_bad_strengths_and_checkpoints(change, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         point("l2", 0.5, 0.5, **change)
+
+
+def test_a_table_where_no_front_dominates_any_area_names_no_winner():
+    pre = ResultRecord(method="pre-trained", speciality={"s": 0.2}, generality={"g": 0.8})
+    full = ResultRecord(method="full", alpha=1.0, speciality={"s": 0.6}, generality={"g": 0.4})
+    below = ResultRecord(method="l2", alpha=1.0, strengths={"l2_lambda": 0.1}, speciality={"s": 0.1}, generality={"g": 0.3})
+    table = method_table([pre, full, below])
+    assert table.splitlines()[-1] == "No method's front dominates any area beyond the pre-trained and fine-tuned points."
+
+
+def test_write_report_says_why_the_methods_are_not_compared(tmp_path):
+    pre = ResultRecord(method="pre-trained", speciality={"s": 0.25}, generality={"g": 0.8})
+    full = ResultRecord(method="full", alpha=1.0, speciality={"s": 0.25}, generality={"g": 0.4})
+    write_report([pre, full], tmp_path / "out")
+    markdown = (tmp_path / "out" / "report.md").read_text()
+    assert "## Per method" not in markdown
+    assert ("Per method: not compared (the pre-trained and fine-tuned points have the same speciality, 0.250: "
+            "nothing to scale the areas by).") in markdown

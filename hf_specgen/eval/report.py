@@ -451,6 +451,8 @@ def method_table(records: Sequence[ResultRecord], keeps: Sequence[float] = METHO
 
 def _winner(rows: Sequence[Mapping[str, Any]]) -> str:
     first, *others = sorted(rows, key=lambda row: -row["hypervolume"])
+    if first["hypervolume"] <= 0.0:
+        return "No method's front dominates any area beyond the pre-trained and fine-tuned points."
     text = f"Largest dominated area: {first['method']} ({first['hypervolume']:.3f})"
     if not others:
         return text + ", the only method."
@@ -655,9 +657,12 @@ def write_report(
         "keep_speciality": keep,
     }
     per_method = ""
-    if _comparable(records):
+    missing = _not_comparable(records)
+    if missing is None:
         report["methods"] = [{key: _string_keys(value) for key, value in row.items()} for row in method_summary(records)]
         per_method = _per_method_section(records)
+    elif _methods(records):  # methods to compare, but not here: say why rather than leave the section out silently
+        per_method = f"Per method: not compared ({missing}).\n\n"
     chosen = chosen_points(records)
     chosen = f"Chosen, not swept:\n\n{chosen}\n\n" if chosen else ""
     markdown = (f"# {title}\n\n{markdown_table(records)}\n\n{_summary(records, keep)}\n\n{per_method}{chosen}"
@@ -665,13 +670,19 @@ def write_report(
     return _write_atomically(output_dir, report, markdown, lambda path: plot(records, path, title=title))
 
 
-def _comparable(records: Sequence[ResultRecord]) -> bool:
-    """Whether the records hold what `method_summary` needs: a method, a pre-trained point and a fine-tuned
-    point apart from it on both axes."""
+def _not_comparable(records: Sequence[ResultRecord]) -> str | None:
+    """Why the records lack what `method_summary` needs (a method, a pre-trained point and a fine-tuned point apart
+    from it on both axes), or None when they hold it."""
     reference, finetuned = _reference(records), _finetuned(records)
-    if not _methods(records) or reference is None or finetuned is None:
-        return False
-    return reference.speciality_score != finetuned.speciality_score and reference.generality_score != finetuned.generality_score
+    if not _methods(records):
+        return "no method"
+    if reference is None or finetuned is None:
+        return "no pre-trained point" if reference is None else "no fine-tuned point (a method at alpha 1)"
+    for axis in ("speciality", "generality"):
+        if getattr(reference, f"{axis}_score") == getattr(finetuned, f"{axis}_score"):
+            return (f"the pre-trained and fine-tuned points have the same {axis}, "
+                    f"{getattr(reference, f'{axis}_score'):.3f}: nothing to scale the areas by")  # fmt: skip
+    return None
 
 
 def _string_keys(value: Any) -> Any:

@@ -64,7 +64,8 @@ def parse_config(
     except (ValueError, TypeError) as error:  # a dataclass' own validation (e.g. TrainingArguments')
         raise ConfigError(f"invalid configuration: {error}") from error
     if rest:
-        raise ConfigError(f"unknown arguments {rest}")
+        several = f" (only {', '.join(grid_fields)} take several values)" if grid_fields and all(map(_is_number, rest)) else ""
+        raise ConfigError(f"unknown arguments {rest}{several}")
     return (*instances, grids) if grid_fields else tuple(instances)
 
 
@@ -94,7 +95,9 @@ def _command_line_grids(
         try:
             grids[name] = [_convert_one(actions[name], value) for value in values]
         except (ValueError, TypeError, argparse.ArgumentTypeError) as error:
-            raise ConfigError(f"invalid configuration: --{name} {' '.join(values)}: {error}") from error
+            kind = getattr(actions[name].type, "__name__", "value")
+            what = {"int": "whole numbers", "float": "numbers"}.get(kind, f"{kind} values")
+            raise ConfigError(f"invalid configuration: --{name} {' '.join(values)}: {what} expected ({error})") from error
         kept += [f"--{name}", values[0]]
     return kept, grids
 

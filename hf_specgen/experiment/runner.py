@@ -461,7 +461,8 @@ class _Run:
         training = self.training_log()
         points = " | ".join(f"{_where(r)}{_chosen(r)}: {r.speciality_score:.3f} / {r.generality_score:.3f}"
                             for r in records)  # fmt: skip
-        print(f"[{self.recipe.name}] {self.point.describe()}: {training['steps']} steps in {training['train_s']:.0f} s; "
+        resumed = f" (resumed from {Path(training['resumed_from']).name}: the time is the last session's)" if training.get("resumed_from") else ""
+        print(f"[{self.recipe.name}] {self.point.describe()}: {training['steps']} steps in {training['train_s']:.0f} s{resumed}; "
               f"speciality / generality {points}", flush=True)  # fmt: skip
 
 
