@@ -324,16 +324,16 @@ class _Run:
         """Scores the checkpoints saved at `eval_fractions` of training that have no record yet (a run trained
         before a fraction was asked has no checkpoint at it: said once, nothing retrained)."""
         missing = [f for f in self.experiment.eval_fractions if not self.early_path(f).is_file()]
-        absent = [f for f in missing if saved_checkpoint(self.early_root, f) is None]
+        saved = {f: saved_checkpoint(self.early_root, f) for f in missing}  # each checkpoint's info read once
+        absent = [f for f in missing if saved[f] is None]
         if absent:
             print(f"[{self.recipe.name}] {self.point.describe()}: trained without a checkpoint at eval_fractions "
                   f"{', '.join(f'{f:g}' for f in absent)}; no early-stopping point there (delete {self.directory} "
                   "to retrain)", flush=True)  # fmt: skip
-        for fraction in (f for f in missing if f not in absent):
-            saved = checkpoint_directory(self.early_root, fraction)
-            with self._full_model(saved) as model:
+        for fraction in (f for f in missing if saved[f] is not None):
+            with self._full_model(checkpoint_directory(self.early_root, fraction)) as model:
                 self._score(None, model, kept=not self.method.lora, path=self.early_path(fraction),
-                            checkpoint=saved_checkpoint(self.early_root, fraction))  # fmt: skip
+                            checkpoint=saved[fraction])  # fmt: skip
 
     @property
     def early_root(self) -> Path:
