@@ -13,17 +13,20 @@ install:
 	$(VENV)/bin/pip install torch==2.13.0
 	$(VENV)/bin/pip install -e ".[dev,deepspeed,trl]"
 
-# Both recipes on their tiny offline presets, side by side (one CPU thread each: the tiny models train
-# 1.5x faster per core that way than one recipe on two threads): every method, L2-SP at 3 strengths and
+# The three recipes on their tiny offline presets, two at a time (one CPU thread each: the tiny models train
+# 1.5x faster per core that way than one recipe on two threads; the alignment tax after the CLIP, the
+# shorter of the two): every method, L2-SP at 3 strengths and
 # LoRA at 2 ranks, alphas 0.5 and 1, an early-stopping point, an auto-alpha pick for full fine-tuning;
-# a report per recipe and one over both (results/demo/). Re-running skips what is done.
+# the alignment tax: DPO plain and regularized, LoRA, RSF; a report per recipe and one over all three
+# (results/demo/). Re-running skips what is done.
 LAUNCH = $(VENV)/bin/accelerate launch --cpu --num_processes 1 --num_cpu_threads_per_process 1 --num_machines 1 --mixed_precision no --dynamo_backend no
 demo:
 	$(LAUNCH) recipes/galactica_med.py --config recipes/configs/galactica_med_tiny.yaml --output_dir results/demo/galactica_med & lm=$$!; \
-	$(LAUNCH) recipes/clip_imagenet.py --config recipes/configs/clip_tiny.yaml --output_dir results/demo/clip_imagenet & clip=$$!; \
+	( $(LAUNCH) recipes/clip_imagenet.py --config recipes/configs/clip_tiny.yaml --output_dir results/demo/clip_imagenet && \
+	  $(LAUNCH) recipes/alignment_tax.py --config recipes/configs/alignment_tax_tiny.yaml --output_dir results/demo/alignment_tax ) & clip=$$!; \
 	wait $$lm; lm_status=$$?; wait $$clip; clip_status=$$?; \
 	test $$lm_status -eq 0 -a $$clip_status -eq 0
-	$(VENV)/bin/specgen report --combine results/demo/galactica_med results/demo/clip_imagenet --output-dir results/demo
+	$(VENV)/bin/specgen report --combine results/demo/galactica_med results/demo/clip_imagenet results/demo/alignment_tax --output-dir results/demo
 
 test:
 	$(PYTHON) -m pytest -q --timeout 900 tests

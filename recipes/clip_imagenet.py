@@ -157,7 +157,9 @@ class ClipImageNet(Recipe):
         freeze_text_tower(model)
         return model, CLIPProcessor.from_pretrained(self.pretrained)
 
-    def build_trainer(self, model: Any, processor: Any, args: SpecGenTrainingArguments) -> SpecGenTrainer:
+    def build_trainer(
+        self, model: Any, processor: Any, args: SpecGenTrainingArguments, algorithm: str | None = None
+    ) -> SpecGenTrainer:
         o = self.options
         prompts = [o.templates[0].format(n) for n in self._train_names]
         return SpecGenTrainer(

@@ -71,7 +71,9 @@ class GalacticaMed(Recipe):
             tokenizer.pad_token_id = model.config.pad_token_id if model.config.pad_token_id is not None else tokenizer.eos_token_id
         return model, tokenizer
 
-    def build_trainer(self, model: Any, tokenizer: Any, args: SpecGenTrainingArguments) -> SpecGenTrainer:
+    def build_trainer(
+        self, model: Any, tokenizer: Any, args: SpecGenTrainingArguments, algorithm: str | None = None
+    ) -> SpecGenTrainer:
         train = self.train_data.map(
             lambda doc: tokenize_for_training(doc, tokenizer, self.options.max_length),
             remove_columns=self.train_data.column_names, desc="tokenizing",

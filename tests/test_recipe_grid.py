@@ -146,8 +146,8 @@ def swept(tmp_path_factory):
     snapshots = []
     build = recipe.build_trainer
 
-    def with_snapshot(*args):
-        trainer = build(*args)
+    def with_snapshot(*args, **kwargs):
+        trainer = build(*args, **kwargs)
         snapshots.append(Snapshot(2))
         trainer.add_callback(snapshots[-1])
         return trainer

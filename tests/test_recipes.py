@@ -213,7 +213,7 @@ def lm_experiment(output_dir: Path, **overrides):
 def test_interrupted_training_resumes_from_its_checkpoint_then_publishes(tmp_path):
     recipe, experiment, training = lm_experiment(tmp_path / "resumed")
     build = recipe.build_trainer
-    recipe.build_trainer = lambda *a: (t := build(*a), t.add_callback(InterruptAt(3)))[0]
+    recipe.build_trainer = lambda *a, **k: (t := build(*a, **k), t.add_callback(InterruptAt(3)))[0]
     with pytest.raises(Interrupt):
         run_experiment(recipe, experiment, training)
     (checkpoint,) = run_files(tmp_path / "resumed", "l2-*/trainer/checkpoint-*")

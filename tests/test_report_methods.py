@@ -112,7 +112,7 @@ def test_finetuned_point_without_full_is_the_most_special_training_end(sweep):
 
 
 def test_finetuned_point_refuses_records_without_a_training_end(sweep):
-    message = r"no fine-tuned point: no record of a method \(not pre-trained or zero-shot\) at alpha 1"
+    message = r"no fine-tuned point: no record of a method \(not pre-trained or zero-shot or sft\) at alpha 1"
     with pytest.raises(ValueError, match=message):
         finetuned_point([sweep["pre"], sweep["l2_half"], sweep["l2_early"], sweep["l2_auto"]])
 

@@ -11,7 +11,7 @@ import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class TaskScore:
-    """One task's primary metric (the first its YAML lists), as lm-eval reports it."""
+    """One task's primary metric (the one asked for, else the first its YAML lists), as lm-eval reports it."""
 
     task: str
     metric: str
@@ -40,8 +40,14 @@ def _task_manager(include_path: tuple[str, ...]) -> TaskManager:
     return TaskManager(include_path=list(include_path) or None, verbosity="ERROR")
 
 
-def _primary_score(task: str, output: dict) -> TaskScore:
-    metric = output["configs"][task]["metric_list"][0]["metric"]
+def _primary_score(task: str, output: dict, metric: str | None = None) -> TaskScore:
+    """`task`'s `metric` in lm-eval's `output` (by default the first its configuration lists: a
+    Python task may list none)."""
+    if metric is None:
+        metric_list = output["configs"][task].get("metric_list")
+        if not metric_list:
+            raise ValueError(f"task {task!r} lists no metrics in its configuration: name the metric to score")
+        metric = metric_list[0]["metric"]
     metrics = output["results"][task]
     for key, value in metrics.items():
         name, _, filter_name = key.partition(",")
@@ -61,9 +67,11 @@ def evaluate_lm(
     limit: int | float | None = None,
     batch_size: int | str = 32,
     device: str | None = None,
+    metrics: Mapping[str, str] | None = None,
 ) -> dict[str, TaskScore]:
     """Score `model` on `tasks` (lm-eval registry names, or tasks found under `include_path`,
-    one directory or several).
+    one directory or several); `metrics` names the metric scored for some tasks (e.g. DROP's
+    `f1`), the others report the first their YAML lists.
 
     An in-memory model is evaluated as it is (no save and reload), e.g. a WiSE-FT merge from
     `iter_wise_ft`; a path or Hub id is loaded by lm-eval itself (which also splits the data
@@ -72,6 +80,9 @@ def evaluate_lm(
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
+    unknown = sorted(set(metrics or ()) - set(tasks))
+    if unknown:
+        raise ValueError(f"evaluate_lm: metrics named for task(s) {unknown} that are not evaluated: {list(tasks)}")
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if isinstance(model, PreTrainedModel):
@@ -89,4 +100,4 @@ def evaluate_lm(
     )
     if output is None:  # lm-eval reports on the main process only of a multi-process run
         return {}
-    return {task: _primary_score(task, output) for task in tasks}
+    return {task: _primary_score(task, output, (metrics or {}).get(task)) for task in tasks}

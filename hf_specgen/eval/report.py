@@ -25,11 +25,11 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-REFERENCE_METHODS = ("pre-trained", "zero-shot")  # the starting point, drawn apart from the curves
+REFERENCE_METHODS = ("pre-trained", "zero-shot", "sft")  # the starting point (alignment starts from an SFT model)
 SELECTION_RULES = ("auto", "hma")  # ResultRecord.selection["rule"]
 KEEP_SPECIALITY = 0.95  # the summary's point: most general among those keeping this share of the best speciality
 METHOD_KEEPS = (0.9, 0.95, 1.0)  # the per-method table's columns: shares of the fine-tuned model's speciality
-FINETUNED_METHOD = "full"  # its alpha-1 record is "the fine-tuned model" the methods are measured against
+FINETUNED_METHODS = ("full", "dpo")  # plain training: fine-tuning, or preference alignment by DPO
 CHECKPOINT_KEYS = ("fraction", "step", "steps")  # ResultRecord.checkpoint
 CHOSEN_MARKERS = {"auto": "D", "hma": "^"}  # the plot's markers of chosen points, by rule
 FAINT = 0.35  # the plot's opacity of a method's points off its front
@@ -322,12 +322,12 @@ def _finetuned(records: Sequence[ResultRecord]) -> ResultRecord | None:
     """`finetuned_point`, or None where the records hold no candidate."""
     ends = [r for r in records if r.method not in REFERENCE_METHODS and r.alpha in (None, 1.0)
             and r.selection is None and r.checkpoint is None and r.merge is None]  # fmt: skip
-    full = sorted((r for r in ends if r.method == FINETUNED_METHOD), key=lambda r: r.strengths is not None)  # stable
+    full = sorted((r for r in ends if r.method in FINETUNED_METHODS), key=lambda r: r.strengths is not None)  # stable
     return full[0] if full else max(ends, key=lambda r: r.speciality_score, default=None)
 
 
 def finetuned_point(records: Sequence[ResultRecord]) -> ResultRecord:
-    """The fine-tuned model the methods are measured against: the first record of method `full` at alpha 1
+    """The fine-tuned model the methods are measured against: the first record of method `full` (or `dpo`) at alpha 1
     (or unmerged) with no selection, early stop or merge schedule, those without strengths first; without
     one, the most special such record of any method.
 

@@ -2,14 +2,17 @@
 method and every alpha is scored the same way (`specgen eval --suite ...`).
 
 LM suites are lm-eval tasks (the registry's for real runs; local task directories for MedMCQA
-with the training prompt and for the tiny foundations). `tiny_clip` scores a CLIP zero-shot on
-the tiny image domains: the fine-tuning domain is the speciality, the others the shifts.
+with the training prompt and for the tiny foundations), each scored on [0, 1] since the report
+averages a side's scores: a suite names the metric of a task whose first is not the one wanted,
+and the factor that brings a 0-100 score (BLEU, SQuAD's F1) to [0, 1]. `tiny_clip` scores a CLIP
+zero-shot on the tiny image domains: the fine-tuning domain is the speciality, the others the
+shifts.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -18,6 +21,8 @@ from .lm_tasks import medmcqa_task_dir
 if TYPE_CHECKING:  # the CLI reads the suite names without loading the model stack
     from datasets import Dataset
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from .lm import TaskScore
 
 Role = Literal["speciality", "generality"]
 
@@ -31,13 +36,28 @@ def _tiny_task_dir() -> Path:
 @dataclass(frozen=True)
 class LMSuite:
     """lm-eval tasks scored for one side of the trade-off; `task_dir` writes their YAMLs when
-    they are not in lm-eval's registry."""
+    they are not in lm-eval's registry; `metrics` maps a task to the lm-eval metric scored and
+    its scale (default: the first metric its YAML lists, scale 1)."""
 
     name: str
     tasks: tuple[str, ...]
     role: Role
     description: str
     task_dir: Callable[[], Path] | None = None
+    metrics: Mapping[str, tuple[str, float]] = field(default_factory=dict, hash=False)
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.metrics) - set(self.tasks))
+        if unknown:
+            raise ValueError(f"suite {self.name!r} names metrics for task(s) {unknown} it does not have: {self.tasks}")
+
+    def pick(self, task: str) -> tuple[str | None, float]:
+        """The lm-eval metric scored for `task` (None: the first its YAML lists) and its scale."""
+        return self.metrics.get(task, (None, 1.0))
+
+    def score(self, task: str, scores: "Mapping[str, TaskScore]") -> float:
+        """`task`'s score on [0, 1]: lm-eval's value times the suite's scale."""
+        return scores[task].value * self.pick(task)[1]
 
 
 LM_SUITES = {
@@ -45,6 +65,12 @@ LM_SUITES = {
     for suite in (
         LMSuite("commonsense", ("arc_easy", "arc_challenge", "race", "boolq", "piqa"), "generality",
                 "common sense, as in the published study (lm-eval registry; downloads its data)"),
+        LMSuite("alignment_tax", ("arc_easy", "arc_challenge", "race", "piqa", "squadv2", "drop", "wmt14-fr-en"),
+                "generality", "what preference alignment costs, as in 'Mitigating the Alignment Tax of RLHF': common "
+                "sense (accuracy), SQuAD v2 and DROP (F1), WMT14 fr-en (BLEU / 100) (lm-eval registry; downloads its "
+                "data from the Hub)",
+                # DROP lists `em` first; SQuAD v2 (a Python task, no metric list) and BLEU report 0-100
+                metrics={"squadv2": ("f1", 0.01), "drop": ("f1", 1.0), "wmt14-fr-en": ("bleu", 0.01)}),
         LMSuite("instruction", ("ifeval",), "generality",
                 "instruction following (lm-eval's ifeval; needs `pip install lm-eval[ifeval]`)"),
         LMSuite("medmcqa", ("specgen_medmcqa",), "speciality",
@@ -95,17 +121,35 @@ def evaluate_suites(
             raise ValueError("tiny_clip scores every test image zero-shot: limit and num_fewshot do not apply")
         return evaluate_tiny_clip(model, batch_size=batch_size)
     chosen = [LM_SUITES[name] for name in suites]
+    metrics = task_metrics(chosen)
     include = sorted({str(suite.task_dir()) for suite in chosen if suite.task_dir})
-    tasks = [task for suite in chosen for task in suite.tasks]
+    tasks = list(dict.fromkeys(task for suite in chosen for task in suite.tasks))  # a task shared by two suites once
     scores = evaluate_lm(
         model, tasks, tokenizer=tokenizer, include_path=include or None,
-        num_fewshot=num_fewshot, limit=limit, batch_size=batch_size, device=device,
+        num_fewshot=num_fewshot, limit=limit, batch_size=batch_size, device=device, metrics=metrics or None,
     )
-    result: dict[Role, dict[str, float]] = {"speciality": {}, "generality": {}}
     if not scores:  # not the main process of a multi-process lm-eval run
-        return result
+        return {"speciality": {}, "generality": {}}
+    return suite_scores(chosen, scores)
+
+
+def task_metrics(chosen: Sequence[LMSuite]) -> dict[str, str]:
+    """The metric named for each task of `chosen` that names one; stops on a task that two
+    suites score differently (one lm-eval run scores it once)."""
+    picks: dict[str, tuple[str | None, float]] = {}
     for suite in chosen:
-        result[suite.role].update({task: scores[task].value for task in suite.tasks})
+        for task in suite.tasks:
+            if picks.setdefault(task, suite.pick(task)) != suite.pick(task):
+                raise ValueError(f"task {task!r} is scored as {picks[task]} by one suite and {suite.pick(task)} "
+                                 f"by {suite.name!r} (metric, scale): score them separately")
+    return {task: metric for task, (metric, _) in picks.items() if metric is not None}
+
+
+def suite_scores(chosen: Sequence[LMSuite], scores: "Mapping[str, TaskScore]") -> dict[Role, dict[str, float]]:
+    """`{"speciality": {task: score}, "generality": {...}}` from lm-eval's `scores`, each on [0, 1]."""
+    result: dict[Role, dict[str, float]] = {"speciality": {}, "generality": {}}
+    for suite in chosen:
+        result[suite.role].update({task: suite.score(task, scores) for task in suite.tasks})
     return result
 
 

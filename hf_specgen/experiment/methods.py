@@ -1,7 +1,9 @@
 """Fine-tuning methods a recipe compares, by name: `full`, one regularizer (`l1`, `l2`, `ewc`,
 `mas`, `kd`, `feature`: the registry's names), `lora`, or a combination joined by `+` (e.g.
 `kd+feature`, `lora+l2`); any of them with a moving average of the weights during training,
-`+ema` or `+sma` (e.g. `full+ema`, `l2+sma`), whose averaged weights become the run's model.
+`+ema` or `+sma` (e.g. `full+ema`, `l2+sma`), whose averaged weights become the run's model. A recipe
+that trains with more than one algorithm (the alignment-tax recipe: `dpo`, `rsf`) takes the algorithm
+as a part of the name too (`dpo`, `dpo+l2`, `rsf+kd`); a name without one trains with its first.
 
 A method switches on its regularizers at the strengths the configuration gives (`l2_lambda`, ...)
 and switches the others off, so one configuration holds every method's strength.
@@ -18,6 +20,7 @@ from ..regularizers import REGULARIZERS as REGISTRY
 
 REGULARIZERS = tuple(REGISTRY)
 METHODS = ("full", *REGULARIZERS, "lora")
+ALGORITHMS = ("dpo", "rsf")  # training algorithms a recipe may offer (`Recipe.algorithms`)
 AVERAGES = ("ema", "sma")  # moving averages of the weights during training (`hf_specgen.averaging`)
 # What a recipe compares when its configuration names no methods (MAS is opt-in: `--methods ... mas`).
 DEFAULT_METHODS = ("full", "l1", "l2", "ewc", "kd", "feature", "lora")
@@ -31,22 +34,27 @@ class Method:
     regularizers: tuple[str, ...]
     lora: bool
     average: str | None = None  # "ema" or "sma": the run's model is the moving average of its weights
+    algorithm: str | None = None  # "dpo" or "rsf" (`ALGORITHMS`); None: the recipe's first or only way to train
 
     @classmethod
     def parse(cls, name: str) -> Method:
         parts = name.split("+")
         averages = [p for p in parts if p in AVERAGES]
-        trained = [p for p in parts if p not in AVERAGES]
+        algorithms = [p for p in parts if p in ALGORITHMS]
+        trained = [p for p in parts if p not in AVERAGES and p not in ALGORITHMS]
         unknown = [p for p in trained if p not in METHODS]
-        if unknown or len(set(parts)) != len(parts) or ("full" in trained and len(trained) > 1) or len(averages) > 1:
+        full_with_more = "full" in trained and (len(trained) > 1 or algorithms)
+        if unknown or len(set(parts)) != len(parts) or full_with_more or len(averages) > 1 or len(algorithms) > 1:
             raise ValueError(
                 f"unknown method {name!r}: use one of {', '.join(METHODS)} or a '+' combination of "
                 f"{', '.join(REGULARIZERS)} and lora (e.g. kd+feature), optionally with one of {', '.join(AVERAGES)} "
-                "(e.g. full+ema, l2+sma)"
+                f"(e.g. full+ema, l2+sma) and, where the recipe offers them, one algorithm of {', '.join(ALGORITHMS)} "
+                "(e.g. dpo, dpo+l2: plain dpo is written dpo, not dpo+full)"
             )
-        if not trained:
+        if not trained and not algorithms:
             raise ValueError(f"method {name!r} averages a training's weights: name the training too, e.g. full+{averages[0]}")
-        return cls(name, tuple(p for p in parts if p in REGULARIZERS), "lora" in parts, averages[0] if averages else None)
+        return cls(name, tuple(p for p in parts if p in REGULARIZERS), "lora" in parts, averages[0] if averages else None,
+                   algorithms[0] if algorithms else None)  # fmt: skip
 
     @property
     def strength_fields(self) -> tuple[str, ...]:

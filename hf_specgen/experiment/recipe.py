@@ -230,6 +230,10 @@ class Recipe(ABC):
 
     name: ClassVar[str]  # names the report and the summary lines
     arguments: ClassVar[type]
+    # the training arguments' dataclass (a TRL recipe: its config with the regularizers, e.g. `SpecGenDPOConfig`)
+    training_arguments: ClassVar[type] = SpecGenTrainingArguments
+    # the training algorithms a method may name (`dpo+l2`), the first the default; () : the recipe's own loss only
+    algorithms: ClassVar[tuple[str, ...]] = ()
     reference_method: ClassVar[str] = "pre-trained"  # how the report calls the model before fine-tuning
     default_lora_targets: ClassVar[tuple[str, ...] | str | None] = None  # None: peft's default for the architecture
 
@@ -245,7 +249,7 @@ class Recipe(ABC):
         from .runner import run_experiment
 
         try:
-            types = (cls.arguments, ExperimentArguments, SpecGenTrainingArguments)
+            types = (cls.arguments, ExperimentArguments, cls.training_arguments)
             options, experiment, training, grids = parse_config(types, argv, grid_fields=GRID_FIELDS)
             experiment.strength_grids = grids
             run_experiment(cls(options, training.seed), experiment, training)
@@ -275,8 +279,24 @@ class Recipe(ABC):
         """The pre-trained model and its tokenizer or processor (saved beside every fine-tune)."""
 
     @abstractmethod
-    def build_trainer(self, model: PreTrainedModel, processor: Any, args: SpecGenTrainingArguments) -> Any:
-        """A `SpecGenTrainer` over the training data."""
+    def build_trainer(
+        self, model: PreTrainedModel, processor: Any, args: SpecGenTrainingArguments, algorithm: str | None = None
+    ) -> Any:
+        """A `SpecGenTrainer` (or a TRL trainer with the regularizers) over the training data.
+
+        Args:
+            model: the model to train (a LoRA run's already wrapped by peft).
+            processor: its tokenizer or processor.
+            args: the run's training arguments (`training_arguments`), its regularizers switched on.
+            algorithm: one of `algorithms` (None where the recipe offers none).
+
+        Returns:
+            The trainer the loop runs (`train`, `save_model`, callbacks).
+        """
+
+    def algorithm_fingerprint(self, algorithm: str) -> dict[str, Any]:
+        """The recipe's options that change what `algorithm` trains (keys its runs only; default none)."""
+        return {}
 
     @abstractmethod
     def evaluate(self, model_dir: Path) -> dict[Role, dict[str, float]]:

@@ -59,6 +59,10 @@ def run_experiment(
     created: list[Path] = []
     try:
         methods = parse_methods(experiment.methods, base)
+        for method in methods:
+            if method.algorithm is not None and method.algorithm not in recipe.algorithms:
+                offers = f"offers {', '.join(recipe.algorithms)}" if recipe.algorithms else "trains with its own loss only"
+                raise ValueError(f"method {method.name!r} trains with {method.algorithm}; recipe {recipe.name} {offers}")
         points = expand_points(methods, experiment.strength_grids, _strength_defaults(base, experiment),
                                experiment.strength_combination)  # fmt: skip
         for method in methods:
@@ -91,7 +95,7 @@ def run_experiment(
         title = experiment.report_title or f"{recipe.name}: {DEFAULT_TITLE.lower()}"
         write_report(records, root, title=title, keep=experiment.keep_speciality)
         if base.push_to_hub:
-            with _one_process_models():
+            with one_process_models():
                 publish(records, runs, experiment.keep_speciality, base, hub_api)
     state.wait_for_everyone()
     return records
@@ -125,8 +129,8 @@ def _check_hma(recipe: Recipe, groups: int) -> None:
 
 
 @contextlib.contextmanager
-def _one_process_models() -> Iterator[None]:
-    """Models the main process loads alone (to merge or score) are loaded whole: under ZeRO-3,
+def one_process_models() -> Iterator[None]:
+    """Within it, models the main process loads alone (to merge or score) are loaded whole: under ZeRO-3,
     `from_pretrained` would otherwise enter `deepspeed.zero.Init`, a collective that the waiting
     processes never join."""
     from transformers.integrations import deepspeed as hf_deepspeed
@@ -151,7 +155,7 @@ def _reference(recipe: Recipe, root: Path, state: PartialState) -> ResultRecord:
     path = root / "runs" / recipe.reference_method / f"records-{key}" / "record.json"
     if state.is_main_process and not path.is_file():
         start = time.perf_counter()
-        with _one_process_models():
+        with one_process_models():
             scores = recipe.evaluate(Path(recipe.pretrained))
         cost = {"eval_s": round(time.perf_counter() - start, 1)}
         ResultRecord(method=recipe.reference_method, cost=cost, model=recipe.pretrained, **scores).save(path)
@@ -188,6 +192,9 @@ class _Run:
             lora["lora_r"] = self.lora_r
         training = {k: v for k, v in self.method.training_arguments(self.base).to_dict().items() if k not in _NOT_IN_KEY}
         parts = [self.recipe.fingerprint(), training, lora]
+        self.algorithm = self.method.algorithm or (self.recipe.algorithms[0] if self.recipe.algorithms else None)
+        if self.algorithm is not None:  # only then: the runs of single-algorithm recipes keep their keys
+            parts.append({"algorithm": self.algorithm, **self.recipe.algorithm_fingerprint(self.algorithm)})
         if self.method.average:  # only then: the runs of the other methods keep their keys
             parts.append({k: options[k] for k in ("ema_decay",) if self.method.average == "ema"}
                          | {k: options[k] for k in ("sma_start", "sma_window") if self.method.average == "sma"})  # fmt: skip
@@ -224,7 +231,7 @@ class _Run:
         if not self.finetuned.is_dir():
             self.train(state)
         if state.is_main_process:
-            with _one_process_models():
+            with one_process_models():
                 self.score_merges()
                 self.score_early_points()
                 if self.auto and not self.auto_path().is_file():
@@ -351,7 +358,7 @@ class _Run:
             self.base, output_dir=str(self.directory / "trainer"), push_to_hub=False,
             learning_rate=(self.experiment.lora_learning_rate if self.method.lora else None) or self.base.learning_rate,
         )  # fmt: skip
-        trainer = self.recipe.build_trainer(model, processor, args)
+        trainer = self.recipe.build_trainer(model, processor, args, algorithm=self.algorithm)
         averaging = weight_averaging(self.method, self.experiment, self.base.anchor_device) if self.method.average else None
         if averaging is not None:
             trainer.add_callback(averaging)  # first: the early checkpoints save the average of the same step

@@ -60,7 +60,8 @@ def _arithmetic_eval(rng: random.Random, n: int) -> list[dict]:
 
 
 # ---- instruction following (word manipulation) -------------------------------------------------
-_OPERATIONS: dict[str, Callable[[list[str]], list[str]]] = {
+# The instructions the foundation is pre-trained on (`hf_specgen.tiny.preferences` aligns it to a fifth).
+OPERATIONS: dict[str, Callable[[list[str]], list[str]]] = {
     "reverse the letters": lambda s: s[::-1],
     "repeat the letters twice": lambda s: s + s,
     "drop the first letter": lambda s: s[1:],
@@ -69,7 +70,7 @@ _OPERATIONS: dict[str, Callable[[list[str]], list[str]]] = {
 
 
 def _instruction(rng: random.Random) -> tuple[str, str]:
-    name, operation = rng.choice(list(_OPERATIONS.items()))
+    name, operation = rng.choice(list(OPERATIONS.items()))
     letters = rng.sample(LETTERS, 3)
     return f"Instruction: {name} {' '.join(letters)}\nResponse:", " ".join(operation(letters))
 

@@ -16,6 +16,8 @@ if TYPE_CHECKING:
 TINY_LM = "hf_specgen/tiny-galactica"
 TINY_CLIP = "hf_specgen/tiny-clip"
 TINY_MEDMCQA = "hf_specgen/tiny-medmcqa"
+TINY_PREFERENCES = "hf_specgen/tiny-preferences"  # train / test pairs (`preferences.preference_pairs`)
+TINY_INSTRUCTION_REWARD = "hf_specgen/tiny-instruction-reward"  # a rule, not a model (`preferences.InstructionReward`)
 TINY_DOMAINS = "hf_specgen/tiny-domains"  # + "/<domain>", e.g. hf_specgen/tiny-domains/photo
 # Images per class of a tiny domain, by split (what the phenomenon measurement uses too).
 IMAGES_PER_CLASS = {"train": 300, "test": 50}
@@ -27,16 +29,21 @@ def model_location(name: str) -> str:
 
 
 def is_tiny_dataset(name: str) -> bool:
-    return name == TINY_MEDMCQA or name.startswith(f"{TINY_DOMAINS}/")
+    return name in (TINY_MEDMCQA, TINY_PREFERENCES) or name.startswith(f"{TINY_DOMAINS}/")
 
 
 def tiny_dataset(name: str, split: str, seed: int = 0) -> datasets.Dataset:
-    """A split of a tiny data set: `hf_specgen/tiny-medmcqa` (train, validation, test) or one
-    domain of `hf_specgen/tiny-domains/<domain>` (train, test)."""
+    """A split of a tiny data set: `hf_specgen/tiny-medmcqa` (train, validation, test),
+    `hf_specgen/tiny-preferences` (train, test) or one domain of `hf_specgen/tiny-domains/<domain>`
+    (train, test)."""
     if name == TINY_MEDMCQA:
         from .lm_data import medmcqa
 
         splits = medmcqa(seed)
+    elif name == TINY_PREFERENCES:
+        from .preferences import preference_pairs
+
+        splits = preference_pairs(seed)
     elif name.startswith(f"{TINY_DOMAINS}/"):
         from .images import DOMAINS, image_domains
 

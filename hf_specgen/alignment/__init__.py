@@ -1,0 +1,39 @@
+"""Preference alignment measured on its own axis: rewards, win rates, the implicit DPO reward's
+accuracy, and best-of-n samples for reward-ranked fine-tuning (RSF).
+
+    from hf_specgen.alignment import load_reward, win_rate, implicit_reward_accuracy, best_of_n
+
+A reward is any `RewardFunction`: `(prompts, completions) -> list[float]`, the signature of TRL's
+reward functions; `load_reward` makes one from a sequence-classification reward model (Hub id or
+directory) or from a rule-based reward's name (`hf_specgen/tiny-instruction-reward`).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_LAZY = {
+    "RewardFunction": ".reward",
+    "SequenceClassifierReward": ".reward",
+    "load_reward": ".reward",
+    "win_rate": ".reward",
+    "completion_logps": ".implicit",
+    "implicit_reward_accuracy": ".implicit",
+    "best_of_n": ".rsf",
+    "sample_best_of_n": ".rsf",
+}
+
+if TYPE_CHECKING:
+    from .rsf import best_of_n, sample_best_of_n
+    from .implicit import completion_logps, implicit_reward_accuracy
+    from .reward import RewardFunction, SequenceClassifierReward, load_reward, win_rate
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = list(_LAZY)

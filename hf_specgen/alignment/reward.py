@@ -1,0 +1,108 @@
+"""Rewards of completions: a reward model's scores, a rule's, and the win rate of one policy's
+completions against another's under the same reward."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+
+class RewardFunction(Protocol):
+    """Scores completions: `reward(prompts, completions) -> [float, ...]`, one per pair (TRL's reward
+    function signature, without its keyword extras)."""
+
+    def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> list[float]: ...
+
+
+class SequenceClassifierReward:
+    """A reward model (`AutoModelForSequenceClassification` with one output) as a `RewardFunction`:
+    the score of `prompt + completion`, read at the last token, in batches.
+
+    Args:
+        model_name_or_path: the reward model, Hub id or directory.
+        batch_size: texts per forward pass.
+        max_length: texts are truncated to this many tokens from the left (the completion's end is
+            what the score reads); None: the tokenizer's `model_max_length`.
+        device: where the model runs (default: CUDA when available).
+    """
+
+    def __init__(self, model_name_or_path: str | Path, *, batch_size: int = 16, max_length: int | None = None,
+                 device: str | None = None) -> None:  # fmt: skip
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.tokenizer = AutoTokenizer.from_pretrained(model_name_or_path)
+        self.model = AutoModelForSequenceClassification.from_pretrained(model_name_or_path)
+        if self.model.config.num_labels != 1:
+            raise ValueError(f"reward model {model_name_or_path!r} has {self.model.config.num_labels} outputs; a reward "
+                             "model scores with one (num_labels=1)")  # fmt: skip
+        if self.tokenizer.pad_token is None:  # padding is masked; the score reads the last real token
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        if self.model.config.pad_token_id is None:
+            self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        self.batch_size, self.max_length = batch_size, max_length
+        self.model.to(device or ("cuda" if torch.cuda.is_available() else "cpu")).eval()
+
+    def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
+        """The reward model's score of each `prompt + completion`.
+
+        Args:
+            prompts: the prompts, as the policy saw them.
+            completions: the policy's text after each prompt.
+
+        Returns:
+            One score per pair, in order.
+        """
+        check_pairs(prompts, completions)
+        texts = [p + c for p, c in zip(prompts, completions)]
+        tokenizer, scores = self.tokenizer, []
+        side, truncation = tokenizer.padding_side, tokenizer.truncation_side
+        tokenizer.padding_side, tokenizer.truncation_side = "right", "left"
+        try:
+            for start in range(0, len(texts), self.batch_size):
+                encoded = tokenizer(texts[start : start + self.batch_size], return_tensors="pt", padding=True,
+                                    truncation=self.max_length is not None, max_length=self.max_length)  # fmt: skip
+                with torch.no_grad():
+                    logits = self.model(**{k: v.to(self.model.device) for k, v in encoded.items()}).logits
+                scores += logits[:, 0].float().tolist()
+        finally:
+            tokenizer.padding_side, tokenizer.truncation_side = side, truncation
+        return scores
+
+
+def load_reward(name: str, **options: Any) -> RewardFunction:
+    """The reward named: a rule-based reward of the tiny world (`hf_specgen/tiny-instruction-reward`),
+    or a reward model by Hub id or directory (`SequenceClassifierReward`, given `options`)."""
+    from ..tiny.names import TINY_INSTRUCTION_REWARD
+
+    if name == TINY_INSTRUCTION_REWARD:
+        from ..tiny.preferences import InstructionReward
+
+        return InstructionReward()
+    return SequenceClassifierReward(name, **options)
+
+
+def win_rate(rewards: Sequence[float], baseline: Sequence[float]) -> float:
+    """How often a policy's completion out-scores the baseline's completion of the same prompt: a win
+    counts 1, a tie 1/2, a loss 0 (the baseline against itself: 0.5).
+
+    Args:
+        rewards: the policy's reward per prompt.
+        baseline: the baseline's (e.g. the SFT model's) reward per prompt, same order.
+
+    Returns:
+        The mean, in [0, 1].
+    """
+    if len(rewards) != len(baseline) or not rewards:
+        raise ValueError(f"win_rate needs one baseline reward per reward (>= 1), got {len(rewards)} and {len(baseline)}")
+    return sum(1.0 if r > b else 0.5 if r == b else 0.0 for r, b in zip(rewards, baseline)) / len(rewards)
+
+
+def check_pairs(prompts: Sequence[str], completions: Sequence[str]) -> None:
+    """Stops on prompts and completions of different lengths (one completion per prompt)."""
+    if len(prompts) != len(completions):
+        raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions: one completion per prompt")
