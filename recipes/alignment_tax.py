@@ -35,7 +35,7 @@ from typing import Any
 import datasets
 import torch
 from accelerate import PartialState
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from hf_specgen import SpecGenTrainingArguments
 from hf_specgen.alignment import completion_logps, implicit_reward_accuracy, load_reward, sample_best_of_n, win_rate
@@ -130,6 +130,11 @@ class AlignmentTax(Recipe):
             raise ConfigError(f"eval_suites {sides} measure speciality; here the speciality is the reward: name generality "
                               "suites only")  # fmt: skip
         self.pretrained = check_model(o.model_name_or_path)
+        if o.reward_model_name_or_path != TINY_INSTRUCTION_REWARD:  # a reward model: one output, before any training
+            labels = AutoConfig.from_pretrained(check_model(o.reward_model_name_or_path)).num_labels
+            if labels != 1:
+                raise ConfigError(f"reward_model_name_or_path {o.reward_model_name_or_path!r} has {labels} outputs; a reward "
+                                  "model scores with one (num_labels=1)")  # fmt: skip
         self.train_data = _pairs(o.dataset_name, o.train_split, self.seed, o.max_train_samples)
         self.test_data = _pairs(o.dataset_name, o.test_split, self.seed, o.max_eval_prompts)
 
@@ -144,23 +149,24 @@ class AlignmentTax(Recipe):
         if algorithm == "rsf":
             samples = self._best_of_n(Path(args.output_dir).parent / RSF_SAMPLES)
             return SpecGenSFTTrainer(model=model, args=_sft_config(args), train_dataset=samples, processing_class=tokenizer)
-        peft = {}
         if hasattr(model, "peft_config"):  # a LoRA run: DPO wraps the base model itself, its reference the adapter off
-            peft, model = {"peft_config": model.peft_config["default"]}, model.unload()
-        return SpecGenDPOTrainer(model=model, args=args, train_dataset=self.train_data, processing_class=tokenizer, **peft)
+            reference = {"peft_config": model.peft_config["default"]}
+            model = model.unload()
+        else:  # loaded here like the policy (under ZeRO-3: partitioned, before the trainer finalizes DeepSpeed's config)
+            reference = {"ref_model": self.load_model()[0]}
+        return SpecGenDPOTrainer(model=model, args=args, train_dataset=self.train_data, processing_class=tokenizer, **reference)
 
     def _best_of_n(self, path: Path) -> datasets.Dataset:
         """The run's RSF data: sampled once by the main process (from a whole SFT model, whatever the
         launch partitions), written beside the run, read by every process (a resumed run reads it again)."""
         state, o = PartialState(), self.options
         if state.is_main_process and not path.is_file():
-            with one_process_models():
+            with one_process_models():  # loaded whole; and `generate` does not wait for the other processes (ZeRO-3)
                 model, tokenizer = self.load_model()
-            model.to(_device())
-            prompts = [prompt_text(p, tokenizer) for p in self.train_data["prompt"]]
-            rows = sample_best_of_n(model, tokenizer, prompts, self._scorer(), n=o.rsf_samples, temperature=o.rsf_temperature,
-                                    top_p=o.rsf_top_p, max_new_tokens=o.rsf_max_new_tokens,
-                                    batch_size=o.generation_batch_size, seed=self.seed, stop=o.stop_sequence)  # fmt: skip
+                prompts = [prompt_text(p, tokenizer) for p in self.train_data["prompt"]]
+                rows = sample_best_of_n(model.to(_device()), tokenizer, prompts, self._scorer(), n=o.rsf_samples,
+                                        temperature=o.rsf_temperature, top_p=o.rsf_top_p, max_new_tokens=o.rsf_max_new_tokens,
+                                        batch_size=o.generation_batch_size, seed=self.seed, stop=o.stop_sequence)  # fmt: skip
             path.parent.mkdir(parents=True, exist_ok=True)
             staging = path.with_suffix(".partial")
             staging.write_text("".join(json.dumps(row) + "\n" for row in rows))

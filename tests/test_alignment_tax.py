@@ -23,10 +23,10 @@ from hf_specgen.merge import generate_completions, wise_ft
 from hf_specgen.tiny import GENERAL_TASKS, lm_path
 from hf_specgen.tiny.names import TINY_INSTRUCTION_REWARD, tiny_dataset
 from hf_specgen.tiny.preferences import InstructionReward, instruction_prompt
-from test_recipes import Interrupt, InterruptAt, launch, load_recipe, run_files, single_point, stop_message
+from test_recipes import interrupt_training, launch, load_recipe, run_files, single_point, stop_message
 
 TINY_ALIGNMENT = single_point("alignment_tax_tiny.yaml")
-QUICK = ["--config", str(TINY_ALIGNMENT), "--max_train_samples", "16", "--max_eval_prompts", "4", "--eval_limit", "4",
+QUICK = ["--config", str(TINY_ALIGNMENT), "--hma_groups", "0", "--max_train_samples", "16", "--max_eval_prompts", "4", "--eval_limit", "4",
          "--rsf_samples", "2", "--disable_tqdm", "true"]  # fmt: skip
 
 
@@ -161,6 +161,8 @@ def test_alignment_recipe_refuses_bad_options_before_any_work(tmp_path):
         ("--eval_suites", "tiny_medmcqa"): r"eval_suites \['tiny_medmcqa'\] measure speciality",
         ("--rsf_temperature", "0"): "rsf_temperature > 0",
         ("--methods", "dpo", "ppo"): "unknown method 'ppo'",
+        ("--reward_model_name_or_path", str(tmp_path / "no-rm")): r"reward_model_name_or_path '.*no-rm' does not exist",
+        ("--reward_model_name_or_path", str(lm_path())): r"reward_model_name_or_path '.*' has 2 outputs",
     }
     for args, expected in cases.items():
         message = stop_message(main, [*QUICK, "--output_dir", str(tmp_path / "x"), *args])
@@ -174,7 +176,7 @@ def test_alignment_recipe_refuses_bad_options_before_any_work(tmp_path):
 @pytest.fixture(scope="module")
 def aligned(tmp_path_factory):
     output_dir = tmp_path_factory.mktemp("alignment") / "demo"
-    args = [*QUICK, "--methods", "dpo", "rsf", "--alphas", "0.5", "1", "--max_steps", "3"]
+    args = [*QUICK, "--methods", "dpo", "rsf+l2", "--alphas", "0.5", "1", "--max_steps", "3"]
     return output_dir, args, launch("alignment_tax.py", output_dir, *args)
 
 
@@ -182,22 +184,23 @@ def test_recipe_aligns_with_dpo_and_rsf_and_reports_reward_against_the_tax(align
     output_dir, _, stdout = aligned
     report = json.loads((output_dir / "report.json").read_text())
     records = [ResultRecord.from_dict(r) for r in report["records"]]
-    assert {(r.method, r.alpha) for r in records} == {("sft", None), ("dpo", 0.5), ("dpo", 1.0), ("rsf", 0.5), ("rsf", 1.0)}
+    assert {(r.method, r.alpha) for r in records} == {("sft", None), ("dpo", 0.5), ("dpo", 1.0), ("rsf+l2", 0.5), ("rsf+l2", 1.0)}
     for record in records:
         assert set(record.speciality) == {"reward", "win_rate", "preference_accuracy"}
         assert set(record.generality) == set(GENERAL_TASKS)
         assert all(v * 4 == round(v * 4) for v in (record.speciality["reward"], record.speciality["preference_accuracy"]))
     (sft,) = [r for r in records if r.method == "sft"]
     assert sft.speciality == {"reward": 0.0, "win_rate": 0.5, "preference_accuracy": 0.5}  # the SFT model against itself
-    (samples,) = run_files(output_dir, "rsf-*/rsf_samples.jsonl")
+    (samples,) = run_files(output_dir, "rsf+l2-*/rsf_samples.jsonl")
     rows = [json.loads(line) for line in samples.read_text().splitlines()]
     assert len(rows) == 16 and all(set(r) == {"prompt", "completion", "reward"} and "\n" not in r["completion"] for r in rows)
     assert (output_dir / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| dpo | alpha=0.5 |" in (output_dir / "report.md").read_text()
     lines = [line.split(":")[0] for line in stdout.splitlines() if line.startswith("[alignment_tax] ")]
-    assert lines == ["[alignment_tax] sft", "[alignment_tax] 2 trainings", "[alignment_tax] rsf", "[alignment_tax] dpo",
-                     "[alignment_tax] rsf"] or lines == ["[alignment_tax] sft", "[alignment_tax] 2 trainings",
-                     "[alignment_tax] dpo", "[alignment_tax] rsf", "[alignment_tax] rsf"], lines  # fmt: skip
+    assert lines == ["[alignment_tax] sft", "[alignment_tax] 2 trainings", "[alignment_tax] dpo", "[alignment_tax] rsf",
+                     "[alignment_tax] rsf+l2 (l2_lambda=0.01)"], lines  # the sampling's line, then the run's
+    (finetuned,) = run_files(output_dir, "rsf+l2-*/finetuned")
+    assert json.loads((finetuned / "specgen_training.json").read_text())["steps"] == 3  # the SFT step ran
 
 
 def test_recipe_rerun_skips_what_is_done(aligned, capsys):
@@ -217,11 +220,28 @@ def test_recipe_on_two_processes_trains_together_and_scores_once(tmp_path):
     stdout = launch("alignment_tax.py", tmp_path / "ddp", *QUICK, "--methods", "dpo+l2", "--alphas", "1", "--max_steps", "2",
                     processes=2)  # fmt: skip
     assert [line.split(":")[0] for line in stdout.splitlines() if line.startswith("[alignment_tax] ")] == [
-        "[alignment_tax] sft", "[alignment_tax] 1 training", "[alignment_tax] dpo+l2 (l2_lambda=1)"]
+        "[alignment_tax] sft", "[alignment_tax] 1 training", "[alignment_tax] dpo+l2 (l2_lambda=0.01)"]
     (finetuned,) = run_files(tmp_path / "ddp", "dpo+l2-*/finetuned")
     assert json.loads((finetuned / "specgen_training.json").read_text())["steps"] == 2
     report = json.loads((tmp_path / "ddp" / "report.json").read_text())
     assert [(r["method"], r["alpha"]) for r in report["records"]] == [("sft", None), ("dpo+l2", 1.0)]
+
+
+def test_recipe_under_zero3_aligns_with_dpo_and_rsf(tmp_path):
+    """ZeRO-3 on 2 processes: DPO's reference is loaded partitioned like the policy (TRL's own load of it, after
+    the trainer has finalized DeepSpeed's configuration, failed), and RSF samples on the main process alone with
+    a whole model (a ZeRO-3 `generate` would wait for the other process at every token)."""
+    stdout = launch("alignment_tax.py", tmp_path / "z3", *QUICK, "--methods", "dpo+l2", "rsf+kd", "--alphas", "1",
+                    "--max_steps", "2", "--kd_lambda", "1", processes=2, config="zero3")  # fmt: skip
+    assert [line.split(":")[0] for line in stdout.splitlines() if line.startswith("[alignment_tax] ")] == [
+        "[alignment_tax] sft", "[alignment_tax] 2 trainings", "[alignment_tax] dpo+l2 (l2_lambda=0.01)",
+        "[alignment_tax] rsf", "[alignment_tax] rsf+kd (kd_lambda=1)"]  # fmt: skip
+    pretrained = load_file(lm_path() / "model.safetensors")
+    for method in ("dpo+l2", "rsf+kd"):
+        (finetuned,) = run_files(tmp_path / "z3", f"{method}-*/finetuned")
+        weights = load_file(finetuned / "model.safetensors")  # consolidated from the partitions
+        assert weights.keys() == pretrained.keys() and any(not torch.equal(weights[k], v) for k, v in pretrained.items())
+        assert json.loads((finetuned / "specgen_training.json").read_text())["steps"] == 2
 
 
 def alignment_experiment(output_dir: Path, **overrides):
@@ -236,11 +256,8 @@ def alignment_experiment(output_dir: Path, **overrides):
 
 def test_interrupted_alignment_resumes_to_the_same_weights_then_publishes(tmp_path):
     recipe, experiment, training = alignment_experiment(tmp_path / "resumed")
-    build = recipe.build_trainer
-    recipe.build_trainer = lambda *a, **k: (t := build(*a, **k), t.add_callback(InterruptAt(3)))[0]
-    with pytest.raises(Interrupt):
-        run_experiment(recipe, experiment, training)
-    recipe.build_trainer = build
+    interrupt_training(recipe, experiment, training)
+    assert [p.name for p in run_files(tmp_path / "resumed", "dpo-*/trainer/checkpoint-*")] == ["checkpoint-2"]
     run_experiment(recipe, experiment, training)
     (finetuned,) = run_files(tmp_path / "resumed", "dpo-*/finetuned")
     assert json.loads((finetuned / "specgen_training.json").read_text())["resumed_from"].endswith("checkpoint-2")

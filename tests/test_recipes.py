@@ -210,15 +210,22 @@ def lm_experiment(output_dir: Path, **overrides):
     return module.GalacticaMed(options, training.seed), experiment, training
 
 
+def interrupt_training(recipe, experiment, training, step: int = 3) -> None:
+    """Runs the experiment with its training stopped (an exception) at `step`, as an interrupted run."""
+    build = recipe.build_trainer
+    recipe.build_trainer = lambda *a, **k: (t := build(*a, **k), t.add_callback(InterruptAt(step)))[0]
+    try:
+        with pytest.raises(Interrupt):
+            run_experiment(recipe, experiment, training)
+    finally:
+        recipe.build_trainer = build
+
+
 def test_interrupted_training_resumes_from_its_checkpoint_then_publishes(tmp_path):
     recipe, experiment, training = lm_experiment(tmp_path / "resumed")
-    build = recipe.build_trainer
-    recipe.build_trainer = lambda *a, **k: (t := build(*a, **k), t.add_callback(InterruptAt(3)))[0]
-    with pytest.raises(Interrupt):
-        run_experiment(recipe, experiment, training)
+    interrupt_training(recipe, experiment, training)
     (checkpoint,) = run_files(tmp_path / "resumed", "l2-*/trainer/checkpoint-*")
     assert checkpoint.name == "checkpoint-2"
-    recipe.build_trainer = build
     run_experiment(recipe, experiment, training)
     (finetuned,) = run_files(tmp_path / "resumed", "l2-*/finetuned")
     training_log = json.loads((finetuned / "specgen_training.json").read_text())
@@ -548,3 +555,15 @@ def test_published_presets_parse(recipe, preset):
     assert experiment.methods == ["full", "l1", "l2", "ewc", "kd", "feature", "lora"] and len(experiment.alphas) == 5
     assert experiment.auto_alpha and experiment.hma_groups == 3 and experiment.hma_mean_alphas == [0.2, 0.5]
     assert training.bf16 and parse_methods(experiment.methods, training)
+
+
+@pytest.mark.parametrize("preset", ["alignment_tax", "alignment_tax_hh"])
+def test_alignment_presets_parse(preset):
+    """The alignment tax's GPU presets: DPO's own options (beta) and the recipe's, every method and algorithm known."""
+    module = load_recipe("alignment_tax")
+    options, experiment, training = parse_config((module.AlignmentArguments, ExperimentArguments, module.SpecGenDPOConfig),
+                                                 ["--config", str(CONFIGS / f"{preset}.yaml"), "--use_cpu", "true"])  # fmt: skip
+    assert options.eval_suites == ["alignment_tax"] and options.speciality_metrics == ["win_rate", "preference_accuracy"]
+    methods = parse_methods(experiment.methods, training)
+    assert {m.algorithm for m in methods} == {"dpo", "rsf", None} and training.bf16 and 0 < training.beta <= 0.1
+    assert experiment.auto_alpha and experiment.hma_groups == 3 and training.learning_rate == 5e-7
