@@ -39,7 +39,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from hf_specgen import SpecGenTrainingArguments
 from hf_specgen.alignment import completion_logps, implicit_reward_accuracy, load_reward, sample_best_of_n, win_rate
-from hf_specgen.data.preferences import answer_text, explicit_prompt, prompt_text
+from hf_specgen.data.preferences import answer_text, explicit_prompt, is_conversational, prompt_text
 from hf_specgen.eval.suites import LM_SUITES, check_suites, evaluate_suites
 from hf_specgen.experiment import (
     ConfigError, ExperimentArguments, Recipe, check_model, is_local_path, load_split, one_process_models,
@@ -137,6 +137,20 @@ class AlignmentTax(Recipe):
                                   "model scores with one (num_labels=1)")  # fmt: skip
         self.train_data = _pairs(o.dataset_name, o.train_split, self.seed, o.max_train_samples)
         self.test_data = _pairs(o.dataset_name, o.test_split, self.seed, o.max_eval_prompts)
+        if is_conversational(self.train_data[0]["prompt"]) or is_conversational(self.test_data[0]["prompt"]):
+            self._check_chat_templates()
+
+    def _check_chat_templates(self) -> None:
+        """Conversational pairs need a chat template in the SFT model's tokenizer (to generate after the prompt)
+        and in a reward model's (to score in its own format)."""
+        o = self.options
+        models = {"model_name_or_path": self.pretrained}
+        if o.reward_model_name_or_path != TINY_INSTRUCTION_REWARD:
+            models["reward_model_name_or_path"] = check_model(o.reward_model_name_or_path)
+        for option, location in models.items():
+            if AutoTokenizer.from_pretrained(location).chat_template is None:
+                raise ConfigError(f"{o.dataset_name!r} holds conversational pairs, but {option} {getattr(o, option)!r} "
+                                  "has no chat template to render them")  # fmt: skip
 
     def load_model(self) -> tuple[Any, Any]:
         tokenizer = AutoTokenizer.from_pretrained(self.pretrained)
@@ -163,10 +177,10 @@ class AlignmentTax(Recipe):
         if state.is_main_process and not path.is_file():
             with one_process_models():  # loaded whole; and `generate` does not wait for the other processes (ZeRO-3)
                 model, tokenizer = self.load_model()
-                prompts = [prompt_text(p, tokenizer) for p in self.train_data["prompt"]]
-                rows = sample_best_of_n(model.to(_device()), tokenizer, prompts, self._scorer(), n=o.rsf_samples,
-                                        temperature=o.rsf_temperature, top_p=o.rsf_top_p, max_new_tokens=o.rsf_max_new_tokens,
-                                        batch_size=o.generation_batch_size, seed=self.seed, stop=o.stop_sequence)  # fmt: skip
+                rows = sample_best_of_n(model.to(_device()), tokenizer, self.train_data["prompt"], self._scorer(),
+                                        n=o.rsf_samples, temperature=o.rsf_temperature, top_p=o.rsf_top_p,
+                                        max_new_tokens=o.rsf_max_new_tokens, batch_size=o.generation_batch_size,
+                                        seed=self.seed, stop=o.stop_sequence)  # fmt: skip
             path.parent.mkdir(parents=True, exist_ok=True)
             staging = path.with_suffix(".partial")
             staging.write_text("".join(json.dumps(row) + "\n" for row in rows))
@@ -177,7 +191,8 @@ class AlignmentTax(Recipe):
             del model
         state.wait_for_everyone()
         rows = [json.loads(line) for line in path.read_text().splitlines()]
-        return datasets.Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])
+        return datasets.Dataset.from_list([{"prompt": r["prompt"], "completion": _answer_like(r["prompt"], r["completion"])}
+                                           for r in rows])  # fmt: skip
 
     def _scorer(self) -> Any:
         if self._reward is None:
@@ -190,8 +205,7 @@ class AlignmentTax(Recipe):
     def evaluate(self, model_dir: Path) -> dict[str, dict[str, float]]:
         o = self.options
         model, tokenizer = AutoModelForCausalLM.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir)
-        model.to(_device())
-        measured = self._measure(model, tokenizer)
+        measured = self._measure(model, tokenizer)  # moves the model to the GPU where there is one
         if self._baseline is None:
             self._baseline = measured if Path(model_dir) == Path(self.pretrained) else self._measure(*self.load_model())
         base = self._baseline
@@ -208,11 +222,12 @@ class AlignmentTax(Recipe):
         """A model's rewards on the held-out prompts and its log-probabilities of their pairs' answers."""
         o = self.options
         model.to(_device())
-        prompts = [prompt_text(p, tokenizer) for p in self.test_data["prompt"]]
+        given = self.test_data["prompt"]  # text or messages: the reward renders messages in its own format
+        prompts = [prompt_text(p, tokenizer) for p in given]
         pairs = generate_completions(model, tokenizer, prompts, max_new_tokens=o.generation_max_new_tokens,
                                      batch_size=o.generation_batch_size, temperature=o.generation_temperature,
                                      top_p=o.generation_top_p, seed=self.seed, stop=o.stop_sequence)  # fmt: skip
-        rewards = self._scorer()(prompts, [completion for _, completion in pairs])
+        rewards = self._scorer()(given, [completion for _, completion in pairs])
         chosen, rejected = ([answer_text(a) for a in self.test_data[side]] for side in ("chosen", "rejected"))
         batch = o.generation_batch_size
         return _Measured(rewards, completion_logps(model, tokenizer, prompts, chosen, batch_size=batch),
@@ -270,12 +285,24 @@ def _device() -> str:
 
 
 def _pairs(name: str, split: str, seed: int, max_samples: int | None) -> datasets.Dataset:
-    """A preference split as prompt/chosen/rejected (`explicit_prompt`); a malformed pair is a `ConfigError`."""
+    """A preference split as prompt/chosen/rejected (`explicit_prompt`); a malformed pair is a `ConfigError`
+    naming its row."""
     data = load_split(name, split, ("chosen", "rejected"), seed=seed, max_samples=max_samples)
-    try:
-        return data.map(explicit_prompt, remove_columns=data.column_names, desc="prompts")
-    except ValueError as error:
-        raise ConfigError(f"data set {name!r} ({split}): {error}") from error
+    if not len(data):
+        raise ConfigError(f"data set {name!r} ({split}) holds no pairs")
+
+    def explicit(row: dict[str, Any], index: int) -> dict[str, Any]:
+        try:
+            return explicit_prompt(row)
+        except ValueError as error:
+            raise ConfigError(f"data set {name!r} ({split}), row {index}: {error}") from None
+
+    return data.map(explicit, with_indices=True, remove_columns=data.column_names, desc="prompts")
+
+
+def _answer_like(prompt: Any, completion: str) -> Any:
+    """An RSF sample's answer in its prompt's format: text, or the assistant's message after a conversational prompt."""
+    return [{"role": "assistant", "content": completion}] if is_conversational(prompt) else completion
 
 
 def _sft_config(args: SpecGenDPOConfig) -> SpecGenSFTConfig:

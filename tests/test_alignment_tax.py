@@ -5,6 +5,7 @@ recipe end to end through `accelerate launch` (1 process and DDP), re-runs, resu
 import dataclasses
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -55,6 +56,19 @@ def test_reward_model_scores_each_text_at_its_last_token_whatever_the_padding(tm
     assert load_reward(str(tmp_path / "rm")).model.config.num_labels == 1
     with pytest.raises(ValueError, match="3 prompts but 2 completions"):
         SequenceClassifierReward(tmp_path / "rm")(prompts, completions[:2])
+    messages = [{"role": "user", "content": "sort c a b"}]
+    with pytest.raises(ValueError, match="no chat template"):
+        SequenceClassifierReward(tmp_path / "rm")([messages], [" a b c"])
+    tokenizer.chat_template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}"
+    tokenizer.save_pretrained(tmp_path / "rm")
+    (score,) = SequenceClassifierReward(tmp_path / "rm")([messages], ["a b c"])  # rendered in the reward model's format
+    with torch.no_grad():
+        by_hand = model(**tokenizer("<user>sort c a b\n<assistant>a b c\n", return_tensors="pt")).logits[0, 0].item()
+    assert score == pytest.approx(by_hand, abs=1e-5)
+    with pytest.raises(ValueError, match="cannot be loaded"):
+        load_reward(str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="is a rule: it takes no options"):
+        load_reward(TINY_INSTRUCTION_REWARD, batch_size=4)
 
 
 def test_win_rate_counts_a_win_one_a_tie_half():
@@ -62,6 +76,8 @@ def test_win_rate_counts_a_win_one_a_tie_half():
     assert win_rate([0.3, 0.7], [0.3, 0.7]) == 0.5  # a model against itself
     with pytest.raises(ValueError, match="one baseline reward per reward"):
         win_rate([1.0], [1.0, 2.0])
+    with pytest.raises(ValueError, match="not a finite number"):
+        win_rate([float("nan")], [0.0])
 
 
 def test_completion_logps_sum_the_answer_tokens_as_one_unpadded_forward_does(tiny_lm):
@@ -121,6 +137,7 @@ def test_tiny_preferences_ask_for_a_new_instruction_rewarded_by_rule():
     assert test[0]["prompt"].startswith("Instruction: drop the last letter ")
     assert reward([instruction_prompt("reverse the letters", "abc")] * 3, [" c b a\nmore", " c b a b", "c b a"]) == [1.0, 0.0, 1.0]
     assert reward(["What is the capital of X?"], [" Y"]) == [0.0]
+    assert reward([[{"role": "user", "content": test[0]["prompt"]}]], [test[0]["chosen"]]) == [1.0]  # as a message
 
 
 def test_preference_rows_of_each_shape_get_an_explicit_prompt():
@@ -138,6 +155,20 @@ def test_preference_rows_of_each_shape_get_an_explicit_prompt():
                                    "chosen": " bye!", "rejected": " no"}  # fmt: skip
     with pytest.raises(ValueError, match="prompt cannot be found"):
         explicit_prompt({"chosen": "a", "rejected": "b"})
+    trl_chat = {"prompt": [{"role": "user", "content": "hi"}], "chosen": [{"role": "assistant", "content": "hello"}],
+                "rejected": [{"role": "assistant", "content": "go away"}]}  # fmt: skip
+    assert explicit_prompt(trl_chat) == trl_chat  # TRL's explicit conversational format keeps its prompt
+    assert explicit_prompt({**chat, "prompt": trl_chat["prompt"]}) == trl_chat  # answers repeating the prompt lose it
+    bad = {
+        "rejected must be non-empty text or a list of messages, got None": {**text, "rejected": None},
+        "prompt must be non-empty text": {**text, "prompt": ""},
+        "both be text or both be messages": {**text, "chosen": chat["chosen"]},
+        "differ before their answers": {"chosen": chat["chosen"], "rejected": [{"role": "user", "content": "yo"},
+                                                                               chat["rejected"][1]]},  # fmt: skip
+    }
+    for message, row in bad.items():
+        with pytest.raises(ValueError, match=re.escape(message)):
+            explicit_prompt(row)
 
 
 def test_methods_name_their_algorithm_and_recipes_refuse_one_they_do_not_offer(tmp_path):
@@ -156,6 +187,16 @@ def test_methods_name_their_algorithm_and_recipes_refuse_one_they_do_not_offer(t
 
 def test_alignment_recipe_refuses_bad_options_before_any_work(tmp_path):
     main = load_recipe("alignment_tax").AlignmentTax.main
+    pairs = tmp_path / "pairs"
+    pairs.mkdir()
+    good = {"prompt": instruction_prompt("drop the last letter", "abc"), "chosen": " a b", "rejected": " b c"}
+    (pairs / "train.jsonl").write_text(json.dumps(good) + "\n" + json.dumps({**good, "rejected": None}) + "\n")
+    (pairs / "test.jsonl").write_text(json.dumps(good) + "\n")
+    chat = {"chosen": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a"}],
+            "rejected": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "b"}]}  # fmt: skip
+    (tmp_path / "chat").mkdir()
+    for split in ("train", "test"):
+        (tmp_path / "chat" / f"{split}.jsonl").write_text(json.dumps(chat) + "\n")
     cases = {
         ("--speciality_metrics", "reward", "bleu"): "speciality_metrics must name one or more of reward, win_rate",
         ("--eval_suites", "tiny_medmcqa"): r"eval_suites \['tiny_medmcqa'\] measure speciality",
@@ -163,6 +204,9 @@ def test_alignment_recipe_refuses_bad_options_before_any_work(tmp_path):
         ("--methods", "dpo", "ppo"): "unknown method 'ppo'",
         ("--reward_model_name_or_path", str(tmp_path / "no-rm")): r"reward_model_name_or_path '.*no-rm' does not exist",
         ("--reward_model_name_or_path", str(lm_path())): r"reward_model_name_or_path '.*' has 2 outputs",
+        ("--dataset_name", str(pairs), "--train_split", "train"): r"row 1: rejected must be non-empty text .* got None",
+        ("--dataset_name", str(pairs / "test.jsonl")): "a single data file holds one split, train",
+        ("--dataset_name", str(tmp_path / "chat")): r"holds conversational pairs, but model_name_or_path .* no chat template",
     }
     for args, expected in cases.items():
         message = stop_message(main, [*QUICK, "--output_dir", str(tmp_path / "x"), *args])
@@ -242,6 +286,31 @@ def test_recipe_under_zero3_aligns_with_dpo_and_rsf(tmp_path):
         weights = load_file(finetuned / "model.safetensors")  # consolidated from the partitions
         assert weights.keys() == pretrained.keys() and any(not torch.equal(weights[k], v) for k, v in pretrained.items())
         assert json.loads((finetuned / "specgen_training.json").read_text())["steps"] == 2
+
+
+def test_recipe_aligns_conversational_pairs_through_the_chat_template(tmp_path):
+    """TRL's conversational format end to end: DPO on messages, generation after the chat template, the reward
+    given the messages, RSF's samples kept as the assistant's messages."""
+    shutil.copytree(lm_path(), tmp_path / "chat-lm")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "chat-lm")
+    tokenizer.chat_template = "{% for m in messages %}{{ m.content }}{% endfor %}"  # the tiny prompt, unchanged
+    tokenizer.save_pretrained(tmp_path / "chat-lm")
+    (tmp_path / "chat").mkdir()
+    for split in ("train", "test"):
+        rows = tiny_dataset("hf_specgen/tiny-preferences", split).select(range(16))
+        (tmp_path / "chat" / f"{split}.jsonl").write_text("".join(json.dumps(
+            {"prompt": [{"role": "user", "content": r["prompt"]}], "chosen": [{"role": "assistant", "content": r["chosen"]}],
+             "rejected": [{"role": "assistant", "content": r["rejected"]}]}) + "\n" for r in rows))  # fmt: skip
+    output_dir = tmp_path / "run"
+    load_recipe("alignment_tax").AlignmentTax.main([*QUICK, "--model_name_or_path", str(tmp_path / "chat-lm"),
+                                                    "--dataset_name", str(tmp_path / "chat"), "--output_dir", str(output_dir),
+                                                    "--methods", "dpo", "rsf", "--alphas", "1", "--max_steps", "2"])  # fmt: skip
+    records = [ResultRecord.from_dict(r) for r in json.loads((output_dir / "report.json").read_text())["records"]]
+    (sft,) = [r for r in records if r.method == "sft"]
+    assert sft.speciality == {"reward": 0.0, "win_rate": 0.5, "preference_accuracy": 0.5} and len(records) == 3
+    (samples,) = run_files(output_dir, "rsf-*/rsf_samples.jsonl")
+    train = [json.loads(line)["prompt"] for line in (tmp_path / "chat" / "train.jsonl").read_text().splitlines()]
+    assert [json.loads(line)["prompt"] for line in samples.read_text().splitlines()] == train  # the messages, as given
 
 
 def alignment_experiment(output_dir: Path, **overrides):

@@ -31,6 +31,8 @@ def completion_logps(
         One sum of log-probabilities per pair, in order.
     """
     check_pairs(prompts, completions)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     rows = []
     for prompt, completion in zip(prompts, completions):

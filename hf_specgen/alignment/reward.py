@@ -3,6 +3,7 @@ completions against another's under the same reward."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -10,16 +11,21 @@ from typing import Any, Protocol
 import torch
 
 
+Prompt = str | list[dict[str, str]]  # text, or messages (a conversational prompt)
+
+
 class RewardFunction(Protocol):
     """Scores completions: `reward(prompts, completions) -> [float, ...]`, one per pair (TRL's reward
-    function signature, without its keyword extras)."""
+    function signature, without its keyword extras); a prompt is text or a list of messages."""
 
-    def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> list[float]: ...
+    def __call__(self, prompts: Sequence[Prompt], completions: Sequence[str]) -> list[float]: ...
 
 
 class SequenceClassifierReward:
     """A reward model (`AutoModelForSequenceClassification` with one output) as a `RewardFunction`:
-    the score of `prompt + completion`, read at the last token, in batches.
+    the score of `prompt + completion`, read at the last token, in batches. A conversational prompt
+    (messages) is rendered with the completion as the assistant's answer through the reward model's own
+    chat template, the format it was trained on.
 
     Args:
         model_name_or_path: the reward model, Hub id or directory.
@@ -35,8 +41,11 @@ class SequenceClassifierReward:
 
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.tokenizer = AutoTokenizer.from_pretrained(model_name_or_path)
-        self.model = AutoModelForSequenceClassification.from_pretrained(model_name_or_path)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(model_name_or_path)
+            self.model = AutoModelForSequenceClassification.from_pretrained(model_name_or_path)
+        except (OSError, ValueError) as error:  # not found, offline, not a model
+            raise ValueError(f"reward model {str(model_name_or_path)!r} cannot be loaded: {error}") from error
         if self.model.config.num_labels != 1:
             raise ValueError(f"reward model {model_name_or_path!r} has {self.model.config.num_labels} outputs; a reward "
                              "model scores with one (num_labels=1)")  # fmt: skip
@@ -47,18 +56,23 @@ class SequenceClassifierReward:
         self.batch_size, self.max_length = batch_size, max_length
         self.model.to(device or ("cuda" if torch.cuda.is_available() else "cpu")).eval()
 
-    def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
+    @property
+    def takes_messages(self) -> bool:
+        """Whether conversational prompts can be scored (the reward model's tokenizer has a chat template)."""
+        return self.tokenizer.chat_template is not None
+
+    def __call__(self, prompts: Sequence[Prompt], completions: Sequence[str]) -> list[float]:
         """The reward model's score of each `prompt + completion`.
 
         Args:
-            prompts: the prompts, as the policy saw them.
+            prompts: the prompts: text as the policy saw it, or messages (`takes_messages` needed).
             completions: the policy's text after each prompt.
 
         Returns:
             One score per pair, in order.
         """
         check_pairs(prompts, completions)
-        texts = [p + c for p, c in zip(prompts, completions)]
+        texts = [self._text(p, c) for p, c in zip(prompts, completions)]
         tokenizer, scores = self.tokenizer, []
         side, truncation = tokenizer.padding_side, tokenizer.truncation_side
         tokenizer.padding_side, tokenizer.truncation_side = "right", "left"
@@ -73,13 +87,33 @@ class SequenceClassifierReward:
             tokenizer.padding_side, tokenizer.truncation_side = side, truncation
         return scores
 
+    def _text(self, prompt: Prompt, completion: str) -> str:
+        if isinstance(prompt, str):
+            return prompt + completion
+        if not self.takes_messages:
+            raise ValueError("a conversational prompt, but the reward model's tokenizer has no chat template to render it")
+        return self.tokenizer.apply_chat_template([*prompt, {"role": "assistant", "content": completion}], tokenize=False)
+
 
 def load_reward(name: str, **options: Any) -> RewardFunction:
-    """The reward named: a rule-based reward of the tiny world (`hf_specgen/tiny-instruction-reward`),
-    or a reward model by Hub id or directory (`SequenceClassifierReward`, given `options`)."""
+    """The reward named.
+
+    Args:
+        name: `hf_specgen/tiny-instruction-reward` (the tiny world's rule, which takes no options), or a
+            reward model's Hub id or directory.
+        options: `SequenceClassifierReward`'s (`batch_size`, `max_length`, `device`).
+
+    Returns:
+        A `RewardFunction`.
+
+    Raises:
+        ValueError: options for the rule, or a reward model that cannot be loaded or has more than one output.
+    """
     from ..tiny.names import TINY_INSTRUCTION_REWARD
 
     if name == TINY_INSTRUCTION_REWARD:
+        if options:
+            raise ValueError(f"{name} is a rule: it takes no options, got {sorted(options)}")
         from ..tiny.preferences import InstructionReward
 
         return InstructionReward()
@@ -99,10 +133,12 @@ def win_rate(rewards: Sequence[float], baseline: Sequence[float]) -> float:
     """
     if len(rewards) != len(baseline) or not rewards:
         raise ValueError(f"win_rate needs one baseline reward per reward (>= 1), got {len(rewards)} and {len(baseline)}")
+    if not all(math.isfinite(r) for r in (*rewards, *baseline)):
+        raise ValueError("win_rate: a reward is not a finite number (NaN or infinite): nothing to compare")
     return sum(1.0 if r > b else 0.5 if r == b else 0.0 for r, b in zip(rewards, baseline)) / len(rewards)
 
 
-def check_pairs(prompts: Sequence[str], completions: Sequence[str]) -> None:
+def check_pairs(prompts: Sequence[Prompt], completions: Sequence[str]) -> None:
     """Stops on prompts and completions of different lengths (one completion per prompt)."""
     if len(prompts) != len(completions):
         raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions: one completion per prompt")

@@ -7,7 +7,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from .reward import RewardFunction
+from ..data.preferences import prompt_text
+from .reward import Prompt, RewardFunction
 
 
 def best_of_n(completions: Sequence[tuple[str, str]], rewards: Sequence[float], n: int) -> list[dict[str, Any]]:
@@ -28,15 +29,14 @@ def best_of_n(completions: Sequence[tuple[str, str]], rewards: Sequence[float], 
     rows = []
     for start in range(0, len(completions), n):
         best = max(range(start, start + n), key=lambda i: (rewards[i], -i))
-        prompts = {prompt for prompt, _ in completions[start : start + n]}
-        if len(prompts) != 1:
+        if any(prompt != completions[start][0] for prompt, _ in completions[start : start + n]):
             raise ValueError(f"samples {start}-{start + n - 1} are not {n} samples of one prompt")
         rows.append({"prompt": completions[best][0], "completion": completions[best][1], "reward": float(rewards[best])})
     return rows
 
 
 def sample_best_of_n(
-    model: Any, tokenizer: Any, prompts: Sequence[str], reward: RewardFunction, *, n: int = 8,
+    model: Any, tokenizer: Any, prompts: Sequence[Prompt], reward: RewardFunction, *, n: int = 8,
     temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int = 64, batch_size: int = 8, seed: int = 0,
     stop: str | None = None,
 ) -> list[dict[str, Any]]:  # fmt: skip
@@ -45,8 +45,8 @@ def sample_best_of_n(
     Args:
         model: the policy to sample from (the SFT model, for one round of RSF).
         tokenizer: its tokenizer.
-        prompts: the training prompts.
-        reward: scores `(prompts, completions)`.
+        prompts: the training prompts, text or messages (generated after through the tokenizer's chat template).
+        reward: scores `(prompts, completions)`, given the prompts as they are.
         n: samples per prompt (>= 1).
         temperature: sampling temperature (> 0).
         top_p: nucleus sampling's mass.
@@ -56,13 +56,16 @@ def sample_best_of_n(
         stop: each sample is cut where this text first occurs.
 
     Returns:
-        `best_of_n`'s rows: one `{"prompt", "completion", "reward"}` per prompt.
+        `best_of_n`'s rows: one `{"prompt", "completion", "reward"}` per prompt (the prompt as given).
     """
     from ..merge.proxy import generate_completions
 
-    if not temperature > 0:
-        raise ValueError(f"best-of-n samples: temperature must be > 0, got {temperature}")
-    pairs = generate_completions(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+    if not prompts or n < 1 or not temperature > 0:
+        raise ValueError(f"best-of-n sampling needs prompts, n >= 1 and a temperature > 0, got {len(prompts)} prompts, "
+                         f"n={n}, temperature={temperature}")  # fmt: skip
+    texts = [prompt_text(prompt, tokenizer) for prompt in prompts]
+    pairs = generate_completions(model, tokenizer, texts, max_new_tokens=max_new_tokens, batch_size=batch_size,
                                  num_samples=n, temperature=temperature, top_p=top_p, seed=seed, stop=stop)  # fmt: skip
-    rewards = reward([p for p, _ in pairs], [c for _, c in pairs])
-    return best_of_n(pairs, rewards, n)
+    given = [prompt for prompt in prompts for _ in range(n)]  # the reward and the rows get the prompts as given
+    rewards = reward(given, [completion for _, completion in pairs])
+    return best_of_n(list(zip(given, (completion for _, completion in pairs))), rewards, n)

@@ -26,7 +26,7 @@ from ..merge.search import GroupSearch
 from .config import ConfigError, check_finite, parse_config
 from .early_stopping import check_fractions
 from .grid import GRID_FIELDS
-from .methods import DEFAULT_METHODS, METHODS, Method
+from .methods import ALGORITHMS, DEFAULT_METHODS, METHODS, Method
 from .sources import is_local_path
 
 
@@ -37,7 +37,9 @@ class ExperimentArguments:
     methods: list[str] = field(
         default_factory=lambda: list(DEFAULT_METHODS),
         metadata={"help": f"Methods to fine-tune with: {', '.join(METHODS)}, or '+' combinations (e.g. kd+feature); "
-                  f"default {' '.join(DEFAULT_METHODS)}. Each regularizer's strength is its <name>_lambda."},
+                  f"default {' '.join(DEFAULT_METHODS)}. Each regularizer's strength is its <name>_lambda. A recipe "
+                  f"that trains with several algorithms takes one in the name ({', '.join(ALGORITHMS)}: the alignment "
+                  "tax's dpo, dpo+l2, rsf+kd; without one, its first)."},
     )
     alphas: list[str] = field(
         default_factory=lambda: ["0", "0.25", "0.5", "0.75", "1"],

@@ -27,6 +27,8 @@ def load_split(
     try:
         if is_tiny_dataset(name):
             data = tiny_dataset(name, split, seed)
+        elif Path(name).is_file() and not images:
+            data = _data_file(name, split)
         elif images:
             data = load_image_set(name, split)
         else:
@@ -40,6 +42,20 @@ def load_split(
     if max_samples is not None:
         data = data.select(range(min(max_samples, len(data))))
     return data
+
+
+_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+def _data_file(name: str, split: str) -> datasets.Dataset:
+    """A single local data file: one split, `train` (a folder holds one file per split)."""
+    builder = _FILE_BUILDERS.get(Path(name).suffix.lower())
+    if builder is None:
+        raise ValueError(f"a data file must end in {', '.join(_FILE_BUILDERS)} (or give a folder, one file per split)")
+    if split != "train":
+        raise ValueError("a single data file holds one split, train: give a folder with one file per split "
+                         "(e.g. train.jsonl, test.jsonl) for the others")  # fmt: skip
+    return datasets.load_dataset(builder, data_files={"train": name}, split="train")
 
 
 def check_model(name: str) -> str:

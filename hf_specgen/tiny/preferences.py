@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 
 import datasets
 
-from ..alignment.reward import check_pairs
+from ..alignment.reward import Prompt, check_pairs
 from .lm_data import LETTERS, OPERATIONS
 
 ALIGNED_INSTRUCTION = "drop the last letter"
@@ -58,11 +58,11 @@ class InstructionReward:
     """The rule-based reward of tiny instructions: 1.0 when a completion's first line (stripped) is
     the instruction's output, 0.0 otherwise (and for a prompt that is no tiny instruction)."""
 
-    def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
+    def __call__(self, prompts: Sequence[Prompt], completions: Sequence[str]) -> list[float]:
         """Rewards of `completions`, one per (prompt, completion) pair.
 
         Args:
-            prompts: tiny instruction prompts (`instruction_prompt`).
+            prompts: tiny instruction prompts (`instruction_prompt`), as text or as a message holding it.
             completions: the model's text after each prompt.
 
         Returns:
@@ -73,8 +73,11 @@ class InstructionReward:
         return [float(a is not None and c.split("\n")[0].strip() == a) for a, c in zip(answers, completions)]
 
     @staticmethod
-    def answer(prompt: str) -> str | None:
-        """The correct output of a tiny instruction prompt; None when the prompt is not one."""
+    def answer(prompt: str | list[dict[str, str]]) -> str | None:
+        """The correct output of a tiny instruction prompt (text, or messages: the last one's); None when the
+        prompt is not one."""
+        if isinstance(prompt, list):
+            prompt = prompt[-1].get("content", "") if prompt else ""
         match = _PROMPT.search(prompt)
         if match is None or match["name"] not in INSTRUCTIONS:
             return None
