@@ -541,7 +541,8 @@ def _figure(records: Sequence[ResultRecord], title: str) -> Figure:
         ax.scatter([], [], marker="s", s=20, color="grey", label="early stop")
     references = [r for r in records if _is_reference(r)]
     if references:
-        ax.scatter(*_means(references), marker="*", s=250, color="black", zorder=3, label="pre-trained")
+        named = next((r.method for r in references if r.method in REFERENCE_METHODS), "pre-trained")  # e.g. sft
+        ax.scatter(*_means(references), marker="*", s=250, color="black", zorder=3, label=named)
     finetuned = _finetuned(records)
     if finetuned is not None:
         ax.scatter(*_means([finetuned]), marker="X", s=110, color="black", zorder=6, label="fine-tuned")
