@@ -10,10 +10,10 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .merge import (
-    AlphaSchedule, MergeError, MergeOptions, MergeWarning, MergeWriteError, PushError, merge, merge_sweep, push_merge,
-)  # fmt: skip
-from .merge import methods as merge_methods
+from .merge import methods as merge_methods  # the registry: no torch until a method computes
+from .merge.errors import MergeError, MergeWarning, MergeWriteError, PushError
+from .merge.options import MergeOptions
+from .merge.schedule import AlphaSchedule
 from .merge.atomic import Terminated
 from .merge.output import MARKER
 
@@ -367,6 +367,8 @@ def _alpha_schedule(args: argparse.Namespace, alpha: float | None) -> AlphaSched
 
 
 def _merge(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    from .merge.run import merge, merge_sweep
+
     options = _merge_options(args)
     finetuned = args.finetuned[0] if len(args.finetuned) == 1 else args.finetuned
     if args.command == "merge":
@@ -517,6 +519,8 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         elif args.command == "hma":
             _hma(args)
         elif args.command == "push":
+            from .merge.hub import push_merge
+
             push_merge(args.directory, args.repo_id, private=args.private)
             print(f"pushed {args.directory} to {args.repo_id}")
         else:

@@ -2,6 +2,9 @@
 
 import argparse
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -264,3 +267,23 @@ def test_every_option_and_argument_has_help():
             elif not (action.help or "").strip() or action.help == argparse.SUPPRESS:
                 undocumented.append(f"{parser.prog} {'/'.join(action.option_strings) or action.dest}")
     assert undocumented == []
+
+
+def test_merge_package_and_merge_help_start_without_the_model_stack():
+    """`import hf_specgen.merge` and `specgen merge --help` load neither torch nor transformers (start-up under a
+    second, measured in `make bench`); the first merge imports them, and names are the functions, not modules."""
+    code = (
+        "import sys, types\n"
+        "import hf_specgen.merge\n"
+        "from hf_specgen.cli import main\n"
+        "try:\n    main(['merge', '--help'])\nexcept SystemExit:\n    pass\n"
+        "heavy = sorted(m for m in ('torch', 'transformers', 'safetensors') if m in sys.modules)\n"
+        "import hf_specgen.merge.run\n"
+        "from hf_specgen.merge import merge, wise_ft\n"
+        "print('HEAVY', heavy, callable(wise_ft) and not isinstance(wise_ft, types.ModuleType), 'torch' in sys.modules)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "--pretrained PRETRAINED" in run.stdout  # the help was printed, from the registry of methods
+    assert run.stdout.splitlines()[-1] == "HEAVY [] True True"

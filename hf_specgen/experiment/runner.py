@@ -32,7 +32,7 @@ from ..eval.report import DEFAULT_TITLE, ResultRecord, best_generality, markdown
 from ..merge import AlphaSchedule, MergeError, MergeOptions, merge, merge_sweep, select_alpha
 from ..merge.checkpoint import Checkpoint, resolve
 from ..merge.search import check_groups
-from ..merge.wise_ft import alpha_dirname
+from ..merge.run import alpha_dirname
 from .config import ConfigError
 from .early_stopping import EarlyCheckpoints, checkpoint_directory, saved_checkpoint
 from .grid import TrainingPoint, expand_points, grid_summary

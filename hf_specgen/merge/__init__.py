@@ -1,20 +1,48 @@
 """Merging: streamed checkpoint merges by registered methods (WiSE-FT's `linear`, `task_arithmetic`,
-`fisher`), heterogeneous alphas, soups, LoRA adapters, sweeps, Hub push."""
+`fisher`), heterogeneous alphas, soups, LoRA adapters, sweeps, Hub push.
 
-from .errors import MergeError, MergeWarning, MergeWriteError
-from .hub import PushError, push_merge
-from .methods import METHODS, MergeMethod, Parameter, TensorInput, get_method, register_method
-from .options import MergeOptions
-from .run import alpha_dirname, iter_merge, merge, merge_sweep
-from .schedule import AlphaSchedule
-from .proxy import generate_completions
-from .search import GroupSearch, search_group_alphas
-from .select import AlphaChoice, select_alpha
-from .soup import greedy_soup
-from .wise_ft import iter_wise_ft, wise_ft, wise_ft_sweep
+Names are imported on first use: `import hf_specgen.merge` (and `specgen --help`) does not load torch
+or transformers; the first merge does.
+"""
 
-__all__ = [
-    "METHODS", "AlphaChoice", "AlphaSchedule", "GroupSearch", "MergeError", "MergeMethod", "MergeOptions", "MergeWarning", "MergeWriteError",
-    "Parameter", "PushError", "TensorInput", "alpha_dirname", "generate_completions", "get_method", "greedy_soup", "iter_merge",
-    "iter_wise_ft", "merge", "merge_sweep", "push_merge", "register_method", "search_group_alphas", "select_alpha", "wise_ft", "wise_ft_sweep",
-]  # fmt: skip
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_LAZY = {
+    "MergeError": ".errors", "MergeWarning": ".errors", "MergeWriteError": ".errors", "PushError": ".errors",
+    "push_merge": ".hub",
+    "METHODS": ".methods", "MergeMethod": ".methods", "Parameter": ".methods", "TensorInput": ".methods",
+    "get_method": ".methods", "register_method": ".methods",
+    "MergeOptions": ".options",
+    "alpha_dirname": ".run", "iter_merge": ".run", "merge": ".run", "merge_sweep": ".run",
+    "AlphaSchedule": ".schedule",
+    "generate_completions": ".proxy",
+    "GroupSearch": ".search", "search_group_alphas": ".search",
+    "AlphaChoice": ".select", "select_alpha": ".select",
+    "greedy_soup": ".soup",
+    "iter_wise_ft": ".interpolate", "wise_ft": ".interpolate", "wise_ft_sweep": ".interpolate",
+}  # fmt: skip
+
+if TYPE_CHECKING:
+    from .errors import MergeError, MergeWarning, MergeWriteError, PushError
+    from .hub import push_merge
+    from .methods import METHODS, MergeMethod, Parameter, TensorInput, get_method, register_method
+    from .options import MergeOptions
+    from .proxy import generate_completions
+    from .run import alpha_dirname, iter_merge, merge, merge_sweep
+    from .schedule import AlphaSchedule
+    from .search import GroupSearch, search_group_alphas
+    from .select import AlphaChoice, select_alpha
+    from .soup import greedy_soup
+    from .interpolate import iter_wise_ft, wise_ft, wise_ft_sweep
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = sorted(_LAZY)

@@ -15,3 +15,7 @@ class MergeWriteError(OSError):
 
 class MergeWarning(UserWarning):
     """Something a merge did that may not be what was meant (e.g. an adapter on another base model)."""
+
+
+class PushError(RuntimeError):
+    """The upload failed; the local output is intact."""

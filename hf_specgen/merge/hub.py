@@ -7,13 +7,9 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import Checkpoint, read_config
-from .errors import MergeError
+from .errors import MergeError, PushError
 from .lora import ADAPTER_CONFIG, is_lora_adapter
 from .output import read_marker
-
-
-class PushError(RuntimeError):
-    """The upload failed; the local output is intact."""
 
 
 def check_repo_id(repo_id: str, name: str) -> None:

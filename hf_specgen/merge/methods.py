@@ -30,13 +30,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
-
-import torch
+from typing import TYPE_CHECKING, Any, Literal
 
 from .errors import MergeError
 
-Tensor = torch.Tensor
+if TYPE_CHECKING:  # torch is imported where a method computes: the registry (and `specgen --help`) loads without it
+    from torch import Tensor
 
 
 @dataclass(frozen=True)
@@ -236,6 +235,8 @@ def weighted_average(finetuned: Sequence[Tensor], weights: Sequence[float]) -> T
     Returns:
         The weighted mean (a soup).
     """
+    import torch
+
     if len(finetuned) == 1:
         return finetuned[0]
     total = sum(weights)
@@ -269,6 +270,8 @@ def linear(pre: Tensor, finetuned: Sequence[Tensor], *, alpha: float, weights: S
     Returns:
         The merged tensor; alpha 0 and 1 give bit-exact copies.
     """
+    import torch
+
     target = weighted_average(finetuned, weights)
     if alpha == 0:
         return pre
@@ -294,6 +297,8 @@ def task_arithmetic(pre: Tensor, finetuned: Sequence[Tensor], *, alpha: float, w
     Returns:
         The merged tensor.
     """
+    import torch
+
     if alpha == 0:
         return pre
     base = pre.float()
@@ -337,6 +342,8 @@ def fisher(
     Returns:
         The merged tensor; alpha 0 and 1 give bit-exact copies.
     """
+    import torch
+
     (ft,) = finetuned
     if alpha == 0:
         return pre

@@ -5,14 +5,16 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import MergeError
 from .methods import BoundMethod, bind, get_method
 from .output import Overwrite
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+if TYPE_CHECKING:
+    import torch
+
+DTYPES = ("float32", "bfloat16", "float16")  # output dtypes by name (torch's attribute of that name)
 
 
 @dataclass(frozen=True)
@@ -61,4 +63,6 @@ class MergeOptions:
     def torch_dtype(self) -> torch.dtype | None:
         if self.dtype is not None and self.dtype not in DTYPES:
             raise MergeError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        return DTYPES[self.dtype] if self.dtype else None
+        import torch
+
+        return getattr(torch, self.dtype) if self.dtype else None

@@ -28,9 +28,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-import torch
-
 from .errors import MergeError
+
+FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max, without importing torch
 
 BLOCK = re.compile(r"^(?P<stack>(?:.*?\.)?(?:layers|layer|h|blocks|block))\.(?P<index>\d+)\.")
 
@@ -226,7 +226,7 @@ def check_alpha(alpha: Any, extrapolate: bool, what: str = "alpha") -> float:
     (or outside, with `extrapolate`)."""
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
         raise MergeError(f"{what} must be a number, got {alpha!r}")
-    if not math.isfinite(alpha) or abs(alpha) > torch.finfo(torch.float32).max:  # torch.lerp would raise
+    if not math.isfinite(alpha) or abs(alpha) > FLOAT32_MAX:  # torch.lerp would raise
         raise MergeError(f"{what} must be a finite number within float32 range (tensors are interpolated in float32), got {alpha}")
     if not extrapolate and not 0.0 <= alpha <= 1.0:
         raise MergeError(f"{what} must be in [0, 1] (0: pretrained, 1: finetuned), got {alpha}; pass extrapolate=True (--extrapolate) to go beyond")
