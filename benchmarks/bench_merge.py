@@ -5,7 +5,8 @@ checkpoints of more than 1 GB each, saved with different shard sizes: "pretraine
 initialised, and "finetuned", the same weights plus Gaussian noise. Then, each in its own child
 process and each `--repeats` times (the order reversed every other round):
 
-* `import`: `import hf_specgen.merge` alone, the start-up cost in every merge process below;
+* `import`: `import hf_specgen.merge` alone (its names load on first use: each merge process below
+  also imports torch and transformers when it merges);
 * `copytree`: `shutil.copytree` of the fine-tuned checkpoint, the I/O floor;
 * `wise_ft`: `wise_ft(pre, ft, alpha=0.5, out)`;
 * `mergekit`: `mergekit-yaml` with `merge_method: linear`, weights 0.5 / 0.5, on the CPU;
