@@ -693,3 +693,35 @@ def test_failed_push_raises_push_error_and_keeps_the_output(opt, tmp_path):
     merged = read_weights(tmp_path / "out")
     assert set(merged) == set(opt["ft_sd"]) and (tmp_path / "out" / "README.md").is_file()
     assert hub.uploads and hub.uploads[0]["files"].keys() == {p.name for p in (tmp_path / "out").iterdir()}
+
+
+def _ordered(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor's bit patterns as integers in the order of the values (the gap of two is their distance in ulps)."""
+    bits = tensor.view({torch.float32: torch.int32, torch.bfloat16: torch.int16}[tensor.dtype]).long()
+    sign = torch.iinfo(torch.int32 if tensor.dtype == torch.float32 else torch.int16).min
+    return torch.where(bits < 0, sign - bits, bits)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_wise_ft_is_within_one_ulp_of_the_float64_interpolation(tmp_path, dtype):
+    """Every output within 1 ulp of `(1 - alpha) * pre + alpha * ft` computed in float64 and rounded to the tensor's
+    dtype (bf16 inputs are interpolated in float32), over six decades of magnitude and both signs, for fine-tuned
+    weights within 45% of the pre-trained ones (a fine-tune's); alpha 0 and 1 bit-identical to the inputs. Where
+    the two nearly cancel (ft ~ -pre) float32 interpolation is off by more ulps of the near-zero result (190 measured
+    with ft up to 3 |pre| away): not tested, not claimed."""
+    torch.manual_seed(0)
+    pre = torch.randn(512, 512, dtype=torch.float64) * torch.logspace(-3, 3, 512, dtype=torch.float64)
+    ft = pre + torch.randn(512, 512, dtype=torch.float64).clamp(-3, 3) * pre.abs() * torch.rand(512, 1, dtype=torch.float64) * 0.15
+    pre, ft = pre.to(dtype), ft.to(dtype)
+    for name, tensor in (("pre", pre), ("ft", ft)):
+        (tmp_path / name).mkdir()
+        save_file({"w": tensor}, tmp_path / name / "model.safetensors")
+    for alpha in (0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 1.0):
+        with pytest.warns(UserWarning, match="config.json"):  # bare tensors, no model around them
+            out = wise_ft(tmp_path / "pre", tmp_path / "ft", alpha, tmp_path / f"out-{alpha}")
+        merged = load_file(out / "model.safetensors")["w"]
+        assert merged.dtype == dtype
+        reference = ((1 - alpha) * pre.double() + alpha * ft.double()).to(dtype)
+        assert (_ordered(merged) - _ordered(reference)).abs().max().item() <= 1, alpha
+        if alpha in (0.0, 1.0):
+            assert torch.equal(merged.view(torch.uint8), (pre if alpha == 0 else ft).contiguous().view(torch.uint8))
