@@ -7,8 +7,9 @@ DeepSpeed).
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from .lazy import lazy_getattr
 
 __version__ = "0.1.0"
 
@@ -19,11 +20,7 @@ if TYPE_CHECKING:
     from .averaging import WeightAveraging
     from .trainer import SpecGenTrainer
 
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name], __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY)
 
 
 __all__ = ["SpecGenTrainer", "SpecGenTrainingArguments", "WeightAveraging", "__version__"]

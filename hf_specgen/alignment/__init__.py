@@ -10,8 +10,9 @@ directory) or from a rule-based reward's name (`hf_specgen/tiny-instruction-rewa
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from ..lazy import lazy_getattr
 
 _LAZY = {
     "RewardFunction": ".reward",
@@ -29,11 +30,7 @@ if TYPE_CHECKING:
     from .implicit import completion_logps, implicit_reward_accuracy
     from .reward import RewardFunction, SequenceClassifierReward, load_reward, win_rate
 
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name], __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY)
 
 
 __all__ = list(_LAZY)

@@ -7,8 +7,9 @@ or transformers; the first merge does.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from ..lazy import lazy_getattr
 
 _LAZY = {
     "MergeError": ".errors", "MergeWarning": ".errors", "MergeWriteError": ".errors", "PushError": ".errors",
@@ -38,11 +39,7 @@ if TYPE_CHECKING:
     from .soup import greedy_soup
     from .interpolate import iter_wise_ft, wise_ft, wise_ft_sweep
 
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name], __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY)
 
 
 __all__ = sorted(_LAZY)

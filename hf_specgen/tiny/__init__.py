@@ -8,8 +8,7 @@ first use: finding a path does not load `datasets` or Pillow.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from ..lazy import lazy_getattr
 
 _LAZY = {
     "lm_path": ".paths",
@@ -29,11 +28,7 @@ _LAZY = {
     "zero_shot_templates": ".images",
 }
 
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name], __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY)
 
 
 __all__ = sorted(_LAZY)

@@ -10,8 +10,9 @@ with `SpecGenArguments`' fields. `import hf_specgen` works without trl; this mod
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from ..lazy import lazy_getattr
 
 _LAZY = {
     "SpecGenSFTConfig": ".configs",
@@ -29,14 +30,14 @@ if TYPE_CHECKING:
     from .sft import SpecGenSFTTrainer
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        try:
-            import trl  # noqa: F401
-        except ImportError as error:
-            raise ImportError(f"hf_specgen.trl.{name} needs TRL: pip install 'hf_specgen[trl]'") from error
-        return getattr(importlib.import_module(_LAZY[name], __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+def _needs_trl(name: str) -> None:
+    try:
+        import trl  # noqa: F401
+    except ImportError as error:
+        raise ImportError(f"hf_specgen.trl.{name} needs TRL: pip install 'hf_specgen[trl]'") from error
+
+
+__getattr__ = lazy_getattr(__name__, _LAZY, check=_needs_trl)
 
 
 __all__ = list(_LAZY)
