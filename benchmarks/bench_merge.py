@@ -184,31 +184,34 @@ def weight_keys(directory: Path) -> dict[str, Path]:
     return keys
 
 
-def build_checkpoints(workdir: Path, layers: int, seed: int) -> tuple[Path, Path]:
-    """The pretrained / finetuned pair, cached under `workdir` by its specification.
+def build_checkpoints(workdir: Path, layers: int, seed: int, dtype: str = "float32") -> tuple[Path, Path]:
+    """The pretrained / finetuned pair in `dtype` (float32, or bfloat16: the common case for LLMs), cached
+    under `workdir` by its specification.
 
     One model in memory at a time: built, saved, perturbed in place tensor by tensor, saved again.
     """
     spec = {
         "config": model_config(layers), "seed": seed, "noise": NOISE, "transformers": transformers.__version__,
-        "shards": [PRETRAINED_SHARD, FINETUNED_SHARD],
+        "shards": [PRETRAINED_SHARD, FINETUNED_SHARD], **({"dtype": dtype} if dtype != "float32" else {}),
     }  # fmt: skip
-    root = workdir / f"checkpoints-{hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]}"
+    prefix = "checkpoints-" if dtype == "float32" else f"checkpoints-{dtype}-"
+    root = workdir / f"{prefix}{hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]}"
     pretrained, finetuned, stamp = root / "pretrained", root / "finetuned", root / "spec.json"
     if stamp.is_file():
         return pretrained, finetuned
-    for stale in workdir.glob("checkpoints-*"):
-        shutil.rmtree(stale)
+    for stale in workdir.glob(f"{prefix}*"):
+        if dtype != "float32" or not stale.name.startswith("checkpoints-bfloat16-"):
+            shutil.rmtree(stale)
     from transformers import LlamaConfig, LlamaForCausalLM
 
     transformers.utils.logging.disable_progress_bar()
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(**spec["config"]))
+    model = LlamaForCausalLM(LlamaConfig(**spec["config"])).to(getattr(torch, dtype))
     model.save_pretrained(pretrained, max_shard_size=PRETRAINED_SHARD)
     generator = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for parameter in model.parameters():
-            parameter.add_(torch.randn(parameter.shape, generator=generator), alpha=NOISE)
+            parameter.add_(torch.randn(parameter.shape, generator=generator).to(parameter.dtype), alpha=NOISE)
     model.save_pretrained(finetuned, max_shard_size=FINETUNED_SHARD)
     stamp.write_text(json.dumps(spec, indent=2) + "\n")
     return pretrained, finetuned
@@ -359,7 +362,8 @@ def mergekit_command(executable: Path, config: Path, output: Path) -> list[str]:
 
 
 def define_runs(
-    pre: Path, ft: Path, fishers: tuple[Path, Path], checkpoint_bytes: int, mergekit: dict[str, Any], workdir: Path
+    pre: Path, ft: Path, fishers: tuple[Path, Path], checkpoint_bytes: int, mergekit: dict[str, Any], workdir: Path,
+    bf16: tuple[Path, Path, int],
 ) -> list[Run]:  # fmt: skip
     python = sys.executable
     merge_args = [str(pre), str(ft)]
@@ -389,6 +393,21 @@ def define_runs(
         runs.append(Run("mergekit", f"mergekit {mergekit['version']} linear, weights {1 - ALPHA:g} / {ALPHA:g}",
                         lambda out: mergekit_command(mergekit["executable"], config, out),
                         checkpoint_bytes, keep_output=True))  # fmt: skip
+    bf16_pre, bf16_ft, bf16_bytes = bf16  # the same model in bfloat16: half the bytes, the common case for LLMs
+    runs += [
+        Run("copytree_bf16", "bf16: `shutil.copytree` of finetuned (I/O floor)",
+            lambda out: [python, "-c", COPY, str(bf16_ft), str(out)], bf16_bytes, merge=False),
+        Run("wise_ft_bf16", f"bf16: `wise_ft`, alpha={ALPHA:g}",
+            lambda out: [python, "-c", WISE_FT, str(bf16_pre), str(bf16_ft), str(ALPHA), str(out), OUTPUT_SHARD],
+            bf16_bytes),
+    ]  # fmt: skip
+    if mergekit["executable"] is not None:
+        config_bf16 = workdir / "mergekit-bf16.yml"
+        models = [{"model": str(bf16_pre), "parameters": {"weight": 1 - ALPHA}},
+                  {"model": str(bf16_ft), "parameters": {"weight": ALPHA}}]  # fmt: skip
+        config_bf16.write_text(json.dumps({"merge_method": "linear", "dtype": "bfloat16", "models": models}, indent=2))
+        runs.append(Run("mergekit_bf16", f"bf16: mergekit {mergekit['version']} linear, weights {1 - ALPHA:g} / {ALPHA:g}",
+                        lambda out: mergekit_command(mergekit["executable"], config_bf16, out), bf16_bytes))  # fmt: skip
     alphas = json.dumps(SWEEP_ALPHAS)
     n = len(SWEEP_ALPHAS)
     runs += [
@@ -453,6 +472,7 @@ def targets(rows: dict[str, dict[str, Any]], correctness: dict[str, Any] | None)
          "value": f"{wise['peak_rss_bytes'] / MB:.0f} MB, target {wise['rss_target_bytes'] / MB:.0f} MB"
          if "median_s" in wise else None, "passed": wise.get("rss_passed")},
         faster("wise_ft", "mergekit"),
+        faster("wise_ft_bf16", "mergekit_bf16"),
         faster("sweep", "separate"),
         {**faster("groups", "wise_ft", 1.0), "target": "groups: time against wise_ft (reported, no target)", "passed": None},
         faster("fisher", "wise_ft", FISHER_TIME_FACTOR),
@@ -479,7 +499,9 @@ def markdown(report: dict[str, Any]) -> str:
         f"{ckpt['pretrained']['bytes'] / MB:.0f} MB in {len(ckpt['pretrained']['shards'])} shards "
         f"(max_shard_size {PRETRAINED_SHARD}), finetuned {ckpt['finetuned']['bytes'] / MB:.0f} MB in "
         f"{len(ckpt['finetuned']['shards'])} shards ({FINETUNED_SHARD}); outputs written with max shard size "
-        f"{OUTPUT_SHARD}. Largest shard: {ckpt['largest_shard_bytes'] / MB:.0f} MB. Each run is a child process, "
+        f"{OUTPUT_SHARD}. The `bf16:` rows: the same model in bfloat16 ({ckpt.get('bf16_bytes', 0) / MB:.0f} MB per "
+        "checkpoint, the common case for LLMs), each row against the bf16 copytree. "
+        f"Largest shard: {ckpt['largest_shard_bytes'] / MB:.0f} MB. Each run is a child process, "
         f"{settings['repeats']} times; inputs in the page cache, disk synced before each run, outputs not synced "
         "(hf_specgen writes with O_DIRECT where the file system allows it: its outputs are on the disk when it "
         "exits; copytree's and mergekit's are in the page cache, written back after the measurement). "
@@ -570,6 +592,7 @@ def main() -> None:
     workdir.mkdir(parents=True, exist_ok=True)
 
     pretrained, finetuned = build_checkpoints(workdir, opts.layers, opts.seed)
+    bf16_pre, bf16_ft = build_checkpoints(workdir, opts.layers, opts.seed, dtype="bfloat16")
     fishers = (build_fisher(pretrained, opts.seed + 2), build_fisher(finetuned, opts.seed + 3))
     build_s = time.perf_counter() - start
     pre_files, ft_files = weight_files(pretrained), weight_files(finetuned)
@@ -590,8 +613,10 @@ def main() -> None:
     outputs, logs = workdir / "outputs", workdir / "logs"
     shutil.rmtree(outputs, ignore_errors=True)
     logs.mkdir(exist_ok=True)
-    runs = define_runs(pretrained, finetuned, fishers, checkpoint_bytes, mergekit, workdir)
-    warm_page_cache(pre_files + ft_files + [f for d in fishers for f in weight_files(d)])
+    bf16_files = weight_files(bf16_pre) + weight_files(bf16_ft)
+    bf16 = (bf16_pre, bf16_ft, sum(f.stat().st_size for f in weight_files(bf16_ft)))
+    runs = define_runs(pretrained, finetuned, fishers, checkpoint_bytes, mergekit, workdir, bf16)
+    warm_page_cache(pre_files + ft_files + bf16_files + [f for d in fishers for f in weight_files(d)])
     for repeat in range(opts.repeats):
         for run in runs if repeat % 2 == 0 else runs[::-1]:
             if run.error:
@@ -618,9 +643,12 @@ def main() -> None:
     correctness = spot_check(pretrained, finetuned, merged, fishers, opts.layers) if "wise_ft" in merged else None
     shutil.rmtree(outputs, ignore_errors=True)
 
-    copy_samples = next(run for run in runs if run.name == "copytree").samples
-    copy_s = statistics.median(s.seconds for s in copy_samples) if copy_samples else None
-    rows = {run.name: summarize(run, copy_s, rss_target) for run in runs}
+    copy_s = {}  # each dtype's copytree: the floor its rows are measured against
+    for name in ("copytree", "copytree_bf16"):
+        samples = next(run for run in runs if run.name == name).samples
+        copy_s[name] = statistics.median(s.seconds for s in samples) if samples else None
+    rows = {run.name: summarize(run, copy_s["copytree_bf16" if run.name.endswith("_bf16") else "copytree"], rss_target)
+            for run in runs}  # fmt: skip
     report = {
         "checkpoints": {
             "model": "LlamaForCausalLM", "dtype": "float32", "config": model_config(opts.layers),
@@ -630,6 +658,7 @@ def main() -> None:
             "finetuned": {"bytes": checkpoint_bytes, "shards": [f.stat().st_size for f in ft_files],
                           "max_shard_size": FINETUNED_SHARD},
             "output_max_shard_size": OUTPUT_SHARD, "largest_shard_bytes": largest_shard, "noise_std": NOISE,
+            "bf16_bytes": bf16[2],
         },
         "settings": {
             "repeats": opts.repeats, "alpha": ALPHA, "sweep_alphas": SWEEP_ALPHAS, "seed": opts.seed,
