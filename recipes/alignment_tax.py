@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,16 +34,19 @@ from typing import Any
 import datasets
 import torch
 from accelerate import PartialState
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_specgen import SpecGenTrainingArguments
-from hf_specgen.alignment import completion_logps, implicit_reward_accuracy, load_reward, sample_best_of_n, win_rate
+from hf_specgen.alignment import (
+    check_reward, completion_logps, implicit_reward_accuracy, is_rule, load_reward, sample_best_of_n, win_rate,
+)  # fmt: skip
 from hf_specgen.data.preferences import answer_text, explicit_prompt, is_conversational, prompt_text
 from hf_specgen.eval.suites import LM_SUITES, check_suites, evaluate_suites
 from hf_specgen.experiment import (
     ConfigError, ExperimentArguments, Recipe, check_model, is_local_path, load_split, one_process_models,
 )  # fmt: skip
 from hf_specgen.merge import GroupSearch, generate_completions, search_group_alphas
+from hf_specgen.merge.atomic import atomic_file
 from hf_specgen.tiny.names import TINY_INSTRUCTION_REWARD
 from hf_specgen.trl import SpecGenDPOConfig, SpecGenDPOTrainer, SpecGenSFTConfig, SpecGenSFTTrainer
 
@@ -130,27 +132,17 @@ class AlignmentTax(Recipe):
             raise ConfigError(f"eval_suites {sides} measure speciality; here the speciality is the reward: name generality "
                               "suites only")  # fmt: skip
         self.pretrained = check_model(o.model_name_or_path)
-        if o.reward_model_name_or_path != TINY_INSTRUCTION_REWARD:  # a reward model: one output, before any training
-            labels = AutoConfig.from_pretrained(check_model(o.reward_model_name_or_path)).num_labels
-            if labels != 1:
-                raise ConfigError(f"reward_model_name_or_path {o.reward_model_name_or_path!r} has {labels} outputs; a reward "
-                                  "model scores with one (num_labels=1)")  # fmt: skip
         self.train_data = _pairs(o.dataset_name, o.train_split, self.seed, o.max_train_samples)
         self.test_data = _pairs(o.dataset_name, o.test_split, self.seed, o.max_eval_prompts)
-        if is_conversational(self.train_data[0]["prompt"]) or is_conversational(self.test_data[0]["prompt"]):
-            self._check_chat_templates()
-
-    def _check_chat_templates(self) -> None:
-        """Conversational pairs need a chat template in the SFT model's tokenizer (to generate after the prompt)
-        and in a reward model's (to score in its own format)."""
-        o = self.options
-        models = {"model_name_or_path": self.pretrained}
-        if o.reward_model_name_or_path != TINY_INSTRUCTION_REWARD:
-            models["reward_model_name_or_path"] = check_model(o.reward_model_name_or_path)
-        for option, location in models.items():
-            if AutoTokenizer.from_pretrained(location).chat_template is None:
-                raise ConfigError(f"{o.dataset_name!r} holds conversational pairs, but {option} {getattr(o, option)!r} "
-                                  "has no chat template to render them")  # fmt: skip
+        # conversational pairs: the SFT model generates after its chat template, a reward model scores in its own
+        messages = is_conversational(self.train_data[0]["prompt"]) or is_conversational(self.test_data[0]["prompt"])
+        if messages and AutoTokenizer.from_pretrained(self.pretrained).chat_template is None:
+            raise ConfigError(f"{o.dataset_name!r} holds conversational pairs, but model_name_or_path "
+                              f"{o.model_name_or_path!r} has no chat template to render them")  # fmt: skip
+        try:
+            check_reward(o.reward_model_name_or_path, messages=messages)
+        except ValueError as error:
+            raise ConfigError(f"reward_model_name_or_path {error}") from error
 
     def load_model(self) -> tuple[Any, Any]:
         tokenizer = AutoTokenizer.from_pretrained(self.pretrained)
@@ -181,10 +173,8 @@ class AlignmentTax(Recipe):
                                         n=o.rsf_samples, temperature=o.rsf_temperature, top_p=o.rsf_top_p,
                                         max_new_tokens=o.rsf_max_new_tokens, batch_size=o.generation_batch_size,
                                         seed=self.seed, stop=o.stop_sequence)  # fmt: skip
-            path.parent.mkdir(parents=True, exist_ok=True)
-            staging = path.with_suffix(".partial")
-            staging.write_text("".join(json.dumps(row) + "\n" for row in rows))
-            os.replace(staging, path)
+            with atomic_file(path) as temporary:  # a resumed run finds the whole file or none
+                temporary.write_text("".join(json.dumps(row) + "\n" for row in rows))
             rewards = [row["reward"] for row in rows]
             print(f"[{self.name}] rsf: best of {o.rsf_samples} samples for {len(rows)} prompts, mean reward "
                   f"{statistics.fmean(rewards):.3f}", flush=True)  # fmt: skip
@@ -197,7 +187,7 @@ class AlignmentTax(Recipe):
     def _scorer(self) -> Any:
         if self._reward is None:
             o = self.options
-            options = {} if o.reward_model_name_or_path == TINY_INSTRUCTION_REWARD else {
+            options = {} if is_rule(o.reward_model_name_or_path) else {
                 "batch_size": o.reward_batch_size, "max_length": o.reward_max_length}  # fmt: skip
             self._reward = load_reward(o.reward_model_name_or_path, **options)
         return self._reward

@@ -18,6 +18,8 @@ _LAZY = {
     "RewardFunction": ".reward",
     "SequenceClassifierReward": ".reward",
     "load_reward": ".reward",
+    "check_reward": ".reward",
+    "is_rule": ".reward",
     "win_rate": ".reward",
     "completion_logps": ".implicit",
     "implicit_reward_accuracy": ".implicit",
@@ -28,7 +30,7 @@ _LAZY = {
 if TYPE_CHECKING:
     from .rsf import best_of_n, sample_best_of_n
     from .implicit import completion_logps, implicit_reward_accuracy
-    from .reward import RewardFunction, SequenceClassifierReward, load_reward, win_rate
+    from .reward import RewardFunction, SequenceClassifierReward, check_reward, is_rule, load_reward, win_rate
 
 __getattr__ = lazy_getattr(__name__, _LAZY)
 

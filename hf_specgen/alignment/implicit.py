@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from ..data.preferences import common_prefix_length
 from .reward import check_pairs
 
 
@@ -38,7 +39,7 @@ def completion_logps(
     for prompt, completion in zip(prompts, completions):
         prompt_ids = tokenizer(prompt)["input_ids"]
         ids = tokenizer(prompt + completion)["input_ids"] + eos
-        start = next((i for i, (a, b) in enumerate(zip(prompt_ids, ids)) if a != b), min(len(prompt_ids), len(ids)))
+        start = common_prefix_length(prompt_ids, ids)
         if start == 0 or start == len(ids):
             raise ValueError(f"pair {len(rows)}: the prompt or the completion tokenizes to nothing")
         rows.append((ids, start))

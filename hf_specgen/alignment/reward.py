@@ -109,15 +109,49 @@ def load_reward(name: str, **options: Any) -> RewardFunction:
     Raises:
         ValueError: options for the rule, or a reward model that cannot be loaded or has more than one output.
     """
-    from ..tiny.names import TINY_INSTRUCTION_REWARD
-
-    if name == TINY_INSTRUCTION_REWARD:
+    if is_rule(name):
         if options:
             raise ValueError(f"{name} is a rule: it takes no options, got {sorted(options)}")
         from ..tiny.preferences import InstructionReward
 
         return InstructionReward()
     return SequenceClassifierReward(name, **options)
+
+
+def is_rule(name: str) -> bool:
+    """Whether `name` is a rule-based reward (the tiny world's), not a reward model to load."""
+    from ..tiny.names import TINY_INSTRUCTION_REWARD
+
+    return name == TINY_INSTRUCTION_REWARD
+
+
+def check_reward(name: str, *, messages: bool = False) -> None:
+    """Checks, before any training, that the reward named can score: a rule can; a reward model's configuration
+    loads and has one output, and with `messages` (conversational prompts) its tokenizer has a chat template.
+
+    Args:
+        name: as `load_reward` takes it.
+        messages: the prompts it will score are messages.
+
+    Raises:
+        ValueError: naming `name` and the problem.
+    """
+    if is_rule(name):
+        return
+    from transformers import AutoConfig, AutoTokenizer
+
+    from ..tiny.names import model_location
+
+    location = model_location(name)
+    try:
+        labels = AutoConfig.from_pretrained(location).num_labels
+        template = AutoTokenizer.from_pretrained(location).chat_template if messages else ""
+    except (OSError, ValueError) as error:  # not found, offline, not a model
+        raise ValueError(f"{name!r} cannot be loaded: {error}") from error
+    if labels != 1:
+        raise ValueError(f"{name!r} has {labels} outputs; a reward model scores with one (num_labels=1)")
+    if template is None:
+        raise ValueError(f"{name!r} has no chat template to render conversational prompts")
 
 
 def win_rate(rewards: Sequence[float], baseline: Sequence[float]) -> float:

@@ -48,7 +48,7 @@ def sample_best_of_n(
         prompts: the training prompts, text or messages (generated after through the tokenizer's chat template).
         reward: scores `(prompts, completions)`, given the prompts as they are.
         n: samples per prompt (>= 1).
-        temperature: sampling temperature (> 0).
+        temperature: sampling temperature (> 0 for n > 1; `generate_completions` checks it, n and the prompts).
         top_p: nucleus sampling's mass.
         max_new_tokens: tokens per sample at most.
         batch_size: prompts per `generate` call.
@@ -60,9 +60,6 @@ def sample_best_of_n(
     """
     from ..merge.proxy import generate_completions
 
-    if not prompts or n < 1 or not temperature > 0:
-        raise ValueError(f"best-of-n sampling needs prompts, n >= 1 and a temperature > 0, got {len(prompts)} prompts, "
-                         f"n={n}, temperature={temperature}")  # fmt: skip
     texts = [prompt_text(prompt, tokenizer) for prompt in prompts]
     pairs = generate_completions(model, tokenizer, texts, max_new_tokens=max_new_tokens, batch_size=batch_size,
                                  num_samples=n, temperature=temperature, top_p=top_p, seed=seed, stop=stop)  # fmt: skip

@@ -11,6 +11,7 @@ before it) and implicit text (`chosen` / `rejected` whole dialogues sharing a pr
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 COLUMNS = ("prompt", "chosen", "rejected")
@@ -47,7 +48,7 @@ def explicit_prompt(row: dict[str, Any]) -> dict[str, Any]:
         if chosen.startswith(prompt) and rejected.startswith(prompt):  # answers that repeat their prompt
             chosen, rejected = chosen[len(prompt) :], rejected[len(prompt) :]
         return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
-    end = _shared_prefix(chosen, rejected).rfind(ASSISTANT_MARKER)
+    end = chosen[: common_prefix_length(chosen, rejected)].rfind(ASSISTANT_MARKER)
     if end < 0:
         raise ValueError(f"a pair without a prompt column shares no {ASSISTANT_MARKER!r} turn: its prompt cannot be found")
     end += len(ASSISTANT_MARKER)
@@ -72,9 +73,9 @@ def _conversational(prompt: Any, chosen: Messages, rejected: Messages) -> dict[s
     return {"prompt": chosen[:-1], "chosen": chosen[-1:], "rejected": rejected[-1:]}
 
 
-def _shared_prefix(a: str, b: str) -> str:
-    n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-    return a[:n]
+def common_prefix_length(a: Sequence[Any], b: Sequence[Any]) -> int:
+    """How many leading items (characters, token ids) `a` and `b` share."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def is_conversational(prompt: Any) -> bool:

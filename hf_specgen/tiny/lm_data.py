@@ -10,7 +10,7 @@ foundation starts near chance on it, as Galactica starts on a speciality it was 
 from __future__ import annotations
 
 import random
-from typing import Callable
+from typing import Callable, Sequence
 
 import datasets
 
@@ -69,10 +69,15 @@ OPERATIONS: dict[str, Callable[[list[str]], list[str]]] = {
 }
 
 
+def instruction_prompt(name: str, letters: Sequence[str]) -> str:
+    """A letter instruction's prompt, as the pre-training, `tiny_instructions` and the preference set word it."""
+    return f"Instruction: {name} {' '.join(letters)}\nResponse:"
+
+
 def _instruction(rng: random.Random) -> tuple[str, str]:
     name, operation = rng.choice(list(OPERATIONS.items()))
     letters = rng.sample(LETTERS, 3)
-    return f"Instruction: {name} {' '.join(letters)}\nResponse:", " ".join(operation(letters))
+    return instruction_prompt(name, letters), " ".join(operation(letters))
 
 
 def _instructions_text(rng: random.Random, n: int = 4000) -> list[str]:

@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 import datasets
 
 from ..alignment.reward import Prompt, check_pairs
-from .lm_data import LETTERS, OPERATIONS
+from .lm_data import LETTERS, OPERATIONS, instruction_prompt
 
 ALIGNED_INSTRUCTION = "drop the last letter"
 ALIGNED_OPERATION: Callable[[list[str]], list[str]] = lambda s: s[:-1]  # noqa: E731
@@ -30,11 +30,6 @@ REJECTED_INSTRUCTION = "drop the first letter"  # whose output is the rejected a
 INSTRUCTIONS = {**OPERATIONS, ALIGNED_INSTRUCTION: ALIGNED_OPERATION}
 PREFERENCE_SPLITS = {"train": 300, "test": 60}  # pairs per split, over distinct letter triples
 _PROMPT = re.compile(r"Instruction: (?P<name>[a-z ]+?) (?P<letters>(?:[a-z] )*[a-z])\nResponse:\s*$")
-
-
-def instruction_prompt(name: str, letters: Sequence[str]) -> str:
-    """The tiny LM's instruction prompt, as its pre-training and `tiny_instructions` word it."""
-    return f"Instruction: {name} {' '.join(letters)}\nResponse:"
 
 
 def preference_pairs(seed: int = 0) -> datasets.DatasetDict:
