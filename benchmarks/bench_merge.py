@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import os
 
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed (imported by accelerate) would say so on stdout
@@ -59,6 +60,7 @@ import safetensors
 import torch
 import transformers
 from safetensors import safe_open
+
 
 REPO = Path(__file__).resolve().parents[1]
 REQUIREMENTS = Path(__file__).with_name("requirements-bench.txt")
@@ -158,9 +160,14 @@ def size_to_int(size: str) -> int:
 def model_config(layers: int) -> dict[str, Any]:
     """A Llama of 297M parameters (1.19 GB in fp32) at 18 layers; untied embeddings."""
     return {
-        "vocab_size": 32000, "hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": layers,
-        "num_attention_heads": 16, "num_key_value_heads": 16, "tie_word_embeddings": False,
-    }  # fmt: skip
+        "vocab_size": 32000,
+        "hidden_size": 1024,
+        "intermediate_size": 2816,
+        "num_hidden_layers": layers,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 16,
+        "tie_word_embeddings": False,
+    }
 
 
 def weight_files(directory: Path) -> list[Path]:
@@ -191,9 +198,13 @@ def build_checkpoints(workdir: Path, layers: int, seed: int, dtype: str = "float
     One model in memory at a time: built, saved, perturbed in place tensor by tensor, saved again.
     """
     spec = {
-        "config": model_config(layers), "seed": seed, "noise": NOISE, "transformers": transformers.__version__,
-        "shards": [PRETRAINED_SHARD, FINETUNED_SHARD], **({"dtype": dtype} if dtype != "float32" else {}),
-    }  # fmt: skip
+        "config": model_config(layers),
+        "seed": seed,
+        "noise": NOISE,
+        "transformers": transformers.__version__,
+        "shards": [PRETRAINED_SHARD, FINETUNED_SHARD],
+        **({"dtype": dtype} if dtype != "float32" else {}),
+    }
     prefix = "checkpoints-" if dtype == "float32" else f"checkpoints-{dtype}-"
     root = workdir / f"{prefix}{hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]}"
     pretrained, finetuned, stamp = root / "pretrained", root / "finetuned", root / "spec.json"
@@ -236,7 +247,9 @@ def build_fisher(checkpoint: Path, seed: int) -> Path:
             for key in f.keys():
                 shape = f.get_slice(key).get_shape()
                 fisher[key] = torch.randn(shape, generator=generator).mul_(2).exp_()
-    save_torch_state_dict(fisher, directory, filename_pattern="fisher{suffix}.safetensors", max_shard_size=FISHER_SHARD)
+    save_torch_state_dict(
+        fisher, directory, filename_pattern="fisher{suffix}.safetensors", max_shard_size=FISHER_SHARD
+    )
     stamp.write_text("")
     return directory
 
@@ -299,8 +312,9 @@ def measure(command: list[str], log_path: Path) -> Sample:
     process.returncode = os.waitstatus_to_exitcode(status)  # reaped by wait4: Popen must not wait again
     if process.returncode:
         raise ChildFailed(f"exit {process.returncode}:\n{tail(log_path.read_text())}")
-    return Sample(seconds, usage.ru_utime, usage.ru_stime, usage.ru_minflt,
-                  peaks["VmHWM"], peaks["RssAnon"], peaks["RssFile"])  # fmt: skip
+    return Sample(
+        seconds, usage.ru_utime, usage.ru_stime, usage.ru_minflt, peaks["VmHWM"], peaks["RssAnon"], peaks["RssFile"]
+    )
 
 
 def read_tensor(directory: Path, key: str) -> torch.Tensor:
@@ -316,7 +330,9 @@ def group_alpha(key: str, layers: int) -> float:
     return statistics.fmean(GROUP_ALPHAS)
 
 
-def reference(name: str, key: str, pre: torch.Tensor, ft: torch.Tensor, fishers: tuple[Path, Path], layers: int) -> torch.Tensor:
+def reference(
+    name: str, key: str, pre: torch.Tensor, ft: torch.Tensor, fishers: tuple[Path, Path], layers: int
+) -> torch.Tensor:
     """What output `name` should hold for `key`, in float64."""
     if name == "groups":
         alpha = group_alpha(key, layers)
@@ -329,13 +345,16 @@ def reference(name: str, key: str, pre: torch.Tensor, ft: torch.Tensor, fishers:
 
 def spot_check(
     pretrained: Path, finetuned: Path, outputs: dict[str, Path], fishers: tuple[Path, Path], layers: int
-) -> dict[str, Any]:  # fmt: skip
+) -> dict[str, Any]:
     """Max abs differences, on a few tensors, of each output to its float64 reference, and of wise_ft to mergekit."""
     keys = [
-        "model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight",
-        f"model.layers.{layers // 2}.mlp.down_proj.weight", f"model.layers.{layers - 1}.input_layernorm.weight",
-        "model.norm.weight", "lm_head.weight",
-    ]  # fmt: skip
+        "model.embed_tokens.weight",
+        "model.layers.0.self_attn.q_proj.weight",
+        f"model.layers.{layers // 2}.mlp.down_proj.weight",
+        f"model.layers.{layers - 1}.input_layernorm.weight",
+        "model.norm.weight",
+        "lm_head.weight",
+    ]
     expected_keys = set(weight_keys(finetuned))
     result: dict[str, Any] = {
         "tolerance": TOLERANCE,
@@ -345,8 +364,13 @@ def spot_check(
     for key in keys:
         pre, ft = read_tensor(pretrained, key), read_tensor(finetuned, key)
         merged = {name: read_tensor(path, key) for name, path in outputs.items()}
-        row = {"key": key, **{f"{name} vs reference": (t - reference(name, key, pre, ft, fishers, layers)).abs().max().item()
-                              for name, t in merged.items()}}  # fmt: skip
+        row = {
+            "key": key,
+            **{
+                f"{name} vs reference": (t - reference(name, key, pre, ft, fishers, layers)).abs().max().item()
+                for name, t in merged.items()
+            },
+        }
         if "wise_ft" in merged and "mergekit" in merged:
             row["wise_ft vs mergekit"] = (merged["wise_ft"] - merged["mergekit"]).abs().max().item()
         result["tensors"].append(row)
@@ -357,65 +381,128 @@ def spot_check(
 
 def mergekit_command(executable: Path, config: Path, output: Path) -> list[str]:
     # --out-shard-size is documented as parameters but compared with bytes (mergekit/io/tensor_writer.py)
-    return [str(executable), str(config), str(output), "--lazy-unpickle", "--out-shard-size",
-            str(size_to_int(OUTPUT_SHARD)), "--no-copy-tokenizer", "--quiet"]  # fmt: skip
+    return [
+        str(executable),
+        str(config),
+        str(output),
+        "--lazy-unpickle",
+        "--out-shard-size",
+        str(size_to_int(OUTPUT_SHARD)),
+        "--no-copy-tokenizer",
+        "--quiet",
+    ]
 
 
 def define_runs(
-    pre: Path, ft: Path, fishers: tuple[Path, Path], checkpoint_bytes: int, mergekit: dict[str, Any], workdir: Path,
+    pre: Path,
+    ft: Path,
+    fishers: tuple[Path, Path],
+    checkpoint_bytes: int,
+    mergekit: dict[str, Any],
+    workdir: Path,
     bf16: tuple[Path, Path, int],
-) -> list[Run]:  # fmt: skip
+) -> list[Run]:
     python = sys.executable
     merge_args = [str(pre), str(ft)]
     fisher_shard = max(f.stat().st_size for d in fishers for f in d.glob("*.safetensors"))
     groups = json.dumps(list(GROUP_ALPHAS))
     runs = [
         Run("import", "`import hf_specgen.merge` (start-up only)", lambda out: [python, "-c", IMPORT], 0, merge=False),
-        Run("copytree", "`shutil.copytree` of finetuned (I/O floor)",
-            lambda out: [python, "-c", COPY, str(ft), str(out)], checkpoint_bytes, merge=False),
-        Run("wise_ft", f"`wise_ft`, alpha={ALPHA:g}",
+        Run(
+            "copytree",
+            "`shutil.copytree` of finetuned (I/O floor)",
+            lambda out: [python, "-c", COPY, str(ft), str(out)],
+            checkpoint_bytes,
+            merge=False,
+        ),
+        Run(
+            "wise_ft",
+            f"`wise_ft`, alpha={ALPHA:g}",
             lambda out: [python, "-c", WISE_FT, *merge_args, str(ALPHA), str(out), OUTPUT_SHARD],
-            checkpoint_bytes, keep_output=True),
-        Run("groups", f"`merge`, group alphas {', '.join(f'{a:g}' for a in GROUP_ALPHAS)} (HMA)",
+            checkpoint_bytes,
+            keep_output=True,
+        ),
+        Run(
+            "groups",
+            f"`merge`, group alphas {', '.join(f'{a:g}' for a in GROUP_ALPHAS)} (HMA)",
             lambda out: [python, "-c", GROUPS, *merge_args, groups, str(out), OUTPUT_SHARD],
-            checkpoint_bytes, keep_output=True),
-        Run("fisher", f"`merge`, method fisher, alpha={ALPHA:g}",
+            checkpoint_bytes,
+            keep_output=True,
+        ),
+        Run(
+            "fisher",
+            f"`merge`, method fisher, alpha={ALPHA:g}",
             lambda out: [python, "-c", FISHER, *merge_args, str(ALPHA), str(out), OUTPUT_SHARD, *map(str, fishers)],
-            checkpoint_bytes, keep_output=True, rss_extra=fisher_shard),
-    ]  # fmt: skip
+            checkpoint_bytes,
+            keep_output=True,
+            rss_extra=fisher_shard,
+        ),
+    ]
     if mergekit["executable"] is not None:
         config = workdir / "mergekit.yml"  # JSON is YAML
-        models = [{"model": str(pre), "parameters": {"weight": 1 - ALPHA}},
-                  {"model": str(ft), "parameters": {"weight": ALPHA}}]  # fmt: skip
+        models = [
+            {"model": str(pre), "parameters": {"weight": 1 - ALPHA}},
+            {"model": str(ft), "parameters": {"weight": ALPHA}},
+        ]
         config.write_text(json.dumps({"merge_method": "linear", "dtype": "float32", "models": models}, indent=2))
         mergekit["config"] = json.loads(config.read_text())
         mergekit["command"] = " ".join(mergekit_command(Path("mergekit-yaml"), Path(config.name), Path("OUT")))
-        runs.append(Run("mergekit", f"mergekit {mergekit['version']} linear, weights {1 - ALPHA:g} / {ALPHA:g}",
-                        lambda out: mergekit_command(mergekit["executable"], config, out),
-                        checkpoint_bytes, keep_output=True))  # fmt: skip
+        runs.append(
+            Run(
+                "mergekit",
+                f"mergekit {mergekit['version']} linear, weights {1 - ALPHA:g} / {ALPHA:g}",
+                lambda out: mergekit_command(mergekit["executable"], config, out),
+                checkpoint_bytes,
+                keep_output=True,
+            )
+        )
     bf16_pre, bf16_ft, bf16_bytes = bf16  # the same model in bfloat16: half the bytes, the common case for LLMs
     runs += [
-        Run("copytree_bf16", "bf16: `shutil.copytree` of finetuned (I/O floor)",
-            lambda out: [python, "-c", COPY, str(bf16_ft), str(out)], bf16_bytes, merge=False),
-        Run("wise_ft_bf16", f"bf16: `wise_ft`, alpha={ALPHA:g}",
+        Run(
+            "copytree_bf16",
+            "bf16: `shutil.copytree` of finetuned (I/O floor)",
+            lambda out: [python, "-c", COPY, str(bf16_ft), str(out)],
+            bf16_bytes,
+            merge=False,
+        ),
+        Run(
+            "wise_ft_bf16",
+            f"bf16: `wise_ft`, alpha={ALPHA:g}",
             lambda out: [python, "-c", WISE_FT, str(bf16_pre), str(bf16_ft), str(ALPHA), str(out), OUTPUT_SHARD],
-            bf16_bytes),
-    ]  # fmt: skip
+            bf16_bytes,
+        ),
+    ]
     if mergekit["executable"] is not None:
         config_bf16 = workdir / "mergekit-bf16.yml"
-        models = [{"model": str(bf16_pre), "parameters": {"weight": 1 - ALPHA}},
-                  {"model": str(bf16_ft), "parameters": {"weight": ALPHA}}]  # fmt: skip
+        models = [
+            {"model": str(bf16_pre), "parameters": {"weight": 1 - ALPHA}},
+            {"model": str(bf16_ft), "parameters": {"weight": ALPHA}},
+        ]
         config_bf16.write_text(json.dumps({"merge_method": "linear", "dtype": "bfloat16", "models": models}, indent=2))
-        runs.append(Run("mergekit_bf16", f"bf16: mergekit {mergekit['version']} linear, weights {1 - ALPHA:g} / {ALPHA:g}",
-                        lambda out: mergekit_command(mergekit["executable"], config_bf16, out), bf16_bytes))  # fmt: skip
+        runs.append(
+            Run(
+                "mergekit_bf16",
+                f"bf16: mergekit {mergekit['version']} linear, weights {1 - ALPHA:g} / {ALPHA:g}",
+                lambda out: mergekit_command(mergekit["executable"], config_bf16, out),
+                bf16_bytes,
+            )
+        )
     alphas = json.dumps(SWEEP_ALPHAS)
     n = len(SWEEP_ALPHAS)
     runs += [
-        Run("sweep", f"`wise_ft_sweep`, {n} alphas",
-            lambda out: [python, "-c", SWEEP, *merge_args, alphas, str(out), OUTPUT_SHARD], n * checkpoint_bytes),
-        Run("separate", f"{n} `wise_ft` calls, one process",
-            lambda out: [python, "-c", SEPARATE, *merge_args, alphas, str(out), OUTPUT_SHARD], n * checkpoint_bytes),
-    ]  # fmt: skip
+        Run(
+            "sweep",
+            f"`wise_ft_sweep`, {n} alphas",
+            lambda out: [python, "-c", SWEEP, *merge_args, alphas, str(out), OUTPUT_SHARD],
+            n * checkpoint_bytes,
+        ),
+        Run(
+            "separate",
+            f"{n} `wise_ft` calls, one process",
+            lambda out: [python, "-c", SEPARATE, *merge_args, alphas, str(out), OUTPUT_SHARD],
+            n * checkpoint_bytes,
+        ),
+    ]
     return runs
 
 
@@ -434,19 +521,24 @@ def summarize(run: Run, copy_s: float | None, rss_target: int) -> dict[str, Any]
         return row
     median = statistics.median(seconds)
     peak_rss = max(s.peak_rss for s in run.samples)
-    row.update({
-        "median_s": median, "min_s": min(seconds), "max_s": max(seconds),
-        "vs_copy": median / copy_s if copy_s and run.bytes_written else None, "bytes_written": run.bytes_written,
-        "user_s": statistics.median(s.user_s for s in run.samples),
-        "sys_s": statistics.median(s.sys_s for s in run.samples),
-        "minor_faults": statistics.median(s.minor_faults for s in run.samples),
-        "write_mb_s": run.bytes_written / MB / median if run.bytes_written else None,
-        "peak_rss_bytes": peak_rss,
-        "peak_anon_bytes": max(s.peak_anon for s in run.samples),
-        "peak_file_bytes": max(s.peak_file for s in run.samples),
-        "rss_target_bytes": rss_target + run.rss_extra if run.merge else None,
-        "rss_passed": peak_rss <= rss_target + run.rss_extra if run.merge else None,
-    })  # fmt: skip
+    row.update(
+        {
+            "median_s": median,
+            "min_s": min(seconds),
+            "max_s": max(seconds),
+            "vs_copy": median / copy_s if copy_s and run.bytes_written else None,
+            "bytes_written": run.bytes_written,
+            "user_s": statistics.median(s.user_s for s in run.samples),
+            "sys_s": statistics.median(s.sys_s for s in run.samples),
+            "minor_faults": statistics.median(s.minor_faults for s in run.samples),
+            "write_mb_s": run.bytes_written / MB / median if run.bytes_written else None,
+            "peak_rss_bytes": peak_rss,
+            "peak_anon_bytes": max(s.peak_anon for s in run.samples),
+            "peak_file_bytes": max(s.peak_file for s in run.samples),
+            "rss_target_bytes": rss_target + run.rss_extra if run.merge else None,
+            "rss_passed": peak_rss <= rss_target + run.rss_extra if run.merge else None,
+        }
+    )
     return row
 
 
@@ -461,28 +553,47 @@ def targets(rows: dict[str, dict[str, Any]], correctness: dict[str, Any] | None)
             ratios = [a / b for a, b in pairs]
             paired = statistics.median(ratios)
             passed = paired < 1 if factor is None else paired <= factor
-            target.update({"paired_ratio": paired, "round_ratios": ratios, "passed": passed,
-                           "value": f"{paired:.2f}x the time (median of rounds: "
-                                    f"{', '.join(f'{r:.2f}' for r in ratios)})"})  # fmt: skip
+            target.update(
+                {
+                    "paired_ratio": paired,
+                    "round_ratios": ratios,
+                    "passed": passed,
+                    "value": f"{paired:.2f}x the time (median of rounds: {', '.join(f'{r:.2f}' for r in ratios)})",
+                }
+            )
         return target
 
     wise, fisher = rows["wise_ft"], rows["fisher"]
     return [
-        {"target": f"wise_ft peak RSS <= {RSS_FACTOR:g} x largest shard + {RSS_SLACK // MB} MB",
-         "value": f"{wise['peak_rss_bytes'] / MB:.0f} MB, target {wise['rss_target_bytes'] / MB:.0f} MB"
-         if "median_s" in wise else None, "passed": wise.get("rss_passed")},
+        {
+            "target": f"wise_ft peak RSS <= {RSS_FACTOR:g} x largest shard + {RSS_SLACK // MB} MB",
+            "value": f"{wise['peak_rss_bytes'] / MB:.0f} MB, target {wise['rss_target_bytes'] / MB:.0f} MB"
+            if "median_s" in wise
+            else None,
+            "passed": wise.get("rss_passed"),
+        },
         faster("wise_ft", "mergekit"),
         faster("wise_ft_bf16", "mergekit_bf16"),
         faster("sweep", "separate"),
-        {**faster("groups", "wise_ft", 1.0), "target": "groups: time against wise_ft (reported, no target)", "passed": None},
+        {
+            **faster("groups", "wise_ft", 1.0),
+            "target": "groups: time against wise_ft (reported, no target)",
+            "passed": None,
+        },
         faster("fisher", "wise_ft", FISHER_TIME_FACTOR),
-        {"target": "fisher peak RSS <= the merge target + one Fisher shard",
-         "value": f"{fisher['peak_rss_bytes'] / MB:.0f} MB, target {fisher['rss_target_bytes'] / MB:.0f} MB"
-         if "median_s" in fisher else None, "passed": fisher.get("rss_passed")},
-        {"target": f"outputs = their float64 formulas within {TOLERANCE:g}",
-         "value": None if correctness is None else "see the spot check",
-         "passed": None if correctness is None else correctness["passed"]},
-    ]  # fmt: skip
+        {
+            "target": "fisher peak RSS <= the merge target + one Fisher shard",
+            "value": f"{fisher['peak_rss_bytes'] / MB:.0f} MB, target {fisher['rss_target_bytes'] / MB:.0f} MB"
+            if "median_s" in fisher
+            else None,
+            "passed": fisher.get("rss_passed"),
+        },
+        {
+            "target": f"outputs = their float64 formulas within {TOLERANCE:g}",
+            "value": None if correctness is None else "see the spot check",
+            "passed": None if correctness is None else correctness["passed"],
+        },
+    ]
 
 
 def verdict(passed: bool | None) -> str:
@@ -539,10 +650,15 @@ def markdown(report: dict[str, Any]) -> str:
     correctness = report["correctness"]
     if correctness is not None:
         columns = [name for name in correctness["tensors"][0] if name != "key"]
-        lines += ["", "Spot check, max abs difference to the float64 reference (`0.5 * (pre + ft)`; groups: "
-                  f"alpha {', '.join(f'{a:g}' for a in GROUP_ALPHAS)} by block, their mean outside; fisher: its "
-                  "formula with epsilon 1e-8):", "",
-                  "| tensor | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]  # fmt: skip
+        lines += [
+            "",
+            "Spot check, max abs difference to the float64 reference (`0.5 * (pre + ft)`; groups: "
+            f"alpha {', '.join(f'{a:g}' for a in GROUP_ALPHAS)} by block, their mean outside; fisher: its "
+            "formula with epsilon 1e-8):",
+            "",
+            "| tensor | " + " | ".join(columns) + " |",
+            "|---|" + "---:|" * len(columns),
+        ]
         for r in correctness["tensors"]:
             lines.append(f"| {r['key']} | " + " | ".join(f"{r[c]:.2e}" for c in columns) + " |")
         lines += ["", f"Same tensor names as finetuned: {correctness['same_keys']}."]
@@ -552,8 +668,11 @@ def markdown(report: dict[str, Any]) -> str:
     if mergekit["error"]:
         lines += ["", "mergekit could not be measured:", "", "```", mergekit["error"], "```"]
     else:
-        lines += ["", f"mergekit {mergekit['version']}: `{mergekit['command']}` with the config "
-                  f"`{json.dumps(mergekit['config'])}`."]  # fmt: skip
+        lines += [
+            "",
+            f"mergekit {mergekit['version']}: `{mergekit['command']}` with the config "
+            f"`{json.dumps(mergekit['config'])}`.",
+        ]
     lines += [
         "",
         "RSS counts two kinds of pages. anon: the process's own memory: the interpreter and its imports (the "
@@ -573,8 +692,12 @@ def markdown(report: dict[str, Any]) -> str:
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results/merge.json"), help="JSON report path")
-    parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "hf_specgen_bench_merge",
-                        help="caches the checkpoints and mergekit's environment; the outputs go here too")  # fmt: skip
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=Path(tempfile.gettempdir()) / "hf_specgen_bench_merge",
+        help="caches the checkpoints and mergekit's environment; the outputs go here too",
+    )
     parser.add_argument("--repeats", type=int, default=3, help="runs of each configuration")
     parser.add_argument("--layers", type=int, default=18, help="decoder layers (18: 1.19 GB per checkpoint)")
     parser.add_argument("--seed", type=int, default=0)
@@ -633,8 +756,11 @@ def main() -> None:
             if not run.keep_output:
                 shutil.rmtree(out, ignore_errors=True)
             sample = run.samples[-1]
-            log(f"round {repeat + 1}/{opts.repeats} {run.name}: {sample.seconds:.2f} s, "
-                f"peak RSS {sample.peak_rss / MB:.0f} MB", start)  # fmt: skip
+            log(
+                f"round {repeat + 1}/{opts.repeats} {run.name}: {sample.seconds:.2f} s, "
+                f"peak RSS {sample.peak_rss / MB:.0f} MB",
+                start,
+            )
     mergekit_run = next((run for run in runs if run.name == "mergekit"), None)
     if mergekit_run is not None and mergekit_run.error:
         mergekit["error"] = f"`{mergekit['command']}` failed, {mergekit_run.error}"
@@ -647,26 +773,47 @@ def main() -> None:
     for name in ("copytree", "copytree_bf16"):
         samples = next(run for run in runs if run.name == name).samples
         copy_s[name] = statistics.median(s.seconds for s in samples) if samples else None
-    rows = {run.name: summarize(run, copy_s["copytree_bf16" if run.name.endswith("_bf16") else "copytree"], rss_target)
-            for run in runs}  # fmt: skip
+    rows = {
+        run.name: summarize(run, copy_s["copytree_bf16" if run.name.endswith("_bf16") else "copytree"], rss_target)
+        for run in runs
+    }
     report = {
         "checkpoints": {
-            "model": "LlamaForCausalLM", "dtype": "float32", "config": model_config(opts.layers),
+            "model": "LlamaForCausalLM",
+            "dtype": "float32",
+            "config": model_config(opts.layers),
             "parameters": parameter_count(finetuned),
-            "pretrained": {"bytes": sum(f.stat().st_size for f in pre_files),
-                           "shards": [f.stat().st_size for f in pre_files], "max_shard_size": PRETRAINED_SHARD},
-            "finetuned": {"bytes": checkpoint_bytes, "shards": [f.stat().st_size for f in ft_files],
-                          "max_shard_size": FINETUNED_SHARD},
-            "output_max_shard_size": OUTPUT_SHARD, "largest_shard_bytes": largest_shard, "noise_std": NOISE,
+            "pretrained": {
+                "bytes": sum(f.stat().st_size for f in pre_files),
+                "shards": [f.stat().st_size for f in pre_files],
+                "max_shard_size": PRETRAINED_SHARD,
+            },
+            "finetuned": {
+                "bytes": checkpoint_bytes,
+                "shards": [f.stat().st_size for f in ft_files],
+                "max_shard_size": FINETUNED_SHARD,
+            },
+            "output_max_shard_size": OUTPUT_SHARD,
+            "largest_shard_bytes": largest_shard,
+            "noise_std": NOISE,
             "bf16_bytes": bf16[2],
         },
         "settings": {
-            "repeats": opts.repeats, "alpha": ALPHA, "sweep_alphas": SWEEP_ALPHAS, "seed": opts.seed,
-            "threads": torch.get_num_threads(), "workdir": str(workdir), "revision": git_revision(),
+            "repeats": opts.repeats,
+            "alpha": ALPHA,
+            "sweep_alphas": SWEEP_ALPHAS,
+            "seed": opts.seed,
+            "threads": torch.get_num_threads(),
+            "workdir": str(workdir),
+            "revision": git_revision(),
             "rss_target": f"{RSS_FACTOR:g} x largest shard + {RSS_SLACK // MB} MB = {rss_target / MB:.0f} MB",
             "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
-            "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                         "transformers": transformers.__version__, "safetensors": safetensors.__version__},
+            "versions": {
+                "python": platform.python_version(),
+                "torch": torch.__version__,
+                "transformers": transformers.__version__,
+                "safetensors": safetensors.__version__,
+            },
         },
         "mergekit": {key: str(value) if isinstance(value, Path) else value for key, value in mergekit.items()},
         "runs": list(rows.values()),
@@ -674,7 +821,7 @@ def main() -> None:
         "correctness": correctness,
         "setup_s": {"build": build_s, "mergekit_install": mergekit["install_s"]},
         "total_s": time.perf_counter() - start,
-    }  # fmt: skip
+    }
     opts.output.parent.mkdir(parents=True, exist_ok=True)
     opts.output.write_text(json.dumps(report, indent=2) + "\n")
     table = markdown(report)

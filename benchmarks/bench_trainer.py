@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import os
 
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed (imported by accelerate) would say so on stdout
@@ -56,6 +57,7 @@ from transformers import OPTConfig, OPTForCausalLM, Trainer, TrainerCallback, Tr
 from transformers.trainer_callback import PrinterCallback
 
 from hf_specgen import SpecGenTrainer, SpecGenTrainingArguments
+
 
 WEIGHT_TARGET = 1.05  # L1, L2-SP, EWC, MAS: at most 5% slower than the baseline
 KD_TARGET = 1.40  # KD: one extra no-grad teacher forward and the KL
@@ -109,9 +111,17 @@ SUITES = {"trainer": CONFIGS, "trl": TRL_CONFIGS}
 # Defaults of each shape (flags override them); the 125M shape times the full fine-tuning rows only.
 SHAPES: dict[str, dict[str, Any]] = {
     "small": dict(hidden=384, layers=4, vocab=12000, batch_size=4, warmup=3, steps=30, optim="adamw_torch"),
-    "galactica-125m": dict(hidden=768, layers=12, vocab=50000, batch_size=2, warmup=2, steps=16, optim="sgd",
-                           configs=["baseline", "specgen, no regularizer", "l1", "l2", "ewc", "mas", "kd", "feature"]),
-}  # fmt: skip
+    "galactica-125m": dict(
+        hidden=768,
+        layers=12,
+        vocab=50000,
+        batch_size=2,
+        warmup=2,
+        steps=16,
+        optim="sgd",
+        configs=["baseline", "specgen, no regularizer", "l1", "l2", "ewc", "mas", "kd", "feature"],
+    ),
+}
 TRL_TOKENIZER_VOCAB = 1024  # the shipped tiny Galactica's tokenizer, which the TRL rows' model shares
 
 
@@ -224,13 +234,20 @@ def build_dataset(opts: argparse.Namespace, kind: str = "trainer", tokenizer: An
     ids = torch.randint(3, opts.vocab, (rows, opts.seq_len), generator=generator)
     if kind == "sft":
         half = opts.seq_len // 2
-        return datasets.Dataset.from_dict({"input_ids": ids.tolist(), "completion_mask": [[0] * half + [1] * (opts.seq_len - half)] * rows})
+        return datasets.Dataset.from_dict(
+            {"input_ids": ids.tolist(), "completion_mask": [[0] * half + [1] * (opts.seq_len - half)] * rows}
+        )
     if kind == "dpo":
         half = opts.seq_len // 2
         text = lambda row: tokenizer.decode(row, skip_special_tokens=True)  # noqa: E731
         rejected = torch.randint(3, opts.vocab, (rows, opts.seq_len - half), generator=generator)
-        return datasets.Dataset.from_dict({"prompt": [text(r[:half]) for r in ids], "chosen": [text(r[half:]) for r in ids],
-                                           "rejected": [text(r) for r in rejected]})  # fmt: skip
+        return datasets.Dataset.from_dict(
+            {
+                "prompt": [text(r[:half]) for r in ids],
+                "chosen": [text(r[half:]) for r in ids],
+                "rejected": [text(r) for r in rejected],
+            }
+        )
     ids = ids.tolist()
     return datasets.Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * opts.seq_len] * rows, "labels": ids})
 
@@ -264,9 +281,13 @@ def trainer_classes(cfg: BenchConfig) -> tuple[type, type]:
 
 
 def start_run(
-    cfg: BenchConfig, base: OPTForCausalLM, data: dict[str, datasets.Dataset], opts: argparse.Namespace, output_dir: str,
+    cfg: BenchConfig,
+    base: OPTForCausalLM,
+    data: dict[str, datasets.Dataset],
+    opts: argparse.Namespace,
+    output_dir: str,
     tokenizer: Any = None,
-) -> Run:  # fmt: skip
+) -> Run:
     """Builds the trainer, estimates (and times) EWC's Fisher and MAS's importance, and starts `train()` up to its
     first step."""
     model = fresh_model(cfg, base, opts.seed)
@@ -388,7 +409,11 @@ def markdown(report: dict[str, Any]) -> str:
         target = "-" if row["target"] is None else f"<= {row['target']:.2f}x"
         result = "-" if row["passed"] is None else ("PASS" if row["passed"] else "MISS")
         fisher = "-" if row["fisher_s"] is None else f"{row['fisher_s']:.2f}"
-        alone = "-" if row.get("weight_terms_s") is None else f"{row['weight_terms_s'] * 1e3:.0f} ({row['weight_terms_share']:.1%})"
+        alone = (
+            "-"
+            if row.get("weight_terms_s") is None
+            else f"{row['weight_terms_s'] * 1e3:.0f} ({row['weight_terms_share']:.1%})"
+        )
         lines.append(
             f"| {row['name']} | {row['median_step_s'] * 1e3:.0f} "
             f"| {row['p25_step_s'] * 1e3:.0f}-{row['p75_step_s'] * 1e3:.0f} | {row['ratio']:.3f}x "
@@ -402,9 +427,15 @@ def markdown(report: dict[str, Any]) -> str:
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output", type=Path, default=Path("benchmarks/results/trainer.json"), help="JSON report path")
-    parser.add_argument("--suite", choices=list(SUITES), default="trainer", help="Trainer, or TRL's SFT and DPO trainers")
-    parser.add_argument("--shape", choices=list(SHAPES), default="small", help="the model's shape and the run's defaults")
+    parser.add_argument(
+        "--output", type=Path, default=Path("benchmarks/results/trainer.json"), help="JSON report path"
+    )
+    parser.add_argument(
+        "--suite", choices=list(SUITES), default="trainer", help="Trainer, or TRL's SFT and DPO trainers"
+    )
+    parser.add_argument(
+        "--shape", choices=list(SHAPES), default="small", help="the model's shape and the run's defaults"
+    )
     parser.add_argument("--warmup", type=int, help="untimed optimizer steps per configuration")
     parser.add_argument("--steps", type=int, help="timed optimizer steps per configuration")
     parser.add_argument("--batch-size", type=int)
@@ -415,7 +446,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--optim", help="the trainers' optimizer (TrainingArguments.optim)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads")
-    parser.add_argument("--only", nargs="+", choices=[c.name for c in CONFIGS + TRL_CONFIGS], help="these configurations only")
+    parser.add_argument(
+        "--only", nargs="+", choices=[c.name for c in CONFIGS + TRL_CONFIGS], help="these configurations only"
+    )
     opts = parser.parse_args()
     shape = SHAPES[opts.shape]
     for key, value in shape.items():

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from .lazy import lazy_getattr
 
+
 __version__ = "0.1.0"
 
 _LAZY = {"SpecGenTrainer": ".trainer", "SpecGenTrainingArguments": ".args", "WeightAveraging": ".averaging"}

@@ -26,6 +26,7 @@ from torch import nn
 
 from .batches import reference_inputs
 
+
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # LoRA initialisations that rewrite the base weights: with adapters disabled the model is then
 # not the pre-trained one.
@@ -182,14 +183,23 @@ class DenseDelta(WeightDelta):
         (otherwise: the whole delta)."""
         param, grad = self.param, self.param.grad
         fused = (
-            param.dtype == torch.float32 and self.reference.is_floating_point()
-            and grad is not None and grad.dtype == torch.float32 and grad.is_contiguous() and param.is_contiguous()
-            and self.reference.device == param.device and self.reference.is_contiguous()
-        )  # fmt: skip
+            param.dtype == torch.float32
+            and self.reference.is_floating_point()
+            and grad is not None
+            and grad.dtype == torch.float32
+            and grad.is_contiguous()
+            and param.is_contiguous()
+            and self.reference.device == param.device
+            and self.reference.is_contiguous()
+        )
         if not fused:
             yield from super().pieces()
             return
-        flat_param, flat_reference, flat_grad = param.detach().reshape(-1), self.reference.reshape(-1), grad.reshape(-1)
+        flat_param, flat_reference, flat_grad = (
+            param.detach().reshape(-1),
+            self.reference.reshape(-1),
+            grad.reshape(-1),
+        )
         size = flat_param.numel()
         for start in range(0, size, PIECE_ELEMENTS):
             stop = min(start + PIECE_ELEMENTS, size)
@@ -199,7 +209,9 @@ class DenseDelta(WeightDelta):
             if self.coarse:  # the dead zone of `anchor_difference`
                 difference.masked_fill_(weights.to(anchor.dtype) == anchor, 0.0)
             target = flat_grad[start:stop]
-            yield DeltaPiece(difference, lambda g, alpha, target=target: target.add_(g, alpha=alpha), slice(start, stop))
+            yield DeltaPiece(
+                difference, lambda g, alpha, target=target: target.add_(g, alpha=alpha), slice(start, stop)
+            )
 
     @torch.no_grad()
     def decay_(self, factor: float) -> torch.Tensor:
@@ -241,7 +253,9 @@ class LoraDelta(WeightDelta):
             else:
                 a, b = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
             if a.dim() != 2 or b.dim() != 2:
-                raise ValueError(f"{name}: only linear and embedding LoRA layers are supported, got {type(layer).__name__}")
+                raise ValueError(
+                    f"{name}: only linear and embedding LoRA layers are supported, got {type(layer).__name__}"
+                )
             self.factors.append((adapter, a, b))
 
     # One adapter's factors (the common case), by name.
@@ -434,7 +448,9 @@ def weight_deltas(
             snapshot = held.detach().to(resolve_device(device, held), resolve_dtype(dtype, held), copy=True)
             deltas.append(DenseDelta(name, param, snapshot, owned=True))
     if missing:
-        raise ValueError(f"ref_model has no weights for: {', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}")
+        raise ValueError(
+            f"ref_model has no weights for: {', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}"
+        )
     if fisher_at_reference and reference is not None:
         for d in deltas:
             d.bind_fisher_parameter(_reference_parameter(ref_params, d.name))
@@ -609,7 +625,9 @@ def partitioned_copy(model: nn.Module) -> nn.Module:
     rank). A deep copy would duplicate DeepSpeed's bookkeeping, not the weights."""
     frozen = type(model)._from_config(model.config, dtype=next(model.parameters()).ds_tensor.dtype)
     if not is_partitioned(frozen):
-        raise RuntimeError("copying a ZeRO-3 partitioned model needs the DeepSpeed configuration alive (TrainingArguments)")
+        raise RuntimeError(
+            "copying a ZeRO-3 partitioned model needs the DeepSpeed configuration alive (TrainingArguments)"
+        )
     pairs = [*zip(model.parameters(), frozen.parameters()), *zip(model.buffers(), frozen.buffers())]
     with torch.no_grad():
         for source, target in pairs:

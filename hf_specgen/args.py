@@ -11,10 +11,10 @@ import math
 from dataclasses import dataclass, field, fields
 
 import torch
-
 from transformers import TrainingArguments
 
 from .regularizers import REGULARIZERS, weight_field
+
 
 L2_MODES = ("penalty", "decoupled")
 FISHER_TYPES = ("true", "empirical")
@@ -30,10 +30,12 @@ class SpecGenArguments:
     """
 
     l1_lambda: float = field(
-        default=0.0, metadata={"help": "Weight of the L1 distance to the pre-trained weights, sum |theta - theta_pre|."}
+        default=0.0,
+        metadata={"help": "Weight of the L1 distance to the pre-trained weights, sum |theta - theta_pre|."},
     )
     l2_lambda: float = field(
-        default=0.0, metadata={"help": "Weight of the L2-SP distance to the pre-trained weights, sum (theta - theta_pre)^2."}
+        default=0.0,
+        metadata={"help": "Weight of the L2-SP distance to the pre-trained weights, sum (theta - theta_pre)^2."},
     )
     l2_mode: str = field(
         default="penalty",
@@ -60,8 +62,10 @@ class SpecGenArguments:
     )
     mas_lambda: float = field(
         default=0.0,
-        metadata={"help": "Weight of MAS, sum Omega_i (theta_i - theta_pre_i)^2 with Omega the output's sensitivity "
-                  "(needs no labels)."},
+        metadata={
+            "help": "Weight of MAS, sum Omega_i (theta_i - theta_pre_i)^2 with Omega the output's sensitivity "
+            "(needs no labels)."
+        },
     )
     mas_num_samples: int = field(
         default=128, metadata={"help": "Number of training examples MAS's importance is estimated from."}
@@ -92,7 +96,9 @@ class SpecGenArguments:
     )
     anchor_device: str = field(
         default="auto",
-        metadata={"help": "Device of the weight snapshot and the teacher ('auto': the model's device, or e.g. 'cpu')."},
+        metadata={
+            "help": "Device of the weight snapshot and the teacher ('auto': the model's device, or e.g. 'cpu')."
+        },
     )
 
     def __post_init__(self) -> None:
@@ -137,7 +143,9 @@ def _check_floats(args: TrainingArguments) -> None:
             raise ValueError(f"{name} must be a number, got {value!r}")
         setattr(args, name, float(value))
     layers = args.feature_layers
-    if not isinstance(layers, (list, tuple)) or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
+    if not isinstance(layers, (list, tuple)) or not all(
+        isinstance(i, int) and not isinstance(i, bool) for i in layers
+    ):
         raise ValueError(f"feature_layers must be a list of hidden-state indices (integers), got {layers!r}")
     for f in fields(args):
         value = getattr(args, f.name, None)

@@ -29,6 +29,7 @@ import torch.distributed as dist
 from torch import nn
 from transformers import TrainerCallback
 
+
 KINDS = ("ema", "sma")
 STATE_PREFIX = "specgen_weight_average"
 
@@ -78,7 +79,12 @@ class WeightAveraging(TrainerCallback):
                 raise ValueError(f"sma_window must be an int >= 1 (or None), got {sma_window!r}")
             if kind != "sma":
                 raise ValueError(f"sma_window applies to kind='sma' only, not to kind={kind!r}")
-        self.kind, self.ema_decay, self.sma_start, self.sma_window = kind, float(ema_decay), float(sma_start), sma_window
+        self.kind, self.ema_decay, self.sma_start, self.sma_window = (
+            kind,
+            float(ema_decay),
+            float(sma_start),
+            sma_window,
+        )
         self.device = _checked_device(device)
         self.averages: dict[str, torch.Tensor] = {}  # float32, by parameter name; empty before SMA's first step
         self.count = 0  # the steps averaged (EMA: updates since the start)
@@ -160,7 +166,9 @@ class WeightAveraging(TrainerCallback):
             False (with a warning) where there is no average yet (SMA before its first step): the model is kept.
         """
         if not self.averages:
-            warnings.warn(f"WeightAveraging({self.kind!r}) has no average yet at step {self.step}: the weights are kept")
+            warnings.warn(
+                f"WeightAveraging({self.kind!r}) has no average yet at step {self.step}: the weights are kept"
+            )
             return False
         _write(model, self._checked_names(model, self.averages))
         return True
@@ -254,7 +262,9 @@ def _checked_device(device: str | torch.device | None) -> torch.device | None:
     try:
         checked = torch.device(device)
     except (RuntimeError, TypeError, ValueError):
-        raise ValueError(f"device must be a torch device such as 'cpu' or 'cuda:0' (or None), got {device!r}") from None
+        raise ValueError(
+            f"device must be a torch device such as 'cpu' or 'cuda:0' (or None), got {device!r}"
+        ) from None
     if checked.type == "meta":
         raise ValueError("device cannot be 'meta': a meta tensor holds no values to average")
     return checked

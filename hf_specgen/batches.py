@@ -47,7 +47,11 @@ def reference_inputs(model: nn.Module, inputs: dict[str, Any], label_names: Sequ
     dropped = {"labels", *label_names}
     kept = {k: v for k, v in inputs.items() if k not in dropped}
     labels = task_labels(inputs, label_names)
-    if is_encoder_decoder(model) and labels is not None and not {"decoder_input_ids", "decoder_inputs_embeds"} & set(kept):
+    if (
+        is_encoder_decoder(model)
+        and labels is not None
+        and not {"decoder_input_ids", "decoder_inputs_embeds"} & set(kept)
+    ):
         base = unwrap_peft(model)
         if not hasattr(base, "prepare_decoder_input_ids_from_labels"):
             raise ValueError(
@@ -58,7 +62,9 @@ def reference_inputs(model: nn.Module, inputs: dict[str, Any], label_names: Sequ
     return kept
 
 
-def right_padded(rows: Sequence[Sequence[int]], labels: Sequence[Sequence[int]], pad_id: int) -> dict[str, torch.Tensor]:
+def right_padded(
+    rows: Sequence[Sequence[int]], labels: Sequence[Sequence[int]], pad_id: int
+) -> dict[str, torch.Tensor]:
     """A causal LM batch from token rows: `input_ids` right-padded with `pad_id`, `attention_mask`,
     and `labels` (each row's own, e.g. -100 on a prompt) with -100 on the padding.
 

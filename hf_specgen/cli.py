@@ -11,11 +11,12 @@ from typing import Any
 
 from . import __version__
 from .merge import methods as merge_methods  # the registry: no torch until a method computes
+from .merge.atomic import Terminated
 from .merge.errors import MergeError, MergeWarning, MergeWriteError, PushError
 from .merge.options import MergeOptions
-from .merge.schedule import AlphaSchedule
-from .merge.atomic import Terminated
 from .merge.output import MARKER
+from .merge.schedule import AlphaSchedule
+
 
 # dests of the options generated from the registered methods: "<prefix><method>:<parameter>", "<prefix><input>"
 _PARAM, _INPUT = "method_parameter:", "method_input:"
@@ -38,7 +39,9 @@ def _numbers(option: str) -> Callable[[str], list[float]]:
                 raise ValueError
             return [float(a) for a in items]
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{option} takes comma-separated numbers (none empty), got {text!r}") from None
+            raise argparse.ArgumentTypeError(
+                f"{option} takes comma-separated numbers (none empty), got {text!r}"
+            ) from None
 
     return parse
 
@@ -51,7 +54,9 @@ def _alpha_rule(text: str) -> tuple[str, float]:
     try:
         return pattern, float(alpha)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--alpha-rule takes REGEX=ALPHA, got {text!r}: {alpha!r} is not a number") from None
+        raise argparse.ArgumentTypeError(
+            f"--alpha-rule takes REGEX=ALPHA, got {text!r}: {alpha!r} is not a number"
+        ) from None
 
 
 def _method_name(name: str) -> str:
@@ -73,27 +78,40 @@ def _input_flag(name: str) -> str:
 def _add_merge_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pretrained", required=True, help="pre-trained model: directory or Hub id")
     parser.add_argument(
-        "--finetuned", required=True, nargs="+", metavar="FINETUNED",
+        "--finetuned",
+        required=True,
+        nargs="+",
+        metavar="FINETUNED",
         help="fine-tuned model or LoRA adapter: directory or Hub id; several fine-tunes of the pre-trained model "
-             "(full models) for a soup (linear) or task arithmetic",
-    )  # fmt: skip
-    parser.add_argument("--output-dir", required=True, type=Path,
-                        help="where to write (a sweep: one alpha-<alpha>/ per alpha); it must not exist, unless "
-                             "--overwrite or --overwrite-any")  # fmt: skip
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="output dtype (default: the fine-tuned model's)")
+        "(full models) for a soup (linear) or task arithmetic",
+    )
+    parser.add_argument(
+        "--output-dir",
+        required=True,
+        type=Path,
+        help="where to write (a sweep: one alpha-<alpha>/ per alpha); it must not exist, unless "
+        "--overwrite or --overwrite-any",
+    )
+    parser.add_argument(
+        "--dtype", choices=["float32", "bfloat16", "float16"], help="output dtype (default: the fine-tuned model's)"
+    )
     parser.add_argument("--max-shard-size", default="5GB", help="largest output shard, e.g. 5GB, 500MB (default: 5GB)")
     parser.add_argument(
-        "--overwrite", action="store_true",
+        "--overwrite",
+        action="store_true",
         help=f"replace OUTPUT_DIR if a previous merge wrote it (it holds {MARKER}) or it is empty: everything in it "
-             "is removed; never an input model or adapter directory, nor one containing or inside an input",
-    )  # fmt: skip
+        "is removed; never an input model or adapter directory, nor one containing or inside an input",
+    )
     parser.add_argument(
-        "--overwrite-any", action="store_true",
+        "--overwrite-any",
+        action="store_true",
         help="replace OUTPUT_DIR whatever it holds (a directory is removed with everything in it, a file deleted); "
-             "still never an input",
-    )  # fmt: skip
+        "still never an input",
+    )
     parser.add_argument("--extrapolate", action="store_true", help="allow alpha outside [0, 1]")
-    parser.add_argument("--keep-adapter", action="store_true", help="LoRA: write an adapter scaled by alpha, not a full model")
+    parser.add_argument(
+        "--keep-adapter", action="store_true", help="LoRA: write an adapter scaled by alpha, not a full model"
+    )
     _add_method_options(parser)
     _add_schedule_options(parser)
 
@@ -104,79 +122,131 @@ def _add_method_options(parser: argparse.ArgumentParser) -> None:
     its options without a change here."""
     methods = merge_methods.METHODS
     parser.add_argument(
-        "--method", type=_method_name, default="linear", metavar="NAME",
+        "--method",
+        type=_method_name,
+        default="linear",
+        metavar="NAME",
         help="the merge method (default: linear): " + "; ".join(f"{m.name}: {m.formula}" for m in methods.values()),
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--weights", nargs="+", type=float, metavar="W",
+        "--weights",
+        nargs="+",
+        type=float,
+        metavar="W",
         help="one weight per --finetuned model (default: 1 each): linear averages the models with them (normalized), "
-             "task_arithmetic scales each task vector by its own",
-    )  # fmt: skip
+        "task_arithmetic scales each task vector by its own",
+    )
     inputs: dict[str, tuple[merge_methods.TensorInput, list[str]]] = {}
     for method in methods.values():
         for name, parameter in method.parameters.items():
-            _add_generated(parser, _param_flag(method.name, name), dest=f"{_PARAM}{method.name}:{name}", type=float,
-                           metavar="X", help=f"{parameter.help} (--method {method.name}; default: {parameter.default:g})")  # fmt: skip
+            _add_generated(
+                parser,
+                _param_flag(method.name, name),
+                dest=f"{_PARAM}{method.name}:{name}",
+                type=float,
+                metavar="X",
+                help=f"{parameter.help} (--method {method.name}; default: {parameter.default:g})",
+            )
         for name, declared in method.inputs.items():
             inputs.setdefault(name, (declared, []))[1].append(method.name)
     for name, (declared, owners) in inputs.items():
-        _add_generated(parser, _input_flag(name), dest=f"{_INPUT}{name}", metavar="FILE",
-                       help=f"{declared.help} (--method {' or '.join(owners)}; named and shaped like the {declared.like} "
-                            "model's tensors)")  # fmt: skip
+        _add_generated(
+            parser,
+            _input_flag(name),
+            dest=f"{_INPUT}{name}",
+            metavar="FILE",
+            help=f"{declared.help} (--method {' or '.join(owners)}; named and shaped like the {declared.like} "
+            "model's tensors)",
+        )
 
 
 def _add_generated(parser: argparse.ArgumentParser, flag: str, *, help: str, **kwargs: Any) -> None:
     try:
         parser.add_argument(flag, help=help.replace("%", "%%"), **kwargs)  # argparse formats help with %
     except argparse.ArgumentError:
-        raise ValueError(f"a registered merge method's option {flag} clashes with another option of {parser.prog}: "
-                         "rename that parameter or input") from None  # fmt: skip
+        raise ValueError(
+            f"a registered merge method's option {flag} clashes with another option of {parser.prog}: "
+            "rename that parameter or input"
+        ) from None
 
 
 def _add_schedule_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--group-alphas", type=_numbers("--group-alphas"), metavar="A1,A2,...",
+        "--group-alphas",
+        type=_numbers("--group-alphas"),
+        metavar="A1,A2,...",
         help="one alpha per group of consecutive transformer blocks, input side first (heterogeneous model averaging), "
-             "e.g. 0.1,0.2,0.3; every stack of blocks (e.g. CLIP's two towers) is split on its own. In a sweep: the "
-             "shape, scaled to each of --alphas as its mean",
-    )  # fmt: skip
-    parser.add_argument("--outside-alpha", type=float, metavar="ALPHA",
-                        help="with --group-alphas: the alpha of tensors outside the blocks (embeddings, final norm, "
-                             "head); default: the groups' mean")  # fmt: skip
+        "e.g. 0.1,0.2,0.3; every stack of blocks (e.g. CLIP's two towers) is split on its own. In a sweep: the "
+        "shape, scaled to each of --alphas as its mean",
+    )
     parser.add_argument(
-        "--alpha-rule", action="append", type=_alpha_rule, metavar="REGEX=ALPHA",
+        "--outside-alpha",
+        type=float,
+        metavar="ALPHA",
+        help="with --group-alphas: the alpha of tensors outside the blocks (embeddings, final norm, "
+        "head); default: the groups' mean",
+    )
+    parser.add_argument(
+        "--alpha-rule",
+        action="append",
+        type=_alpha_rule,
+        metavar="REGEX=ALPHA",
         help="repeatable, in order, first match wins: tensors whose name matches REGEX (re.search; split at the last "
-             "'=') get ALPHA, the others --alpha (in a sweep: each of --alphas), e.g. 'mlp\\.=0.3'",
-    )  # fmt: skip
-    parser.add_argument("--linear-only", action="store_true",
-                        help="only the weights of linear layers follow the alphas; every other tensor (embeddings, "
-                             "norms, biases) gets --non-linear-alpha")  # fmt: skip
-    parser.add_argument("--non-linear-alpha", type=float, metavar="ALPHA",
-                        help="with --linear-only: the alpha of the other tensors (default: 1, the fine-tuned model's)")
+        "'=') get ALPHA, the others --alpha (in a sweep: each of --alphas), e.g. 'mlp\\.=0.3'",
+    )
+    parser.add_argument(
+        "--linear-only",
+        action="store_true",
+        help="only the weights of linear layers follow the alphas; every other tensor (embeddings, "
+        "norms, biases) gets --non-linear-alpha",
+    )
+    parser.add_argument(
+        "--non-linear-alpha",
+        type=float,
+        metavar="ALPHA",
+        help="with --linear-only: the alpha of the other tensors (default: 1, the fine-tuned model's)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="specgen", description="Special without losing generality: WiSE-FT merging, evaluation, reports.")
-    parser.add_argument("--version", action="version", version=f"%(prog)s (hf_specgen) {__version__}",
-                        help="print the version and exit")  # fmt: skip
+    parser = _Parser(
+        prog="specgen", description="Special without losing generality: WiSE-FT merging, evaluation, reports."
+    )
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"%(prog)s (hf_specgen) {__version__}",
+        help="print the version and exit",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     merge = commands.add_parser(
         "merge", help="write theta = (1 - alpha) * theta_pretrained + alpha * theta_finetuned (or another --method)"
     )
     _add_merge_options(merge)
-    merge.add_argument("--alpha", type=float,
-                       help="0: pre-trained, 1: fine-tuned (with --alpha-rule: the alpha of tensors no rule matches); "
-                            "needed unless --group-alphas")  # fmt: skip
+    merge.add_argument(
+        "--alpha",
+        type=float,
+        help="0: pre-trained, 1: fine-tuned (with --alpha-rule: the alpha of tensors no rule matches); "
+        "needed unless --group-alphas",
+    )
     merge.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the merged model to this Hub repository")
     merge.add_argument("--private", action="store_true", help="create the Hub repository private")
     merge.add_argument("--scores", type=Path, help="a Markdown file of scores to put in the model card")
     sweep = commands.add_parser("sweep", help="one merge per alpha, reading each input tensor once")
     _add_merge_options(sweep)
-    sweep.add_argument("--alphas", type=_numbers("--alphas"), required=True,
-                       help="comma-separated, e.g. 0,0.25,0.5,0.75,1 (with --group-alphas: the mean alphas)")
-    push = commands.add_parser("push", help="upload a model directory written earlier (e.g. a merge whose push failed) to the Hub")
+    sweep.add_argument(
+        "--alphas",
+        type=_numbers("--alphas"),
+        required=True,
+        help="comma-separated, e.g. 0,0.25,0.5,0.75,1 (with --group-alphas: the mean alphas)",
+    )
+    push = commands.add_parser(
+        "push", help="upload a model directory written earlier (e.g. a merge whose push failed) to the Hub"
+    )
     push.add_argument("directory", metavar="DIR", type=Path, help="a model or LoRA adapter directory")
-    push.add_argument("repo_id", metavar="REPO_ID", help="the Hub repository, created if needed, e.g. me/galactica-med-wise")
+    push.add_argument(
+        "repo_id", metavar="REPO_ID", help="the Hub repository, created if needed, e.g. me/galactica-med-wise"
+    )
     push.add_argument("--private", action="store_true", help="create the Hub repository private")
     _add_eval_parsers(commands)
     _add_fisher_parser(commands)
@@ -191,61 +261,126 @@ def _add_hma_parser(commands: argparse._SubParsersAction) -> None:
     hma.add_argument("--pretrained", required=True, help="pre-trained causal LM: directory or Hub id")
     hma.add_argument("--finetuned", required=True, help="fine-tuned causal LM (full model): directory or Hub id")
     samples = hma.add_mutually_exclusive_group(required=True)
-    samples.add_argument("--data", type=Path,
-                         help="the samples, e.g. the fine-tuned model's answers to training prompts: .json, .jsonl or a "
-                              "datasets directory, read as by specgen fisher")  # fmt: skip
-    samples.add_argument("--generate-from", type=Path, metavar="PROMPTS",
-                         help="prompts (.json, .jsonl or a datasets directory) that the fine-tuned model answers greedily; "
-                              "the answers are the samples, as in the paper (--prompt-field names the prompts' field)")  # fmt: skip
+    samples.add_argument(
+        "--data",
+        type=Path,
+        help="the samples, e.g. the fine-tuned model's answers to training prompts: .json, .jsonl or a "
+        "datasets directory, read as by specgen fisher",
+    )
+    samples.add_argument(
+        "--generate-from",
+        type=Path,
+        metavar="PROMPTS",
+        help="prompts (.json, .jsonl or a datasets directory) that the fine-tuned model answers greedily; "
+        "the answers are the samples, as in the paper (--prompt-field names the prompts' field)",
+    )
     hma.add_argument("--text-field", default="text", help="the field of the text scored (default: text)")
-    hma.add_argument("--prompt-field",
-                     help="a field of prompts, not scored, put before each text (default: none; with --generate-from: prompt)")
-    hma.add_argument("--max-new-tokens", type=int,
-                     help="with --generate-from: tokens generated per prompt at most (default: 64)")
-    hma.add_argument("--output-dir", required=True, type=Path,
-                     help="the merge to write; hma_search.json beside its weights holds the search")
-    hma.add_argument("--groups", type=int, default=3, help="K groups of consecutive blocks, input side first (default: 3)")
+    hma.add_argument(
+        "--prompt-field",
+        help="a field of prompts, not scored, put before each text (default: none; with --generate-from: prompt)",
+    )
+    hma.add_argument(
+        "--max-new-tokens", type=int, help="with --generate-from: tokens generated per prompt at most (default: 64)"
+    )
+    hma.add_argument(
+        "--output-dir",
+        required=True,
+        type=Path,
+        help="the merge to write; hma_search.json beside its weights holds the search",
+    )
+    hma.add_argument(
+        "--groups", type=int, default=3, help="K groups of consecutive blocks, input side first (default: 3)"
+    )
     hma.add_argument("--mean-alpha", type=float, default=0.2, help="the ratios' fixed mean (default: 0.2)")
     hma.add_argument("--steps", type=int, default=50, help="optimizer steps at most (default: 50)")
-    hma.add_argument("--learning-rate", type=float, default=0.1, help="Adam's learning rate on the ratio scores (default: 0.1)")
+    hma.add_argument(
+        "--learning-rate", type=float, default=0.1, help="Adam's learning rate on the ratio scores (default: 0.1)"
+    )
     hma.add_argument("--batch-size", type=int, default=8, help="samples per step (default: 8)")
     hma.add_argument("--max-length", type=int, default=256, help="tokens per sample at most (default: 256)")
-    hma.add_argument("--held-out", type=float, default=0.2, help="share of samples held out for early stopping (default: 0.2)")
-    hma.add_argument("--patience", type=int, default=10, help="steps without a better held-out loss before stopping (default: 10)")
-    hma.add_argument("--eps", type=float, default=0.05, help="floor of each group's weight, sigmoid(s) + eps (default: 0.05)")
-    hma.add_argument("--middle-penalty", type=float, default=0.0,
-                     help="lambda of sum over the middle groups of (alpha_k - mean)^2 (default: 0)")
+    hma.add_argument(
+        "--held-out", type=float, default=0.2, help="share of samples held out for early stopping (default: 0.2)"
+    )
+    hma.add_argument(
+        "--patience", type=int, default=10, help="steps without a better held-out loss before stopping (default: 10)"
+    )
+    hma.add_argument(
+        "--eps", type=float, default=0.05, help="floor of each group's weight, sigmoid(s) + eps (default: 0.05)"
+    )
+    hma.add_argument(
+        "--middle-penalty",
+        type=float,
+        default=0.0,
+        help="lambda of sum over the middle groups of (alpha_k - mean)^2 (default: 0)",
+    )
     hma.add_argument("--seed", type=int, default=0, help="the samples' order (default: 0)")
     hma.add_argument("--max-shard-size", default="5GB", help="largest output shard (default: 5GB)")
-    hma.add_argument("--overwrite", action="store_true", help="replace OUTPUT_DIR if a previous merge wrote it or it is empty")
+    hma.add_argument(
+        "--overwrite", action="store_true", help="replace OUTPUT_DIR if a previous merge wrote it or it is empty"
+    )
 
 
 def _add_fisher_parser(commands: argparse._SubParsersAction) -> None:
     fisher = commands.add_parser(
-        "fisher", help="estimate a causal LM's diagonal Fisher (the trainer's EWC estimator) for specgen merge --method fisher"
+        "fisher",
+        help="estimate a causal LM's diagonal Fisher (the trainer's EWC estimator) for specgen merge --method fisher",
     )
-    fisher.add_argument("model", metavar="MODEL", help="a causal language model: directory (holding its tokenizer) or Hub id")
-    fisher.add_argument("--data", required=True, type=Path,
-                        help="the texts: a .json file (a list of strings or of objects with --text-field), a .jsonl "
-                             "file (one per line) or a datasets directory (save_to_disk; its train split)")  # fmt: skip
-    fisher.add_argument("--num-samples", required=True, type=int,
-                        help="how many texts, drawn at random (seeded), the Fisher is averaged over; each gets its own "
-                             "backward pass")  # fmt: skip
-    fisher.add_argument("--output", required=True, type=Path,
-                        help="the .safetensors file to write (atomically), named by the checkpoint's tensors; never "
-                             "inside MODEL")  # fmt: skip
-    fisher.add_argument("--fisher-type", choices=["true", "empirical"], default="true",
-                        help="true: labels sampled from the model (default); empirical: the text's own next tokens")
-    fisher.add_argument("--text-field", default="text", help="the field holding the text in objects and datasets (default: text)")
-    fisher.add_argument("--max-length", type=int, help="truncate each text to this many tokens (default: no truncation)")
-    fisher.add_argument("--batch-size", type=int, default=1,
-                        help="texts per forward pass (default: 1); the Fisher does not depend on it beyond rounding")
-    fisher.add_argument("--seed", type=int, default=42,
-                        help="seeds the choice of texts and the sampled labels (default: 42, TrainingArguments' seed)")
-    fisher.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
-                        help="the dtype the model runs in (default: float32); the Fisher is summed in float32")
+    fisher.add_argument(
+        "model", metavar="MODEL", help="a causal language model: directory (holding its tokenizer) or Hub id"
+    )
+    fisher.add_argument(
+        "--data",
+        required=True,
+        type=Path,
+        help="the texts: a .json file (a list of strings or of objects with --text-field), a .jsonl "
+        "file (one per line) or a datasets directory (save_to_disk; its train split)",
+    )
+    fisher.add_argument(
+        "--num-samples",
+        required=True,
+        type=int,
+        help="how many texts, drawn at random (seeded), the Fisher is averaged over; each gets its own backward pass",
+    )
+    fisher.add_argument(
+        "--output",
+        required=True,
+        type=Path,
+        help="the .safetensors file to write (atomically), named by the checkpoint's tensors; never inside MODEL",
+    )
+    fisher.add_argument(
+        "--fisher-type",
+        choices=["true", "empirical"],
+        default="true",
+        help="true: labels sampled from the model (default); empirical: the text's own next tokens",
+    )
+    fisher.add_argument(
+        "--text-field", default="text", help="the field holding the text in objects and datasets (default: text)"
+    )
+    fisher.add_argument(
+        "--max-length", type=int, help="truncate each text to this many tokens (default: no truncation)"
+    )
+    fisher.add_argument(
+        "--batch-size",
+        type=int,
+        default=1,
+        help="texts per forward pass (default: 1); the Fisher does not depend on it beyond rounding",
+    )
+    fisher.add_argument(
+        "--seed",
+        type=int,
+        default=42,
+        help="seeds the choice of texts and the sampled labels (default: 42, TrainingArguments' seed)",
+    )
+    fisher.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default="float32",
+        help="the dtype the model runs in (default: float32); the Fisher is summed in float32",
+    )
     fisher.add_argument("--device", help="default: cuda when available, else cpu")
-    fisher.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists (a file; never an input)")
+    fisher.add_argument(
+        "--overwrite", action="store_true", help="replace OUTPUT if it exists (a file; never an input)"
+    )
 
 
 def _add_eval_parsers(commands: argparse._SubParsersAction) -> None:
@@ -253,23 +388,37 @@ def _add_eval_parsers(commands: argparse._SubParsersAction) -> None:
 
     evaluate = commands.add_parser("eval", help="score a model on named suites and write a result record (JSON)")
     evaluate.add_argument("--model", required=True, help="model directory or Hub id")
-    evaluate.add_argument("--suite", action="append", required=True, metavar="NAME",
-                          help="repeatable; one of: " + "; ".join(f"{k} ({v})" for k, v in SUITES.items()))
+    evaluate.add_argument(
+        "--suite",
+        action="append",
+        required=True,
+        metavar="NAME",
+        help="repeatable; one of: " + "; ".join(f"{k} ({v})" for k, v in SUITES.items()),
+    )
     evaluate.add_argument("--output", required=True, type=Path, help="the result record to write (.json)")
     evaluate.add_argument("--method", required=True, help="how the model was made: full, l2, lora, pre-trained, ...")
     evaluate.add_argument("--alpha", type=float, help="WiSE-FT alpha, if the model is a merge")
     evaluate.add_argument("--hyperparameter", help="the method's strength setting, e.g. l2_lambda")
     evaluate.add_argument("--value", type=float, help="its value, e.g. 0.1")
     evaluate.add_argument("--limit", type=int, help="at most this many examples per task (quick checks)")
-    evaluate.add_argument("--num-fewshot", type=int, help="few-shot examples per prompt, LM suites only (default: each task's own)")
+    evaluate.add_argument(
+        "--num-fewshot", type=int, help="few-shot examples per prompt, LM suites only (default: each task's own)"
+    )
     evaluate.add_argument("--batch-size", type=int, default=32, help="examples per forward pass (default: 32)")
     evaluate.add_argument("--device", help="default: cuda when available, else cpu")
     report = commands.add_parser("report", help="combine result records into report.json, report.md and report.png")
-    report.add_argument("results", nargs="+", type=Path, help="record files (one record or a list) or directories of them")
-    report.add_argument("--output-dir", required=True, type=Path, help="where to write report.json, report.md and report.png")
+    report.add_argument(
+        "results", nargs="+", type=Path, help="record files (one record or a list) or directories of them"
+    )
+    report.add_argument(
+        "--output-dir", required=True, type=Path, help="where to write report.json, report.md and report.png"
+    )
     report.add_argument("--title", help="title of the table and the plot")
-    report.add_argument("--combine", action="store_true",
-                        help="RESULTS are report directories (e.g. one per recipe): write one report.md / report.json over them")
+    report.add_argument(
+        "--combine",
+        action="store_true",
+        help="RESULTS are report directories (e.g. one per recipe): write one report.md / report.json over them",
+    )
 
 
 def _evaluate(args: argparse.Namespace) -> None:
@@ -283,15 +432,26 @@ def _evaluate(args: argparse.Namespace) -> None:
     if (args.hyperparameter is None) != (args.value is None):
         raise ValueError("--hyperparameter and --value go together")
     start = time.perf_counter()
-    scores = evaluate_suites(args.model, args.suite, limit=args.limit, num_fewshot=args.num_fewshot,
-                             batch_size=args.batch_size, device=args.device)  # fmt: skip
+    scores = evaluate_suites(
+        args.model,
+        args.suite,
+        limit=args.limit,
+        num_fewshot=args.num_fewshot,
+        batch_size=args.batch_size,
+        device=args.device,
+    )
     if not scores["speciality"]:  # another process of a multi-process run: the main one writes
         return
     record = ResultRecord(
-        method=args.method, alpha=args.alpha, hyperparameter=args.hyperparameter, value=args.value,
-        speciality=scores["speciality"], generality=scores["generality"],
-        cost={"eval_s": round(time.perf_counter() - start, 1)}, model=str(args.model),
-    )  # fmt: skip
+        method=args.method,
+        alpha=args.alpha,
+        hyperparameter=args.hyperparameter,
+        value=args.value,
+        speciality=scores["speciality"],
+        generality=scores["generality"],
+        cost={"eval_s": round(time.perf_counter() - start, 1)},
+        model=str(args.model),
+    )
     record.save(args.output)
     print(f"{args.output}: speciality {record.speciality_score:.3f}, generality {record.generality_score:.3f}")
 
@@ -335,21 +495,31 @@ def _merge_options(args: argparse.Namespace) -> MergeOptions:
         if dest.startswith(_PARAM):
             owner, name = dest.removeprefix(_PARAM).split(":", 1)
             if owner != args.method:
-                raise MergeError(f"{_param_flag(owner, name)} is an option of method {owner}, not of {args.method} "
-                                 f"(--method {owner} to use it)")  # fmt: skip
+                raise MergeError(
+                    f"{_param_flag(owner, name)} is an option of method {owner}, not of {args.method} "
+                    f"(--method {owner} to use it)"
+                )
             parameters[name] = value
         elif dest.startswith(_INPUT):
             name = dest.removeprefix(_INPUT)
             if name not in merge_methods.get_method(args.method).inputs:
                 owners = [m.name for m in merge_methods.METHODS.values() if name in m.inputs]
-                raise MergeError(f"{_input_flag(name)} is an input of method {' or '.join(owners)}, not of "
-                                 f"{args.method} (--method {owners[0]} to use it)")  # fmt: skip
+                raise MergeError(
+                    f"{_input_flag(name)} is an input of method {' or '.join(owners)}, not of "
+                    f"{args.method} (--method {owners[0]} to use it)"
+                )
             inputs[name] = value
     return MergeOptions(
-        method=args.method, weights=args.weights, method_params=parameters, method_inputs=inputs, dtype=args.dtype,
-        max_shard_size=args.max_shard_size, overwrite="any" if args.overwrite_any else args.overwrite,
-        extrapolate=args.extrapolate, keep_adapter=args.keep_adapter,
-    )  # fmt: skip
+        method=args.method,
+        weights=args.weights,
+        method_params=parameters,
+        method_inputs=inputs,
+        dtype=args.dtype,
+        max_shard_size=args.max_shard_size,
+        overwrite="any" if args.overwrite_any else args.overwrite,
+        extrapolate=args.extrapolate,
+        keep_adapter=args.keep_adapter,
+    )
 
 
 def _alpha_schedule(args: argparse.Namespace, alpha: float | None) -> AlphaSchedule | None:
@@ -361,9 +531,13 @@ def _alpha_schedule(args: argparse.Namespace, alpha: float | None) -> AlphaSched
     if not shaped and args.command == "sweep":
         return None
     return AlphaSchedule(
-        alpha=alpha, group_alphas=args.group_alphas, outside_alpha=args.outside_alpha, rules=tuple(args.alpha_rule or ()),
-        linear_only=args.linear_only, non_linear_alpha=1.0 if args.non_linear_alpha is None else args.non_linear_alpha,
-    )  # fmt: skip
+        alpha=alpha,
+        group_alphas=args.group_alphas,
+        outside_alpha=args.outside_alpha,
+        rules=tuple(args.alpha_rule or ()),
+        linear_only=args.linear_only,
+        non_linear_alpha=1.0 if args.non_linear_alpha is None else args.non_linear_alpha,
+    )
 
 
 def _merge(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
@@ -377,20 +551,33 @@ def _merge(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
             scores = args.scores.read_text() if args.scores else None
         except OSError as error:  # a usage error like the others, not a traceback
             parser.error(f"--scores: {error}")
-        out = merge(args.pretrained, finetuned, schedule, args.output_dir, options, push_to_hub=args.push_to_hub,
-                    private=args.private, scores=scores)  # fmt: skip
+        out = merge(
+            args.pretrained,
+            finetuned,
+            schedule,
+            args.output_dir,
+            options,
+            push_to_hub=args.push_to_hub,
+            private=args.private,
+            scores=scores,
+        )
         print(f"wrote {out}" + (f" and pushed it to {args.push_to_hub}" if args.push_to_hub else ""))
     else:
         shape = _alpha_schedule(args, None)
-        for alpha, out in merge_sweep(args.pretrained, finetuned, args.alphas, args.output_dir, options, shape=shape).items():
+        for alpha, out in merge_sweep(
+            args.pretrained, finetuned, args.alphas, args.output_dir, options, shape=shape
+        ).items():
             print(f"alpha={alpha:g}: {out}")
 
 
 def _fisher(args: argparse.Namespace) -> None:
     from .merge.fisher import check_fisher_output, estimate_fisher, read_texts, save_fisher
 
-    for option, value, least in [("--num-samples", args.num_samples, 1), ("--batch-size", args.batch_size, 1),
-                                 ("--max-length", args.max_length, 2)]:  # fmt: skip
+    for option, value, least in [
+        ("--num-samples", args.num_samples, 1),
+        ("--batch-size", args.batch_size, 1),
+        ("--max-length", args.max_length, 2),
+    ]:
         if value is not None and value < least:
             raise ValueError(f"{option} must be at least {least}, got {value}")
     _check_model_source(args.model)
@@ -400,9 +587,22 @@ def _fisher(args: argparse.Namespace) -> None:
     output = check_fisher_output(args.output, local, args.overwrite)
     texts = read_texts(args.data, args.text_field)
     model, tokenizer = _causal_lm(args.model, args.dtype, args.device)
-    fisher = estimate_fisher(model, tokenizer, texts, args.num_samples, args.fisher_type, max_length=args.max_length,
-                             batch_size=args.batch_size, seed=args.seed)  # fmt: skip
-    metadata = {"model": args.model, "fisher_type": args.fisher_type, "num_samples": args.num_samples, "seed": args.seed}
+    fisher = estimate_fisher(
+        model,
+        tokenizer,
+        texts,
+        args.num_samples,
+        args.fisher_type,
+        max_length=args.max_length,
+        batch_size=args.batch_size,
+        seed=args.seed,
+    )
+    metadata = {
+        "model": args.model,
+        "fisher_type": args.fisher_type,
+        "num_samples": args.num_samples,
+        "seed": args.seed,
+    }
     save_fisher(fisher, output, overwrite=args.overwrite, metadata=metadata)
     print(f"wrote {output}: the {args.fisher_type} Fisher of {len(fisher)} tensors")
 
@@ -416,9 +616,14 @@ def _hma(args: argparse.Namespace) -> None:
     from .merge.output import check_output_dir
     from .merge.run import check_shard_size
 
-    for option, value, least in [("--groups", args.groups, 1), ("--steps", args.steps, 1), ("--batch-size", args.batch_size, 1),
-                                 ("--max-length", args.max_length, 2), ("--patience", args.patience, 1),
-                                 ("--max-new-tokens", 64 if args.max_new_tokens is None else args.max_new_tokens, 1)]:  # fmt: skip
+    for option, value, least in [
+        ("--groups", args.groups, 1),
+        ("--steps", args.steps, 1),
+        ("--batch-size", args.batch_size, 1),
+        ("--max-length", args.max_length, 2),
+        ("--patience", args.patience, 1),
+        ("--max-new-tokens", 64 if args.max_new_tokens is None else args.max_new_tokens, 1),
+    ]:
         if value < least:
             raise ValueError(f"{option} must be at least {least}, got {value}")
     for source in (args.pretrained, args.finetuned):
@@ -435,30 +640,51 @@ def _hma(args: argparse.Namespace) -> None:
         prompts = read_texts(data, args.prompt_field or "prompt")
         model, tokenizer = _causal_lm(args.finetuned, "float32", None)
         new_tokens = 64 if args.max_new_tokens is None else args.max_new_tokens
-        samples = generate_completions(model, tokenizer, prompts, max_new_tokens=new_tokens, batch_size=args.batch_size)
+        samples = generate_completions(
+            model, tokenizer, prompts, max_new_tokens=new_tokens, batch_size=args.batch_size
+        )
         del model
     else:
         samples = read_texts(data, args.text_field)
         if args.prompt_field:
             samples = list(zip(read_texts(data, args.prompt_field), samples))
     found = search_group_alphas(
-        args.pretrained, args.finetuned, samples, groups=args.groups, mean_alpha=args.mean_alpha, eps=args.eps,
-        steps=args.steps, learning_rate=args.learning_rate, batch_size=args.batch_size, max_length=args.max_length,
-        held_out=args.held_out, patience=args.patience, middle_penalty=args.middle_penalty, seed=args.seed,
-    )  # fmt: skip
+        args.pretrained,
+        args.finetuned,
+        samples,
+        groups=args.groups,
+        mean_alpha=args.mean_alpha,
+        eps=args.eps,
+        steps=args.steps,
+        learning_rate=args.learning_rate,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        held_out=args.held_out,
+        patience=args.patience,
+        middle_penalty=args.middle_penalty,
+        seed=args.seed,
+    )
     schedule = AlphaSchedule(group_alphas=found.group_alphas)
     options = MergeOptions(max_shard_size=args.max_shard_size, overwrite=args.overwrite)
     out = merge(args.pretrained, args.finetuned, schedule, args.output_dir, options)
-    record = {"group_alphas": list(found.group_alphas), "mean_alpha": found.mean_alpha, "held_out_loss": found.held_out_loss,
-              "uniform_loss": found.uniform_loss, "samples": len(samples), "state_bytes": found.state_bytes,
-              "history": found.history}  # fmt: skip
+    record = {
+        "group_alphas": list(found.group_alphas),
+        "mean_alpha": found.mean_alpha,
+        "held_out_loss": found.held_out_loss,
+        "uniform_loss": found.uniform_loss,
+        "samples": len(samples),
+        "state_bytes": found.state_bytes,
+        "history": found.history,
+    }
     if args.generate_from is not None:  # what the search scored: the fine-tuned model's answers
         record["generated"] = [{"prompt": prompt, "completion": completion} for prompt, completion in samples]
     with atomic_file(out / "hma_search.json") as temporary:
         Path(temporary).write_text(json.dumps(record, indent=2) + "\n")
     ratios = ", ".join(f"{a:.4g}" for a in found.group_alphas)
-    print(f"wrote {out}: group alphas {ratios} (mean {found.mean_alpha:g}); held-out loss {found.held_out_loss:.4f}, "
-          f"uniform {found.uniform_loss:.4f}")  # fmt: skip
+    print(
+        f"wrote {out}: group alphas {ratios} (mean {found.mean_alpha:g}); held-out loss {found.held_out_loss:.4f}, "
+        f"uniform {found.uniform_loss:.4f}"
+    )
 
 
 def _causal_lm(source: str, dtype: str, device: str | None) -> tuple[Any, Any]:
@@ -468,8 +694,10 @@ def _causal_lm(source: str, dtype: str, device: str | None) -> tuple[Any, Any]:
 
     path = Path(source)
     if path.is_dir() and not any(next(path.glob(p), None) for p in ("tokenizer*", "vocab.*", "*.model", "*.tiktoken")):
-        raise ValueError(f"{source}: no tokenizer files (tokenizer.json, tokenizer_config.json, ...): save the tokenizer "
-                         "beside the model")  # fmt: skip
+        raise ValueError(
+            f"{source}: no tokenizer files (tokenizer.json, tokenizer_config.json, ...): save the tokenizer "
+            "beside the model"
+        )
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError, TypeError) as error:

@@ -54,6 +54,7 @@ from .regularizers import (
 )
 from .regularizers.positions import is_contrastive, output_classes
 
+
 if TYPE_CHECKING:
     from transformers import Trainer
 
@@ -111,7 +112,9 @@ class RegularizationEngine:
         if self.regularizers:
             self._build(host.model, args, ref_model)
         elif ref_model is not None and not getattr(host, "_specgen_base_takes_ref_model", False):
-            warnings.warn("ref_model is given but no regularizer is on (every *_lambda is 0): it is not used", stacklevel=3)
+            warnings.warn(
+                "ref_model is given but no regularizer is on (every *_lambda is 0): it is not used", stacklevel=3
+            )
 
     def __bool__(self) -> bool:
         return bool(self.regularizers)
@@ -145,16 +148,21 @@ class RegularizationEngine:
         if ref_model is not None:
             _check_same_architecture(model, ref_model, needs_features=uses_features)
         if self.batch_terms:
-            self.teacher = Teacher.build(model, ref_model=ref_model, dtype=args.anchor_dtype, device=args.anchor_device)
+            self.teacher = Teacher.build(
+                model, ref_model=ref_model, dtype=args.anchor_dtype, device=args.anchor_device
+            )
         if self.weight_terms or self.step_terms:
             # A frozen teacher copy already holds the pre-trained weights: reuse it as the anchor.
             reference = ref_model
             if reference is None and self.teacher is not None and not self.teacher.adapters_disabled:
                 reference = self.teacher.module
             self.deltas = weight_deltas(
-                model, reference=reference, dtype=args.anchor_dtype, device=args.anchor_device,
+                model,
+                reference=reference,
+                dtype=args.anchor_dtype,
+                device=args.anchor_device,
                 fisher_at_reference=ref_model is not None and bool(self.importance_terms),
-            )  # fmt: skip
+            )
         if uses_features:
             self.features = ProtectedFeatures(model, args.feature_layers)
         if any(r.compares_distributions and r.uses_teacher for r in self.regularizers):
@@ -216,9 +224,15 @@ class RegularizationEngine:
                     "its pre-trained reference has the same weights"
                 )
         current = dict(model.named_parameters())
-        stale = [d.name for d in self.deltas if isinstance(d, DenseDelta) and d.name in current and current[d.name] is not d.param]
+        stale = [
+            d.name
+            for d in self.deltas
+            if isinstance(d, DenseDelta) and d.name in current and current[d.name] is not d.param
+        ]
         if stale:
-            raise ValueError(f"{stale[0]} was replaced after the trainer was built: build the trainer after changing the model")
+            raise ValueError(
+                f"{stale[0]} was replaced after the trainer was built: build the trainer after changing the model"
+            )
 
     def new_micro_batch(self, global_step: int) -> bool:
         """Counts optimizer steps for the log; True on the first micro-batch of a step."""
@@ -261,7 +275,9 @@ class RegularizationEngine:
             zero.before_zero_step(optimizer, in_zero_step)
         self.attach_step_terms(optimizer.optimizer, zero.step_targets(self.deltas))
 
-    def attach_step_terms(self, optimizer: torch.optim.Optimizer, targets: dict[int, list[WeightDelta]] | None = None) -> None:
+    def attach_step_terms(
+        self, optimizer: torch.optim.Optimizer, targets: dict[int, list[WeightDelta]] | None = None
+    ) -> None:
         """Before each `optimizer.step`, the decoupled terms on `targets[id(p)]` for each stepped tensor `p`
         (default: each delta on the parameter it decays)."""
         self._step_targets = targets if targets is not None else {id(d.decayed_parameter): [d] for d in self.deltas}
@@ -419,9 +435,14 @@ class RegularizationEngine:
         device = next(model.parameters()).device if model is self.ref_model else None
         batches = host._specgen_importance_batches(reg.num_samples, group, generator, device)
         sample = ImportanceSample(
-            model=model, deltas=self.deltas, batches=batches, shifts_labels=host._loss_shifts_labels,
-            label_names=host.label_names, generator=generator, device=self.importance_device(),
-        )  # fmt: skip
+            model=model,
+            deltas=self.deltas,
+            batches=batches,
+            shifts_labels=host._loss_shifts_labels,
+            label_names=host.label_names,
+            generator=generator,
+            device=self.importance_device(),
+        )
         with model.disable_adapter() if is_peft_model(model) else contextlib.nullcontext():
             return reg.estimate(sample)
 

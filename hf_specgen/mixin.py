@@ -166,10 +166,16 @@ class SpecGenMixin:
     # ---- what differs between trainers --------------------------------------------------------------
 
     def _specgen_base_compute_loss(
-        self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool, num_items_in_batch: torch.Tensor | int | None
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool,
+        num_items_in_batch: torch.Tensor | int | None,
     ) -> Any:
         """The base trainer's own `compute_loss` (for subclasses of the mixin, whose `super()` is the mixin)."""
-        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        return super().compute_loss(
+            model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+        )
 
     def _specgen_loss_is_ga_scaled(self, num_items_in_batch: torch.Tensor | int | None) -> bool:
         """Mirrors `Trainer.training_step`: is the task loss already normalized over the accumulated batch?"""
@@ -219,7 +225,9 @@ class SpecGenMixin:
         model's): what EWC's Fisher and MAS's importance are estimated from."""
         dataset = self.train_dataset
         if dataset is None:
-            raise ValueError("EWC and MAS need a train_dataset to estimate their importance at the pre-trained weights")
+            raise ValueError(
+                "EWC and MAS need a train_dataset to estimate their importance at the pre-trained weights"
+            )
         try:
             import datasets
 
@@ -238,7 +246,9 @@ class SpecGenMixin:
             yield batch
 
 
-def _captured(features: ProtectedFeatures | None, module: nn.Module) -> contextlib.AbstractContextManager[list[torch.Tensor]]:
+def _captured(
+    features: ProtectedFeatures | None, module: nn.Module
+) -> contextlib.AbstractContextManager[list[torch.Tensor]]:
     return features.capture(module) if features else contextlib.nullcontext([])
 
 

@@ -7,6 +7,7 @@ from transformers import Trainer
 from .engine import REFERENCE_KEY, STATE_FILE, STATE_PREFIX
 from .mixin import SpecGenMixin
 
+
 __all__ = ["REFERENCE_KEY", "STATE_FILE", "STATE_PREFIX", "SpecGenTrainer"]
 
 

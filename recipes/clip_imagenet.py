@@ -34,18 +34,29 @@ from hf_specgen.experiment import ConfigError, ExperimentArguments, Recipe, chec
 from hf_specgen.merge import GroupSearch
 from hf_specgen.merge.search import GroupAlphaObjective, optimize_group_alphas, row_batches
 
+
 TEMPLATES = [
-    "a photo of a {}.", "a low-resolution photo of a {}.", "a close-up photo of the {}.", "a drawing of a {}.",
-    "a painting of the {}.", "a cartoon of a {}.", "a 3D rendering of a {}.", "a sculpture of a {}.",
-]  # fmt: skip
+    "a photo of a {}.",
+    "a low-resolution photo of a {}.",
+    "a close-up photo of the {}.",
+    "a drawing of a {}.",
+    "a painting of the {}.",
+    "a cartoon of a {}.",
+    "a 3D rendering of a {}.",
+    "a sculpture of a {}.",
+]
 
 
 @dataclass
 class ImageClassificationArguments:
     """The CLIP model, the fine-tuning set and the sets that score each side."""
 
-    model_name_or_path: str = field(default="openai/clip-vit-base-patch16", metadata={"help": "CLIP model: Hub id or directory."})
-    train_dataset: str = field(default="ILSVRC/imagenet-1k", metadata={"help": "Fine-tuning images: `datasets` id or imagefolder."})
+    model_name_or_path: str = field(
+        default="openai/clip-vit-base-patch16", metadata={"help": "CLIP model: Hub id or directory."}
+    )
+    train_dataset: str = field(
+        default="ILSVRC/imagenet-1k", metadata={"help": "Fine-tuning images: `datasets` id or imagefolder."}
+    )
     train_split: str = field(default="train", metadata={"help": "Split to fine-tune on."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Fine-tune on the first N images only."})
     image_column: str = field(default="image", metadata={"help": "Image column of every set."})
@@ -56,15 +67,23 @@ class ImageClassificationArguments:
     )
     generality_sets: list[str] = field(
         default_factory=lambda: ["imagenet_sketch=songweig/imagenet_sketch:train"],
-        metadata={"help": "NAME=SOURCE[:SPLIT] distribution shifts (ImageNet-V2/R/A/Sketch, ObjectNet, other DomainNet domains)."},
+        metadata={
+            "help": "NAME=SOURCE[:SPLIT] distribution shifts (ImageNet-V2/R/A/Sketch, ObjectNet, other DomainNet domains)."
+        },
     )
-    templates: list[str] = field(default_factory=lambda: list(TEMPLATES), metadata={"help": "Prompt templates, '{}' the class name."})
+    templates: list[str] = field(
+        default_factory=lambda: list(TEMPLATES), metadata={"help": "Prompt templates, '{}' the class name."}
+    )
     class_names_file: str | None = field(
         default=None,
-        metadata={"help": "JSON object from raw class names (e.g. WordNet ids n01440764 of ImageNet-R/A folders) to readable names."},
+        metadata={
+            "help": "JSON object from raw class names (e.g. WordNet ids n01440764 of ImageNet-R/A folders) to readable names."
+        },
     )
     eval_batch_size: int = field(default=256, metadata={"help": "Evaluation batch size."})
-    eval_max_samples: int | None = field(default=None, metadata={"help": "Score at most N images per set (quick runs)."})
+    eval_max_samples: int | None = field(
+        default=None, metadata={"help": "Score at most N images per set (quick runs)."}
+    )
 
     def __post_init__(self) -> None:
         if not self.speciality_sets or not self.generality_sets:
@@ -84,7 +103,7 @@ def parse_set(spec: str, field_name: str = "evaluation set") -> tuple[str, str, 
 
 def class_names(
     data: datasets.Dataset, label_column: str, readable: dict[str, str], fallback: list[str] | None = None
-) -> list[str]:  # fmt: skip
+) -> list[str]:
     """Class names from the label feature, through `readable` (e.g. WordNet id -> name); numeric
     names (folders 0-999) index `fallback`; first synonym ("tench, Tinca tinca" -> "tench")."""
     feature = data.features[label_column]
@@ -122,8 +141,10 @@ class ClipImageNet(Recipe):
     def evaluation_sets(self) -> dict[str, list[tuple[str, str, str]]]:
         """Role -> its sets as (name, source, split)."""
         o = self.options
-        return {role: [parse_set(spec, f"{role}_sets") for spec in specs]
-                for role, specs in (("speciality", o.speciality_sets), ("generality", o.generality_sets))}  # fmt: skip
+        return {
+            role: [parse_set(spec, f"{role}_sets") for spec in specs]
+            for role, specs in (("speciality", o.speciality_sets), ("generality", o.generality_sets))
+        }
 
     def local_paths(self) -> dict[str, str]:
         o = self.options
@@ -146,11 +167,16 @@ class ClipImageNet(Recipe):
             self._sets[role] = {}
             for name, source, split in role_sets:
                 data = self._load(source, split, o.eval_max_samples)
-                self._sets[role][name] = (data, class_names(data, o.label_column, readable, fallback=self._train_names))
+                self._sets[role][name] = (
+                    data,
+                    class_names(data, o.label_column, readable, fallback=self._train_names),
+                )
 
     def _load(self, source: str, split: str, max_samples: int | None) -> datasets.Dataset:
         o = self.options
-        return load_split(source, split, [o.image_column, o.label_column], images=True, seed=self.seed, max_samples=max_samples)
+        return load_split(
+            source, split, [o.image_column, o.label_column], images=True, seed=self.seed, max_samples=max_samples
+        )
 
     def load_model(self) -> tuple[Any, Any]:
         model = CLIPModel.from_pretrained(self.pretrained)
@@ -163,18 +189,27 @@ class ClipImageNet(Recipe):
         o = self.options
         prompts = [o.templates[0].format(n) for n in self._train_names]
         return SpecGenTrainer(
-            model=model, args=dataclasses.replace(args, remove_unused_columns=False),  # keep the image column
-            train_dataset=self.train_data, compute_loss_func=class_prompt_loss,
+            model=model,
+            args=dataclasses.replace(args, remove_unused_columns=False),  # keep the image column
+            train_dataset=self.train_data,
+            compute_loss_func=class_prompt_loss,
             data_collator=ClassPromptCollator(processor, prompts, o.image_column, o.label_column),
-        )  # fmt: skip
+        )
 
     def evaluate(self, model_dir: Path) -> dict[str, dict[str, float]]:
         model, processor = CLIPModel.from_pretrained(model_dir), CLIPProcessor.from_pretrained(model_dir)
         o = self.options
         return {
             role: {
-                name: accuracy(model, processor, data, zero_shot_head(model, processor, names, o.templates),
-                               o.eval_batch_size, o.image_column, o.label_column)  # fmt: skip
+                name: accuracy(
+                    model,
+                    processor,
+                    data,
+                    zero_shot_head(model, processor, names, o.templates),
+                    o.eval_batch_size,
+                    o.image_column,
+                    o.label_column,
+                )
                 for name, (data, names) in sets.items()
             }
             for role, sets in self._sets.items()
@@ -192,7 +227,9 @@ class ClipImageNet(Recipe):
         processor = CLIPProcessor.from_pretrained(self.pretrained)
         model = CLIPModel.from_pretrained(self.pretrained, dtype=torch.float32).to(device)
         tuned = CLIPModel.from_pretrained(finetuned, dtype=torch.float32).to(device).eval()
-        head = zero_shot_head(model, processor, self._train_names, o.templates[:1])  # the frozen text tower's: every merge's
+        head = zero_shot_head(
+            model, processor, self._train_names, o.templates[:1]
+        )  # the frozen text tower's: every merge's
         images = [image.convert("RGB") for image in data[o.image_column]]
         pixels = processor(images=images, return_tensors="pt")["pixel_values"].to(device)
         if experiment.hma_samples == "generated":
@@ -201,21 +238,39 @@ class ClipImageNet(Recipe):
         else:
             labels = torch.tensor(data[o.label_column], device=device)
         objective = GroupAlphaObjective(
-            model, {name: p.detach() for name, p in tuned.named_parameters()}, groups,
-            loss=lambda merged, batch: F.cross_entropy(pixel_logits(merged, batch["pixel_values"], head), batch["labels"]),
-        )  # fmt: skip
-        train_batch, held_batch = row_batches({"pixel_values": pixels, "labels": labels}, batch_size=16, seed=self.seed)
-        return optimize_group_alphas(objective, train_batch, held_batch, mean_alpha=mean_alpha, steps=experiment.hma_steps)
+            model,
+            {name: p.detach() for name, p in tuned.named_parameters()},
+            groups,
+            loss=lambda merged, batch: F.cross_entropy(
+                pixel_logits(merged, batch["pixel_values"], head), batch["labels"]
+            ),
+        )
+        train_batch, held_batch = row_batches(
+            {"pixel_values": pixels, "labels": labels}, batch_size=16, seed=self.seed
+        )
+        return optimize_group_alphas(
+            objective, train_batch, held_batch, mean_alpha=mean_alpha, steps=experiment.hma_steps
+        )
 
     def fingerprint(self) -> dict[str, Any]:
         o = self.options
-        return {"recipe": self.name, "model": o.model_name_or_path, "train": [o.train_dataset, o.train_split, o.max_train_samples],
-                "columns": [o.image_column, o.label_column], "prompt": o.templates[0], "names": o.class_names_file}  # fmt: skip
+        return {
+            "recipe": self.name,
+            "model": o.model_name_or_path,
+            "train": [o.train_dataset, o.train_split, o.max_train_samples],
+            "columns": [o.image_column, o.label_column],
+            "prompt": o.templates[0],
+            "names": o.class_names_file,
+        }
 
     def eval_fingerprint(self) -> dict[str, Any]:
         o = self.options
-        return {"sets": [o.speciality_sets, o.generality_sets], "templates": o.templates, "max": o.eval_max_samples,
-                "names": o.class_names_file}  # fmt: skip
+        return {
+            "sets": [o.speciality_sets, o.generality_sets],
+            "templates": o.templates,
+            "max": o.eval_max_samples,
+            "names": o.class_names_file,
+        }
 
 
 if __name__ == "__main__":

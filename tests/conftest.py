@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -14,6 +15,7 @@ import torch
 from transformers import CLIPConfig, CLIPModel, OPTConfig, OPTForCausalLM, T5Config, T5ForConditionalGeneration
 
 from hf_specgen import SpecGenTrainingArguments
+
 
 VOCAB = 64
 SEQ_LEN = 12
@@ -44,9 +46,18 @@ def tiny_t5(seed: int = 0) -> T5ForConditionalGeneration:
     """An encoder-decoder (T5) of 2 + 2 layers over the same vocabulary."""
     torch.manual_seed(seed)
     config = T5Config(
-        vocab_size=VOCAB, d_model=16, d_kv=8, d_ff=32, num_layers=2, num_decoder_layers=2, num_heads=2,
-        dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
-    )  # fmt: skip
+        vocab_size=VOCAB,
+        d_model=16,
+        d_kv=8,
+        d_ff=32,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=2,
+        dropout_rate=0.0,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
     return T5ForConditionalGeneration(config)
 
 

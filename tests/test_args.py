@@ -20,8 +20,23 @@ def test_is_training_arguments_with_every_weight_off(tmp_path):
 
 def test_parses_from_command_line():
     (args,) = HfArgumentParser(SpecGenTrainingArguments).parse_args_into_dataclasses(
-        ["--output_dir", "o", "--l2_lambda", "0.5", "--l2_mode", "decoupled", "--kd_lambda", "2",
-         "--kd_temperature", "3", "--feature_layers", "1", "-2", "--anchor_dtype", "bfloat16"]
+        [
+            "--output_dir",
+            "o",
+            "--l2_lambda",
+            "0.5",
+            "--l2_mode",
+            "decoupled",
+            "--kd_lambda",
+            "2",
+            "--kd_temperature",
+            "3",
+            "--feature_layers",
+            "1",
+            "-2",
+            "--anchor_dtype",
+            "bfloat16",
+        ]
     )
     assert (args.l2_lambda, args.l2_mode, args.kd_lambda, args.kd_temperature) == (0.5, "decoupled", 2.0, 3.0)
     assert args.feature_layers == [1, -2] and args.anchor_dtype == "bfloat16"
@@ -32,8 +47,15 @@ def test_parses_from_command_line():
 
 @pytest.mark.parametrize("suffix", ["json", "yaml"])
 def test_parses_from_json_and_yaml(tmp_path, suffix):
-    values = {"output_dir": str(tmp_path), "l1_lambda": 0.01, "ewc_lambda": 5.0, "ewc_num_samples": 7,
-              "ewc_fisher": "empirical", "feature_lambda": 0.3, "feature_layers": [2]}
+    values = {
+        "output_dir": str(tmp_path),
+        "l1_lambda": 0.01,
+        "ewc_lambda": 5.0,
+        "ewc_num_samples": 7,
+        "ewc_fisher": "empirical",
+        "feature_lambda": 0.3,
+        "feature_layers": [2],
+    }
     path = tmp_path / f"args.{suffix}"
     path.write_text(json.dumps(values))  # JSON is valid YAML
     parser = HfArgumentParser(SpecGenTrainingArguments)

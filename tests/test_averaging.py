@@ -13,12 +13,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import lm_dataset, make_args, perturb_, tiny_opt
 from peft import LoraConfig, get_peft_model
 from transformers import OPTForCausalLM, TrainerCallback
 
-from conftest import lm_dataset, make_args, perturb_, tiny_opt
 from hf_specgen import SpecGenTrainer
 from hf_specgen.averaging import WeightAveraging, state_file
+
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "tests" / "scripts" / "train_averaging.py"
@@ -56,8 +57,12 @@ def trainable(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def train(output_dir: Path, *callbacks: TrainerCallback, model=None, steps: int = STEPS, resume=None, **kwargs):
     """SGD (lr 0.1 unless given) on tiny OPT for `steps` steps with `callbacks`; the trainer once trained."""
-    args = make_args(output_dir, **{"max_steps": steps, "optim": "sgd", "learning_rate": 0.1, "logging_steps": 100, **kwargs})
-    trainer = SpecGenTrainer(model=model or tiny_opt(), args=args, train_dataset=lm_dataset(), callbacks=list(callbacks))
+    args = make_args(
+        output_dir, **{"max_steps": steps, "optim": "sgd", "learning_rate": 0.1, "logging_steps": 100, **kwargs}
+    )
+    trainer = SpecGenTrainer(
+        model=model or tiny_opt(), args=args, train_dataset=lm_dataset(), callbacks=list(callbacks)
+    )
     trainer.train(resume_from_checkpoint=resume)
     return trainer
 
@@ -111,7 +116,9 @@ def test_saved_model_is_the_hand_computed_average(options, expected, tmp_path):
     assert_differ(saved, weights[-1])  # an average, not the trained weights
 
 
-@pytest.mark.parametrize("options", [dict(kind="ema", ema_decay=0.0), dict(kind="sma", sma_window=1)], ids=["ema", "sma"])
+@pytest.mark.parametrize(
+    "options", [dict(kind="ema", ema_decay=0.0), dict(kind="sma", sma_window=1)], ids=["ema", "sma"]
+)
 def test_degenerate_averages_are_the_final_weights(options, tmp_path):
     weights, saved = averaged_run(tmp_path, WeightAveraging(**options))
     assert all(torch.equal(saved[n].double(), w) for n, w in weights[-1].items())
@@ -167,7 +174,9 @@ def test_lora_averages_only_the_adapter(tmp_path):
 RESUMED = dict(steps=6, save_strategy="steps", save_steps=2)
 
 
-@pytest.mark.parametrize("options", [dict(kind="ema", ema_decay=0.7), dict(kind="sma", sma_start=0.5)], ids=["ema", "sma"])
+@pytest.mark.parametrize(
+    "options", [dict(kind="ema", ema_decay=0.7), dict(kind="sma", sma_start=0.5)], ids=["ema", "sma"]
+)
 def test_resumed_run_ends_with_the_uninterrupted_average(options, tmp_path):
     """Interrupted at step 5, resumed from checkpoint-4 (SMA: started at step 3, 2 steps in the saved mean)."""
     full = WeightAveraging(**options)
@@ -228,8 +237,17 @@ def test_sma_first_step():
 def launched(tmp_path: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """`tests/scripts/train_averaging.py` (EMA, 4 steps, a checkpoint every 2) in one process (`tmp_path/one`) and
     in 2 under ZeRO-3 (`tmp_path/two`), launched together: the consolidated averaged weights of each."""
-    zero3 = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "recipes/accelerate/zero3.yaml"),
-             "--num_processes", "2", "--main_process_port", "0"]  # fmt: skip
+    zero3 = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(ROOT / "recipes/accelerate/zero3.yaml"),
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        "0",
+    ]
     runs = {}
     for name, launcher in (("one", [sys.executable]), ("two", zero3)):
         with open(tmp_path / f"{name}.log", "w") as log:
@@ -256,9 +274,13 @@ def test_zero3_average_matches_one_process(tmp_path):
     assert all(torch.equal(saved[n], two[n]) for n in saved)
     (one_run, two_run) = evaluated(tmp_path / "one"), evaluated(tmp_path / "two")
     assert (one_run["zero3"], two_run["zero3"], two_run["world_size"]) == (False, True, 2)
-    assert two_run["eval_loss"] == pytest.approx(one_run["eval_loss"], rel=1e-6)  # a forward reads the whole weights too
+    assert two_run["eval_loss"] == pytest.approx(
+        one_run["eval_loss"], rel=1e-6
+    )  # a forward reads the whole weights too
     whole = torch.load(state_file(str(tmp_path / "one" / "checkpoint-2"), 0))["averages"]
     ranks = [torch.load(state_file(str(tmp_path / "two" / "checkpoint-2"), r))["averages"] for r in (0, 1)]
     for name, average in whole.items():  # flat partitions, the last rank's padded
         assert ranks[0][name].shape == ranks[1][name].shape == (math.ceil(average.numel() / 2),), name
-        assert torch.allclose(torch.cat([ranks[0][name], ranks[1][name]])[: average.numel()], average.flatten(), atol=1e-5)
+        assert torch.allclose(
+            torch.cat([ranks[0][name], ranks[1][name]])[: average.numel()], average.flatten(), atol=1e-5
+        )

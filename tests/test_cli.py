@@ -7,17 +7,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import huggingface_hub
 import pytest
 import torch
+from conftest import VOCAB
+from test_merge import FakeHub, assert_interpolated, opt, read_card, read_weights, save  # noqa: F401 - opt: fixture
+from test_merge_lora import adapted, check_full_merge
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import hf_specgen
-import huggingface_hub
-from conftest import VOCAB
 from hf_specgen.cli import build_parser, main
 from hf_specgen.merge import MergeError, wise_ft
-from test_merge import FakeHub, assert_interpolated, opt, read_card, read_weights, save  # noqa: F401 - opt: fixture
-from test_merge_lora import adapted, check_full_merge
 
 
 def run(argv):
@@ -29,7 +29,18 @@ def run(argv):
 
 
 def merge_args(opt, out, alpha="0.3", *extra):
-    return ["merge", "--pretrained", opt["pre"], "--finetuned", opt["ft"], "--alpha", alpha, "--output-dir", out, *extra]
+    return [
+        "merge",
+        "--pretrained",
+        opt["pre"],
+        "--finetuned",
+        opt["ft"],
+        "--alpha",
+        alpha,
+        "--output-dir",
+        out,
+        *extra,
+    ]
 
 
 def same_files(a, b):
@@ -64,7 +75,12 @@ def test_merge_scores_go_into_the_card(opt, tmp_path, capsys):
 
 def test_sweep_writes_every_alpha(opt, tmp_path, capsys):
     out = tmp_path / "sweep"
-    assert run(["sweep", "--pretrained", opt["pre"], "--finetuned", opt["ft"], "--alphas", "0,0.5,1", "--output-dir", out]) == 0
+    assert (
+        run(
+            ["sweep", "--pretrained", opt["pre"], "--finetuned", opt["ft"], "--alphas", "0,0.5,1", "--output-dir", out]
+        )
+        == 0
+    )
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines == [f"alpha=0: {out / 'alpha-0'}", f"alpha=0.5: {out / 'alpha-0.5'}", f"alpha=1: {out / 'alpha-1'}"]
     assert sorted(p.name for p in out.iterdir()) == ["alpha-0", "alpha-0.5", "alpha-1", "specgen_merge.json"]
@@ -81,12 +97,42 @@ def test_sweep_writes_every_alpha(opt, tmp_path, capsys):
 def test_sweep_of_a_lora_adapter(tmp_path, capsys):
     base_dir, adapter_dir, model = adapted(tmp_path)
     out = tmp_path / "sweep"
-    assert run(["sweep", "--pretrained", base_dir, "--finetuned", adapter_dir, "--alphas", "0.25,0.75", "--output-dir", out]) == 0
+    assert (
+        run(
+            [
+                "sweep",
+                "--pretrained",
+                base_dir,
+                "--finetuned",
+                adapter_dir,
+                "--alphas",
+                "0.25,0.75",
+                "--output-dir",
+                out,
+            ]
+        )
+        == 0
+    )
     base_sd = read_weights(base_dir)
     for alpha in (0.25, 0.75):
         check_full_merge(read_weights(out / f"alpha-{alpha:g}"), base_sd, model, alpha)
-    assert run(["sweep", "--pretrained", base_dir, "--finetuned", adapter_dir, "--alphas", "0.5", "--output-dir",
-                tmp_path / "kept", "--keep-adapter"]) == 0  # fmt: skip
+    assert (
+        run(
+            [
+                "sweep",
+                "--pretrained",
+                base_dir,
+                "--finetuned",
+                adapter_dir,
+                "--alphas",
+                "0.5",
+                "--output-dir",
+                tmp_path / "kept",
+                "--keep-adapter",
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "kept" / "alpha-0.5" / "adapter_model.safetensors").is_file()
 
 
@@ -105,17 +151,35 @@ def test_existing_output_exit_2_and_overwrite(opt, tmp_path, capsys):
     (out / "keep.txt").write_text("mine")
     err = expect_usage_error(merge_args(opt, out), capsys, str(out), "already exists", "--overwrite")
     assert err.startswith("specgen: error:")
-    expect_usage_error(["sweep", "--pretrained", opt["pre"], "--finetuned", opt["ft"], "--alphas", "0,1", "--output-dir", out],
-                       capsys, "already exists")  # fmt: skip
+    expect_usage_error(
+        ["sweep", "--pretrained", opt["pre"], "--finetuned", opt["ft"], "--alphas", "0,1", "--output-dir", out],
+        capsys,
+        "already exists",
+    )
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
     assert run(merge_args(opt, out, "0.3", "--overwrite-any")) == 0
     assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
 
 
 def test_alpha_range_exit_2_unless_extrapolate(opt, tmp_path, capsys):
-    expect_usage_error(merge_args(opt, tmp_path / "out", "1.5"), capsys, "alpha must be in [0, 1]", "1.5", "--extrapolate")
-    expect_usage_error(["sweep", "--pretrained", opt["pre"], "--finetuned", opt["ft"], "--alphas", "0,-0.5",
-                        "--output-dir", tmp_path / "out"], capsys, "-0.5")  # fmt: skip
+    expect_usage_error(
+        merge_args(opt, tmp_path / "out", "1.5"), capsys, "alpha must be in [0, 1]", "1.5", "--extrapolate"
+    )
+    expect_usage_error(
+        [
+            "sweep",
+            "--pretrained",
+            opt["pre"],
+            "--finetuned",
+            opt["ft"],
+            "--alphas",
+            "0,-0.5",
+            "--output-dir",
+            tmp_path / "out",
+        ],
+        capsys,
+        "-0.5",
+    )
     assert not (tmp_path / "out").exists()
     assert run(merge_args(opt, tmp_path / "out", "1.5", "--extrapolate")) == 0
     merged = read_weights(tmp_path / "out")
@@ -126,25 +190,45 @@ def test_alpha_range_exit_2_unless_extrapolate(opt, tmp_path, capsys):
 
 def test_bad_inputs_exit_2_naming_the_problem(opt, tmp_path, capsys):
     torch.manual_seed(0)
-    gpt2 = save(GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=2, n_head=2, n_positions=32)), tmp_path / "gpt2")
+    gpt2 = save(
+        GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=2, n_head=2, n_positions=32)),
+        tmp_path / "gpt2",
+    )
     out = tmp_path / "out"
     base = ["--output-dir", out, "--alpha", "0.5"]
-    expect_usage_error(["merge", "--pretrained", opt["pre"], "--finetuned", gpt2, *base], capsys,
-                       "mismatched architectures", "'opt'", "'gpt2'")  # fmt: skip
-    expect_usage_error(["merge", "--pretrained", tmp_path / "missing", "--finetuned", opt["ft"], *base], capsys,
-                       f"{tmp_path / 'missing'}: no such directory")  # fmt: skip
-    expect_usage_error(["merge", "--pretrained", opt["pre"], "--finetuned", opt["ft"], "--keep-adapter", *base], capsys,
-                       "keep_adapter")  # fmt: skip
+    expect_usage_error(
+        ["merge", "--pretrained", opt["pre"], "--finetuned", gpt2, *base],
+        capsys,
+        "mismatched architectures",
+        "'opt'",
+        "'gpt2'",
+    )
+    expect_usage_error(
+        ["merge", "--pretrained", tmp_path / "missing", "--finetuned", opt["ft"], *base],
+        capsys,
+        f"{tmp_path / 'missing'}: no such directory",
+    )
+    expect_usage_error(
+        ["merge", "--pretrained", opt["pre"], "--finetuned", opt["ft"], "--keep-adapter", *base],
+        capsys,
+        "keep_adapter",
+    )
     config = opt["ft"] / "config.json"
     short = tmp_path / "short"
     short.mkdir()
     (short / "config.json").write_bytes(config.read_bytes())
     from safetensors.torch import save_file
 
-    save_file({k: v for k, v in opt["ft_sd"].items() if k != "model.decoder.final_layer_norm.bias"}, short / "model.safetensors",
-              metadata={"format": "pt"})  # fmt: skip
-    expect_usage_error(["merge", "--pretrained", opt["pre"], "--finetuned", short, *base], capsys,
-                       "missing in finetuned: model.decoder.final_layer_norm.bias")  # fmt: skip
+    save_file(
+        {k: v for k, v in opt["ft_sd"].items() if k != "model.decoder.final_layer_norm.bias"},
+        short / "model.safetensors",
+        metadata={"format": "pt"},
+    )
+    expect_usage_error(
+        ["merge", "--pretrained", opt["pre"], "--finetuned", short, *base],
+        capsys,
+        "missing in finetuned: model.decoder.final_layer_norm.bias",
+    )
     assert not out.exists() and not any(".partial" in p.name for p in tmp_path.iterdir())
 
 
@@ -153,11 +237,15 @@ def test_argument_errors_exit_2(opt, tmp_path, capsys):
     expect_usage_error([*sweep, "--alphas", "0,x"], capsys, "--alphas takes comma-separated numbers")
     expect_usage_error([*sweep, "--alphas", "0,0.5", "--dtype", "int8"], capsys, "--dtype", "int8")
     expect_usage_error([*sweep, "--alphas", "0.5,0.5"], capsys, "repeat")
-    expect_usage_error(["merge", "--pretrained", opt["pre"], "--output-dir", tmp_path / "out", "--alpha", "0.5"], capsys,
-                       "--finetuned")  # fmt: skip
+    expect_usage_error(
+        ["merge", "--pretrained", opt["pre"], "--output-dir", tmp_path / "out", "--alpha", "0.5"],
+        capsys,
+        "--finetuned",
+    )
     expect_usage_error(merge_args(opt, tmp_path / "out", "half"), capsys, "--alpha")
-    expect_usage_error(merge_args(opt, tmp_path / "out", "0.5", "--scores", tmp_path / "nope.md"), capsys,
-                       "--scores", "nope.md")  # fmt: skip
+    expect_usage_error(
+        merge_args(opt, tmp_path / "out", "0.5", "--scores", tmp_path / "nope.md"), capsys, "--scores", "nope.md"
+    )
     assert not (tmp_path / "out").exists()
 
 
@@ -210,8 +298,11 @@ def test_invalid_repo_id_refused_before_merging(opt, tmp_path, capsys, fake_hub)
     hubs = fake_hub()
     out = tmp_path / "out"
     for repo_id in ("me/bad id", "a/b/c", "me/x--y"):
-        expect_usage_error(merge_args(opt, out, "0.4", "--push-to-hub", repo_id), capsys,
-                           f"specgen: error: push_to_hub (--push-to-hub): {repo_id!r} is not a valid Hub repository id")  # fmt: skip
+        expect_usage_error(
+            merge_args(opt, out, "0.4", "--push-to-hub", repo_id),
+            capsys,
+            f"specgen: error: push_to_hub (--push-to-hub): {repo_id!r} is not a valid Hub repository id",
+        )
     with pytest.raises(MergeError, match="push_to_hub"):  # before the inputs are looked for
         wise_ft(tmp_path / "nope", opt["ft"], 0.5, out, "me/bad id")
     assert not out.exists() and hubs == []
@@ -241,11 +332,16 @@ def test_push_refuses_what_is_not_a_model_directory(opt, tmp_path, capsys, fake_
     out = wise_ft(opt["pre"], opt["ft"], 0.4, tmp_path / "out")
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "config.json").write_text("{}")  # a config but no weights
-    for directory, what in [(tmp_path / "nope", "no such directory"), (out / "config.json", "not a directory"),
-                            (tmp_path / "notes", "no model.safetensors"),
-                            (tmp_path, "not a model directory (no config.json or adapter_config.json)")]:  # fmt: skip
+    for directory, what in [
+        (tmp_path / "nope", "no such directory"),
+        (out / "config.json", "not a directory"),
+        (tmp_path / "notes", "no model.safetensors"),
+        (tmp_path, "not a model directory (no config.json or adapter_config.json)"),
+    ]:
         expect_usage_error(["push", directory, "me/merged"], capsys, f"specgen: error: {directory}: {what}")
-    expect_usage_error(["push", out, "me/bad id"], capsys, "specgen: error: repo_id: 'me/bad id' is not a valid Hub repository id")
+    expect_usage_error(
+        ["push", out, "me/bad id"], capsys, "specgen: error: repo_id: 'me/bad id' is not a valid Hub repository id"
+    )
     assert hubs == []
 
 
@@ -262,8 +358,11 @@ def test_every_option_and_argument_has_help():
         for action in parser._actions:
             if isinstance(action, argparse._SubParsersAction):
                 parsers.extend(action.choices.values())
-                undocumented += [f"{parser.prog} {name}" for name, sub in action.choices.items()
-                                 if not any(c.dest == name and c.help for c in action._choices_actions)]  # fmt: skip
+                undocumented += [
+                    f"{parser.prog} {name}"
+                    for name, sub in action.choices.items()
+                    if not any(c.dest == name and c.help for c in action._choices_actions)
+                ]
             elif not (action.help or "").strip() or action.help == argparse.SUPPRESS:
                 undocumented.append(f"{parser.prog} {'/'.join(action.option_strings) or action.dest}")
     assert undocumented == []
@@ -282,8 +381,13 @@ def test_merge_package_and_merge_help_start_without_the_model_stack():
         "from hf_specgen.merge import merge, wise_ft\n"
         "print('HEAVY', heavy, callable(wise_ft) and not isinstance(wise_ft, types.ModuleType), 'torch' in sys.modules)\n"
     )
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                         env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+    run = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     assert "--pretrained PRETRAINED" in run.stdout  # the help was printed, from the registry of methods
     assert run.stdout.splitlines()[-1] == "HEAVY [] True True"

@@ -10,18 +10,19 @@ import stat
 import datasets
 import pytest
 import torch
+from conftest import make_args, perturb_, tiny_opt
 from peft import LoraConfig, get_peft_model
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from transformers import AutoTokenizer, OPTForCausalLM
-
-from conftest import make_args, perturb_, tiny_opt
-from hf_specgen import SpecGenTrainer
-from hf_specgen.merge import METHODS, MergeWriteError, Parameter, TensorInput, register_method
-from hf_specgen.merge.fisher import estimate_fisher, read_texts, save_fisher
 from test_cli import run
 from test_ewc import fisher_of
 from test_merge import leftovers, read_weights, save, tiny_tokenizer
+from transformers import AutoTokenizer, OPTForCausalLM
+
+from hf_specgen import SpecGenTrainer
+from hf_specgen.merge import METHODS, MergeWriteError, Parameter, TensorInput, register_method
+from hf_specgen.merge.fisher import estimate_fisher, read_texts, save_fisher
+
 
 ALPHA_FREE = "model.decoder.final_layer_norm.weight"  # outside the blocks
 # the OPT's tensors, by kind: OPT's linear layers, and what is in the blocks
@@ -46,8 +47,10 @@ def opt3(tmp_path_factory):
         tokenizer.save_pretrained(dirs[name])
     assert len(list(dirs["pre"].glob("model-*-of-*.safetensors"))) > 2
     g = torch.Generator().manual_seed(3)
-    texts = [" ".join(f"w{int(i)}" for i in torch.randint(0, 29, (int(n),), generator=g))
-             for n in torch.randint(4, 11, (12,), generator=g)]  # fmt: skip
+    texts = [
+        " ".join(f"w{int(i)}" for i in torch.randint(0, 29, (int(n),), generator=g))
+        for n in torch.randint(4, 11, (12,), generator=g)
+    ]
     data = root / "texts.jsonl"
     data.write_text("".join(json.dumps({"text": t, "id": i}) + "\n" for i, t in enumerate(texts)))
     return {**dirs, "texts": texts, "data": data, **{f"{k}_sd": read_weights(v) for k, v in dirs.items()}}
@@ -86,12 +89,18 @@ def merge_config(out):
 
 def test_soup_of_two_with_weights(opt3, tmp_path, capsys):
     out = tmp_path / "soup"
-    assert run(["merge", *merge_cli(opt3, out, "--alpha", "0.6", "--weights", "1", "3", finetuned=("ft1", "ft2"))]) == 0
+    assert (
+        run(["merge", *merge_cli(opt3, out, "--alpha", "0.6", "--weights", "1", "3", finetuned=("ft1", "ft2"))]) == 0
+    )
     assert capsys.readouterr().out == f"wrote {out}\n"
     pre, ft1, ft2 = sds(opt3, "pre", "ft1", "ft2")
     check_merged(out, pre, lambda k: 0.4 * pre[k].double() + 0.6 * (ft1[k].double() + 3 * ft2[k].double()) / 4)
     config = merge_config(out)
-    assert (config["method"], config["weights"], config["finetuned"]) == ("linear", [1.0, 3.0], [str(opt3["ft1"]), str(opt3["ft2"])])
+    assert (config["method"], config["weights"], config["finetuned"]) == (
+        "linear",
+        [1.0, 3.0],
+        [str(opt3["ft1"]), str(opt3["ft2"])],
+    )
 
 
 def test_uniform_soup_by_default_and_sweep(opt3, tmp_path, capsys):
@@ -100,13 +109,18 @@ def test_uniform_soup_by_default_and_sweep(opt3, tmp_path, capsys):
     assert capsys.readouterr().out.splitlines() == [f"alpha=0.5: {out / 'alpha-0.5'}", f"alpha=1: {out / 'alpha-1'}"]
     pre, ft1, ft2 = sds(opt3, "pre", "ft1", "ft2")
     for alpha in (0.5, 1.0):
-        check_merged(out / f"alpha-{alpha:g}", pre,
-                     lambda k: (1 - alpha) * pre[k].double() + alpha * (ft1[k].double() + ft2[k].double()) / 2)  # fmt: skip
+        check_merged(
+            out / f"alpha-{alpha:g}",
+            pre,
+            lambda k: (1 - alpha) * pre[k].double() + alpha * (ft1[k].double() + ft2[k].double()) / 2,
+        )
 
 
 def test_task_arithmetic(opt3, tmp_path):
     out = tmp_path / "ta"
-    argv = merge_cli(opt3, out, "--method", "task_arithmetic", "--alpha", "0.8", "--weights", "0.5", "1.5", finetuned=("ft1", "ft2"))
+    argv = merge_cli(
+        opt3, out, "--method", "task_arithmetic", "--alpha", "0.8", "--weights", "0.5", "1.5", finetuned=("ft1", "ft2")
+    )
     assert run(["merge", *argv]) == 0
     pre, ft1, ft2 = sds(opt3, "pre", "ft1", "ft2")
 
@@ -129,7 +143,12 @@ def test_group_alphas_and_outside_alpha(opt3, tmp_path):
 
     merged = check_interpolated(out, opt3, alpha_of)
     config = merge_config(out)
-    assert config["schedule"] == {"kind": "groups", "group_alphas": [0.2, 0.8], "outside_alpha": 0.1, "mean_alpha": 0.5}
+    assert config["schedule"] == {
+        "kind": "groups",
+        "group_alphas": [0.2, 0.8],
+        "outside_alpha": 0.1,
+        "mean_alpha": 0.5,
+    }
     assert config["alphas"] == {k: alpha_of(k) for k in merged}
 
 
@@ -137,7 +156,10 @@ def test_sweep_scales_the_group_shape_to_each_mean(opt3, tmp_path, capsys):
     out = tmp_path / "sweep"
     argv = merge_cli(opt3, out, "--alphas", "0.2,0.4", "--group-alphas", "0.1,0.2,0.3")
     assert run(["sweep", *argv]) == 0
-    assert capsys.readouterr().out.splitlines() == [f"alpha=0.2: {out / 'alpha-0.2'}", f"alpha=0.4: {out / 'alpha-0.4'}"]
+    assert capsys.readouterr().out.splitlines() == [
+        f"alpha=0.2: {out / 'alpha-0.2'}",
+        f"alpha=0.4: {out / 'alpha-0.4'}",
+    ]
     for mean, groups in [(0.2, (0.1, 0.2, 0.3)), (0.4, (0.2, 0.4, 0.6))]:  # 3 blocks, 3 groups: one each
 
         def alpha_of(key):
@@ -145,7 +167,9 @@ def test_sweep_scales_the_group_shape_to_each_mean(opt3, tmp_path, capsys):
             return mean if block is None else groups[int(block[1])]  # outside: the mean
 
         check_interpolated(out / f"alpha-{mean:g}", opt3, alpha_of)
-        assert merge_config(out / f"alpha-{mean:g}")["schedule"]["group_alphas"] == pytest.approx(list(groups), abs=1e-15)
+        assert merge_config(out / f"alpha-{mean:g}")["schedule"]["group_alphas"] == pytest.approx(
+            list(groups), abs=1e-15
+        )
     marker = json.loads((out / "specgen_merge.json").read_text())
     assert marker["alphas"] == [0.2, 0.4] and marker["shape"]["kind"] == "groups"
 
@@ -153,7 +177,9 @@ def test_sweep_scales_the_group_shape_to_each_mean(opt3, tmp_path, capsys):
 def test_alpha_rules_in_order_split_at_the_last_equals(opt3, tmp_path):
     out = tmp_path / "rules"
     rules = [r"fc\d\.weight$=0.2", r"layers\.1\.=0.9", r"self_attn\.(?=q_proj)=0.7"]  # the last one's regex holds '='
-    assert run(["merge", *merge_cli(opt3, out, "--alpha", "0.5", *[a for r in rules for a in ("--alpha-rule", r)])]) == 0
+    assert (
+        run(["merge", *merge_cli(opt3, out, "--alpha", "0.5", *[a for r in rules for a in ("--alpha-rule", r)])]) == 0
+    )
 
     def alpha_of(key):
         if key.endswith(("fc1.weight", "fc2.weight")):
@@ -162,9 +188,16 @@ def test_alpha_rules_in_order_split_at_the_last_equals(opt3, tmp_path):
             return 0.9
         return 0.7 if "self_attn.q_proj" in key else 0.5
 
-    assert alpha_of("model.decoder.layers.1.fc1.weight") == 0.2 and alpha_of("model.decoder.layers.2.self_attn.q_proj.bias") == 0.7
+    assert (
+        alpha_of("model.decoder.layers.1.fc1.weight") == 0.2
+        and alpha_of("model.decoder.layers.2.self_attn.q_proj.bias") == 0.7
+    )
     check_interpolated(out, opt3, alpha_of)
-    assert merge_config(out)["schedule"]["rules"] == [[r"fc\d\.weight$", 0.2], [r"layers\.1\.", 0.9], [r"self_attn\.(?=q_proj)", 0.7]]
+    assert merge_config(out)["schedule"]["rules"] == [
+        [r"fc\d\.weight$", 0.2],
+        [r"layers\.1\.", 0.9],
+        [r"self_attn\.(?=q_proj)", 0.7],
+    ]
 
 
 def test_sweep_with_rules_sweeps_the_default_alpha(opt3, tmp_path):
@@ -194,9 +227,13 @@ def test_linear_only_defaults_other_tensors_to_the_finetuned(opt3, tmp_path):
     assert run(["merge", *merge_cli(opt3, out, "--alpha", "0.4", "--linear-only")]) == 0
     merged = read_weights(out)
     pre, ft = sds(opt3, "pre", "ft1")
-    assert torch.equal(merged[ALPHA_FREE], ft[ALPHA_FREE]) and torch.equal(merged["model.decoder.layers.0.fc1.bias"], ft["model.decoder.layers.0.fc1.bias"])
+    assert torch.equal(merged[ALPHA_FREE], ft[ALPHA_FREE]) and torch.equal(
+        merged["model.decoder.layers.0.fc1.bias"], ft["model.decoder.layers.0.fc1.bias"]
+    )
     key = "model.decoder.layers.2.fc2.weight"
-    torch.testing.assert_close(merged[key].double(), 0.6 * pre[key].double() + 0.4 * ft[key].double(), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(
+        merged[key].double(), 0.6 * pre[key].double() + 0.4 * ft[key].double(), rtol=1e-6, atol=1e-7
+    )
 
 
 # ---- a method registered in Python gets its options ----------------------------------------------
@@ -207,10 +244,11 @@ def scaled_step():
     """`theta = theta_pre + alpha * beta * scale * (theta_ft - theta_pre)`, registered for the test only."""
 
     @register_method(
-        "scaled_step", formula="theta = theta_pre + alpha * beta * scale * (theta_ft - theta_pre)",
+        "scaled_step",
+        formula="theta = theta_pre + alpha * beta * scale * (theta_ft - theta_pre)",
         parameters={"beta": Parameter(1.0, "step multiplier (100% is the task vector)")},
         inputs={"step_scale": TensorInput("pretrained", "per-element step scales")},
-    )  # fmt: skip
+    )
     def scaled(pre, finetuned, *, alpha, weights, step_scale, beta):
         (ft,) = finetuned
         return pre.float() + alpha * beta * step_scale.float() * (ft.float() - pre.float())
@@ -227,20 +265,36 @@ def test_a_registered_method_gets_its_cli_options(opt3, tmp_path, capsys, scaled
     help_text = capsys.readouterr().out
     assert "--scaled-step-beta X" in help_text and "--step-scale FILE" in help_text and "100%" in help_text
     out = tmp_path / "out"
-    argv = merge_cli(opt3, out, "--method", "scaled_step", "--alpha", "0.5", "--scaled-step-beta", "0.3",
-                     "--step-scale", tmp_path / "scale.safetensors")  # fmt: skip
+    argv = merge_cli(
+        opt3,
+        out,
+        "--method",
+        "scaled_step",
+        "--alpha",
+        "0.5",
+        "--scaled-step-beta",
+        "0.3",
+        "--step-scale",
+        tmp_path / "scale.safetensors",
+    )
     assert run(["merge", *argv]) == 0
     check_merged(out, pre, lambda k: pre[k].double() + 0.15 * scale[k].double() * (ft[k].double() - pre[k].double()))
     assert merge_config(out)["parameters"] == {"beta": 0.3} and capsys.readouterr().err == ""
-    refused(["merge", *merge_cli(opt3, tmp_path / "default", "--method", "scaled_step", "--alpha", "0.5")], capsys,
-            "method 'scaled_step' needs step_scale (--step-scale)", output=tmp_path / "default")  # fmt: skip
+    refused(
+        ["merge", *merge_cli(opt3, tmp_path / "default", "--method", "scaled_step", "--alpha", "0.5")],
+        capsys,
+        "method 'scaled_step' needs step_scale (--step-scale)",
+        output=tmp_path / "default",
+    )
 
 
 def test_a_method_without_fallback_needs_inputs_for_every_tensor(opt3, tmp_path, capsys, scaled_step):
     key = "model.decoder.layers.0.fc1.weight"
     save_file({key: torch.ones(32, 16)}, tmp_path / "scale.safetensors")  # one tensor only
     out = tmp_path / "out"
-    argv = merge_cli(opt3, out, "--method", "scaled_step", "--alpha", "0.5", "--step-scale", tmp_path / "scale.safetensors")
+    argv = merge_cli(
+        opt3, out, "--method", "scaled_step", "--alpha", "0.5", "--step-scale", tmp_path / "scale.safetensors"
+    )
     assert run(["merge", *argv]) == 2
     err = capsys.readouterr().err
     head = "specgen: error: method 'scaled_step' has no fallback method: its inputs (step_scale) must cover every merged tensor; they lack "
@@ -262,8 +316,14 @@ def trainer_fisher(opt3, tmp_path, fisher_type, seed):
     tokenizer = AutoTokenizer.from_pretrained(opt3["pre"])
     ids = [tokenizer(t)["input_ids"] for t in opt3["texts"]]
     data = datasets.Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * len(i) for i in ids], "labels": ids})
-    args = make_args(tmp_path / "trainer", ewc_lambda=1.0, ewc_num_samples=6, ewc_fisher=fisher_type, seed=seed,
-                     per_device_train_batch_size=1)  # fmt: skip
+    args = make_args(
+        tmp_path / "trainer",
+        ewc_lambda=1.0,
+        ewc_num_samples=6,
+        ewc_fisher=fisher_type,
+        seed=seed,
+        per_device_train_batch_size=1,
+    )
     trainer = SpecGenTrainer(model=OPTForCausalLM.from_pretrained(opt3["pre"]), args=args, train_dataset=data)
     return fisher_of(trainer)
 
@@ -281,8 +341,14 @@ def test_fisher_file_is_the_trainers_ewc_fisher(opt3, tmp_path, capsys, fisher_t
         torch.testing.assert_close(tensor, expected[key], rtol=1e-5, atol=1e-9, msg=key)
     assert all(bool((t > 0).any()) for t in written.values())
     with safe_open(out, framework="pt") as f:
-        assert f.metadata() == {"format": "pt", "written_by": "hf_specgen", "model": str(opt3["pre"]),
-                                "fisher_type": fisher_type, "num_samples": "6", "seed": "5"}  # fmt: skip
+        assert f.metadata() == {
+            "format": "pt",
+            "written_by": "hf_specgen",
+            "model": str(opt3["pre"]),
+            "fisher_type": fisher_type,
+            "num_samples": "6",
+            "seed": "5",
+        }
     assert leftovers(tmp_path) == []
 
 
@@ -291,7 +357,18 @@ def test_fisher_batches_seed_and_data_formats(opt3, tmp_path):
     one = load_file(tmp_path / "one.safetensors")
     texts = tmp_path / "texts.json"  # a JSON list of strings: the same texts
     texts.write_text(json.dumps(opt3["texts"]))
-    argv = ["fisher", opt3["pre"], "--data", texts, "--num-samples", "6", "--batch-size", "4", "--output", tmp_path / "b.safetensors"]
+    argv = [
+        "fisher",
+        opt3["pre"],
+        "--data",
+        texts,
+        "--num-samples",
+        "6",
+        "--batch-size",
+        "4",
+        "--output",
+        tmp_path / "b.safetensors",
+    ]
     assert run(argv) == 0
     batched = load_file(tmp_path / "b.safetensors")
     for key in one:
@@ -303,10 +380,25 @@ def test_fisher_batches_seed_and_data_formats(opt3, tmp_path):
 
 def test_fisher_merge_from_specgen_fisher_files(opt3, tmp_path, capsys):
     f_pre, f_ft = tmp_path / "pre.safetensors", tmp_path / "ft.safetensors"
-    assert specgen_fisher(opt3, "pre", f_pre) == 0 and specgen_fisher(opt3, "ft1", f_ft, "--fisher-type", "empirical") == 0
+    assert (
+        specgen_fisher(opt3, "pre", f_pre) == 0
+        and specgen_fisher(opt3, "ft1", f_ft, "--fisher-type", "empirical") == 0
+    )
     out = tmp_path / "merged"
-    argv = merge_cli(opt3, out, "--method", "fisher", "--alpha", "0.3", "--fisher-pre", f_pre, "--fisher-finetuned", f_ft,
-                     "--fisher-epsilon", "1e-4")  # fmt: skip
+    argv = merge_cli(
+        opt3,
+        out,
+        "--method",
+        "fisher",
+        "--alpha",
+        "0.3",
+        "--fisher-pre",
+        f_pre,
+        "--fisher-finetuned",
+        f_ft,
+        "--fisher-epsilon",
+        "1e-4",
+    )
     assert run(["merge", *argv]) == 0
     pre, ft = sds(opt3, "pre", "ft1")
     fp, ff = load_file(f_pre), load_file(f_ft)
@@ -318,7 +410,10 @@ def test_fisher_merge_from_specgen_fisher_files(opt3, tmp_path, capsys):
 
     check_merged(out, pre, expected)
     config = merge_config(out)
-    assert config["parameters"] == {"epsilon": 1e-4} and config["inputs"] == {"fisher_pre": str(f_pre), "fisher_finetuned": str(f_ft)}
+    assert config["parameters"] == {"epsilon": 1e-4} and config["inputs"] == {
+        "fisher_pre": str(f_pre),
+        "fisher_finetuned": str(f_ft),
+    }
     assert "fallback" not in config
 
 
@@ -326,7 +421,9 @@ def test_estimate_fisher_of_a_peft_model_names_the_base_weights(opt3):
     tokenizer = AutoTokenizer.from_pretrained(opt3["pre"])
     base = OPTForCausalLM.from_pretrained(opt3["pre"])
     plain = estimate_fisher(base, tokenizer, opt3["texts"], 4, "empirical", seed=2)
-    lora = get_peft_model(OPTForCausalLM.from_pretrained(opt3["pre"]), LoraConfig(r=2, target_modules=["q_proj", "fc1"]))
+    lora = get_peft_model(
+        OPTForCausalLM.from_pretrained(opt3["pre"]), LoraConfig(r=2, target_modules=["q_proj", "fc1"])
+    )
     adapted = estimate_fisher(lora, tokenizer, opt3["texts"], 4, "empirical", seed=2)  # B = 0: the same model
     assert set(adapted) == set(plain) == set(opt3["pre_sd"])
     for key in plain:
@@ -358,7 +455,9 @@ def test_save_fisher_is_atomic(tmp_path, monkeypatch):
     monkeypatch.setattr("safetensors.torch.save_file", fail)
     with pytest.raises(MergeWriteError, match=re.escape(f"{path}: cannot write it: No space left on device")):
         save_fisher({"w": torch.zeros(2)}, path, overwrite=True)
-    assert [p.name for p in tmp_path.iterdir()] == ["f.safetensors"] and torch.equal(load_file(path)["w"], torch.ones(2))
+    assert [p.name for p in tmp_path.iterdir()] == ["f.safetensors"] and torch.equal(
+        load_file(path)["w"], torch.ones(2)
+    )
     monkeypatch.undo()
     previous = os.umask(0o027)
     try:
@@ -384,33 +483,93 @@ def test_bad_merge_options_exit_2_before_writing(opt3, tmp_path, capsys):
     pre_fisher = tmp_path / "pre.safetensors"
     save_file({k: torch.ones_like(v) for k, v in opt3["pre_sd"].items()}, pre_fisher)
     cases = [
-        ([*merge, "--group-alphas", "0.1,x"], "argument --group-alphas: --group-alphas takes comma-separated numbers (none empty), got '0.1,x'" + help_),
-        ([*merge, "--group-alphas", "0.1,,0.3"], "argument --group-alphas: --group-alphas takes comma-separated numbers (none empty), got '0.1,,0.3'" + help_),
-        (["sweep", *merge_cli(opt3, out), "--alphas", "0.1;0.2"], "argument --alphas: --alphas takes comma-separated numbers (none empty), got '0.1;0.2'" + " (see specgen sweep --help)"),
+        (
+            [*merge, "--group-alphas", "0.1,x"],
+            "argument --group-alphas: --group-alphas takes comma-separated numbers (none empty), got '0.1,x'" + help_,
+        ),
+        (
+            [*merge, "--group-alphas", "0.1,,0.3"],
+            "argument --group-alphas: --group-alphas takes comma-separated numbers (none empty), got '0.1,,0.3'"
+            + help_,
+        ),
+        (
+            ["sweep", *merge_cli(opt3, out), "--alphas", "0.1;0.2"],
+            "argument --alphas: --alphas takes comma-separated numbers (none empty), got '0.1;0.2'"
+            + " (see specgen sweep --help)",
+        ),
         ([*merge, "--alpha", "0.5", "--weights", "1", "x"], "argument --weights: invalid float value: 'x'" + help_),
-        ([*merge, "--alpha", "0.5", "--alpha-rule", "mlp"], "argument --alpha-rule: --alpha-rule takes REGEX=ALPHA, got 'mlp' (no '=')" + help_),
-        ([*merge, "--alpha", "0.5", "--alpha-rule", "fc1=high"], "argument --alpha-rule: --alpha-rule takes REGEX=ALPHA, got 'fc1=high': 'high' is not a number" + help_),
-        ([*merge, "--method", "ties"], "argument --method: unknown merge method 'ties'; known: linear, task_arithmetic, fisher" + help_),
-        ([*merge, "--group-alphas", "0.1,0.2,0.3,0.4"], "group alphas (--group-alphas): 4 groups, but model.decoder.layers has only 3 blocks"),
-        ([*merge, "--alpha", "0.5", "--alpha-rule", "fc1=0.1", "--alpha-rule", "mlp=0.3"], "alpha rule 'mlp' (--alpha-rule) matches no tensor of the model"),
-        ([*merge, "--alpha", "0.5", "--alpha-rule", "(fc=0.3"], "alpha rule '(fc' is not a regular expression (missing ), unterminated subpattern at position 0)"),
+        (
+            [*merge, "--alpha", "0.5", "--alpha-rule", "mlp"],
+            "argument --alpha-rule: --alpha-rule takes REGEX=ALPHA, got 'mlp' (no '=')" + help_,
+        ),
+        (
+            [*merge, "--alpha", "0.5", "--alpha-rule", "fc1=high"],
+            "argument --alpha-rule: --alpha-rule takes REGEX=ALPHA, got 'fc1=high': 'high' is not a number" + help_,
+        ),
+        (
+            [*merge, "--method", "ties"],
+            "argument --method: unknown merge method 'ties'; known: linear, task_arithmetic, fisher" + help_,
+        ),
+        (
+            [*merge, "--group-alphas", "0.1,0.2,0.3,0.4"],
+            "group alphas (--group-alphas): 4 groups, but model.decoder.layers has only 3 blocks",
+        ),
+        (
+            [*merge, "--alpha", "0.5", "--alpha-rule", "fc1=0.1", "--alpha-rule", "mlp=0.3"],
+            "alpha rule 'mlp' (--alpha-rule) matches no tensor of the model",
+        ),
+        (
+            [*merge, "--alpha", "0.5", "--alpha-rule", "(fc=0.3"],
+            "alpha rule '(fc' is not a regular expression (missing ), unterminated subpattern at position 0)",
+        ),
         ([*merge, "--alpha", "0.5", "--non-linear-alpha", "0.2"], "--non-linear-alpha goes with --linear-only"),
-        ([*merge, "--alpha", "0.5", "--outside-alpha", "0.2"], "outside_alpha (--outside-alpha) goes with group alphas (--group-alphas)"),
+        (
+            [*merge, "--alpha", "0.5", "--outside-alpha", "0.2"],
+            "outside_alpha (--outside-alpha) goes with group alphas (--group-alphas)",
+        ),
         ([*merge], "no alpha given (--alpha, or --group-alphas)"),
-        ([*merge, "--alpha", "0.5", "--group-alphas", "0.1,0.2"], "give either alpha (--alpha) or group alphas (--group-alphas), not both"),
-        ([*merge, "--alpha", "0.5", "--fisher-epsilon", "1e-6"], "--fisher-epsilon is an option of method fisher, not of linear (--method fisher to use it)"),
-        ([*merge, "--alpha", "0.5", "--method", "task_arithmetic", "--fisher-pre", pre_fisher],
-         "--fisher-pre is an input of method fisher, not of task_arithmetic (--method fisher to use it)"),
-        ([*merge, "--alpha", "0.5", "--method", "fisher", "--fisher-pre", pre_fisher],
-         "method 'fisher' needs fisher_finetuned (--fisher-finetuned)"),
-        ([*merge, "--alpha", "0.5", "--method", "fisher", "--fisher-pre", pre_fisher, "--fisher-finetuned", pre_fisher, "--fisher-epsilon", "0"],
-         "fisher parameter 'epsilon' must be a positive number, got 0.0"),
-        (["merge", *merge_cli(opt3, out, "--alpha", "0.5", "--weights", "1", "-1", finetuned=("ft1", "ft2"))],
-         "weights (--weights) must be finite numbers summing to a positive number, got [1.0, -1.0]"),
+        (
+            [*merge, "--alpha", "0.5", "--group-alphas", "0.1,0.2"],
+            "give either alpha (--alpha) or group alphas (--group-alphas), not both",
+        ),
+        (
+            [*merge, "--alpha", "0.5", "--fisher-epsilon", "1e-6"],
+            "--fisher-epsilon is an option of method fisher, not of linear (--method fisher to use it)",
+        ),
+        (
+            [*merge, "--alpha", "0.5", "--method", "task_arithmetic", "--fisher-pre", pre_fisher],
+            "--fisher-pre is an input of method fisher, not of task_arithmetic (--method fisher to use it)",
+        ),
+        (
+            [*merge, "--alpha", "0.5", "--method", "fisher", "--fisher-pre", pre_fisher],
+            "method 'fisher' needs fisher_finetuned (--fisher-finetuned)",
+        ),
+        (
+            [
+                *merge,
+                "--alpha",
+                "0.5",
+                "--method",
+                "fisher",
+                "--fisher-pre",
+                pre_fisher,
+                "--fisher-finetuned",
+                pre_fisher,
+                "--fisher-epsilon",
+                "0",
+            ],
+            "fisher parameter 'epsilon' must be a positive number, got 0.0",
+        ),
+        (
+            ["merge", *merge_cli(opt3, out, "--alpha", "0.5", "--weights", "1", "-1", finetuned=("ft1", "ft2"))],
+            "weights (--weights) must be finite numbers summing to a positive number, got [1.0, -1.0]",
+        ),
         ([*merge, "--alpha", "0.5", "--weights", "1", "2"], "weights (--weights): 2 given for 1 fine-tuned model(s)"),
-        (["merge", *merge_cli(opt3, out, "--alpha", "0.5", "--method", "fisher", finetuned=("ft1", "ft2"))],
-         "method 'fisher' merges 1 fine-tuned model(s), got 2"),
-    ]  # fmt: skip
+        (
+            ["merge", *merge_cli(opt3, out, "--alpha", "0.5", "--method", "fisher", finetuned=("ft1", "ft2"))],
+            "method 'fisher' merges 1 fine-tuned model(s), got 2",
+        ),
+    ]
     for argv, message in cases:
         refused(argv, capsys, message, output=out)
 
@@ -420,44 +579,95 @@ def test_mismatched_fisher_files_exit_2_before_writing(opt3, tmp_path, capsys):
     pre = opt3["pre_sd"]
     good, renamed, reshaped = (tmp_path / f"{n}.safetensors" for n in ("good", "renamed", "reshaped"))
     save_file({k: torch.ones_like(v) for k, v in pre.items()}, good)
-    save_file({"model.decoder.layers.9.fc1.weight": torch.ones(32, 16), **{k: torch.ones_like(v) for k, v in pre.items()}}, renamed)
+    save_file(
+        {"model.decoder.layers.9.fc1.weight": torch.ones(32, 16), **{k: torch.ones_like(v) for k, v in pre.items()}},
+        renamed,
+    )
     key = "model.decoder.layers.1.fc2.weight"
     save_file({**{k: torch.ones_like(v) for k, v in pre.items()}, key: torch.ones(16, 16)}, reshaped)
     merge = ["merge", *merge_cli(opt3, out, "--alpha", "0.5", "--method", "fisher")]
-    refused([*merge, "--fisher-pre", renamed, "--fisher-finetuned", good], capsys,
-            f"fisher_pre ({renamed}): names tensors the checkpoints do not have: model.decoder.layers.9.fc1.weight", output=out)  # fmt: skip
-    refused([*merge, "--fisher-pre", good, "--fisher-finetuned", reshaped], capsys,
-            f"fisher_finetuned ({reshaped}): {key} has shape (16, 16), the finetuned tensor (16, 32)", output=out)  # fmt: skip
-    refused([*merge, "--fisher-pre", tmp_path / "nope.safetensors", "--fisher-finetuned", good], capsys,
-            f"{tmp_path / 'nope.safetensors'}: no such safetensors file or directory", output=out)  # fmt: skip
+    refused(
+        [*merge, "--fisher-pre", renamed, "--fisher-finetuned", good],
+        capsys,
+        f"fisher_pre ({renamed}): names tensors the checkpoints do not have: model.decoder.layers.9.fc1.weight",
+        output=out,
+    )
+    refused(
+        [*merge, "--fisher-pre", good, "--fisher-finetuned", reshaped],
+        capsys,
+        f"fisher_finetuned ({reshaped}): {key} has shape (16, 16), the finetuned tensor (16, 32)",
+        output=out,
+    )
+    refused(
+        [*merge, "--fisher-pre", tmp_path / "nope.safetensors", "--fisher-finetuned", good],
+        capsys,
+        f"{tmp_path / 'nope.safetensors'}: no such safetensors file or directory",
+        output=out,
+    )
 
 
 def test_bad_fisher_arguments_exit_2_before_writing(opt3, tmp_path, capsys):
     out = tmp_path / "f.safetensors"
     fisher = ["fisher", opt3["pre"], "--data", opt3["data"], "--output", out]
-    refused([*fisher[:1], tmp_path / "a" / "missing", *fisher[2:], "--num-samples", "4"], capsys,
-            f"{tmp_path / 'a' / 'missing'}: no such directory (nor a Hub id)", output=out)  # fmt: skip
-    refused([*fisher[:3], tmp_path / "none.jsonl", *fisher[4:], "--num-samples", "4"], capsys,
-            f"{tmp_path / 'none.jsonl'}: no such file or directory (--data)", output=out)  # fmt: skip
+    refused(
+        [*fisher[:1], tmp_path / "a" / "missing", *fisher[2:], "--num-samples", "4"],
+        capsys,
+        f"{tmp_path / 'a' / 'missing'}: no such directory (nor a Hub id)",
+        output=out,
+    )
+    refused(
+        [*fisher[:3], tmp_path / "none.jsonl", *fisher[4:], "--num-samples", "4"],
+        capsys,
+        f"{tmp_path / 'none.jsonl'}: no such file or directory (--data)",
+        output=out,
+    )
     refused([*fisher, "--num-samples", "0"], capsys, "--num-samples must be at least 1, got 0", output=out)
-    refused([*fisher, "--num-samples", "4", "--batch-size", "0"], capsys, "--batch-size must be at least 1, got 0", output=out)
-    refused([*fisher, "--num-samples", "four"], capsys,
-            "argument --num-samples: invalid int value: 'four' (see specgen fisher --help)", output=out)  # fmt: skip
-    refused([*fisher[:-1], tmp_path / "f.bin", "--num-samples", "4"], capsys,
-            f"{tmp_path / 'f.bin'}: a Fisher file's name ends in .safetensors (specgen merge reads it by that)", output=out)  # fmt: skip
+    refused(
+        [*fisher, "--num-samples", "4", "--batch-size", "0"],
+        capsys,
+        "--batch-size must be at least 1, got 0",
+        output=out,
+    )
+    refused(
+        [*fisher, "--num-samples", "four"],
+        capsys,
+        "argument --num-samples: invalid int value: 'four' (see specgen fisher --help)",
+        output=out,
+    )
+    refused(
+        [*fisher[:-1], tmp_path / "f.bin", "--num-samples", "4"],
+        capsys,
+        f"{tmp_path / 'f.bin'}: a Fisher file's name ends in .safetensors (specgen merge reads it by that)",
+        output=out,
+    )
     inside = opt3["pre"] / "fisher.safetensors"
-    refused([*fisher[:-1], inside, "--num-samples", "4", "--overwrite"], capsys,
-            f"{inside}: the output lies inside the input {opt3['pre']}; choose another output (nothing was written)", output=inside)  # fmt: skip
+    refused(
+        [*fisher[:-1], inside, "--num-samples", "4", "--overwrite"],
+        capsys,
+        f"{inside}: the output lies inside the input {opt3['pre']}; choose another output (nothing was written)",
+        output=inside,
+    )
     bare = save(tiny_opt(), tmp_path / "bare")  # no tokenizer saved with it
     capsys.readouterr()
-    refused([*fisher[:1], bare, *fisher[2:], "--num-samples", "4"], capsys,
-            f"{bare}: no tokenizer files (tokenizer.json, tokenizer_config.json, ...): save the tokenizer beside the model",
-            output=out)  # fmt: skip
+    refused(
+        [*fisher[:1], bare, *fisher[2:], "--num-samples", "4"],
+        capsys,
+        f"{bare}: no tokenizer files (tokenizer.json, tokenizer_config.json, ...): save the tokenizer beside the model",
+        output=out,
+    )
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "w1 w2"}\n{"body": "w3"}\n')
-    refused([*fisher[:3], bad, *fisher[4:], "--num-samples", "4"], capsys, f"{bad}, line 2: no string field 'text'", output=out)
+    refused(
+        [*fisher[:3], bad, *fisher[4:], "--num-samples", "4"],
+        capsys,
+        f"{bad}, line 2: no string field 'text'",
+        output=out,
+    )
     out.write_bytes(b"mine")
     assert run([*fisher, "--num-samples", "4"]) == 2
-    assert capsys.readouterr().err == f"specgen: error: {out}: already exists; pass overwrite=True (--overwrite) to replace it\n"
+    assert (
+        capsys.readouterr().err
+        == f"specgen: error: {out}: already exists; pass overwrite=True (--overwrite) to replace it\n"
+    )
     assert out.read_bytes() == b"mine"
     assert run([*fisher, "--num-samples", "4", "--overwrite"]) == 0 and set(load_file(out)) == set(opt3["pre_sd"])

@@ -6,9 +6,9 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import clip_batch, perturb_, tiny_clip
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-from conftest import clip_batch, perturb_, tiny_clip
 from hf_specgen import SpecGenTrainer
 
 
@@ -54,8 +54,13 @@ def test_clip_feature_term_is_image_embedding_distance(args_factory):
 def tiny_clip_vision(seed=0):
     torch.manual_seed(seed)
     config = CLIPVisionConfig(
-        image_size=16, patch_size=8, hidden_size=16, intermediate_size=32,
-        num_hidden_layers=1, num_attention_heads=2, projection_dim=8,
+        image_size=16,
+        patch_size=8,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        projection_dim=8,
     )
     return CLIPVisionModelWithProjection(config)
 
@@ -192,13 +197,17 @@ def test_clip_fisher_scores_each_image_against_the_texts_of_its_batch(args_facto
         logits = model(**{k: v[idx] for k, v in rows.items() if k != "return_loss"}).logits_per_image
         for i in range(group):
             score = F.log_softmax(logits[i], -1)[i]
-            for k, g in zip(params, torch.autograd.grad(score, list(params.values()), retain_graph=True, allow_unused=True)):
+            for k, g in zip(
+                params, torch.autograd.grad(score, list(params.values()), retain_graph=True, allow_unused=True)
+            ):
                 if g is not None:
                     by_hand[k] += g.pow(2) / n
     assert sum(f.sum() for f in fisher.values()) > 0
     for k in fisher:
         torch.testing.assert_close(fisher[k], by_hand[k], rtol=1e-4, atol=1e-10)
-    one = SpecGenTrainer(model=tiny_clip(), args=args_factory(ewc_lambda=1.0, per_device_train_batch_size=1), train_dataset=data)
+    one = SpecGenTrainer(
+        model=tiny_clip(), args=args_factory(ewc_lambda=1.0, per_device_train_batch_size=1), train_dataset=data
+    )
     with pytest.raises(ValueError, match="per_device_train_batch_size >= 2"):
         one.specgen.begin_training(None)
 

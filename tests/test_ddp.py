@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+
 SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "train_tiny.py")
 
 
@@ -27,7 +28,15 @@ def free_port() -> int:
 
 def test_two_processes_match_one(tmp_path):
     one_weights, one = run(tmp_path / "one", sys.executable)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+    ]
     two_weights, two = run(tmp_path / "two", *torchrun)
     assert (one["world_size"], two["world_size"]) == (1, 2)
     for name, weight in one_weights.items():

@@ -21,11 +21,19 @@ from transformers import OPTForCausalLM
 
 from hf_specgen.merge import wise_ft
 
+
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "tests" / "scripts" / "train_tiny.py"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
 PENALTIES = ("loss", "loss_task", "loss_l1", "loss_l2", "loss_ewc", "loss_mas")
-OFFLOADED = ("loss", "loss_task", "loss_l1", "loss_ewc", "loss_mas", "l2_distance")  # L1, EWC, MAS, decoupled L2: CPU Adam
+OFFLOADED = (
+    "loss",
+    "loss_task",
+    "loss_l1",
+    "loss_ewc",
+    "loss_mas",
+    "l2_distance",
+)  # L1, EWC, MAS, decoupled L2: CPU Adam
 ADAMW = ("--steps", "4", "--optim", "adamw_torch")
 
 
@@ -40,14 +48,37 @@ def launcher(config: str | None) -> list[str]:
     if config is None:
         return [sys.executable]
     if config == "torchrun":
-        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
-    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "recipes" / "accelerate" / f"{config}.yaml"),
-            "--num_processes", "2", "--main_process_port", "0"]  # fmt: skip
+        return [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(free_port()),
+        ]
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(ROOT / "recipes" / "accelerate" / f"{config}.yaml"),
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        "0",
+    ]
 
 
 def launch(output_dir: Path, regularizers: str, config: str | None, *options: str) -> subprocess.CompletedProcess:
-    return subprocess.run([*launcher(config), str(SCRIPT), str(output_dir), regularizers, *options], env=ENV, cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    return subprocess.run(
+        [*launcher(config), str(SCRIPT), str(output_dir), regularizers, *options],
+        env=ENV,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def launched(output_dir: Path, regularizers: str, config: str | None, *options: str) -> Path:
@@ -144,8 +175,15 @@ def zero12_offload(tmp_path_factory):
             output_dir = tmp_path_factory.mktemp(f"zero{stage}_offload")
             config_file = output_dir / "ds_config.json"
             config_file.write_text(json.dumps(config))
-            runs[stage] = launched(output_dir / "run", "l1,l2d,ewc,mas", "torchrun", *ADAMW, "--deepspeed", str(config_file),
-                                   *OFFLOAD_LAUNCHES[stage])  # fmt: skip
+            runs[stage] = launched(
+                output_dir / "run",
+                "l1,l2d,ewc,mas",
+                "torchrun",
+                *ADAMW,
+                "--deepspeed",
+                str(config_file),
+                *OFFLOAD_LAUNCHES[stage],
+            )
         return runs[stage]
 
     return run
@@ -171,7 +209,9 @@ def test_distillation_terms_under_zero_match_one_process(config, options, one_pr
     # save_model writes a consolidated HuggingFace checkpoint that from_pretrained and the merge read
     saved = OPTForCausalLM.from_pretrained(tmp_path / "model").state_dict()
     assert all(torch.equal(saved[name], two_weights[name]) for name in saved)
-    merged = OPTForCausalLM.from_pretrained(wise_ft(one_dir, tmp_path / "model", 0.5, tmp_path / "merged")).state_dict()
+    merged = OPTForCausalLM.from_pretrained(
+        wise_ft(one_dir, tmp_path / "model", 0.5, tmp_path / "merged")
+    ).state_dict()
     for name in saved:
         assert torch.allclose(merged[name], (one_weights[name] + two_weights[name]) / 2, atol=1e-6), name
     assert len(one["logs"]) == 3
@@ -240,7 +280,9 @@ def test_deepspeed_json_in_training_arguments_matches_one_process(stage, one_pro
     config_file = tmp_path / f"zero{stage}.json"
     config_file.write_text(json.dumps(config))
     output_dir = tmp_path / "run"
-    launched(output_dir, "l1,l2,ewc,mas", "torchrun", "--steps", "4", "--accumulation", "2", "--deepspeed", str(config_file))
+    launched(
+        output_dir, "l1,l2,ewc,mas", "torchrun", "--steps", "4", "--accumulation", "2", "--deepspeed", str(config_file)
+    )
     one, two = assert_same_run(one_process_penalties, output_dir, (*PENALTIES, "grad_norm"))
     assert_clipping_active(one)
     assert_halved(one, two, "weights")

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from conftest import lm_batch, lm_dataset, perturb_, snapshot, step_and_grads, tiny_opt
+
 from hf_specgen import SpecGenTrainer
 
 
@@ -94,8 +94,9 @@ def test_penalty_gradient_is_clipped_with_the_task_gradient(args_factory):
     data = lm_dataset(4)
     trainer = SpecGenTrainer(
         model=model,
-        args=args_factory(l2_lambda=lam, optim="sgd", learning_rate=lr, max_grad_norm=clip, max_steps=1,
-                          lr_scheduler_type="constant"),
+        args=args_factory(
+            l2_lambda=lam, optim="sgd", learning_rate=lr, max_grad_norm=clip, max_steps=1, lr_scheduler_type="constant"
+        ),
         train_dataset=data,
     )
     perturb_(model)
@@ -116,8 +117,11 @@ def test_penalty_gradient_is_clipped_with_the_task_gradient(args_factory):
 def test_closed_form_gradients_follow_the_fp16_loss_scale(args_factory):
     """Under fp16 the task gradients are multiplied by the GradScaler's scale; the penalty's must be too."""
     model = tiny_opt()
-    trainer = SpecGenTrainer(model=model, args=args_factory(l1_lambda=0.3, l2_lambda=0.7, ewc_lambda=2.0,
-                                                            ewc_num_samples=4), train_dataset=lm_dataset(4))
+    trainer = SpecGenTrainer(
+        model=model,
+        args=args_factory(l1_lambda=0.3, l2_lambda=0.7, ewc_lambda=2.0, ewc_num_samples=4),
+        train_dataset=lm_dataset(4),
+    )
     trainer.specgen.begin_training(None)
     perturb_(model)
     batch = lm_batch()
@@ -134,8 +138,12 @@ def test_decoupled_decay_is_hooked_once_into_a_user_optimizer(args_factory):
     model = tiny_opt()
     pre = snapshot(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
-    trainer = SpecGenTrainer(model=model, args=args_factory(l2_lambda=lam, l2_mode="decoupled", max_steps=1),
-                             optimizers=(optimizer, None), train_dataset=lm_dataset(8))
+    trainer = SpecGenTrainer(
+        model=model,
+        args=args_factory(l2_lambda=lam, l2_mode="decoupled", max_steps=1),
+        optimizers=(optimizer, None),
+        train_dataset=lm_dataset(8),
+    )
     perturb_(model)
     before = snapshot(model)
     assert trainer.create_optimizer() is optimizer and trainer.create_optimizer() is optimizer
@@ -156,7 +164,9 @@ def test_coarse_anchor_has_a_dead_zone_of_its_rounding_step(args_factory, anchor
     to its anchor value) every term and its gradient are exactly 0; beyond, the difference to the anchor."""
     lam = dict(l1_lambda=0.5, l2_lambda=2.0, ewc_lambda=3.0, ewc_num_samples=2)
     model = tiny_opt()
-    trainer = SpecGenTrainer(model=model, args=args_factory(anchor_dtype=anchor_dtype, **lam), train_dataset=lm_dataset(4))
+    trainer = SpecGenTrainer(
+        model=model, args=args_factory(anchor_dtype=anchor_dtype, **lam), train_dataset=lm_dataset(4)
+    )
     trainer.specgen.begin_training(None)
     dtype = getattr(torch, anchor_dtype)
     assert all(d.reference.dtype == dtype for d in trainer.deltas)

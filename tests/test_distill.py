@@ -5,10 +5,9 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-
+from conftest import lm_batch, perturb_, tiny_opt
 from transformers import OPTForCausalLM
 
-from conftest import lm_batch, perturb_, tiny_opt
 from hf_specgen import SpecGenTrainer
 
 

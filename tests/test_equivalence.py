@@ -1,9 +1,9 @@
 """With every weight at 0, SpecGenTrainer is transformers.Trainer, bit for bit."""
 
 import torch
+from conftest import lm_dataset, make_args, tiny_opt
 from transformers import Trainer, TrainingArguments
 
-from conftest import lm_dataset, make_args, tiny_opt
 from hf_specgen import SpecGenTrainer
 
 
@@ -11,8 +11,15 @@ def test_zero_weights_train_bit_for_bit_like_trainer(tmp_path):
     data = lm_dataset(24)
     common = dict(max_steps=5, gradient_accumulation_steps=2, per_device_train_batch_size=2, max_grad_norm=1.0)
     plain_args = TrainingArguments(
-        output_dir=str(tmp_path / "plain"), use_cpu=True, report_to=[], learning_rate=1e-2, seed=0,
-        logging_steps=1, save_strategy="no", disable_tqdm=True, **common,
+        output_dir=str(tmp_path / "plain"),
+        use_cpu=True,
+        report_to=[],
+        learning_rate=1e-2,
+        seed=0,
+        logging_steps=1,
+        save_strategy="no",
+        disable_tqdm=True,
+        **common,
     )
     # dropout on: the two runs must also consume the random generator identically
     plain = Trainer(model=tiny_opt(dropout=0.1), args=plain_args, train_dataset=data)

@@ -47,7 +47,9 @@ def accuracy(model, tokenizer, docs) -> float:
 
 def test_multiple_choice_accuracy_matches_direct_loglikelihoods(lm, tasks):
     model, tokenizer = lm
-    scores = evaluate_lm(model, ["tiny_world_facts", "tiny_medmcqa"], tokenizer=tokenizer, include_path=tasks, limit=40)
+    scores = evaluate_lm(
+        model, ["tiny_world_facts", "tiny_medmcqa"], tokenizer=tokenizer, include_path=tasks, limit=40
+    )
     facts = [(r["context"], r["choices"], r["gold"]) for r in rows(tasks / "tiny_world_facts.jsonl")[:40]]
     exams = [(doc_to_text(r), doc_to_choice(r), r["cop"]) for r in rows(tasks / "tiny_medmcqa_test.jsonl")[:40]]
     assert scores["tiny_world_facts"].value == pytest.approx(accuracy(model, tokenizer, facts))
@@ -58,12 +60,14 @@ def test_multiple_choice_accuracy_matches_direct_loglikelihoods(lm, tasks):
 
 def test_generation_exact_match_matches_greedy_decoding(lm, tasks):
     model, tokenizer = lm
-    score = evaluate_lm(model, ["tiny_instructions"], tokenizer=tokenizer, include_path=tasks, limit=30)["tiny_instructions"]
+    score = evaluate_lm(model, ["tiny_instructions"], tokenizer=tokenizer, include_path=tasks, limit=30)[
+        "tiny_instructions"
+    ]
     hits = 0
     for row in rows(tasks / "tiny_instructions.jsonl")[:30]:
         ids = tokenizer(row["prompt"], return_tensors="pt", add_special_tokens=False)["input_ids"]
         out = model.generate(ids, max_new_tokens=24, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-        hits += tokenizer.decode(out[0, ids.shape[1]:]).split("\n")[0].strip() == row["target"]
+        hits += tokenizer.decode(out[0, ids.shape[1] :]).split("\n")[0].strip() == row["target"]
     assert score.metric == "exact_match" and score.value == pytest.approx(hits / 30)
 
 

@@ -18,7 +18,15 @@ from hf_specgen.eval.lm import TaskScore, _primary_score, _task_manager, evaluat
 from hf_specgen.eval.lm_tasks import MEDMCQA_HUB_ID, medmcqa_task_dir
 from hf_specgen.eval.report import load_records
 from hf_specgen.eval.suites import LM_SUITES, LMSuite, check_suites, suite_scores, task_metrics
-from hf_specgen.tiny import CLASS_NAMES, GENERAL_TASKS, MEDMCQA_TASK, clip_path, image_domains, lm_path, zero_shot_templates
+from hf_specgen.tiny import (
+    CLASS_NAMES,
+    GENERAL_TASKS,
+    MEDMCQA_TASK,
+    clip_path,
+    image_domains,
+    lm_path,
+    zero_shot_templates,
+)
 
 
 def test_tiny_suites_name_the_tiny_tasks():
@@ -27,8 +35,13 @@ def test_tiny_suites_name_the_tiny_tasks():
 
 
 ALIGNMENT_TAX = {  # task -> the metric scored: accuracy, F1, BLEU as in "Mitigating the Alignment Tax of RLHF"
-    "arc_easy": "acc", "arc_challenge": "acc", "race": "acc", "piqa": "acc",
-    "squadv2": "f1", "drop": "f1", "wmt14-fr-en": "bleu",
+    "arc_easy": "acc",
+    "arc_challenge": "acc",
+    "race": "acc",
+    "piqa": "acc",
+    "squadv2": "f1",
+    "drop": "f1",
+    "wmt14-fr-en": "bleu",
 }
 
 
@@ -68,8 +81,10 @@ def test_scales_bring_lm_evals_own_scores_to_0_1():
     drop = process_drop({"answers": [("two cats",)]}, ["two dogs"])
     assert drop == {"em": 0, "f1": 0.5}
     perfect = bleu([("the cat sat on the mat", "the cat sat on the mat")])
-    scores = {"wmt14-fr-en": TaskScore("wmt14-fr-en", "bleu", perfect, None, 1),
-              "drop": TaskScore("drop", "f1", drop["f1"], None, 1)}
+    scores = {
+        "wmt14-fr-en": TaskScore("wmt14-fr-en", "bleu", perfect, None, 1),
+        "drop": TaskScore("drop", "f1", drop["f1"], None, 1),
+    }
     assert suite.score("wmt14-fr-en", scores) == pytest.approx(1.0) and suite.score("drop", scores) == 0.5
 
 
@@ -79,17 +94,34 @@ def lm_eval_output() -> dict:
 
     multiple_choice = {"metric_list": [{"metric": "acc"}, {"metric": "acc_norm"}]}
     configs = {task: multiple_choice for task in ("arc_easy", "arc_challenge", "race", "piqa")}
-    configs |= {"squadv2": TaskConfig(metadata={"version": 3}).to_dict(),  # what SQuAD2.__init__ configures
-                "drop": {"metric_list": [{"metric": "em"}, {"metric": "f1"}]},
-                "wmt14-fr-en": {"metric_list": [{"metric": "bleu"}, {"metric": "ter"}, {"metric": "chrf"}]}}
-    results = {task: {"alias": task, "acc,none": 0.5 + i / 10, "acc_stderr,none": 0.01, "acc_norm,none": 0.2}
-               for i, task in enumerate(("arc_easy", "arc_challenge", "race", "piqa"))}
-    results |= {"squadv2": {"alias": "squadv2", "exact,none": 50.0, "exact_stderr,none": "N/A", "f1,none": 55.0,
-                            "f1_stderr,none": "N/A", "HasAns_f1,none": 60.0, "best_f1,none": 58.0},
-                "drop": {"alias": "drop", "em,none": 0.3, "em_stderr,none": 0.02, "f1,none": 0.4,
-                         "f1_stderr,none": 0.03},
-                "wmt14-fr-en": {"alias": "wmt14-fr-en", "bleu,none": 25.0, "bleu_stderr,none": 1.5, "ter,none": 70.0,
-                                "chrf,none": 50.0}}
+    configs |= {
+        "squadv2": TaskConfig(metadata={"version": 3}).to_dict(),  # what SQuAD2.__init__ configures
+        "drop": {"metric_list": [{"metric": "em"}, {"metric": "f1"}]},
+        "wmt14-fr-en": {"metric_list": [{"metric": "bleu"}, {"metric": "ter"}, {"metric": "chrf"}]},
+    }
+    results = {
+        task: {"alias": task, "acc,none": 0.5 + i / 10, "acc_stderr,none": 0.01, "acc_norm,none": 0.2}
+        for i, task in enumerate(("arc_easy", "arc_challenge", "race", "piqa"))
+    }
+    results |= {
+        "squadv2": {
+            "alias": "squadv2",
+            "exact,none": 50.0,
+            "exact_stderr,none": "N/A",
+            "f1,none": 55.0,
+            "f1_stderr,none": "N/A",
+            "HasAns_f1,none": 60.0,
+            "best_f1,none": 58.0,
+        },
+        "drop": {"alias": "drop", "em,none": 0.3, "em_stderr,none": 0.02, "f1,none": 0.4, "f1_stderr,none": 0.03},
+        "wmt14-fr-en": {
+            "alias": "wmt14-fr-en",
+            "bleu,none": 25.0,
+            "bleu_stderr,none": 1.5,
+            "ter,none": 70.0,
+            "chrf,none": 50.0,
+        },
+    }
     return {"configs": configs, "results": results, "n-samples": {task: {"effective": 10} for task in results}}
 
 
@@ -99,10 +131,20 @@ def test_alignment_tax_scores_pick_the_named_metric_and_scale_it():
     scores = {task: _primary_score(task, output, metrics.get(task)) for task in suite.tasks}
     assert {task: score.metric for task, score in scores.items()} == ALIGNMENT_TAX
     assert scores["drop"] == TaskScore("drop", "f1", 0.4, 0.03, 10) and scores["squadv2"].stderr is None
-    assert suite_scores([suite], scores) == {"speciality": {}, "generality": pytest.approx({
-        "arc_easy": 0.5, "arc_challenge": 0.6, "race": 0.7, "piqa": 0.8,
-        "squadv2": 0.55, "drop": 0.4, "wmt14-fr-en": 0.25,
-    })}
+    assert suite_scores([suite], scores) == {
+        "speciality": {},
+        "generality": pytest.approx(
+            {
+                "arc_easy": 0.5,
+                "arc_challenge": 0.6,
+                "race": 0.7,
+                "piqa": 0.8,
+                "squadv2": 0.55,
+                "drop": 0.4,
+                "wmt14-fr-en": 0.25,
+            }
+        ),
+    }
     # without a choice: the first metric listed (DROP's exact match), and a Python task lists none
     assert _primary_score("drop", output) == TaskScore("drop", "em", 0.3, 0.02, 10)
     with pytest.raises(ValueError, match="task 'squadv2' lists no metrics in its configuration: name the metric"):
@@ -135,7 +177,19 @@ def test_unknown_or_mixed_suites_are_refused_before_loading_a_model():
 
 def test_cli_unknown_suite_exits_2(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main(["eval", "--model", str(lm_path()), "--suite", "nope", "--method", "full", "--output", str(tmp_path / "r.json")])
+        main(
+            [
+                "eval",
+                "--model",
+                str(lm_path()),
+                "--suite",
+                "nope",
+                "--method",
+                "full",
+                "--output",
+                str(tmp_path / "r.json"),
+            ]
+        )
     assert exit_info.value.code == 2 and "unknown suite" in capsys.readouterr().err
     assert not (tmp_path / "r.json").exists()
 
@@ -155,12 +209,46 @@ def test_medmcqa_suite_uses_the_hub_validation_split_and_the_training_prompt(tmp
 def test_eval_and_report_on_the_tiny_foundations(tmp_path, capsys):
     records = tmp_path / "records"
     lm = ["--suite", "tiny_general", "--suite", "tiny_medmcqa", "--limit", "12", "--method"]
-    assert main(["eval", "--model", str(lm_path()), *lm, "pre-trained", "--alpha", "0", "--output", str(records / "lm.json")]) == 0
-    assert main(["eval", "--model", str(clip_path()), "--suite", "tiny_clip", "--method", "zero-shot",
-                 "--output", str(records / "clip" / "clip.json")]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                str(lm_path()),
+                *lm,
+                "pre-trained",
+                "--alpha",
+                "0",
+                "--output",
+                str(records / "lm.json"),
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                str(clip_path()),
+                "--suite",
+                "tiny_clip",
+                "--method",
+                "zero-shot",
+                "--output",
+                str(records / "clip" / "clip.json"),
+            ]
+        )
+        == 0
+    )
     saved = json.loads((records / "lm.json").read_text())
     assert set(saved["speciality"]) == {"tiny_medmcqa"}
-    assert set(saved["generality"]) == {"tiny_arithmetic", "tiny_instructions", "tiny_world_facts", "tiny_cause_effect"}
+    assert set(saved["generality"]) == {
+        "tiny_arithmetic",
+        "tiny_instructions",
+        "tiny_world_facts",
+        "tiny_cause_effect",
+    }
     assert saved["method"] == "pre-trained" and saved["alpha"] == 0 and saved["cost"]["eval_s"] > 0
     assert all(0 <= v <= 1 for v in [*saved["speciality"].values(), *saved["generality"].values()])
     clip = json.loads((records / "clip" / "clip.json").read_text())

@@ -1,12 +1,12 @@
 """EWC: the diagonal Fisher from per-example gradients at the pre-trained weights, and the penalty."""
 
+import datasets
 import pytest
 import torch
+from conftest import lm_dataset, perturb_, snapshot, tiny_opt
 from torch import nn
 from transformers.modeling_outputs import SequenceClassifierOutput
 
-import datasets
-from conftest import lm_dataset, perturb_, snapshot, tiny_opt
 from hf_specgen import SpecGenTrainer
 
 
@@ -64,9 +64,7 @@ def test_true_fisher_samples_labels_from_the_model(args_factory):
     n = 3000
     # every label is 0: the empirical Fisher would use it, the true Fisher must not
     data = datasets.Dataset.from_dict({"x": [x.tolist()] * n, "labels": [0] * n})
-    trainer = SpecGenTrainer(
-        model=model, args=args_factory(ewc_lambda=1.0, ewc_num_samples=n), train_dataset=data
-    )
+    trainer = SpecGenTrainer(model=model, args=args_factory(ewc_lambda=1.0, ewc_num_samples=n), train_dataset=data)
     fisher = fisher_of(trainer)["linear.weight"]
     p = torch.softmax(model.linear.weight.detach() @ x, dim=0)
     analytic = (p * (1 - p))[:, None] * x.pow(2)[None, :]
@@ -82,7 +80,9 @@ def test_true_fisher_is_reproducible_from_the_seed(args_factory):
     data = lm_dataset(8)
     fishers = []
     for _ in range(2):
-        trainer = SpecGenTrainer(model=tiny_opt(), args=args_factory(ewc_lambda=1.0, ewc_num_samples=4), train_dataset=data)
+        trainer = SpecGenTrainer(
+            model=tiny_opt(), args=args_factory(ewc_lambda=1.0, ewc_num_samples=4), train_dataset=data
+        )
         fishers.append(fisher_of(trainer))
     assert all(torch.equal(fishers[0][k], fishers[1][k]) for k in fishers[0])
 
@@ -134,7 +134,9 @@ def test_lora_fisher_is_estimated_at_ref_model(args_factory):
     data = lm_dataset(4)
     args = args_factory(ewc_lambda=1.0, ewc_num_samples=4)
     config = dict(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"])
-    plain = fisher_of(SpecGenTrainer(model=get_peft_model(tiny_opt(), LoraConfig(**config)), args=args, train_dataset=data))
+    plain = fisher_of(
+        SpecGenTrainer(model=get_peft_model(tiny_opt(), LoraConfig(**config)), args=args, train_dataset=data)
+    )
     rewritten = tiny_opt()
     perturb_(rewritten, scale=0.2)
     model = get_peft_model(rewritten, LoraConfig(**config))

@@ -7,15 +7,16 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import lm_batch, lm_dataset, perturb_, step_and_grads, tiny_opt
 from peft import LoraConfig, get_peft_model
 from peft.tuners.lora import LoraLayer
 from torch.overrides import TorchFunctionMode
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from conftest import lm_batch, lm_dataset, perturb_, step_and_grads, tiny_opt
 from hf_specgen import SpecGenTrainer
 from hf_specgen.anchor import LoraDelta, weight_deltas
 from hf_specgen.regularizers import EWC
+
 
 ADAPTER = "default"
 
@@ -61,17 +62,42 @@ def _gpt2():
 
 # name -> (model builder, LoraConfig kwargs, {module-name suffix: (r, closed-form scale)}, transposed)
 CASES = {
-    "opt_linear": (tiny_opt, dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
-                   {"q_proj": (4, 8 / 4), "v_proj": (4, 8 / 4)}, False),
-    "gpt2_conv1d_fan_in_fan_out": (_gpt2, dict(r=2, lora_alpha=6, target_modules=["c_attn"], fan_in_fan_out=True),
-                                   {"c_attn": (2, 6 / 2)}, True),
-    "opt_embedding": (tiny_opt, dict(r=4, lora_alpha=16, target_modules=["embed_tokens"]),
-                      {"embed_tokens": (4, 16 / 4)}, True),
-    "rslora": (tiny_opt, dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_rslora=True),
-               {"q_proj": (4, 8 / math.sqrt(4)), "v_proj": (4, 8 / math.sqrt(4))}, False),
-    "rank_pattern": (tiny_opt, dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                    rank_pattern={"q_proj": 2}, alpha_pattern={"v_proj": 2}),
-                     {"q_proj": (2, 8 / 2), "v_proj": (4, 2 / 4)}, False),
+    "opt_linear": (
+        tiny_opt,
+        dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+        {"q_proj": (4, 8 / 4), "v_proj": (4, 8 / 4)},
+        False,
+    ),
+    "gpt2_conv1d_fan_in_fan_out": (
+        _gpt2,
+        dict(r=2, lora_alpha=6, target_modules=["c_attn"], fan_in_fan_out=True),
+        {"c_attn": (2, 6 / 2)},
+        True,
+    ),
+    "opt_embedding": (
+        tiny_opt,
+        dict(r=4, lora_alpha=16, target_modules=["embed_tokens"]),
+        {"embed_tokens": (4, 16 / 4)},
+        True,
+    ),
+    "rslora": (
+        tiny_opt,
+        dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_rslora=True),
+        {"q_proj": (4, 8 / math.sqrt(4)), "v_proj": (4, 8 / math.sqrt(4))},
+        False,
+    ),
+    "rank_pattern": (
+        tiny_opt,
+        dict(
+            r=4,
+            lora_alpha=8,
+            target_modules=["q_proj", "v_proj"],
+            rank_pattern={"q_proj": 2},
+            alpha_pattern={"v_proj": 2},
+        ),
+        {"q_proj": (2, 8 / 2), "v_proj": (4, 2 / 4)},
+        False,
+    ),
 }
 
 
@@ -421,8 +447,9 @@ def test_several_active_adapters_are_penalized_as_their_sum(args_factory):
     model = two_adapter_opt()
     layers = lora_layers(model)
     assert all(set(layer.active_adapters) == {ADAPTER, "second"} for layer in layers.values())
-    trainer = SpecGenTrainer(model=model, args=args_factory(l2_lambda=lam, ewc_lambda=1.0, ewc_num_samples=2),
-                             train_dataset=lm_dataset(4))  # fmt: skip
+    trainer = SpecGenTrainer(
+        model=model, args=args_factory(l2_lambda=lam, ewc_lambda=1.0, ewc_num_samples=2), train_dataset=lm_dataset(4)
+    )
     assert len(trainer.deltas) == len(layers) == 4  # one per weight, not one per adapter
     trainer.specgen.begin_training(None)
     fisher = next(r for r in trainer.regularizers if isinstance(r, EWC)).fisher
@@ -435,15 +462,22 @@ def test_several_active_adapters_are_penalized_as_their_sum(args_factory):
     model.zero_grad()
     value = l2.apply_(trainer.deltas, grad_scale=1.0)
     expected = lam * sum(s.double().pow(2).sum() for s in summed.values())
-    separate = lam * sum(m.get_delta_weight(a).double().pow(2).sum() for m in layers.values() for a in (ADAPTER, "second"))
+    separate = lam * sum(
+        m.get_delta_weight(a).double().pow(2).sum() for m in layers.values() for a in (ADAPTER, "second")
+    )
     assert abs(expected - separate) > 1e-3 * expected  # the two readings differ here
     torch.testing.assert_close(value.double(), expected, rtol=1e-5, atol=0)
     factors = [p for n, p in model.named_parameters() if "lora_" in n]
     closed_form = [p.grad.clone() for p in factors]
     model.zero_grad()
     by_autograd = torch.autograd.grad(
-        lam * sum((m.get_delta_weight(ADAPTER).float() + m.get_delta_weight("second").float()).pow(2).sum()
-                  for m in layers.values()), factors)  # fmt: skip
+        lam
+        * sum(
+            (m.get_delta_weight(ADAPTER).float() + m.get_delta_weight("second").float()).pow(2).sum()
+            for m in layers.values()
+        ),
+        factors,
+    )
     for got, want in zip(closed_form, by_autograd):
         assert want.abs().sum() > 0
         assert_near(got, want)

@@ -4,12 +4,11 @@ squared norm at the pre-trained weights, against hand computations; the penalty;
 import copy
 
 import datasets
-import pytest
 import torch
+from conftest import lm_batch, lm_dataset, perturb_, snapshot, step_and_grads, tiny_opt
 from peft import LoraConfig, get_peft_model
 from transformers import OPTForSequenceClassification
 
-from conftest import lm_batch, lm_dataset, perturb_, snapshot, step_and_grads, tiny_opt
 from hf_specgen import SpecGenTrainer
 from hf_specgen.regularizers import MAS
 
@@ -42,8 +41,11 @@ def test_importance_is_the_mean_absolute_gradient_of_the_output_norm(args_factor
         torch.testing.assert_close(omega[k], by_hand[k], rtol=1e-4, atol=1e-9)
     # it needs no labels' values: the same importance with every label replaced (positions kept)
     relabelled = data.map(lambda row: {"labels": [3 if t != -100 else -100 for t in row["labels"]]})
-    other = importance_of(SpecGenTrainer(model=tiny_opt(), args=args_factory(mas_lambda=1.0, mas_num_samples=n),
-                                         train_dataset=relabelled))  # fmt: skip
+    other = importance_of(
+        SpecGenTrainer(
+            model=tiny_opt(), args=args_factory(mas_lambda=1.0, mas_num_samples=n), train_dataset=relabelled
+        )
+    )
     assert all(torch.equal(other[k], omega[k]) for k in omega)
 
 
@@ -51,7 +53,9 @@ def test_penalty_is_zero_at_the_pretrained_weights_then_omega_weighted(args_fact
     lam = 4.0
     model = tiny_opt()
     pre = snapshot(model)
-    trainer = SpecGenTrainer(model=model, args=args_factory(mas_lambda=lam, mas_num_samples=4), train_dataset=lm_dataset(4))
+    trainer = SpecGenTrainer(
+        model=model, args=args_factory(mas_lambda=lam, mas_num_samples=4), train_dataset=lm_dataset(4)
+    )
     omega = importance_of(trainer)
     batch = lm_batch()
     loss, grads = step_and_grads(trainer, batch)
@@ -79,8 +83,14 @@ def test_lora_importance_of_the_base_weights_on_the_effective_delta(args_factory
     trainer = SpecGenTrainer(model=model, args=args_factory(mas_lambda=lam, mas_num_samples=n), train_dataset=data)
     omega = importance_of(trainer)
     assert len(omega) == 4 and all(k.endswith(".base_layer.weight") for k in omega)
-    assert trainer.anchor_memory() == {"weights": 0, "teacher": 0, "fisher": sum(o.numel() * 4 for o in omega.values())}
-    plain = importance_of(SpecGenTrainer(model=pretrained, args=args_factory(mas_lambda=lam, mas_num_samples=n), train_dataset=data))
+    assert trainer.anchor_memory() == {
+        "weights": 0,
+        "teacher": 0,
+        "fisher": sum(o.numel() * 4 for o in omega.values()),
+    }
+    plain = importance_of(
+        SpecGenTrainer(model=pretrained, args=args_factory(mas_lambda=lam, mas_num_samples=n), train_dataset=data)
+    )
     for k, o in omega.items():  # the pre-trained model's importance (adapters disabled)
         name = k.removeprefix("base_model.model.").replace(".base_layer.", ".")
         torch.testing.assert_close(o, plain[name], rtol=1e-5, atol=1e-10)
@@ -99,8 +109,9 @@ def test_mas_works_for_a_one_output_head(args_factory):
     torch.manual_seed(0)
     model = OPTForSequenceClassification(config)
     rows = lm_dataset(4)
-    data = datasets.Dataset.from_dict({"input_ids": rows["input_ids"], "attention_mask": rows["attention_mask"],
-                                       "labels": [0.5, -1.0, 2.0, 0.0]})  # fmt: skip
+    data = datasets.Dataset.from_dict(
+        {"input_ids": rows["input_ids"], "attention_mask": rows["attention_mask"], "labels": [0.5, -1.0, 2.0, 0.0]}
+    )
     trainer = SpecGenTrainer(model=model, args=args_factory(mas_lambda=1.0, mas_num_samples=4), train_dataset=data)
     omega = importance_of(trainer)
     assert omega["score.weight"].sum() > 0

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import VOCAB, FakeHub, perturb_, tiny_opt
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
@@ -24,11 +25,11 @@ from transformers import (
 )
 
 import hf_specgen.merge.writer as writer_module
-from conftest import VOCAB, FakeHub, perturb_, tiny_opt
 from hf_specgen.merge import MergeError, PushError, alpha_dirname, iter_wise_ft, wise_ft, wise_ft_sweep
 from hf_specgen.merge.checkpoint import Checkpoint
 from hf_specgen.merge.plan import MergedTensor
 from hf_specgen.merge.writer import ShardedWriter
+
 
 SHARD_NAME = re.compile(r"model-(\d{5})-of-(\d{5})\.safetensors")
 
@@ -71,9 +72,15 @@ def save(model, directory, **kwargs):
 def tiny_llama(seed=0, vocab_size=VOCAB, layers=1):
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=layers, num_attention_heads=2,
-        num_key_value_heads=1, max_position_embeddings=32, tie_word_embeddings=False,
-    )  # fmt: skip
+        vocab_size=vocab_size,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=32,
+        tie_word_embeddings=False,
+    )
     return LlamaForCausalLM(config)
 
 
@@ -115,7 +122,9 @@ def test_merge_interpolates_every_tensor_and_loads_tied(opt, tmp_path):
     assert set(merged) == set(opt["ft_sd"]) and "lm_head.weight" not in merged  # the tie is written once
     for key, tensor in merged.items():
         assert_interpolated(tensor, opt["pre_sd"][key], opt["ft_sd"][key], alpha)
-    assert not torch.equal(merged["model.decoder.layers.0.fc1.weight"], opt["ft_sd"]["model.decoder.layers.0.fc1.weight"])
+    assert not torch.equal(
+        merged["model.decoder.layers.0.fc1.weight"], opt["ft_sd"]["model.decoder.layers.0.fc1.weight"]
+    )
 
     model = OPTForCausalLM.from_pretrained(out)
     assert model.lm_head.weight.data_ptr() == model.model.decoder.embed_tokens.weight.data_ptr()
@@ -227,7 +236,9 @@ def test_bin_checkpoint_never_runs_pickled_code(opt, tmp_path):
     marker = tmp_path / "pwned"
     bad = tmp_path / "bad"
     bad.mkdir()
-    torch.save({"model.decoder.embed_tokens.weight": torch.zeros(2), "x": _Payload(str(marker))}, bad / "pytorch_model.bin")
+    torch.save(
+        {"model.decoder.embed_tokens.weight": torch.zeros(2), "x": _Payload(str(marker))}, bad / "pytorch_model.bin"
+    )
     with pytest.raises(Exception):
         wise_ft(opt["pre"], bad, 0.5, tmp_path / "out")
     assert not marker.exists()
@@ -290,8 +301,12 @@ def test_integer_buffer_in_a_real_model_checkpoint(opt, tmp_path):
     other = write_checkpoint(tmp_path / "other", {**ft_sd, counter: torch.tensor(8)}, config)
     out = read_weights(wise_ft(pre, same, 0.5, tmp_path / "out"))
     assert torch.equal(out[counter], torch.tensor(7))
-    assert_interpolated(out["model.decoder.layers.0.fc1.weight"], pre_sd["model.decoder.layers.0.fc1.weight"],
-                        ft_sd["model.decoder.layers.0.fc1.weight"], 0.5)  # fmt: skip
+    assert_interpolated(
+        out["model.decoder.layers.0.fc1.weight"],
+        pre_sd["model.decoder.layers.0.fc1.weight"],
+        ft_sd["model.decoder.layers.0.fc1.weight"],
+        0.5,
+    )
     with pytest.raises(MergeError, match=re.escape(counter)):
         wise_ft(pre, other, 0.5, tmp_path / "out2")
     assert not (tmp_path / "out2").exists()
@@ -432,10 +447,16 @@ def test_non_finite_output_is_refused(opt, tmp_path):
 
 
 PREPROCESSOR = {
-    "crop_size": {"height": 16, "width": 16}, "do_center_crop": True, "do_normalize": True, "do_resize": True,
-    "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_processor_type": "CLIPImageProcessor",
-    "image_std": [0.26862954, 0.26130258, 0.27577711], "resample": 3, "size": {"shortest_edge": 16},
-}  # fmt: skip
+    "crop_size": {"height": 16, "width": 16},
+    "do_center_crop": True,
+    "do_normalize": True,
+    "do_resize": True,
+    "image_mean": [0.48145466, 0.4578275, 0.40821073],
+    "image_processor_type": "CLIPImageProcessor",
+    "image_std": [0.26862954, 0.26130258, 0.27577711],
+    "resample": 3,
+    "size": {"shortest_edge": 16},
+}
 
 
 def test_side_files_come_from_the_finetuned_model(opt, tmp_path):
@@ -465,7 +486,10 @@ def test_side_files_come_from_the_finetuned_model(opt, tmp_path):
     assert GenerationConfig.from_pretrained(out).max_new_tokens == 7
 
     out16 = wise_ft(pre_dir, ft_dir, 0.5, tmp_path / "out16", dtype="bfloat16")
-    config, ft_config = json.loads((out16 / "config.json").read_text()), json.loads((ft_dir / "config.json").read_text())
+    config, ft_config = (
+        json.loads((out16 / "config.json").read_text()),
+        json.loads((ft_dir / "config.json").read_text()),
+    )
     assert config.pop("dtype") == "bfloat16" and ft_config.pop("dtype") == "float32"
     assert config == ft_config
     assert (out16 / "tokenizer.json").read_bytes() == (ft_dir / "tokenizer.json").read_bytes()
@@ -522,8 +546,12 @@ def test_sweep_reads_each_tensor_once_and_matches_single_merges(opt, tmp_path, m
     monkeypatch.undo()
     assert outs == {a: tmp_path / "sweep" / alpha_dirname(a) for a in alphas}
     assert sorted(p.name for p in (tmp_path / "sweep").iterdir()) == [
-        "alpha-0", "alpha-0.25", "alpha-0.5", "alpha-1", "specgen_merge.json"
-    ]  # fmt: skip
+        "alpha-0",
+        "alpha-0.25",
+        "alpha-0.5",
+        "alpha-1",
+        "specgen_merge.json",
+    ]
     for alpha, out in outs.items():
         single = wise_ft(opt["pre_sharded"], opt["ft"], alpha, tmp_path / f"single-{alpha}", max_shard_size="4KB")
         assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in single.iterdir())
@@ -531,7 +559,9 @@ def test_sweep_reads_each_tensor_once_and_matches_single_merges(opt, tmp_path, m
         assert set(swept) == set(alone)
         assert all(torch.equal(swept[k], alone[k]) for k in alone)
         assert read_card(out)[0]["wise_ft"]["alpha"] == alpha
-        assert (out / "model.safetensors.index.json").read_text() == (single / "model.safetensors.index.json").read_text()
+        assert (out / "model.safetensors.index.json").read_text() == (
+            single / "model.safetensors.index.json"
+        ).read_text()
     for key in opt["ft_sd"]:
         assert_interpolated(read_weights(outs[0.25])[key], opt["pre_sd"][key], opt["ft_sd"][key], 0.25)
     assert leftovers(tmp_path) == []
@@ -555,9 +585,11 @@ def test_iter_wise_ft_yields_the_written_state_dicts(opt, tmp_path):
 
 def test_sweep_refuses_bad_alphas_before_writing(opt, tmp_path):
     for alphas, pattern in [
-        ([0.5, 1.2], "alpha must be in"), ([0.5, 0.5], "repeat"), ([], "no alpha"),
+        ([0.5, 1.2], "alpha must be in"),
+        ([0.5, 0.5], "repeat"),
+        ([], "no alpha"),
         ([0.1234561, 0.1234562], "same output directory names"),
-    ]:  # fmt: skip
+    ]:
         with pytest.raises(MergeError, match=pattern):
             wise_ft_sweep(opt["pre"], opt["ft"], alphas, tmp_path / "sweep")
         assert not (tmp_path / "sweep").exists()
@@ -622,8 +654,12 @@ def test_existing_output_refused_without_overwrite_replaced_with_it(opt, tmp_pat
     wise_ft(opt["pre"], opt["ft"], 0.5, out, overwrite="any")
     assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
     merged = read_weights(out)
-    assert_interpolated(merged["model.decoder.final_layer_norm.weight"], opt["pre_sd"]["model.decoder.final_layer_norm.weight"],
-                        opt["ft_sd"]["model.decoder.final_layer_norm.weight"], 0.5)  # fmt: skip
+    assert_interpolated(
+        merged["model.decoder.final_layer_norm.weight"],
+        opt["pre_sd"]["model.decoder.final_layer_norm.weight"],
+        opt["ft_sd"]["model.decoder.final_layer_norm.weight"],
+        0.5,
+    )
     wise_ft_sweep(opt["pre"], opt["ft"], [0.0, 1.0], out, overwrite=True)
     assert sorted(p.name for p in out.iterdir()) == ["alpha-0", "alpha-1", "specgen_merge.json"]
     assert leftovers(tmp_path) == []
@@ -668,9 +704,19 @@ def test_mismatched_architectures_refused_before_writing(opt, tmp_path, monkeypa
 
 def test_push_to_hub_uploads_weights_and_card(opt, tmp_path):
     hub = FakeHub()
-    out = wise_ft(opt["pre"], opt["ft"], 0.45, tmp_path / "out", "me/opt-wise-ft", private=True, hub_api=hub,
-                  max_shard_size="4KB")  # fmt: skip
-    assert len(hub.created) == 1 and hub.created[0]["repo_id"] == "me/opt-wise-ft" and hub.created[0]["private"] is True
+    out = wise_ft(
+        opt["pre"],
+        opt["ft"],
+        0.45,
+        tmp_path / "out",
+        "me/opt-wise-ft",
+        private=True,
+        hub_api=hub,
+        max_shard_size="4KB",
+    )
+    assert (
+        len(hub.created) == 1 and hub.created[0]["repo_id"] == "me/opt-wise-ft" and hub.created[0]["private"] is True
+    )
     (upload,) = hub.uploads
     assert upload["repo_id"] == "me/opt-wise-ft" and Path(upload["folder_path"]) == out
     files = upload["files"]
@@ -711,7 +757,13 @@ def test_wise_ft_is_within_one_ulp_of_the_float64_interpolation(tmp_path, dtype)
     with ft up to 3 |pre| away): not tested, not claimed."""
     torch.manual_seed(0)
     pre = torch.randn(512, 512, dtype=torch.float64) * torch.logspace(-3, 3, 512, dtype=torch.float64)
-    ft = pre + torch.randn(512, 512, dtype=torch.float64).clamp(-3, 3) * pre.abs() * torch.rand(512, 1, dtype=torch.float64) * 0.15
+    ft = (
+        pre
+        + torch.randn(512, 512, dtype=torch.float64).clamp(-3, 3)
+        * pre.abs()
+        * torch.rand(512, 1, dtype=torch.float64)
+        * 0.15
+    )
     pre, ft = pre.to(dtype), ft.to(dtype)
     for name, tensor in (("pre", pre), ("ft", ft)):
         (tmp_path / name).mkdir()

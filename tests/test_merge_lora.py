@@ -8,14 +8,15 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import clip_batch, perturb_, tiny_clip, tiny_opt
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
+from test_merge import assert_interpolated, count_reads, leftovers, read_weights, reference, save, tiny_llama
 from transformers import CLIPForImageClassification, CLIPModel, GPT2Config, GPT2LMHeadModel
 
-from conftest import clip_batch, perturb_, tiny_clip, tiny_opt
 from hf_specgen.cli import main
 from hf_specgen.merge import MergeError, MergeWarning, wise_ft, wise_ft_sweep
-from test_merge import assert_interpolated, count_reads, leftovers, read_weights, reference, save, tiny_llama
+
 
 ADAPTER = "default"
 
@@ -99,7 +100,9 @@ def test_lora_merge_is_w0_plus_alpha_delta(tmp_path, config):
         assert ranks["model.decoder.layers.0.self_attn.q_proj.weight"] == 4
     base_sd = read_weights(base_dir)
     for alpha in (0.3, 1.0):
-        check_full_merge(read_weights(wise_ft(base_dir, adapter_dir, alpha, tmp_path / f"out-{alpha}")), base_sd, model, alpha)
+        check_full_merge(
+            read_weights(wise_ft(base_dir, adapter_dir, alpha, tmp_path / f"out-{alpha}")), base_sd, model, alpha
+        )
     # at alpha = 1, peft's own merge
     peft_merged = copy.deepcopy(model).merge_and_unload().state_dict()
     merged = read_weights(tmp_path / "out-1.0")
@@ -119,7 +122,9 @@ def test_lora_on_gpt2_conv1d_fan_in_fan_out(tmp_path, fan_in_fan_out):
     base_dir, adapter_dir, model = adapted(tmp_path, tiny_gpt2, target_modules=["c_attn", "c_proj"], **extra)
     assert json.loads((adapter_dir / "adapter_config.json").read_text())["fan_in_fan_out"] is True
     layers = lora_layers(model)
-    assert "transformer.h.0.attn.c_proj.weight" in layers and layers["transformer.h.0.attn.c_proj.weight"].weight.shape == (16, 16)
+    assert "transformer.h.0.attn.c_proj.weight" in layers and layers[
+        "transformer.h.0.attn.c_proj.weight"
+    ].weight.shape == (16, 16)
     out = wise_ft(base_dir, adapter_dir, 0.6, tmp_path / "out")
     check_full_merge(read_weights(out), read_weights(base_dir), model, 0.6)
     peft_merged = copy.deepcopy(model).merge_and_unload().state_dict()
@@ -135,8 +140,14 @@ def test_lora_side_files_come_from_base_and_adapter(tmp_path):
     (adapter_dir / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 12}))
     out = wise_ft(base_dir, adapter_dir, 0.5, tmp_path / "out")
     names = {p.name for p in out.iterdir()}
-    assert names == {"model.safetensors", "config.json", "generation_config.json", "tokenizer_config.json", "README.md",
-                     "specgen_merge.json"}
+    assert names == {
+        "model.safetensors",
+        "config.json",
+        "generation_config.json",
+        "tokenizer_config.json",
+        "README.md",
+        "specgen_merge.json",
+    }
     assert (out / "config.json").read_bytes() == (base_dir / "config.json").read_bytes()
     assert (out / "tokenizer_config.json").read_bytes() == (adapter_dir / "tokenizer_config.json").read_bytes()
     assert "adapter" not in " ".join(names)
@@ -147,17 +158,23 @@ def test_keep_adapter_scales_the_effect_by_alpha(tmp_path, config):
     alpha = 0.3
     base_dir, adapter_dir, model = adapted(tmp_path, **CONFIGS[config])
     out = wise_ft(base_dir, adapter_dir, alpha, tmp_path / "out", keep_adapter=True)
-    assert {p.name for p in out.iterdir()} == {"adapter_model.safetensors", "adapter_config.json", "README.md",
-                                               "specgen_merge.json"}
+    assert {p.name for p in out.iterdir()} == {
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "README.md",
+        "specgen_merge.json",
+    }
     assert (out / "adapter_config.json").read_bytes() == (adapter_dir / "adapter_config.json").read_bytes()
     loaded = PeftModel.from_pretrained(tiny_opt(), out)
     original, scaled = lora_layers(model), lora_layers(loaded)
     assert original.keys() == scaled.keys()
     for key, layer in scaled.items():
         torch.testing.assert_close(
-            layer.get_delta_weight(ADAPTER).double(), alpha * original[key].get_delta_weight(ADAPTER).double(),
-            rtol=1e-6, atol=1e-7,
-        )  # fmt: skip
+            layer.get_delta_weight(ADAPTER).double(),
+            alpha * original[key].get_delta_weight(ADAPTER).double(),
+            rtol=1e-6,
+            atol=1e-7,
+        )
     base_sd = read_weights(base_dir)
     loaded_full = trained_full(loaded, like=model)
     assert loaded_full.keys() == trained_full(model).keys() and (config == "plain") == (not loaded_full)
@@ -228,7 +245,9 @@ def test_clip_pair_merges_and_loads(tmp_path):
     reference_model.load_state_dict({k: reference(pre_sd[k], ft_sd[k], 0.5).float() for k in ft_sd}, strict=False)
     batch = {k: v for k, v in clip_batch().items() if k != "return_loss"}
     with torch.no_grad():
-        torch.testing.assert_close(model(**batch).logits_per_image, reference_model(**batch).logits_per_image, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            model(**batch).logits_per_image, reference_model(**batch).logits_per_image, rtol=1e-5, atol=1e-5
+        )
     with torch.no_grad():
         zero = CLIPModel.from_pretrained(wise_ft(pre_dir, ft_dir, 0.0, tmp_path / "zero")).eval()
         assert torch.equal(zero(**batch).logits_per_image, pre.eval()(**batch).logits_per_image)
@@ -345,8 +364,10 @@ def test_adapter_of_another_base_model_warns_naming_both(tmp_path, capsys):
         return [str(w.message) for w in caught if issubclass(w.category, MergeWarning)]
 
     (message,) = warned("someone/other-model")
-    assert message == (f"{adapter_dir}: the adapter was trained on 'someone/other-model' (its base_model_name_or_path), "
-                       f"and is merged onto {str(base_dir)!r}; the shapes fit, but check that this is its base model")  # fmt: skip
+    assert message == (
+        f"{adapter_dir}: the adapter was trained on 'someone/other-model' (its base_model_name_or_path), "
+        f"and is merged onto {str(base_dir)!r}; the shapes fit, but check that this is its base model"
+    )
     assert len(warned("someone/other-model", keep_adapter=True)) == 1
     for same in ("facebook/base", str(base_dir), str(tmp_path / "link"), None):  # the same name, path or directory
         assert warned(same) == [], same
@@ -357,6 +378,20 @@ def test_adapter_of_another_base_model_warns_naming_both(tmp_path, capsys):
 
     config_path.write_text(json.dumps({**config, "base_model_name_or_path": "someone/other-model"}))
     capsys.readouterr()
-    assert main(["merge", "--pretrained", str(base_dir), "--finetuned", str(adapter_dir), "--alpha", "0.5",
-                 "--output-dir", str(tmp_path / "cli")]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "merge",
+                "--pretrained",
+                str(base_dir),
+                "--finetuned",
+                str(adapter_dir),
+                "--alpha",
+                "0.5",
+                "--output-dir",
+                str(tmp_path / "cli"),
+            ]
+        )
+        == 0
+    )
     assert capsys.readouterr().err == f"specgen: warning: {message}\n"

@@ -12,19 +12,30 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import VOCAB, lm_dataset, make_args, perturb_, tiny_clip, tiny_opt
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
+from test_merge import leftovers, read_card, read_weights, rule_tensors, save, tiny_llama, write_checkpoint
+from test_merge_lora import ADAPTER, CONFIGS, adapted, lora_layers, trained_full
 from transformers import LlamaForCausalLM, OPTForCausalLM
 
 import hf_specgen.merge.run as run_module
-from conftest import VOCAB, lm_dataset, make_args, perturb_, tiny_clip, tiny_opt
 from hf_specgen import SpecGenTrainer
 from hf_specgen.merge import (
-    METHODS, AlphaSchedule, MergeError, MergeOptions, MergeWarning, Parameter, greedy_soup, iter_merge, merge, merge_sweep,
-    register_method, wise_ft,
-)  # fmt: skip
-from test_merge import leftovers, read_card, read_weights, rule_tensors, save, tiny_llama, write_checkpoint
-from test_merge_lora import ADAPTER, CONFIGS, adapted, lora_layers, trained_full
+    METHODS,
+    AlphaSchedule,
+    MergeError,
+    MergeOptions,
+    MergeWarning,
+    Parameter,
+    greedy_soup,
+    iter_merge,
+    merge,
+    merge_sweep,
+    register_method,
+    wise_ft,
+)
+
 
 GROWN = VOCAB + 8  # the fine-tuned language models' vocabulary: 8 tokens added
 EPS32 = torch.finfo(torch.float32).eps
@@ -169,14 +180,23 @@ def test_each_method_against_float64_by_hand(models, tmp_path, family, case):
     if family == "opt":
         assert "lm_head.weight" not in merged  # tied: written once, as the inputs hold it
     grown = [k for k in merged if merged[k].shape != m["pre_sd"][k].shape]
-    assert (len(grown) == {"opt": 1, "llama": 2, "clip": 0}[family]) and all(merged[k].shape[0] == GROWN for k in grown)
+    assert (len(grown) == {"opt": 1, "llama": 2, "clip": 0}[family]) and all(
+        merged[k].shape[0] == GROWN for k in grown
+    )
     for key, tensor in merged.items():
         if not tensor.is_floating_point():
             assert torch.equal(tensor, m["pre_sd"][key]), key
             continue
         tensors = [m[f"{t}_sd"][key] for t in tuned]
-        expected = by_hand(method, m["pre_sd"][key], tensors, alpha, weights, fishers.get("pre", {}).get(key),
-                           fishers.get("ft", {}).get(key))  # fmt: skip
+        expected = by_hand(
+            method,
+            m["pre_sd"][key],
+            tensors,
+            alpha,
+            weights,
+            fishers.get("pre", {}).get(key),
+            fishers.get("ft", {}).get(key),
+        )
         assert_by_hand(tensor, expected, key, rtol=2e-6 if method == "fisher" else 1e-6)
         if key in grown and len(tuned) == 1:  # the added tokens: the fine-tuned rows, bit for bit
             assert torch.equal(tensor[VOCAB:], tensors[0][VOCAB:]), key
@@ -203,8 +223,9 @@ def test_each_method_against_float64_by_hand(models, tmp_path, family, case):
 
 def test_one_group_is_scalar_wise_ft_bit_for_bit(models, tmp_path):
     m = models("llama")
-    grouped = merge(m["pre"], m["a"], AlphaSchedule(group_alphas=(0.35,)), tmp_path / "grouped",
-                    MergeOptions(max_shard_size="8KB"))  # fmt: skip
+    grouped = merge(
+        m["pre"], m["a"], AlphaSchedule(group_alphas=(0.35,)), tmp_path / "grouped", MergeOptions(max_shard_size="8KB")
+    )
     scalar = wise_ft(m["pre"], m["a"], 0.35, tmp_path / "scalar", max_shard_size="8KB")
     files = sorted(p.name for p in scalar.glob("model*"))
     assert len(files) > 2 and files == sorted(p.name for p in grouped.glob("model*"))
@@ -227,25 +248,36 @@ def test_three_groups_on_six_blocks(models, tmp_path, outside):
     assert {block_of(k) for k in merged} == {None, 0, 1, 2, 3, 4, 5}
     record = merge_config(out)
     assert record["alphas"] == expected_alphas
-    assert record["schedule"] == {"kind": "groups", "group_alphas": list(groups), "outside_alpha": outside_alpha,
-                                  "mean_alpha": 0.375}  # fmt: skip
+    assert record["schedule"] == {
+        "kind": "groups",
+        "group_alphas": list(groups),
+        "outside_alpha": outside_alpha,
+        "mean_alpha": 0.375,
+    }
     for key, tensor in merged.items():
         alpha = expected_alphas[key]
         assert_by_hand(tensor, by_hand("linear", m["pre_sd"][key], [m["a_sd"][key]], alpha), key)
         if alpha == 0.0:  # the input side's group at 0: the pre-trained tensors, bit for bit
             assert torch.equal(tensor, m["pre_sd"][key]), key
     assert {k for k, a in expected_alphas.items() if a == outside_alpha} == {
-        "model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"
-    }  # fmt: skip
+        "model.embed_tokens.weight",
+        "model.norm.weight",
+        "lm_head.weight",
+    }
     metadata, body = read_card(out)
     assert metadata["specgen_merge"]["schedule"] == record["schedule"]
-    assert f"3 groups of consecutive blocks, input side first: 0, 0.25, 0.875; outside the blocks: {outside_alpha:g}" in body
+    assert (
+        f"3 groups of consecutive blocks, input side first: 0, 0.25, 0.875; outside the blocks: {outside_alpha:g}"
+        in body
+    )
 
 
 def test_clip_towers_split_on_their_own(models, tmp_path):
     m = models("clip")
     groups = (0.2, 0.3, 0.7)
-    out = merge(m["pre"], m["a"], AlphaSchedule(group_alphas=groups), tmp_path / "out", MergeOptions(max_shard_size="8KB"))
+    out = merge(
+        m["pre"], m["a"], AlphaSchedule(group_alphas=groups), tmp_path / "out", MergeOptions(max_shard_size="8KB")
+    )
     merged = read_weights(out)
     record = merge_config(out)
     for key, tensor in merged.items():
@@ -283,8 +315,16 @@ def test_rules_first_match_wins_with_a_default(models, tmp_path):
         assert_by_hand(tensor, by_hand("linear", m["pre_sd"][key], [m["a_sd"][key]], alpha), key)
     assert record["alphas"]["model.decoder.layers.1.fc1.weight"] == 0.1
     assert record["alphas"]["model.decoder.layers.0.self_attn.q_proj.bias"] == 0.3
-    assert record["schedule"] == {"kind": "rules", "rules": [list(r) for r in rules], "default_alpha": 0.5, "mean_alpha": 0.5}
-    assert "rules, first match wins: `fc1` -> 0.1; `layers\\.1\\.` -> 0.9; `self_attn\\.q_proj` -> 0.3; others: 0.5" in read_card(out)[1]
+    assert record["schedule"] == {
+        "kind": "rules",
+        "rules": [list(r) for r in rules],
+        "default_alpha": 0.5,
+        "mean_alpha": 0.5,
+    }
+    assert (
+        "rules, first match wins: `fc1` -> 0.1; `layers\\.1\\.` -> 0.9; `self_attn\\.q_proj` -> 0.3; others: 0.5"
+        in read_card(out)[1]
+    )
 
 
 def test_linear_only_llama(models, tmp_path):
@@ -294,8 +334,11 @@ def test_linear_only_llama(models, tmp_path):
     out = merge(m["pre"], m["a"], AlphaSchedule(alpha=0.4, linear_only=True), tmp_path / "out")
     merged = read_weights(out)
     record = merge_config(out)
-    linear = {f"{name}.weight" for name, module in LlamaForCausalLM.from_pretrained(m["pre"]).named_modules()
-              if isinstance(module, torch.nn.Linear)}  # fmt: skip
+    linear = {
+        f"{name}.weight"
+        for name, module in LlamaForCausalLM.from_pretrained(m["pre"]).named_modules()
+        if isinstance(module, torch.nn.Linear)
+    }
     assert "lm_head.weight" in linear and len(linear) == 6 * 7 + 1
     for key, tensor in merged.items():
         if key in linear:
@@ -305,8 +348,13 @@ def test_linear_only_llama(models, tmp_path):
             assert key.endswith(("norm.weight", "layernorm.weight")) or key == "model.embed_tokens.weight", key
             assert record["alphas"][key] == 1.0
             assert torch.equal(tensor, m["a_sd"][key]), key
-    assert record["schedule"] == {"kind": "scalar", "alpha": 0.4, "linear_only": True, "non_linear_alpha": 1.0,
-                                  "mean_alpha": 0.4}  # fmt: skip
+    assert record["schedule"] == {
+        "kind": "scalar",
+        "alpha": 0.4,
+        "linear_only": True,
+        "non_linear_alpha": 1.0,
+        "mean_alpha": 0.4,
+    }
 
 
 def test_linear_only_with_groups_opt(models, tmp_path):
@@ -336,8 +384,9 @@ def test_linear_only_with_groups_opt(models, tmp_path):
 
 
 def fisher_options(fisher_pre, fisher_ft, **params):
-    return MergeOptions(method="fisher", method_inputs={"fisher_pre": fisher_pre, "fisher_finetuned": fisher_ft},
-                        method_params=params)  # fmt: skip
+    return MergeOptions(
+        method="fisher", method_inputs={"fisher_pre": fisher_pre, "fisher_finetuned": fisher_ft}, method_params=params
+    )
 
 
 def test_fisher_with_equal_fishers_is_linear(models, tmp_path):
@@ -377,11 +426,17 @@ def test_fisher_zero_on_a_tensor_returns_the_pretrained_tensor(models, tmp_path)
     assert (deviation <= formula + 2 * EPS32 * pre.abs()).all()
     assert not torch.equal(merged[key], m["a_sd"][key]) and (ft - pre).abs().min() > 0
     other = "text_model.encoder.layers.1.mlp.fc2.weight"  # a Fisher elsewhere: weighted, away from theta_pre
-    assert_by_hand(merged[other], by_hand("fisher", m["pre_sd"][other], [m["a_sd"][other]], alpha, None, f_pre[other],
-                                          f_ft[other]), other, rtol=2e-6)  # fmt: skip
+    assert_by_hand(
+        merged[other],
+        by_hand("fisher", m["pre_sd"][other], [m["a_sd"][other]], alpha, None, f_pre[other], f_ft[other]),
+        other,
+        rtol=2e-6,
+    )
     assert (merged[other].double() - m["pre_sd"][other].double()).abs().max() > 1e-3
 
-    coarse = read_weights(merge(m["pre"], m["a"], alpha, tmp_path / "coarse", fisher_options(pre_path, ft_path, epsilon=0.01)))
+    coarse = read_weights(
+        merge(m["pre"], m["a"], alpha, tmp_path / "coarse", fisher_options(pre_path, ft_path, epsilon=0.01))
+    )
     expected = by_hand("fisher", m["pre_sd"][key], [m["a_sd"][key]], alpha, None, f_pre[key], f_ft[key], epsilon=0.01)
     assert_by_hand(coarse[key], expected, key, rtol=2e-6)
     assert (coarse[key].double() - pre).abs().max() > 1e-4  # the floor's effect, now visible
@@ -393,7 +448,9 @@ def test_a_training_runs_ewc_fisher_is_accepted_as_fisher_pre(tmp_path):
     """SpecGenTrainer with EWC saves its Fisher (`ewc.fisher.<parameter>`, at the pre-trained weights)
     in each checkpoint's specgen_regularizers.safetensors: as fisher_pre, by file or by directory."""
     pre_dir = save(tiny_opt(0), tmp_path / "pre")
-    args = make_args(tmp_path / "run", ewc_lambda=1.0, ewc_num_samples=8, max_steps=2, save_strategy="steps", save_steps=2)
+    args = make_args(
+        tmp_path / "run", ewc_lambda=1.0, ewc_num_samples=8, max_steps=2, save_strategy="steps", save_steps=2
+    )
     SpecGenTrainer(model=tiny_opt(0), args=args, train_dataset=lm_dataset(8)).train()
     checkpoint = tmp_path / "run" / "checkpoint-2"
     state_path = checkpoint / "specgen_regularizers.safetensors"
@@ -410,14 +467,19 @@ def test_a_training_runs_ewc_fisher_is_accepted_as_fisher_pre(tmp_path):
         expected = by_hand("fisher", pre_sd[key], [ft_sd[key]], alpha, None, ewc[key], f_ft[key])
         assert_by_hand(tensor, expected, key, rtol=2e-6)
     record = merge_config(out)
-    assert record["inputs"] == {"fisher_pre": str(state_path), "fisher_finetuned": str(ft_path)} and "fallback" not in record
+    assert (
+        record["inputs"] == {"fisher_pre": str(state_path), "fisher_finetuned": str(ft_path)}
+        and "fallback" not in record
+    )
     linear = read_weights(wise_ft(pre_dir, checkpoint, alpha, tmp_path / "linear"))
     assert any(not torch.allclose(merged[k], linear[k], rtol=1e-4) for k in merged)  # the Fisher does weigh
     by_directory = merge(pre_dir, checkpoint, alpha, tmp_path / "by_dir", fisher_options(checkpoint, ft_path))
     again = read_weights(by_directory)
     assert all(torch.equal(again[k], merged[k]) for k in merged)
-    message = ("a training run's EWC Fisher is the pre-trained model's (estimated at theta_pre), given as "
-               "fisher_finetuned (--fisher-finetuned)")  # fmt: skip
+    message = (
+        "a training run's EWC Fisher is the pre-trained model's (estimated at theta_pre), given as "
+        "fisher_finetuned (--fisher-finetuned)"
+    )
     with pytest.warns(MergeWarning, match=re.escape(message)):  # the other way round: merged, with a warning
         merge(pre_dir, checkpoint, alpha, tmp_path / "swapped", fisher_options(ft_path, state_path))
 
@@ -463,7 +525,9 @@ def test_integer_tensors_are_copied_with_no_alpha_and_no_fallback(tmp_path):
     merged, record = read_weights(out), merge_config(out)
     assert record["alphas"] == {"w": 0.5} and "fallback" not in record
     assert "merged with linear" not in read_card(out)[1]
-    assert torch.equal(merged["steps"], rule_tensors(0)["steps"]) and torch.equal(merged["mask"], rule_tensors(0)["mask"])
+    assert torch.equal(merged["steps"], rule_tensors(0)["steps"]) and torch.equal(
+        merged["mask"], rule_tensors(0)["mask"]
+    )
     w = by_hand("fisher", rule_tensors(0)["w"], [rule_tensors(1)["w"]], 0.5, None, fisher["w"], fisher["w"])
     assert_by_hand(merged["w"], w, "w", rtol=2e-6)
     ruled = merge(pre, ft, AlphaSchedule(alpha=0.5, rules=((r"^w$", 0.2),)), tmp_path / "ruled")
@@ -510,8 +574,12 @@ def test_greedy_soup_keeps_exactly_the_models_it_should(tmp_path):
     assert soup.score == 0.0
     assert {name[k]: v for k, v in soup.individual.items()} == {"a": -1.0, "b": -1.0, "c": -3.0, "d": -8.0}
     tried = [([name[i] for i in ingredients], score) for ingredients, score in soup.tried]
-    assert tried == [(["a"], -1.0), (["a", "b"], 0.0), (["a", "b", "c"], pytest.approx(-1.0, abs=1e-6)),
-                     (["a", "b", "d"], pytest.approx(-8 / 3, abs=1e-6))]  # fmt: skip
+    assert tried == [
+        (["a"], -1.0),
+        (["a", "b"], 0.0),
+        (["a", "b", "c"], pytest.approx(-1.0, abs=1e-6)),
+        (["a", "b", "d"], pytest.approx(-8 / 3, abs=1e-6)),
+    ]
     assert len(seen) == 4 + 3 and all(s.dtype == torch.float32 and s.shape == (3,) for s in seen)
     with pytest.raises(MergeError, match="uniformly"):
         greedy_soup(pre, order, evaluate, MergeOptions(weights=(1, 1, 1, 1)))
@@ -566,9 +634,11 @@ def test_lora_keep_adapter_scales_per_module(tmp_path):
     with torch.no_grad():
         for key, layer in scaled.items():
             torch.testing.assert_close(
-                layer.get_delta_weight(ADAPTER).double(), alpha_of(key) * original[key].get_delta_weight(ADAPTER).double(),
-                rtol=1e-6, atol=1e-7,
-            )  # fmt: skip
+                layer.get_delta_weight(ADAPTER).double(),
+                alpha_of(key) * original[key].get_delta_weight(ADAPTER).double(),
+                rtol=1e-6,
+                atol=1e-7,
+            )
     base_sd, full = read_weights(base_dir), trained_full(model)
     loaded_full = trained_full(loaded, like=model)
     assert loaded_full.keys() == full.keys() and len(full) == 4
@@ -587,8 +657,10 @@ def test_adapter_refused_for_methods_without_a_low_rank_form(tmp_path, method):
     if method == "fisher":
         path, _ = fisher_file(tmp_path / "fisher.safetensors", shapes_of(read_weights(base_dir)), 9)
         options = fisher_options(path, path)
-    message = (f"{adapter_dir}: method '{method}' has no exact form on a LoRA adapter: merge the adapter into the full "
-               "model first (specgen merge --alpha 1) and pass that")  # fmt: skip
+    message = (
+        f"{adapter_dir}: method '{method}' has no exact form on a LoRA adapter: merge the adapter into the full "
+        "model first (specgen merge --alpha 1) and pass that"
+    )
     with pytest.raises(MergeError, match=f"^{re.escape(message)}$"):
         merge(base_dir, adapter_dir, 0.5, tmp_path / "out", options)
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
@@ -615,39 +687,119 @@ def _transposed(pre, ft):
 
 
 BAD = {  # family, fine-tunes, alpha or schedule, options (a callable for Fisher inputs), message
-    "more_groups_than_blocks": ("llama", ["a"], AlphaSchedule(group_alphas=(0.1,) * 7), {},
-                                "group alphas (--group-alphas): 7 groups, but model.layers has only 6 blocks"),
-    "more_groups_than_text_blocks": ("clip", ["a"], AlphaSchedule(group_alphas=(0.1, 0.2, 0.3, 0.4)), {},
-                                     "group alphas (--group-alphas): 4 groups, but text_model.encoder.layers has only 3 blocks"),
-    "rule_matches_nothing": ("opt", ["a"], AlphaSchedule(alpha=0.5, rules=((r"fc1", 0.1), (r"lora_", 0.2))), {},
-                             "alpha rule 'lora_' (--alpha-rule) matches no tensor of the model"),
-    "invalid_regex": ("opt", ["a"], AlphaSchedule(alpha=0.5, rules=((r"fc1(", 0.1),)), {},
-                      "alpha rule 'fc1(' is not a regular expression (missing ), unterminated subpattern at position 3)"),
-    "fisher_unknown_name": ("opt", ["a"], 0.5, {"method": "fisher", "method_inputs": _extra_name},
-                            "names tensors the checkpoints do not have: model.decoder.layers.9.fc1.weight"),
-    "fisher_wrong_shape": ("opt", ["a"], 0.5, {"method": "fisher", "method_inputs": _transposed},
-                           "model.decoder.layers.0.fc1.weight has shape (16, 32), the finetuned tensor (32, 16)"),
-    "weights_sum_to_zero": ("opt", ["a", "b"], 0.5, {"weights": (1.0, -1.0)},
-                            "weights (--weights) must be finite numbers summing to a positive number, got [1.0, -1.0]"),
-    "negative_weights": ("opt", ["a", "b"], 0.5, {"method": "task_arithmetic", "weights": (-1.0, -2.0)},
-                         "weights (--weights) must be finite numbers summing to a positive number, got [-1.0, -2.0]"),
-    "wrong_number_of_weights": ("opt", ["a", "b"], 0.5, {"weights": (1.0, 2.0, 3.0)},
-                                "weights (--weights): 3 given for 2 fine-tuned model(s)"),
-    "unknown_method": ("opt", ["a"], 0.5, {"method": "ties"},
-                       "unknown merge method 'ties'; known: linear, task_arithmetic, fisher"),
-    "unknown_parameter": ("opt", ["a"], 0.5, {"method": "linear", "method_params": {"epsilon": 1e-6}},
-                          "method 'linear' has no parameter 'epsilon' (its parameters: none)"),
-    "bad_parameter": ("opt", ["a"], 0.5, {"method": "fisher", "method_params": {"epsilon": 0.0}, "method_inputs": None},
-                      "fisher parameter 'epsilon' must be a positive number, got 0.0"),
-    "missing_input": ("opt", ["a"], 0.5, {"method": "fisher", "method_inputs": lambda inputs: {"fisher_pre": inputs["fisher_pre"]}},
-                      "method 'fisher' needs fisher_finetuned (--fisher-finetuned)"),
-    "unknown_input": ("opt", ["a"], 0.5, {"method": "linear", "method_inputs": lambda inputs: {"fisher_pre": inputs["fisher_pre"]}},
-                      "method 'linear' takes no input 'fisher_pre' (its inputs: none)"),
-    "groups_and_alpha": ("llama", ["a"], AlphaSchedule(alpha=0.5, group_alphas=(0.1, 0.2)), {},
-                         "give either alpha (--alpha) or group alphas (--group-alphas), not both"),
-    "fisher_two_finetuned": ("opt", ["a", "b"], 0.5, {"method": "fisher", "method_inputs": None},
-                             "method 'fisher' merges 1 fine-tuned model(s), got 2"),
-}  # fmt: skip
+    "more_groups_than_blocks": (
+        "llama",
+        ["a"],
+        AlphaSchedule(group_alphas=(0.1,) * 7),
+        {},
+        "group alphas (--group-alphas): 7 groups, but model.layers has only 6 blocks",
+    ),
+    "more_groups_than_text_blocks": (
+        "clip",
+        ["a"],
+        AlphaSchedule(group_alphas=(0.1, 0.2, 0.3, 0.4)),
+        {},
+        "group alphas (--group-alphas): 4 groups, but text_model.encoder.layers has only 3 blocks",
+    ),
+    "rule_matches_nothing": (
+        "opt",
+        ["a"],
+        AlphaSchedule(alpha=0.5, rules=((r"fc1", 0.1), (r"lora_", 0.2))),
+        {},
+        "alpha rule 'lora_' (--alpha-rule) matches no tensor of the model",
+    ),
+    "invalid_regex": (
+        "opt",
+        ["a"],
+        AlphaSchedule(alpha=0.5, rules=((r"fc1(", 0.1),)),
+        {},
+        "alpha rule 'fc1(' is not a regular expression (missing ), unterminated subpattern at position 3)",
+    ),
+    "fisher_unknown_name": (
+        "opt",
+        ["a"],
+        0.5,
+        {"method": "fisher", "method_inputs": _extra_name},
+        "names tensors the checkpoints do not have: model.decoder.layers.9.fc1.weight",
+    ),
+    "fisher_wrong_shape": (
+        "opt",
+        ["a"],
+        0.5,
+        {"method": "fisher", "method_inputs": _transposed},
+        "model.decoder.layers.0.fc1.weight has shape (16, 32), the finetuned tensor (32, 16)",
+    ),
+    "weights_sum_to_zero": (
+        "opt",
+        ["a", "b"],
+        0.5,
+        {"weights": (1.0, -1.0)},
+        "weights (--weights) must be finite numbers summing to a positive number, got [1.0, -1.0]",
+    ),
+    "negative_weights": (
+        "opt",
+        ["a", "b"],
+        0.5,
+        {"method": "task_arithmetic", "weights": (-1.0, -2.0)},
+        "weights (--weights) must be finite numbers summing to a positive number, got [-1.0, -2.0]",
+    ),
+    "wrong_number_of_weights": (
+        "opt",
+        ["a", "b"],
+        0.5,
+        {"weights": (1.0, 2.0, 3.0)},
+        "weights (--weights): 3 given for 2 fine-tuned model(s)",
+    ),
+    "unknown_method": (
+        "opt",
+        ["a"],
+        0.5,
+        {"method": "ties"},
+        "unknown merge method 'ties'; known: linear, task_arithmetic, fisher",
+    ),
+    "unknown_parameter": (
+        "opt",
+        ["a"],
+        0.5,
+        {"method": "linear", "method_params": {"epsilon": 1e-6}},
+        "method 'linear' has no parameter 'epsilon' (its parameters: none)",
+    ),
+    "bad_parameter": (
+        "opt",
+        ["a"],
+        0.5,
+        {"method": "fisher", "method_params": {"epsilon": 0.0}, "method_inputs": None},
+        "fisher parameter 'epsilon' must be a positive number, got 0.0",
+    ),
+    "missing_input": (
+        "opt",
+        ["a"],
+        0.5,
+        {"method": "fisher", "method_inputs": lambda inputs: {"fisher_pre": inputs["fisher_pre"]}},
+        "method 'fisher' needs fisher_finetuned (--fisher-finetuned)",
+    ),
+    "unknown_input": (
+        "opt",
+        ["a"],
+        0.5,
+        {"method": "linear", "method_inputs": lambda inputs: {"fisher_pre": inputs["fisher_pre"]}},
+        "method 'linear' takes no input 'fisher_pre' (its inputs: none)",
+    ),
+    "groups_and_alpha": (
+        "llama",
+        ["a"],
+        AlphaSchedule(alpha=0.5, group_alphas=(0.1, 0.2)),
+        {},
+        "give either alpha (--alpha) or group alphas (--group-alphas), not both",
+    ),
+    "fisher_two_finetuned": (
+        "opt",
+        ["a", "b"],
+        0.5,
+        {"method": "fisher", "method_inputs": None},
+        "method 'fisher' merges 1 fine-tuned model(s), got 2",
+    ),
+}
 
 
 @pytest.mark.parametrize("case", list(BAD))
@@ -669,7 +821,9 @@ def test_bad_input_is_refused_before_anything_is_written(models, tmp_path, nothi
     assert not (tmp_path / "out").exists() and sorted(p.name for p in tmp_path.iterdir()) == before
     shape = alpha if isinstance(alpha, AlphaSchedule) else None  # the same through a sweep
     with pytest.raises(MergeError, match=re.escape(message)):
-        merge_sweep(m["pre"], [m[t] for t in tuned], [0.1, 0.2], tmp_path / "sweep", MergeOptions(**options), shape=shape)
+        merge_sweep(
+            m["pre"], [m[t] for t in tuned], [0.1, 0.2], tmp_path / "sweep", MergeOptions(**options), shape=shape
+        )
     assert not (tmp_path / "sweep").exists()
 
 
@@ -703,11 +857,17 @@ def test_sweep_with_a_group_shape(models, tmp_path):
         assert own["method"] == "linear" and own["schedule"] == record["schedule"]
         metadata, body = read_card(out)
         assert metadata["tags"] == ["hf_specgen", "wise-ft", "merge"]
-        assert metadata["specgen_merge"]["method"] == "linear" and metadata["specgen_merge"]["schedule"] == record["schedule"]
+        assert (
+            metadata["specgen_merge"]["method"] == "linear"
+            and metadata["specgen_merge"]["schedule"] == record["schedule"]
+        )
         assert f"# linear merge, mean alpha = {mean:g}" in body
         assert f"`{METHODS['linear'].formula}`" in body
         scaled = ", ".join(f"{a:g}" for a in groups)
-        assert f"- schedule: 3 groups of consecutive blocks, input side first: {scaled}; outside the blocks: {mean:g}" in body
+        assert (
+            f"- schedule: 3 groups of consecutive blocks, input side first: {scaled}; outside the blocks: {mean:g}"
+            in body
+        )
         assert f"| `model.layers.5.mlp.down_proj.weight` | {groups[2]:g} |" in body
 
 
@@ -719,9 +879,12 @@ def sign_step():
     """`sign_step`: theta = theta_pre + alpha * beta * sign(theta_ft - theta_pre), unregistered afterwards."""
 
     @register_method(
-        "sign_step", formula="theta = theta_pre + alpha * beta * sign(theta_ft - theta_pre)",
-        parameters={"beta": Parameter(0.01, "step size", positive=True)}, max_finetuned=1, tags=("sign-step", "merge"),
-    )  # fmt: skip
+        "sign_step",
+        formula="theta = theta_pre + alpha * beta * sign(theta_ft - theta_pre)",
+        parameters={"beta": Parameter(0.01, "step size", positive=True)},
+        max_finetuned=1,
+        tags=("sign-step", "merge"),
+    )
     def sign_step(pre, finetuned, *, alpha, weights, beta):
         """A step of beta toward the fine-tuned model, element by element."""
         (ft,) = finetuned
@@ -774,23 +937,31 @@ def test_keep_adapter_counts_the_blocks_of_the_base_model(tmp_path):
     base_dir, adapter_dir, _ = adapted(tmp_path, build=lambda: tiny_llama(layers=4), layers_to_transform=[0, 1])
     groups = AlphaSchedule(group_alphas=(0.2, 0.6))
     full = merge_config(merge(base_dir, adapter_dir, groups, tmp_path / "full"))["alphas"]
-    kept = merge_config(merge(base_dir, adapter_dir, groups, tmp_path / "kept", MergeOptions(keep_adapter=True)))["alphas"]
+    kept = merge_config(merge(base_dir, adapter_dir, groups, tmp_path / "kept", MergeOptions(keep_adapter=True)))[
+        "alphas"
+    ]
     adapted_weights = {k for k in full if re.search(r"layers\.[01]\.self_attn\.[qv]_proj", k)}
     assert len(adapted_weights) == 4 and all(full[k] == 0.2 for k in adapted_weights)
     assert len(kept) == 4 and all(k.endswith("lora_B.weight") and a == 0.2 for k, a in kept.items())
     three = AlphaSchedule(group_alphas=(0.2, 0.4, 0.6))  # 3 groups of 4 blocks: blocks 0 and 1 in groups 0 and 0
-    kept = merge_config(merge(base_dir, adapter_dir, three, tmp_path / "three", MergeOptions(keep_adapter=True)))["alphas"]
+    kept = merge_config(merge(base_dir, adapter_dir, three, tmp_path / "three", MergeOptions(keep_adapter=True)))[
+        "alphas"
+    ]
     assert all(a == 0.2 for a in kept.values())
     rule = AlphaSchedule(alpha=0.5, rules=((r"mlp\.", 0.1),))  # matches the model, not the adapter: accepted
-    kept = merge_config(merge(base_dir, adapter_dir, rule, tmp_path / "rule", MergeOptions(keep_adapter=True)))["alphas"]
+    kept = merge_config(merge(base_dir, adapter_dir, rule, tmp_path / "rule", MergeOptions(keep_adapter=True)))[
+        "alphas"
+    ]
     assert set(kept.values()) == {0.5}
 
 
 def test_fisher_refuses_alphas_outside_0_1_even_with_extrapolate(models, tmp_path, nothing_written):
     m = models("opt")
     options = MergeOptions(method="fisher", method_inputs=_fisher_inputs(m, tmp_path), extrapolate=True)
-    message = ("method 'fisher' is defined for alphas in [0, 1] only, extrapolate or not; got 2 (a F_ft and (1 - a) "
-               "F_pre must both be non-negative, or the denominator can vanish)")  # fmt: skip
+    message = (
+        "method 'fisher' is defined for alphas in [0, 1] only, extrapolate or not; got 2 (a F_ft and (1 - a) "
+        "F_pre must both be non-negative, or the denominator can vanish)"
+    )
     with pytest.raises(MergeError, match=f"^{re.escape(message)}$"):
         merge(m["pre"], m["a"], 2.0, tmp_path / "out", options)
     with pytest.raises(MergeError, match=re.escape("got -0.5")):
@@ -798,8 +969,9 @@ def test_fisher_refuses_alphas_outside_0_1_even_with_extrapolate(models, tmp_pat
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize(("value", "shown"), [(-1.0, "min -1, max 1"), (float("nan"), "min nan, max nan"),
-                                              (float("inf"), "min 0, max inf")])  # fmt: skip
+@pytest.mark.parametrize(
+    ("value", "shown"), [(-1.0, "min -1, max 1"), (float("nan"), "min nan, max nan"), (float("inf"), "min 0, max inf")]
+)
 def test_fisher_values_that_are_negative_nan_or_inf_are_refused_and_nothing_is_left(models, tmp_path, value, shown):
     """A Fisher diagonal is finite and non-negative: anything else (e.g. the weights file passed by
     mistake) was floored at epsilon or made the pre-trained value win, silently."""
@@ -814,8 +986,10 @@ def test_fisher_values_that_are_negative_nan_or_inf_are_refused_and_nothing_is_l
     save_file(bad, inputs["fisher_finetuned"])
     with pytest.raises(MergeError) as error:
         merge(m["pre"], m["a"], 0.5, tmp_path / "out", MergeOptions(method="fisher", method_inputs=inputs))
-    assert str(error.value) == (f"{key}: fisher_finetuned (--fisher-finetuned) holds negative, NaN or inf values ({shown}); "
-                                "method 'fisher' needs finite, non-negative ones")  # fmt: skip
+    assert str(error.value) == (
+        f"{key}: fisher_finetuned (--fisher-finetuned) holds negative, NaN or inf values ({shown}); "
+        "method 'fisher' needs finite, non-negative ones"
+    )
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
 
 
@@ -824,7 +998,9 @@ def test_a_negative_share_of_a_soup_needs_extrapolate(models, tmp_path):
     with pytest.raises(MergeError, match=re.escape("a negative share of method 'linear''s mean extrapolates")):
         merge(m["pre"], [m["a"], m["b"]], 1.0, tmp_path / "out", MergeOptions(weights=(1.0, -0.5)))
     assert not (tmp_path / "out").exists()
-    out = read_weights(merge(m["pre"], [m["a"], m["b"]], 1.0, tmp_path / "x", MergeOptions(weights=(1.0, -0.5), extrapolate=True)))
+    out = read_weights(
+        merge(m["pre"], [m["a"], m["b"]], 1.0, tmp_path / "x", MergeOptions(weights=(1.0, -0.5), extrapolate=True))
+    )
     key = "model.decoder.layers.0.fc1.weight"
     assert_by_hand(out[key], 2 * m["a_sd"][key].double() - m["b_sd"][key].double(), key)  # (A - B / 2) / (1 / 2)
     options = MergeOptions(method="task_arithmetic", weights=(1.0, -0.5))  # a negated task vector: no extrapolation
@@ -835,10 +1011,15 @@ def test_a_negative_share_of_a_soup_needs_extrapolate(models, tmp_path):
 
 @pytest.mark.parametrize(
     ("build", "message"),
-    [(lambda: AlphaSchedule(alpha=0.5, rules=("fc1=0.3",)), "an alpha rule is a (regular expression, alpha) pair, got 'fc1=0.3'"),
-     (lambda: AlphaSchedule(group_alphas="0.1,0.2"), "group_alphas and rules take sequences"),
-     (lambda: AlphaSchedule(alpha=0.5, rules=(("", 0.3),)).check(False), "alpha rule '' (--alpha-rule) is empty")],
-)  # fmt: skip
+    [
+        (
+            lambda: AlphaSchedule(alpha=0.5, rules=("fc1=0.3",)),
+            "an alpha rule is a (regular expression, alpha) pair, got 'fc1=0.3'",
+        ),
+        (lambda: AlphaSchedule(group_alphas="0.1,0.2"), "group_alphas and rules take sequences"),
+        (lambda: AlphaSchedule(alpha=0.5, rules=(("", 0.3),)).check(False), "alpha rule '' (--alpha-rule) is empty"),
+    ],
+)
 def test_malformed_schedules_are_one_merge_error(build, message):
     with pytest.raises(MergeError, match=re.escape(message)):
         build()
@@ -846,8 +1027,14 @@ def test_malformed_schedules_are_one_merge_error(build, message):
 
 def test_a_sweep_says_which_scaled_group_alpha_is_out_of_range(models, tmp_path):
     m = models("llama")
-    message = ("the group shape scaled to mean alpha 0.8 is 0.533333, 1.06667: group alpha 2 must be in [0, 1] (0: "
-               "pretrained, 1: finetuned), got 1.06666666667")  # fmt: skip
+    message = (
+        "the group shape scaled to mean alpha 0.8 is 0.533333, 1.06667: group alpha 2 must be in [0, 1] (0: "
+        "pretrained, 1: finetuned), got 1.06666666667"
+    )
     with pytest.raises(MergeError, match=f"^{re.escape(message)}"):
         merge_sweep(m["pre"], m["a"], [0.2, 0.8], tmp_path / "sweep", shape=AlphaSchedule(group_alphas=(1, 2)))
-    assert AlphaSchedule(group_alphas=(1, 2, 3)).at_mean(0.2).group_alphas == (0.1, 0.2, 0.3)  # not 0.30000000000000004
+    assert AlphaSchedule(group_alphas=(1, 2, 3)).at_mean(0.2).group_alphas == (
+        0.1,
+        0.2,
+        0.3,
+    )  # not 0.30000000000000004

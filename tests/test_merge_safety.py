@@ -18,13 +18,14 @@ from pathlib import Path
 import huggingface_hub
 import pytest
 import torch
+from test_cli import expect_usage_error, merge_args, run
+from test_merge import _Payload, fail_after, leftovers, opt  # noqa: F401 - opt: fixture
 
 from hf_specgen.cli import main
 from hf_specgen.merge import MergeError, wise_ft, wise_ft_sweep
 from hf_specgen.merge.checkpoint import Checkpoint
 from hf_specgen.merge.writer import ShardedWriter
-from test_cli import expect_usage_error, merge_args, run
-from test_merge import _Payload, fail_after, leftovers, opt  # noqa: F401 - opt: fixture
+
 
 MARKER = "specgen_merge.json"
 
@@ -66,10 +67,16 @@ def test_output_that_is_contains_or_lies_inside_an_input_is_refused(project, tmp
 def test_cli_refuses_to_overwrite_its_inputs(project, tmp_path, capsys):
     before = tree(tmp_path)
     pre, ft = project / "pre", project / "ft"
-    expect_usage_error(["sweep", "--pretrained", pre, "--finetuned", ft, "--alphas", "0,1", "--output-dir", project,
-                        "--overwrite"], capsys, f"specgen: error: {project}: the output directory contains the input {pre}")  # fmt: skip
-    expect_usage_error(["merge", "--pretrained", pre, "--finetuned", ft, "--alpha", "0.5", "--output-dir", ft,
-                        "--overwrite-any"], capsys, f"specgen: error: {ft}: the output directory is the input {ft}")  # fmt: skip
+    expect_usage_error(
+        ["sweep", "--pretrained", pre, "--finetuned", ft, "--alphas", "0,1", "--output-dir", project, "--overwrite"],
+        capsys,
+        f"specgen: error: {project}: the output directory contains the input {pre}",
+    )
+    expect_usage_error(
+        ["merge", "--pretrained", pre, "--finetuned", ft, "--alpha", "0.5", "--output-dir", ft, "--overwrite-any"],
+        capsys,
+        f"specgen: error: {ft}: the output directory is the input {ft}",
+    )
     assert tree(tmp_path) == before
 
 
@@ -88,8 +95,10 @@ def test_overwrite_replaces_a_previous_merge_or_an_empty_directory_only(opt, tmp
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    for call in (lambda o: wise_ft(opt["pre"], opt["ft"], 0.5, out, overwrite=o),
-                 lambda o: wise_ft_sweep(opt["pre"], opt["ft"], [0.5], out, overwrite=o)):  # fmt: skip
+    for call in (
+        lambda o: wise_ft(opt["pre"], opt["ft"], 0.5, out, overwrite=o),
+        lambda o: wise_ft_sweep(opt["pre"], opt["ft"], [0.5], out, overwrite=o),
+    ):
         with pytest.raises(MergeError, match=re.escape(f"{out}: already exists")):
             call(False)
         with pytest.raises(MergeError, match=re.escape(f"{out}: not written by a merge (no {MARKER})")):
@@ -116,8 +125,12 @@ def test_cli_overwrite_and_overwrite_any(opt, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    expect_usage_error(merge_args(opt, out, "0.3", "--overwrite"), capsys, f"specgen: error: {out}: not written by a merge",
-                       "--overwrite-any")  # fmt: skip
+    expect_usage_error(
+        merge_args(opt, out, "0.3", "--overwrite"),
+        capsys,
+        f"specgen: error: {out}: not written by a merge",
+        "--overwrite-any",
+    )
     assert (out / "keep.txt").read_text() == "mine"
     assert run(merge_args(opt, out, "0.3", "--overwrite-any")) == 0
     assert not (out / "keep.txt").exists() and (out / MARKER).is_file()
@@ -126,7 +139,10 @@ def test_cli_overwrite_and_overwrite_any(opt, tmp_path, capsys):
     capsys.readouterr()
     assert run(["merge", "--help"]) == 0
     help_text = " ".join(capsys.readouterr().out.split())
-    assert f"--overwrite replace OUTPUT_DIR if a previous merge wrote it (it holds {MARKER}) or it is empty: everything in it is removed" in help_text
+    assert (
+        f"--overwrite replace OUTPUT_DIR if a previous merge wrote it (it holds {MARKER}) or it is empty: everything in it is removed"
+        in help_text
+    )
     assert "never an input" in help_text
 
 
@@ -160,6 +176,7 @@ def test_overwrite_any_replaces_a_file_and_leaves_nothing_beside(opt, tmp_path):
 
 
 # ---- item 18: SIGTERM cleans up as Ctrl-C does; what kill -9 leaves, the next merge removes ---------
+
 
 @pytest.fixture
 def slow_merge(opt, tmp_path):
@@ -245,7 +262,9 @@ def reading_raises_signal(monkeypatch, signum):
             try:
                 signal.raise_signal(signum)
             except BaseException:
-                raise ValueError("could not determine the shape of object type 'torch.storage.UntypedStorage'") from None
+                raise ValueError(
+                    "could not determine the shape of object type 'torch.storage.UntypedStorage'"
+                ) from None
         return original_get(self, key)
 
     monkeypatch.setattr(Checkpoint, "get", get)
@@ -304,7 +323,10 @@ def test_sigterm_while_the_replaced_output_is_removed_waits_for_it(opt, tmp_path
     finally:
         signal.signal(signal.SIGTERM, before)
     assert calls == [signal.SIGTERM]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and json.loads((out / MARKER).read_text())["alpha"] == 0.7
+    assert (
+        sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+        and json.loads((out / MARKER).read_text())["alpha"] == 0.7
+    )
 
 
 def test_sigterm_in_process_reaches_the_previous_handler_after_cleanup(opt, tmp_path, monkeypatch):
@@ -357,9 +379,23 @@ def test_write_failure_is_one_line_exit_1_and_leaves_nothing(opt, tmp_path, caps
             return original(path, *args, **kwargs)
 
         monkeypatch.setattr(os, "mkdir", mkdir)
-    for argv, out in [(merge_args(opt, parent / "out"), parent / "out"),
-                      (["sweep", "--pretrained", opt["pre"], "--finetuned", opt["ft"], "--alphas", "0.2,0.8",
-                        "--output-dir", parent / "sweep"], parent / "sweep")]:  # fmt: skip
+    for argv, out in [
+        (merge_args(opt, parent / "out"), parent / "out"),
+        (
+            [
+                "sweep",
+                "--pretrained",
+                opt["pre"],
+                "--finetuned",
+                opt["ft"],
+                "--alphas",
+                "0.2,0.8",
+                "--output-dir",
+                parent / "sweep",
+            ],
+            parent / "sweep",
+        ),
+    ]:
         assert run(argv) == 1
         captured = capsys.readouterr()
         assert captured.out == ""
@@ -404,21 +440,28 @@ def corrupt(opt, root, case):
     return ft, bad
 
 
-@pytest.mark.parametrize("case, what", [
-    ("truncated_shard", "not a readable safetensors file"),
-    ("index_missing_shard", "names model-0000"),
-    ("index_without_weight_map", "no weight_map"),
-    ("index_malformed", "malformed JSON"),
-    ("config_malformed", "malformed JSON"),
-    ("adapter_config_malformed", "malformed JSON"),
-    ("bin_legacy", "legacy"),
-    ("bin_pickled", "pickled objects"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "case, what",
+    [
+        ("truncated_shard", "not a readable safetensors file"),
+        ("index_missing_shard", "names model-0000"),
+        ("index_without_weight_map", "no weight_map"),
+        ("index_malformed", "malformed JSON"),
+        ("config_malformed", "malformed JSON"),
+        ("adapter_config_malformed", "malformed JSON"),
+        ("bin_legacy", "legacy"),
+        ("bin_pickled", "pickled objects"),
+    ],
+)
 def test_corrupt_input_is_one_line_naming_the_file(opt, tmp_path, capsys, case, what):
     ft, bad = corrupt(opt, tmp_path, case)
     out = tmp_path / "outputs" / "out"
-    err = expect_usage_error(["merge", "--pretrained", opt["pre"], "--finetuned", ft, "--alpha", "0.5", "--output-dir", out],
-                             capsys, f"specgen: error: {bad}: ", what)  # fmt: skip
+    err = expect_usage_error(
+        ["merge", "--pretrained", opt["pre"], "--finetuned", ft, "--alpha", "0.5", "--output-dir", out],
+        capsys,
+        f"specgen: error: {bad}: ",
+        what,
+    )
     assert err.count("\n") == 1 and "Traceback" not in err and "weights_only=False" not in err
     if case.startswith("bin"):
         assert "convert it to safetensors with a tool you trust" in err
@@ -431,21 +474,45 @@ def test_corrupt_input_is_one_line_naming_the_file(opt, tmp_path, capsys, case, 
 @pytest.mark.parametrize("size", ["abc", "0", "-5GB", "0GB", 0, -1, True, "1.5GB"])
 def test_bad_max_shard_size_is_refused_before_anything(opt, tmp_path, capsys, size):
     # the inputs do not exist: the size is checked before they are looked for
-    with pytest.raises(MergeError, match=re.escape(f"max_shard_size (--max-shard-size) must be a positive size such as 5GB or 500MB, got {size!r}")):
+    with pytest.raises(
+        MergeError,
+        match=re.escape(
+            f"max_shard_size (--max-shard-size) must be a positive size such as 5GB or 500MB, got {size!r}"
+        ),
+    ):
         wise_ft(tmp_path / "nope", tmp_path / "nada", 0.5, tmp_path / "out", max_shard_size=size)
     with pytest.raises(MergeError, match="max_shard_size"):
         wise_ft_sweep(tmp_path / "nope", tmp_path / "nada", [0.5], tmp_path / "out", max_shard_size=size)
     if isinstance(size, str):
-        expect_usage_error(merge_args(opt, tmp_path / "out", "0.5", f"--max-shard-size={size}"), capsys,
-                           f"specgen: error: max_shard_size (--max-shard-size) must be a positive size", repr(size))  # fmt: skip
+        expect_usage_error(
+            merge_args(opt, tmp_path / "out", "0.5", f"--max-shard-size={size}"),
+            capsys,
+            "specgen: error: max_shard_size (--max-shard-size) must be a positive size",
+            repr(size),
+        )
     assert list(tmp_path.iterdir()) == []
-    assert (wise_ft(opt["pre"], opt["ft"], 0.5, tmp_path / "bytes", max_shard_size=3000) / "model.safetensors.index.json").is_file()
+    assert (
+        wise_ft(opt["pre"], opt["ft"], 0.5, tmp_path / "bytes", max_shard_size=3000) / "model.safetensors.index.json"
+    ).is_file()
 
 
 def test_missing_input_directory_is_one_line_naming_it(opt, tmp_path, capsys):
     missing = tmp_path / "runs" / "checkpoint-500"
-    err = expect_usage_error(["merge", "--pretrained", opt["pre"], "--finetuned", missing, "--alpha", "0.5", "--output-dir",
-                              tmp_path / "out"], capsys, f"specgen: error: {missing}: no such directory")  # fmt: skip
+    err = expect_usage_error(
+        [
+            "merge",
+            "--pretrained",
+            opt["pre"],
+            "--finetuned",
+            missing,
+            "--alpha",
+            "0.5",
+            "--output-dir",
+            tmp_path / "out",
+        ],
+        capsys,
+        f"specgen: error: {missing}: no such directory",
+    )
     assert "Repo id" not in err and "PosixPath" not in err
     with pytest.raises(MergeError, match=re.escape("me/not-here: cannot find it as a local directory or on the Hub")):
         wise_ft(opt["pre"], "me/not-here", 0.5, tmp_path / "out")  # offline here
@@ -463,11 +530,17 @@ def test_finetuned_without_config_takes_the_pretrained_config_and_says_so(opt, t
 
 def test_output_under_a_file_and_a_directory_that_is_no_merge_say_what_to_do(opt, tmp_path, capsys):
     (tmp_path / "file").write_text("x")
-    err = expect_usage_error(merge_args(opt, tmp_path / "file" / "out"), capsys, f"{tmp_path / 'file'} is a file, not a directory")
+    err = expect_usage_error(
+        merge_args(opt, tmp_path / "file" / "out"), capsys, f"{tmp_path / 'file'} is a file, not a directory"
+    )
     assert "cannot write" not in err
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep")
-    expect_usage_error(merge_args(opt, tmp_path / "mine"), capsys, "already exists; pass overwrite='any' (--overwrite-any): it is not a merge")
+    expect_usage_error(
+        merge_args(opt, tmp_path / "mine"),
+        capsys,
+        "already exists; pass overwrite='any' (--overwrite-any): it is not a merge",
+    )
 
 
 def test_max_shard_size_in_plain_bytes(opt, tmp_path, capsys):
@@ -477,8 +550,22 @@ def test_max_shard_size_in_plain_bytes(opt, tmp_path, capsys):
 
 def test_eval_of_a_missing_or_corrupt_model_is_one_line(opt, tmp_path, capsys):
     """`specgen eval` printed lm-eval's traceback for a truncated shard, the Hub's repo-id complaint for a path."""
-    evaluate = ["eval", "--suite", "tiny_general", "--suite", "tiny_medmcqa", "--method", "full", "--output", tmp_path / "r.json"]
-    expect_usage_error([*evaluate, "--model", tmp_path / "nothere"], capsys, f"{tmp_path / 'nothere'}: no such directory (nor a Hub id)")
+    evaluate = [
+        "eval",
+        "--suite",
+        "tiny_general",
+        "--suite",
+        "tiny_medmcqa",
+        "--method",
+        "full",
+        "--output",
+        tmp_path / "r.json",
+    ]
+    expect_usage_error(
+        [*evaluate, "--model", tmp_path / "nothere"],
+        capsys,
+        f"{tmp_path / 'nothere'}: no such directory (nor a Hub id)",
+    )
     broken = tmp_path / "broken"
     shutil.copytree(opt["ft"], broken)
     (broken / "model.safetensors").write_bytes((broken / "model.safetensors").read_bytes()[:100])

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 from accelerate.commands.config.config_args import load_config_from_file
+from conftest import tiny_opt
 from transformers import TrainingArguments
 from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
 
-from conftest import tiny_opt
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 EXPECTED = {
@@ -39,9 +39,13 @@ def test_accelerate_config(name, monkeypatch):
 def test_deepspeed_config_autos_are_filled_by_the_trainer_arguments(name, tmp_path):
     config = HfTrainerDeepSpeedConfig(str(RECIPES / "deepspeed" / f"{name}.json"))
     args = TrainingArguments(
-        output_dir=str(tmp_path), per_device_train_batch_size=4, gradient_accumulation_steps=3,
-        max_grad_norm=0.5, use_cpu=True, report_to=[],
-    )  # fmt: skip
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=3,
+        max_grad_norm=0.5,
+        use_cpu=True,
+        report_to=[],
+    )
     config.trainer_config_process(args)
     config.trainer_config_finalize(args, tiny_opt(), num_training_steps=10)
     filled = config.config

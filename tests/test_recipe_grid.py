@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import FakeHub
 from safetensors.torch import load_file
+from test_recipes import lm_experiment, load_recipe, run_files
 from transformers import TrainerCallback
 
-from conftest import FakeHub
 from hf_specgen import SpecGenTrainingArguments
 from hf_specgen.eval.report import ResultRecord
 from hf_specgen.experiment import ConfigError, ExperimentArguments, parse_config, run_experiment
@@ -21,10 +22,17 @@ from hf_specgen.experiment.grid import GRID_FIELDS, expand_points, grid_summary
 from hf_specgen.experiment.methods import Method
 from hf_specgen.merge import merge
 from hf_specgen.tiny import lm_path
-from test_recipes import CONFIGS, lm_experiment, load_recipe, run_files
 
-DEFAULTS = {"l1_lambda": 0.0, "l2_lambda": 0.01, "kd_lambda": 1.0, "ewc_lambda": 0.0, "mas_lambda": 0.0,
-            "feature_lambda": 0.0, "lora_r": 16}  # fmt: skip
+
+DEFAULTS = {
+    "l1_lambda": 0.0,
+    "l2_lambda": 0.01,
+    "kd_lambda": 1.0,
+    "ewc_lambda": 0.0,
+    "mas_lambda": 0.0,
+    "feature_lambda": 0.0,
+    "lora_r": 16,
+}
 
 
 def points(names, grids, combination="product"):
@@ -35,21 +43,34 @@ def test_every_method_trains_at_each_of_its_strengths_and_combinations_take_the_
     grid = {"l2_lambda": [0.001, 0.01, 0.1], "kd_lambda": [1.0, 10.0], "lora_r": [4, 16]}
     expanded = points(["full", "l2", "kd+l2", "lora", "full+ema"], grid)
     assert [p.describe() for p in expanded] == [
-        "full", "l2 (l2_lambda=0.001)", "l2 (l2_lambda=0.01)", "l2 (l2_lambda=0.1)",
-        "kd+l2 (kd_lambda=1, l2_lambda=0.001)", "kd+l2 (kd_lambda=1, l2_lambda=0.01)", "kd+l2 (kd_lambda=1, l2_lambda=0.1)",
-        "kd+l2 (kd_lambda=10, l2_lambda=0.001)", "kd+l2 (kd_lambda=10, l2_lambda=0.01)", "kd+l2 (kd_lambda=10, l2_lambda=0.1)",
-        "lora (lora_r=4)", "lora (lora_r=16)", "full+ema",
-    ]  # fmt: skip
+        "full",
+        "l2 (l2_lambda=0.001)",
+        "l2 (l2_lambda=0.01)",
+        "l2 (l2_lambda=0.1)",
+        "kd+l2 (kd_lambda=1, l2_lambda=0.001)",
+        "kd+l2 (kd_lambda=1, l2_lambda=0.01)",
+        "kd+l2 (kd_lambda=1, l2_lambda=0.1)",
+        "kd+l2 (kd_lambda=10, l2_lambda=0.001)",
+        "kd+l2 (kd_lambda=10, l2_lambda=0.01)",
+        "kd+l2 (kd_lambda=10, l2_lambda=0.1)",
+        "lora (lora_r=4)",
+        "lora (lora_r=16)",
+        "full+ema",
+    ]
     assert grid_summary(expanded).startswith("13 trainings: full 1, l2 3 (l2_lambda 0.001, 0.01, 0.1), kd+l2 6 (")
 
 
 def test_paired_combinations_take_the_ith_values_together_and_one_value_pairs_with_every_position():
     expanded = points(["kd+l2", "lora+l2"], {"l2_lambda": [0.001, 0.1], "kd_lambda": [1.0, 10.0]}, "paired")
     assert [p.values for p in expanded] == [
-        {"kd_lambda": 1.0, "l2_lambda": 0.001}, {"kd_lambda": 10.0, "l2_lambda": 0.1},
-        {"l2_lambda": 0.001, "lora_r": 16}, {"l2_lambda": 0.1, "lora_r": 16},
-    ]  # fmt: skip
-    with pytest.raises(ValueError, match=r"kd\+l2: strength_combination paired needs lists of one length .*kd_lambda 3, l2_lambda 2"):
+        {"kd_lambda": 1.0, "l2_lambda": 0.001},
+        {"kd_lambda": 10.0, "l2_lambda": 0.1},
+        {"l2_lambda": 0.001, "lora_r": 16},
+        {"l2_lambda": 0.1, "lora_r": 16},
+    ]
+    with pytest.raises(
+        ValueError, match=r"kd\+l2: strength_combination paired needs lists of one length .*kd_lambda 3, l2_lambda 2"
+    ):
         points(["kd+l2"], {"l2_lambda": [0.001, 0.1], "kd_lambda": [1.0, 2.0, 3.0]}, "paired")
 
 
@@ -75,7 +96,15 @@ def test_bad_grids_are_refused_naming_the_option(grid, message):
 
 
 def test_grid_fields_are_every_regularizers_strength_and_the_lora_rank():
-    assert set(GRID_FIELDS) == {"l1_lambda", "l2_lambda", "ewc_lambda", "mas_lambda", "kd_lambda", "feature_lambda", "lora_r"}
+    assert set(GRID_FIELDS) == {
+        "l1_lambda",
+        "l2_lambda",
+        "ewc_lambda",
+        "mas_lambda",
+        "kd_lambda",
+        "feature_lambda",
+        "lora_r",
+    }
 
 
 def test_averaged_methods_parse_and_need_a_training():
@@ -93,18 +122,40 @@ def parsed(tmp_path, yaml_text, *argv):
     preset = tmp_path / "preset.yaml"
     preset.write_text(yaml_text)
     types = (module.MedMCQAArguments, ExperimentArguments, SpecGenTrainingArguments)
-    return parse_config(types, ["--config", str(preset), "--output_dir", str(tmp_path), *argv], grid_fields=GRID_FIELDS)
+    return parse_config(
+        types, ["--config", str(preset), "--output_dir", str(tmp_path), *argv], grid_fields=GRID_FIELDS
+    )
 
 
 def test_lists_in_the_yaml_and_on_the_command_line_become_grids(tmp_path):
     *_, training, grids = parsed(tmp_path, "l2_lambda: [1.0e-3, '1e-2']\nlora_r: [4, 8]\nkd_lambda: 2\n")
-    assert grids == {"l2_lambda": [0.001, 0.01], "lora_r": [4, 8]} and training.l2_lambda == 0.001 and training.kd_lambda == 2.0
-    _, experiment, training, grids = parsed(tmp_path, "l2_lambda: [1.0e-3, 1.0e-2]\n", "--l2_lambda", "0.5", "2",
-                                            "--kd_lambda=3", "--lora_r", "2", "--methods", "l2")  # fmt: skip
-    assert grids == {"l2_lambda": [0.5, 2.0], "kd_lambda": [3.0], "lora_r": [2]}  # the command line replaces the file's list
+    assert (
+        grids == {"l2_lambda": [0.001, 0.01], "lora_r": [4, 8]}
+        and training.l2_lambda == 0.001
+        and training.kd_lambda == 2.0
+    )
+    _, experiment, training, grids = parsed(
+        tmp_path,
+        "l2_lambda: [1.0e-3, 1.0e-2]\n",
+        "--l2_lambda",
+        "0.5",
+        "2",
+        "--kd_lambda=3",
+        "--lora_r",
+        "2",
+        "--methods",
+        "l2",
+    )
+    assert grids == {
+        "l2_lambda": [0.5, 2.0],
+        "kd_lambda": [3.0],
+        "lora_r": [2],
+    }  # the command line replaces the file's list
     assert (training.l2_lambda, training.kd_lambda, experiment.lora_r, experiment.methods) == (0.5, 3.0, 2, ["l2"])
     module = load_recipe("galactica_med")
-    plain = parse_config((module.MedMCQAArguments, ExperimentArguments, SpecGenTrainingArguments), ["--output_dir", str(tmp_path)])
+    plain = parse_config(
+        (module.MedMCQAArguments, ExperimentArguments, SpecGenTrainingArguments), ["--output_dir", str(tmp_path)]
+    )
     assert len(plain) == 3  # without grid_fields: the instances only
 
 
@@ -113,9 +164,17 @@ def test_lists_in_the_yaml_and_on_the_command_line_become_grids(tmp_path):
     [
         ("l2_lambda: []\n", [], "invalid value \\[\\] for l2_lambda: an empty list"),
         ("", ["--l2_lambda", "--methods", "l2"], "--l2_lambda needs one value or more"),
-        ("", ["--l2_lambda", "0.1", "x"], r"--l2_lambda 0.1 x: numbers expected \(could not convert string to float: 'x'\)"),
+        (
+            "",
+            ["--l2_lambda", "0.1", "x"],
+            r"--l2_lambda 0.1 x: numbers expected \(could not convert string to float: 'x'\)",
+        ),
         ("", ["--lora_r", "4", "4.5"], r"--lora_r 4 4.5: whole numbers expected"),
-        ("", ["--learning_rate", "1e-3", "2e-3"], r"unknown arguments \['2e-3'\] \(only l1_lambda, .*lora_r take several values\)"),
+        (
+            "",
+            ["--learning_rate", "1e-3", "2e-3"],
+            r"unknown arguments \['2e-3'\] \(only l1_lambda, .*lora_r take several values\)",
+        ),
         ("lora_r: [4, many]\n", [], "invalid value .* for lora_r"),
         ("learning_rate: [0.1, 0.2]\n", [], "invalid value .* for learning_rate: a list where one value is expected"),
     ],
@@ -162,7 +221,12 @@ def test_each_strength_is_its_own_run_and_its_records_carry_it(swept):
     output_dir, _, records, _ = swept
     assert len(run_files(output_dir, "l2-*/finetuned")) == 2 and len(run_files(output_dir, "lora-*/finetuned")) == 2
     merged = {(r.method, tuple(sorted(r.strengths.items()))) for r in records if r.alpha == 1.0}
-    assert merged == {("l2", (("l2_lambda", 0.1),)), ("l2", (("l2_lambda", 1.0),)), ("lora", (("lora_r", 2.0),)), ("lora", (("lora_r", 4.0),))}
+    assert merged == {
+        ("l2", (("l2_lambda", 0.1),)),
+        ("l2", (("l2_lambda", 1.0),)),
+        ("lora", (("lora_r", 2.0),)),
+        ("lora", (("lora_r", 4.0),)),
+    }
     for run in run_files(output_dir, "lora-*/finetuned"):
         rank = json.loads((run / "adapter_config.json").read_text())["r"]
         (record,) = [ResultRecord.load(p) for p in (run.parent).glob("records-*/alpha-1.json")]
@@ -173,7 +237,10 @@ def test_early_points_score_the_checkpoint_saved_at_their_fraction(swept):
     output_dir, _, records, snapshots = swept
     early = [r for r in records if r.checkpoint is not None]
     assert len(early) == 8 and all(r.alpha is None for r in early)  # 4 runs x 2 fractions
-    assert {(r.checkpoint["fraction"], r.checkpoint["step"], r.checkpoint["steps"]) for r in early} == {(0.25, 1, 4), (0.5, 2, 4)}
+    assert {(r.checkpoint["fraction"], r.checkpoint["step"], r.checkpoint["steps"]) for r in early} == {
+        (0.25, 1, 4),
+        (0.5, 2, 4),
+    }
     assert fraction_step(0.25, 4) == 1 and fraction_step(0.5, 4) == 2 and fraction_step(0.01, 4) == 1
     by_strength = {0.1: snapshots[0].weights, 1.0: snapshots[1].weights}  # trained in the grid's order
     for run in run_files(output_dir, "l2-*"):  # the scored model is the checkpoint, holding the weights of step 2
@@ -211,10 +278,15 @@ def test_publishing_picks_a_point_of_one_strength_and_merges_that_runs_model(swe
     from hf_specgen.eval.report import best_generality
 
     pick = best_generality([r for r in again if r.method != "pre-trained"], experiment.keep_speciality)
-    runs = [p for p in run_files(output_dir, f"{pick.method}-*") if any(
-        ResultRecord.load(q).strengths == pick.strengths for q in p.glob("records-*/alpha-1.json"))]  # fmt: skip
+    runs = [
+        p
+        for p in run_files(output_dir, f"{pick.method}-*")
+        if any(ResultRecord.load(q).strengths == pick.strengths for q in p.glob("records-*/alpha-1.json"))
+    ]
     (run,) = runs
-    trained = run / "finetuned" if pick.checkpoint is None else run / "early" / f"fraction-{pick.checkpoint['fraction']:g}"
+    trained = (
+        run / "finetuned" if pick.checkpoint is None else run / "early" / f"fraction-{pick.checkpoint['fraction']:g}"
+    )
     expected = merge(lm_path(), trained, 1.0 if pick.alpha is None else pick.alpha, tmp_path / "expected")
     assert upload["files"]["model.safetensors"] == (expected / "model.safetensors").read_bytes()
 

@@ -5,8 +5,8 @@ configurations that stop before training with one clear message."""
 import dataclasses
 import importlib.util
 import json
-import re
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -17,10 +17,10 @@ import datasets
 import pytest
 import torch
 import yaml
+from conftest import FakeHub
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from conftest import FakeHub
 from hf_specgen import SpecGenTrainingArguments
 from hf_specgen.eval.report import ResultRecord, best_generality
 from hf_specgen.experiment import ConfigError, ExperimentArguments, Method, parse_config, parse_methods, run_experiment
@@ -28,6 +28,7 @@ from hf_specgen.experiment.grid import GRID_FIELDS
 from hf_specgen.merge import wise_ft
 from hf_specgen.tiny import GENERAL_TASKS, clip_path, lm_path
 from hf_specgen.tiny.names import tiny_dataset
+
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "recipes" / "configs"
@@ -38,7 +39,9 @@ def single_point(preset: str) -> Path:
     """The tiny preset without the demo's sweep: the first value of each strength list and no early-stopping
     points; the base of the tests that run a recipe (a test that wants a sweep asks for it)."""
     values = yaml.safe_load((CONFIGS / preset).read_text())
-    values = {k: v[0] if k in GRID_FIELDS and isinstance(v, list) else v for k, v in values.items() if k != "eval_fractions"}
+    values = {
+        k: v[0] if k in GRID_FIELDS and isinstance(v, list) else v for k, v in values.items() if k != "eval_fractions"
+    }
     path = Path(tempfile.mkdtemp(prefix="hf_specgen_presets_")) / preset
     path.write_text(yaml.safe_dump(values))
     return path
@@ -46,15 +49,47 @@ def single_point(preset: str) -> Path:
 
 TINY_LM, TINY_CLIP = single_point("galactica_med_tiny.yaml"), single_point("clip_tiny.yaml")
 
+
 def launcher(processes: int, config: str | None = None) -> list[str]:
     """`accelerate launch` on CPU, or with one of the recipes' Accelerate configs (`config`)."""
-    machine = ["--config_file", str(ROOT / "recipes" / "accelerate" / f"{config}.yaml")] if config else [
-        "--cpu", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
-    return [sys.executable, "-m", "accelerate.commands.launch", *machine, "--num_processes", str(processes), "--main_process_port", "0"]
+    machine = (
+        ["--config_file", str(ROOT / "recipes" / "accelerate" / f"{config}.yaml")]
+        if config
+        else ["--cpu", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    )
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        *machine,
+        "--num_processes",
+        str(processes),
+        "--main_process_port",
+        "0",
+    ]
 
 
-LM_ARGS = ["--config", str(TINY_LM), "--hma_groups", "0", "--methods", "full", "l2", "--alphas", "0", "0.5", "1",
-           "--max_steps", "3", "--eval_limit", "8", "--l2_lambda", "10", "--disable_tqdm", "true"]  # fmt: skip
+LM_ARGS = [
+    "--config",
+    str(TINY_LM),
+    "--hma_groups",
+    "0",
+    "--methods",
+    "full",
+    "l2",
+    "--alphas",
+    "0",
+    "0.5",
+    "1",
+    "--max_steps",
+    "3",
+    "--eval_limit",
+    "8",
+    "--l2_lambda",
+    "10",
+    "--disable_tqdm",
+    "true",
+]
 
 
 def load_recipe(name: str):
@@ -66,8 +101,14 @@ def load_recipe(name: str):
 
 
 def launch(script: str, output_dir: Path, *args: str, processes: int = 1, config: str | None = None) -> str:
-    run = subprocess.run([*launcher(processes, config), str(ROOT / "recipes" / script), "--output_dir", str(output_dir), *args],
-                         env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=600)  # fmt: skip
+    run = subprocess.run(
+        [*launcher(processes, config), str(ROOT / "recipes" / script), "--output_dir", str(output_dir), *args],
+        env=ENV,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert run.returncode == 0, run.stderr[-4000:]
     return run.stdout
 
@@ -89,13 +130,22 @@ def test_lm_recipe_writes_records_report_and_summaries(lm_demo):
     assert points == {("pre-trained", None), ("full", 0.5), ("full", 1.0), ("l2", 0.5), ("l2", 1.0)}
     for record in report["records"]:
         assert set(record["speciality"]) == {"tiny_medmcqa"} and set(record["generality"]) == set(GENERAL_TASKS)
-    assert all(r["hyperparameter"] == "l2_lambda" and r["value"] == 10.0 for r in report["records"] if r["method"] == "l2")
-    assert len(run_files(output_dir, "*/records-*/alpha-*.json")) == 4 and len(run_files(output_dir, "pre-trained/*/record.json")) == 1
+    assert all(
+        r["hyperparameter"] == "l2_lambda" and r["value"] == 10.0 for r in report["records"] if r["method"] == "l2"
+    )
+    assert (
+        len(run_files(output_dir, "*/records-*/alpha-*.json")) == 4
+        and len(run_files(output_dir, "pre-trained/*/record.json")) == 1
+    )
     assert "| l2 | l2_lambda=10, alpha=0.5 |" in (output_dir / "report.md").read_text()
     assert (output_dir / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summaries = [line for line in stdout.splitlines() if line.startswith("[galactica_med] ")]
-    assert [line.split(":")[0] for line in summaries] == ["[galactica_med] pre-trained", "[galactica_med] 2 trainings",
-                                                          "[galactica_med] full", "[galactica_med] l2 (l2_lambda=10)"]  # fmt: skip
+    assert [line.split(":")[0] for line in summaries] == [
+        "[galactica_med] pre-trained",
+        "[galactica_med] 2 trainings",
+        "[galactica_med] full",
+        "[galactica_med] l2 (l2_lambda=10)",
+    ]
     assert summaries[1] == "[galactica_med] 2 trainings: full 1, l2 1"  # what the grid implies, before training
     assert "3 steps" in summaries[2] and "alpha 0.5: " in summaries[2]
     # merges are scored, then removed; checkpoints are removed once the fine-tuned model is saved
@@ -119,7 +169,11 @@ def test_rerun_skips_finished_work_and_scores_only_what_is_missing(lm_demo):
     output_dir, _ = lm_demo
     (missing,) = run_files(output_dir, "l2-*/records-*/alpha-0.5.json")
     before = missing.read_text()
-    kept = {p: p.stat().st_mtime_ns for p in [*run_files(output_dir, "*/records-*/alpha-*.json"), *run_files(output_dir, "*/finetuned/*")] if p != missing}
+    kept = {
+        p: p.stat().st_mtime_ns
+        for p in [*run_files(output_dir, "*/records-*/alpha-*.json"), *run_files(output_dir, "*/finetuned/*")]
+        if p != missing
+    }
     missing.unlink()  # as if the sweep had been interrupted there
     stdout = launch("galactica_med.py", output_dir, *LM_ARGS)
     assert "train_runtime" not in stdout  # nothing retrained
@@ -130,16 +184,45 @@ def test_rerun_skips_finished_work_and_scores_only_what_is_missing(lm_demo):
 
 def test_lm_recipe_on_two_processes_trains_together_and_scores_once(tmp_path):
     """DDP (gloo): every process trains, the main one merges, scores and writes; the others wait."""
-    stdout = launch("galactica_med.py", tmp_path / "ddp", "--config", str(TINY_LM), "--hma_groups", "0",
-                    "--methods", "full", "--alphas", "1", "--max_steps", "2", "--eval_limit", "4", "--disable_tqdm", "true",
-                    "--eval_fractions", "0.5", processes=2)  # fmt: skip
+    stdout = launch(
+        "galactica_med.py",
+        tmp_path / "ddp",
+        "--config",
+        str(TINY_LM),
+        "--hma_groups",
+        "0",
+        "--methods",
+        "full",
+        "--alphas",
+        "1",
+        "--max_steps",
+        "2",
+        "--eval_limit",
+        "4",
+        "--disable_tqdm",
+        "true",
+        "--eval_fractions",
+        "0.5",
+        processes=2,
+    )
     assert [line.split(":")[0] for line in stdout.splitlines() if line.startswith("[galactica_med] ")] == [
-        "[galactica_med] pre-trained", "[galactica_med] 1 training", "[galactica_med] full"]
+        "[galactica_med] pre-trained",
+        "[galactica_med] 1 training",
+        "[galactica_med] full",
+    ]
     (finetuned,) = run_files(tmp_path / "ddp", "full-*/finetuned")
     assert json.loads((finetuned / "specgen_training.json").read_text())["steps"] == 2
     report = json.loads((tmp_path / "ddp" / "report.json").read_text())
-    assert [(r["method"], r["alpha"]) for r in report["records"]] == [("pre-trained", None), ("full", 1.0), ("full", None)]
-    assert report["records"][2]["checkpoint"] == {"fraction": 0.5, "step": 1, "steps": 2}  # saved once, by the main process
+    assert [(r["method"], r["alpha"]) for r in report["records"]] == [
+        ("pre-trained", None),
+        ("full", 1.0),
+        ("full", None),
+    ]
+    assert report["records"][2]["checkpoint"] == {
+        "fraction": 0.5,
+        "step": 1,
+        "steps": 2,
+    }  # saved once, by the main process
     assert run_files(tmp_path / "ddp", "full-*/early/*") == [finetuned.parent / "early" / "fraction-0.5"]
 
 
@@ -147,17 +230,45 @@ def test_lm_recipe_under_zero3_partitions_training_and_scores_on_one_process(tmp
     """ZeRO-3 on 2 processes: the model loads partitioned (zero.Init), L2 works on each rank's
     partition, KD's teacher is a partitioned copy, and the main process loads whole models to merge
     and score while the other waits (a partitioned load there would be a collective it never joins)."""
-    stdout = launch("galactica_med.py", tmp_path / "z3", "--config", str(TINY_LM), "--hma_groups", "0",
-                    "--methods", "l2+ema", "kd", "--alphas", "0.5", "1", "--max_steps", "2", "--eval_limit", "4",
-                    "--ema_decay", "0.5", "--eval_fractions", "0.5", "--disable_tqdm", "true", processes=2, config="zero3")  # fmt: skip
+    stdout = launch(
+        "galactica_med.py",
+        tmp_path / "z3",
+        "--config",
+        str(TINY_LM),
+        "--hma_groups",
+        "0",
+        "--methods",
+        "l2+ema",
+        "kd",
+        "--alphas",
+        "0.5",
+        "1",
+        "--max_steps",
+        "2",
+        "--eval_limit",
+        "4",
+        "--ema_decay",
+        "0.5",
+        "--eval_fractions",
+        "0.5",
+        "--disable_tqdm",
+        "true",
+        processes=2,
+        config="zero3",
+    )
     assert [line.split(":")[0] for line in stdout.splitlines() if line.startswith("[galactica_med] ")] == [
-        "[galactica_med] pre-trained", "[galactica_med] 2 trainings", "[galactica_med] l2+ema (l2_lambda=0.01)",
-        "[galactica_med] kd (kd_lambda=1)"]  # fmt: skip
+        "[galactica_med] pre-trained",
+        "[galactica_med] 2 trainings",
+        "[galactica_med] l2+ema (l2_lambda=0.01)",
+        "[galactica_med] kd (kd_lambda=1)",
+    ]
     pretrained = load_file(lm_path() / "model.safetensors")
     for method in ("l2+ema", "kd"):
         (finetuned,) = run_files(tmp_path / "z3", f"{method}-*/finetuned")
         weights = load_file(finetuned / "model.safetensors")  # consolidated from the partitions
-        assert weights.keys() == pretrained.keys() and any(not torch.equal(weights[k], v) for k, v in pretrained.items())
+        assert weights.keys() == pretrained.keys() and any(
+            not torch.equal(weights[k], v) for k, v in pretrained.items()
+        )
         early = load_file(finetuned.parent / "early" / "fraction-0.5" / "model.safetensors")  # gathered in a callback
         assert early.keys() == pretrained.keys() and any(not torch.equal(early[k], weights[k]) for k in weights)
     report = json.loads((tmp_path / "z3" / "report.json").read_text())
@@ -167,19 +278,52 @@ def test_lm_recipe_under_zero3_partitions_training_and_scores_on_one_process(tmp
 def test_clip_recipe_on_two_processes(tmp_path):
     """`accelerate launch` with 2 processes (DDP, gloo): both train (KD's teacher on each), the main
     one merges and scores, the other waits; records and summaries are written once."""
-    stdout = launch("clip_imagenet.py", tmp_path / "demo", "--config", str(TINY_CLIP), "--hma_groups", "0",
-                    "--methods", "full", "kd", "--alphas", "0.5", "1", "--max_steps", "3", "--eval_max_samples", "40",
-                    "--disable_tqdm", "true", processes=2)  # fmt: skip
+    stdout = launch(
+        "clip_imagenet.py",
+        tmp_path / "demo",
+        "--config",
+        str(TINY_CLIP),
+        "--hma_groups",
+        "0",
+        "--methods",
+        "full",
+        "kd",
+        "--alphas",
+        "0.5",
+        "1",
+        "--max_steps",
+        "3",
+        "--eval_max_samples",
+        "40",
+        "--disable_tqdm",
+        "true",
+        processes=2,
+    )
     finetuned = run_files(tmp_path / "demo", "*/finetuned")
-    assert len(finetuned) == 2 and all(json.loads((f / "specgen_training.json").read_text())["steps"] == 3 for f in finetuned)
-    records = [ResultRecord.from_dict(r) for r in json.loads((tmp_path / "demo" / "report.json").read_text())["records"]]
-    assert {(r.method, r.alpha) for r in records} == {("zero-shot", None), ("full", 0.5), ("full", 1.0), ("kd", 0.5), ("kd", 1.0)}
+    assert len(finetuned) == 2 and all(
+        json.loads((f / "specgen_training.json").read_text())["steps"] == 3 for f in finetuned
+    )
+    records = [
+        ResultRecord.from_dict(r) for r in json.loads((tmp_path / "demo" / "report.json").read_text())["records"]
+    ]
+    assert {(r.method, r.alpha) for r in records} == {
+        ("zero-shot", None),
+        ("full", 0.5),
+        ("full", 1.0),
+        ("kd", 0.5),
+        ("kd", 1.0),
+    }
     for record in records:
         assert set(record.speciality) == {"photo"} and set(record.generality) == {"sketch", "clipart", "painting"}
-        assert all(0.0 <= v <= 1.0 and abs(v * 40 - round(v * 40)) < 1e-5 for v in {**record.speciality, **record.generality}.values())
+        assert all(
+            0.0 <= v <= 1.0 and abs(v * 40 - round(v * 40)) < 1e-5
+            for v in {**record.speciality, **record.generality}.values()
+        )
     report = json.loads((tmp_path / "demo" / "report.json").read_text())
     assert len(report["records"]) == 5 and report["title"].startswith("clip_imagenet")
-    assert sum(line.startswith("[clip_imagenet] ") for line in stdout.splitlines()) == 4  # the reference, the grid, 2 runs
+    assert (
+        sum(line.startswith("[clip_imagenet] ") for line in stdout.splitlines()) == 4
+    )  # the reference, the grid, 2 runs
 
 
 # ---- in-process: an interrupted training resumes; publishing ------------------------------------------
@@ -202,10 +346,34 @@ def lm_experiment(output_dir: Path, **overrides):
     module = load_recipe("galactica_med")
     options, experiment, training = parse_config(
         (module.MedMCQAArguments, ExperimentArguments, SpecGenTrainingArguments),
-        ["--config", str(TINY_LM), "--hma_groups", "0", "--output_dir", str(output_dir), "--methods", "l2",
-         "--alphas", "0.5", "1", "--max_steps", "4", "--save_strategy", "steps", "--save_steps", "2",
-         "--eval_limit", "4", "--l2_lambda", "1", "--disable_tqdm", "true", "--logging_steps", "1"],
-    )  # fmt: skip
+        [
+            "--config",
+            str(TINY_LM),
+            "--hma_groups",
+            "0",
+            "--output_dir",
+            str(output_dir),
+            "--methods",
+            "l2",
+            "--alphas",
+            "0.5",
+            "1",
+            "--max_steps",
+            "4",
+            "--save_strategy",
+            "steps",
+            "--save_steps",
+            "2",
+            "--eval_limit",
+            "4",
+            "--l2_lambda",
+            "1",
+            "--disable_tqdm",
+            "true",
+            "--logging_steps",
+            "1",
+        ],
+    )
     training = dataclasses.replace(training, **overrides)
     return module.GalacticaMed(options, training.seed), experiment, training
 
@@ -240,7 +408,11 @@ def test_interrupted_training_resumes_from_its_checkpoint_then_publishes(tmp_pat
     hub = FakeHub()
     recipe, experiment, training = lm_experiment(tmp_path / "resumed", push_to_hub=True, hub_model_id="me/tiny-med")
     records = run_experiment(recipe, experiment, training, hub_api=hub)
-    assert [(r.method, r.alpha) for r in records] == [(r.method, r.alpha) for r in straight] == [("pre-trained", None), ("l2", 0.5), ("l2", 1.0)]
+    assert (
+        [(r.method, r.alpha) for r in records]
+        == [(r.method, r.alpha) for r in straight]
+        == [("pre-trained", None), ("l2", 0.5), ("l2", 1.0)]
+    )
     pick = best_generality([r for r in records if r.method == "l2"], experiment.keep_speciality)
     (upload,) = hub.uploads
     assert upload["repo_id"] == "me/tiny-med" and f"alpha: {pick.alpha:g}" in upload["files"]["README.md"].decode()
@@ -276,8 +448,11 @@ def test_group_alphas_merge_each_group_of_blocks_at_its_ratio_and_records_carry_
     finetuned = load_file(Path(record.model).parents[1] / "finetuned" / "model.safetensors")
     pretrained = load_file(Path(recipe.pretrained) / "model.safetensors")
     # the tiny Galactica has 4 blocks: 0-1 in the input group, 2-3 in the output group
-    for key, alpha in [("model.decoder.layers.0.fc1.weight", 0.25), ("model.decoder.layers.3.fc1.weight", 0.75),
-                       ("model.decoder.final_layer_norm.weight", 0.5)]:  # fmt: skip
+    for key, alpha in [
+        ("model.decoder.layers.0.fc1.weight", 0.25),
+        ("model.decoder.layers.3.fc1.weight", 0.75),
+        ("model.decoder.final_layer_norm.weight", 0.5),
+    ]:
         expected = (1 - alpha) * pretrained[key].double() + alpha * finetuned[key].double()
         assert (merged[key].double() - expected).abs().max() < 1e-6, key
         assert not torch.equal(merged[key], finetuned[key])
@@ -287,10 +462,13 @@ def test_group_alphas_merge_each_group_of_blocks_at_its_ratio_and_records_carry_
 
 @pytest.mark.parametrize(
     ("shape", "alphas", "message"),
-    [([1, 3], [0.75], r"scaled to alpha 0.75 gives \[0.375, 1.125\]: a ratio above 1"),
-     ([], [0.5], "non-negative ratios with a positive mean"), ([-1, 2], [0.5], "non-negative ratios"),
-     ([0, 0], [0.5], "positive mean")],
-)  # fmt: skip
+    [
+        ([1, 3], [0.75], r"scaled to alpha 0.75 gives \[0.375, 1.125\]: a ratio above 1"),
+        ([], [0.5], "non-negative ratios with a positive mean"),
+        ([-1, 2], [0.5], "non-negative ratios"),
+        ([0, 0], [0.5], "positive mean"),
+    ],
+)
 def test_group_alphas_that_cannot_be_scaled_into_0_1_are_refused(shape, alphas, message):
     with pytest.raises(ValueError, match=message):
         ExperimentArguments(alphas=alphas, merge_group_alphas=shape)
@@ -303,19 +481,42 @@ def test_yaml_preset_then_command_line_overrides(tmp_path):
     module = load_recipe("galactica_med")
     options, experiment, training, grids = parse_config(
         (module.MedMCQAArguments, ExperimentArguments, SpecGenTrainingArguments),
-        ["--config", str(CONFIGS / "galactica_med_tiny.yaml"), "--learning_rate", "3e-4", "--methods", "kd+feature",
-         "--push-to-hub", "me/model", "--output_dir", str(tmp_path)], grid_fields=GRID_FIELDS,
-    )  # fmt: skip
-    assert options.model_name_or_path == "hf_specgen/tiny-galactica" and options.eval_suites == ["tiny_medmcqa", "tiny_general"]
+        [
+            "--config",
+            str(CONFIGS / "galactica_med_tiny.yaml"),
+            "--learning_rate",
+            "3e-4",
+            "--methods",
+            "kd+feature",
+            "--push-to-hub",
+            "me/model",
+            "--output_dir",
+            str(tmp_path),
+        ],
+        grid_fields=GRID_FIELDS,
+    )
+    assert options.model_name_or_path == "hf_specgen/tiny-galactica" and options.eval_suites == [
+        "tiny_medmcqa",
+        "tiny_general",
+    ]
     assert training.learning_rate == 3e-4 and training.num_train_epochs == 10  # the override, and the preset
-    assert grids == {"l2_lambda": [1e-2, 1e-1]} and training.l2_lambda == 1e-2 and isinstance(training.l2_lambda, float)  # YAML's "1.0e-2" converted
+    assert (
+        grids == {"l2_lambda": [1e-2, 1e-1]} and training.l2_lambda == 1e-2 and isinstance(training.l2_lambda, float)
+    )  # YAML's "1.0e-2" converted
     assert experiment.methods == ["kd+feature"] and experiment.alphas == [0.0, 0.5, 1.0] and experiment.auto_alpha
-    assert (experiment.auto_keep, experiment.auto_budget, experiment.hma_groups, experiment.eval_fractions) == (0.95, 4, 0, [0.5])
+    assert (experiment.auto_keep, experiment.auto_budget, experiment.hma_groups, experiment.eval_fractions) == (
+        0.95,
+        4,
+        0,
+        [0.5],
+    )
     assert training.push_to_hub is True and training.hub_model_id == "me/model"
 
 
 def test_methods_switch_on_their_own_regularizers_only(tmp_path):
-    base = SpecGenTrainingArguments(output_dir=str(tmp_path), l1_lambda=1e-3, l2_lambda=0.1, kd_lambda=2.0, report_to=[])
+    base = SpecGenTrainingArguments(
+        output_dir=str(tmp_path), l1_lambda=1e-3, l2_lambda=0.1, kd_lambda=2.0, report_to=[]
+    )
     kd_l2 = Method.parse("kd+l2").training_arguments(base)
     assert (kd_l2.l1_lambda, kd_l2.l2_lambda, kd_l2.kd_lambda) == (0.0, 0.1, 2.0)
     full = Method.parse("full").training_arguments(base, output_dir=str(tmp_path / "x"))
@@ -358,15 +559,23 @@ def json_medmcqa_without_answer(tmp_path):
         (["--config", "{bad_key}"], r"unknown field\(s\) \['learnin_rate'\]"),
     ],
 )
-def test_bad_configuration_stops_before_training_with_one_message(args, message, tmp_path, json_medmcqa_without_answer, capsys):
+def test_bad_configuration_stops_before_training_with_one_message(
+    args, message, tmp_path, json_medmcqa_without_answer, capsys
+):
     preset = (CONFIGS / "galactica_med_tiny.yaml").read_text()
     (tmp_path / "bad_value.yaml").write_text(preset + "learning_rate: fast\n")
     (tmp_path / "bad_key.yaml").write_text(preset + "learnin_rate: 1.0e-3\n")
-    values = {"answerless": json_medmcqa_without_answer, "bad_value": tmp_path / "bad_value.yaml", "bad_key": tmp_path / "bad_key.yaml"}
+    values = {
+        "answerless": json_medmcqa_without_answer,
+        "bad_value": tmp_path / "bad_value.yaml",
+        "bad_key": tmp_path / "bad_key.yaml",
+    }
     args = [a.format(**values) for a in args]
     output_dir = tmp_path / "out"
     with pytest.raises(SystemExit) as stop:
-        load_recipe("galactica_med").GalacticaMed.main(["--config", str(TINY_LM), "--output_dir", str(output_dir), *args])
+        load_recipe("galactica_med").GalacticaMed.main(
+            ["--config", str(TINY_LM), "--output_dir", str(output_dir), *args]
+        )
     assert stop.value.code != 0
     error = str(stop.value.code) if isinstance(stop.value.code, str) else capsys.readouterr().err
     assert error.startswith("galactica_med.py: error: ") and len(error.strip().splitlines()) == 1, error
@@ -431,14 +640,18 @@ def test_unwritable_output_dir_stops_before_any_work(case, tmp_path, read_only_d
     error = stop_message(module.GalacticaMed.main, ["--config", str(TINY_LM), "--output_dir", str(output_dir)])
     assert re.match(rf"galactica_med.py: error: output_dir '{re.escape(str(output_dir))}'.*{reason}", error), error
     assert calls == []
-    assert (tmp_path / "file").read_text() == "in the way" and sorted(p.name for p in tmp_path.iterdir()) == ["file", "read_only"]
+    assert (tmp_path / "file").read_text() == "in the way" and sorted(p.name for p in tmp_path.iterdir()) == [
+        "file",
+        "read_only",
+    ]
 
 
 def test_output_dir_created_for_the_check_is_removed_when_the_configuration_fails(tmp_path):
     module = load_recipe("galactica_med")
     output_dir = tmp_path / "new" / "out"
-    error = stop_message(module.GalacticaMed.main, ["--config", str(TINY_LM),
-                                                    "--output_dir", str(output_dir), "--train_split", "dev"])  # fmt: skip
+    error = stop_message(
+        module.GalacticaMed.main, ["--config", str(TINY_LM), "--output_dir", str(output_dir), "--train_split", "dev"]
+    )
     assert "not 'dev'" in error and list(tmp_path.iterdir()) == []
 
 
@@ -449,11 +662,14 @@ def test_output_dir_created_for_the_check_is_removed_when_the_configuration_fail
         ("galactica_med", ["--dataset_name", "{tmp}/no/medmcqa"], "dataset_name '.*/no/medmcqa' does not exist"),
         ("clip_imagenet", ["--train_dataset", "{tmp}/no/photos"], "train_dataset '.*/no/photos' does not exist"),
         ("clip_imagenet", ["--class_names_file", "names.json"], "class_names_file 'names.json' does not exist"),
-        ("clip_imagenet", ["--generality_sets", "sketch=hf_specgen/tiny-domains/sketch:test", "paint={tmp}/no/painting:test"],
-         r"generality_sets \(paint\) '.*/no/painting' does not exist"),
+        (
+            "clip_imagenet",
+            ["--generality_sets", "sketch=hf_specgen/tiny-domains/sketch:test", "paint={tmp}/no/painting:test"],
+            r"generality_sets \(paint\) '.*/no/painting' does not exist",
+        ),
         ("clip_imagenet", ["--speciality_sets", "photo"], r"speciality_sets: 'photo' is not NAME=SOURCE\[:SPLIT\]"),
     ],
-)  # fmt: skip
+)
 def test_missing_local_paths_stop_before_any_work(recipe, args, message, tmp_path, monkeypatch):
     """Every local path of the configuration is checked before the model and data sets load (a
     missing class-names file or last evaluation folder was found after loading the training set)."""
@@ -462,7 +678,13 @@ def test_missing_local_paths_stop_before_any_work(recipe, args, message, tmp_pat
     recipe_class = module.GalacticaMed if recipe == "galactica_med" else module.ClipImageNet
     calls = counting_calls(monkeypatch, recipe_class)
     preset = "galactica_med_tiny" if recipe == "galactica_med" else "clip_tiny"
-    argv = ["--config", str(CONFIGS / f"{preset}.yaml"), "--output_dir", str(tmp_path / "out"), *(a.replace("{tmp}", str(tmp_path)) for a in args)]
+    argv = [
+        "--config",
+        str(CONFIGS / f"{preset}.yaml"),
+        "--output_dir",
+        str(tmp_path / "out"),
+        *(a.replace("{tmp}", str(tmp_path)) for a in args),
+    ]
     error = stop_message(recipe_class.main, argv)
     assert re.match(rf"{recipe}.py: error: {message}", error), error
     assert calls == [] and list(tmp_path.iterdir()) == []
@@ -487,15 +709,22 @@ def test_non_finite_floats_are_refused_naming_the_field(args, field, tmp_path, m
     calls = counting_calls(monkeypatch, module.GalacticaMed)
     (tmp_path / "nan.yaml").write_text((CONFIGS / "galactica_med_tiny.yaml").read_text() + "lora_dropout: .nan\n")
     args = [a.format(nan_preset=tmp_path / "nan.yaml") for a in args]
-    error = stop_message(module.GalacticaMed.main, ["--config", str(TINY_LM),
-                                                    "--output_dir", str(tmp_path / "out"), *args])  # fmt: skip
+    error = stop_message(
+        module.GalacticaMed.main, ["--config", str(TINY_LM), "--output_dir", str(tmp_path / "out"), *args]
+    )
     assert re.match(rf"galactica_med.py: error: .*\b{field}\b.*finite", error), error
     assert calls == [] and not (tmp_path / "out").exists()
 
 
 def test_parse_methods_refuses_non_finite_strengths_whatever_the_training_arguments_allow():
-    base = SimpleNamespace(l1_lambda=0.0, l2_lambda=float("nan"), ewc_lambda=float("inf"), kd_lambda=1.0,
-                           kd_temperature=float("nan"), feature_lambda=0.0)  # fmt: skip
+    base = SimpleNamespace(
+        l1_lambda=0.0,
+        l2_lambda=float("nan"),
+        ewc_lambda=float("inf"),
+        kd_lambda=1.0,
+        kd_temperature=float("nan"),
+        feature_lambda=0.0,
+    )
     assert parse_methods(["full"], base) == [Method("full", (), False)]
     for method, field in (("l2", "l2_lambda"), ("ewc", "ewc_lambda"), ("kd", "kd_temperature")):
         with pytest.raises(ValueError, match=rf"method '{method}' needs {field} .*finite.*, got (nan|inf)"):
@@ -508,12 +737,21 @@ def test_clip_class_names_from_labels_ids_and_indices():
     module = load_recipe("clip_imagenet")
 
     def labelled(*names):
-        return datasets.Dataset.from_dict({"label": [0]}, features=datasets.Features({"label": datasets.ClassLabel(names=list(names))}))
+        return datasets.Dataset.from_dict(
+            {"label": [0]}, features=datasets.Features({"label": datasets.ClassLabel(names=list(names))})
+        )
 
-    assert module.class_names(labelled("tench, Tinca tinca", "great_white_shark"), "label", {}) == ["tench", "great white shark"]
-    assert module.class_names(labelled("n01440764", "n01443537"), "label", {"n01443537": "goldfish, Carassius auratus"}) == [
-        "n01440764", "goldfish"]
-    assert module.class_names(labelled("0", "2"), "label", {}, fallback=["tench", "goldfish", "shark"]) == ["tench", "shark"]
+    assert module.class_names(labelled("tench, Tinca tinca", "great_white_shark"), "label", {}) == [
+        "tench",
+        "great white shark",
+    ]
+    assert module.class_names(
+        labelled("n01440764", "n01443537"), "label", {"n01443537": "goldfish, Carassius auratus"}
+    ) == ["n01440764", "goldfish"]
+    assert module.class_names(labelled("0", "2"), "label", {}, fallback=["tench", "goldfish", "shark"]) == [
+        "tench",
+        "shark",
+    ]
     assert module.parse_set("v2=data/imagenet-v2") == ("v2", "data/imagenet-v2", "test")
     assert module.parse_set("val=ILSVRC/imagenet-1k:validation") == ("val", "ILSVRC/imagenet-1k", "validation")
 
@@ -524,8 +762,9 @@ def test_clip_evaluation_reads_the_configured_columns():
     names = module.class_names(photos, "label", {})
 
     def scores(image_column: str, label_column: str) -> dict:
-        options = module.ImageClassificationArguments(image_column=image_column, label_column=label_column,
-                                                      templates=["a photo of a {}."])  # fmt: skip
+        options = module.ImageClassificationArguments(
+            image_column=image_column, label_column=label_column, templates=["a photo of a {}."]
+        )
         recipe = module.ClipImageNet(options, seed=0)
         data = photos.rename_columns({"image": image_column, "label": label_column})
         recipe._sets = {"speciality": {"photo": (data, names)}, "generality": {"photo_again": (data, names)}}
@@ -538,19 +777,25 @@ def test_clip_evaluation_reads_the_configured_columns():
 def test_clip_recipe_refuses_a_malformed_evaluation_set(tmp_path):
     module = load_recipe("clip_imagenet")
     with pytest.raises(SystemExit, match="'photo' is not NAME=SOURCE"):
-        module.ClipImageNet.main(["--config", str(TINY_CLIP), "--output_dir", str(tmp_path / "out"), "--speciality_sets", "photo"])
+        module.ClipImageNet.main(
+            ["--config", str(TINY_CLIP), "--output_dir", str(tmp_path / "out"), "--speciality_sets", "photo"]
+        )
     with pytest.raises(ConfigError, match="templates must each contain"):
         parse_config((module.ImageClassificationArguments,), ["--templates", "a photo"])
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize(("recipe", "preset"), [("galactica_med", "galactica_med"), ("clip_imagenet", "clip_imagenet")])
+@pytest.mark.parametrize(
+    ("recipe", "preset"), [("galactica_med", "galactica_med"), ("clip_imagenet", "clip_imagenet")]
+)
 def test_published_presets_parse(recipe, preset):
     """The GPU presets hold only known fields and valid values (`use_cpu`: bf16 needs a GPU otherwise)."""
     module = load_recipe(recipe)
     arguments = module.MedMCQAArguments if recipe == "galactica_med" else module.ImageClassificationArguments
-    options, experiment, training = parse_config((arguments, ExperimentArguments, SpecGenTrainingArguments),
-                                                 ["--config", str(CONFIGS / f"{preset}.yaml"), "--use_cpu", "true"])  # fmt: skip
+    options, experiment, training = parse_config(
+        (arguments, ExperimentArguments, SpecGenTrainingArguments),
+        ["--config", str(CONFIGS / f"{preset}.yaml"), "--use_cpu", "true"],
+    )
     assert options.model_name_or_path in ("facebook/galactica-1.3b", "openai/clip-vit-base-patch16")
     assert experiment.methods == ["full", "l1", "l2", "ewc", "kd", "feature", "lora"] and len(experiment.alphas) == 5
     assert experiment.auto_alpha and experiment.hma_groups == 3 and experiment.hma_mean_alphas == [0.2, 0.5]
@@ -561,9 +806,14 @@ def test_published_presets_parse(recipe, preset):
 def test_alignment_presets_parse(preset):
     """The alignment tax's GPU presets: DPO's own options (beta) and the recipe's, every method and algorithm known."""
     module = load_recipe("alignment_tax")
-    options, experiment, training = parse_config((module.AlignmentArguments, ExperimentArguments, module.SpecGenDPOConfig),
-                                                 ["--config", str(CONFIGS / f"{preset}.yaml"), "--use_cpu", "true"])  # fmt: skip
-    assert options.eval_suites == ["alignment_tax"] and options.speciality_metrics == ["win_rate", "preference_accuracy"]
+    options, experiment, training = parse_config(
+        (module.AlignmentArguments, ExperimentArguments, module.SpecGenDPOConfig),
+        ["--config", str(CONFIGS / f"{preset}.yaml"), "--use_cpu", "true"],
+    )
+    assert options.eval_suites == ["alignment_tax"] and options.speciality_metrics == [
+        "win_rate",
+        "preference_accuracy",
+    ]
     methods = parse_methods(experiment.methods, training)
     assert {m.algorithm for m in methods} == {"dpo", "rsf", None} and training.bf16 and 0 < training.beta <= 0.1
     assert experiment.auto_alpha and experiment.hma_groups == 3 and training.learning_rate == 5e-7

@@ -8,7 +8,15 @@ import matplotlib.image
 import pytest
 
 from hf_specgen.eval import report
-from hf_specgen.eval.report import ResultRecord, best_generality, load_records, markdown_table, pareto_front, write_report
+from hf_specgen.eval.report import (
+    ResultRecord,
+    best_generality,
+    load_records,
+    markdown_table,
+    pareto_front,
+    write_report,
+)
+
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -21,14 +29,24 @@ def point(method: str, s: float, g: float, **kwargs) -> ResultRecord:
 def table_records() -> list[ResultRecord]:
     """Out of order, with metrics only some records have, one dominated point (l2 at lambda 1)."""
     return [
-        ResultRecord(method="l2", hyperparameter="l2_lambda", value=0.1,
-                     speciality={"med": 0.8, "med_val": 0.75}, generality={"arith": 0.3}),
+        ResultRecord(
+            method="l2",
+            hyperparameter="l2_lambda",
+            value=0.1,
+            speciality={"med": 0.8, "med_val": 0.75},
+            generality={"arith": 0.3},
+        ),
         ResultRecord(method="full", speciality={"med": 0.8567}, generality={"arith": 0.2, "facts": 0.1}),
         ResultRecord(method="pre-trained", speciality={"med": 0.25}, generality={"arith": 0.86, "facts": 0.9}),
-        ResultRecord(method="l2", hyperparameter="l2_lambda", value=1,
-                     speciality={"med": 0.45, "med_val": 0.45}, generality={"arith": 0.5}),
+        ResultRecord(
+            method="l2",
+            hyperparameter="l2_lambda",
+            value=1,
+            speciality={"med": 0.45, "med_val": 0.45},
+            generality={"arith": 0.5},
+        ),
         ResultRecord(method="full", alpha=0.5, speciality={"med": 0.5}, generality={"arith": 0.6, "facts": 0.7}),
-    ]  # fmt: skip
+    ]
 
 
 def test_pareto_front_drops_dominated_keeps_ties_and_single_axis_bests():
@@ -38,8 +56,15 @@ def test_pareto_front_drops_dominated_keeps_ties_and_single_axis_bests():
     same_speciality_less_generality = point("f", 0.5, 0.55)
     same_generality_less_speciality = point("h", 0.1, 0.9)
     best_speciality_only = point("e", 0.9, 0.1)
-    records = [best_speciality_only, middle, dominated, same_speciality_less_generality, tie,
-               best_generality_only, same_generality_less_speciality]  # fmt: skip
+    records = [
+        best_speciality_only,
+        middle,
+        dominated,
+        same_speciality_less_generality,
+        tie,
+        best_generality_only,
+        same_generality_less_speciality,
+    ]
     front = pareto_front(records)
     assert [r.method for r in front] == ["a", "b", "c", "e"]  # by speciality; the tie in input order
     assert front[1] is middle and front[2] is tie
@@ -48,8 +73,14 @@ def test_pareto_front_drops_dominated_keeps_ties_and_single_axis_bests():
 
 
 def test_means_and_setting():
-    record = ResultRecord(method="l2", alpha=0.5, hyperparameter="l2_lambda", value=0.1,
-                          speciality={"a": 0.5, "b": 1.0}, generality={"c": 0.1, "d": 0.2, "e": 0.6})  # fmt: skip
+    record = ResultRecord(
+        method="l2",
+        alpha=0.5,
+        hyperparameter="l2_lambda",
+        value=0.1,
+        speciality={"a": 0.5, "b": 1.0},
+        generality={"c": 0.1, "d": 0.2, "e": 0.6},
+    )
     assert record.speciality_score == pytest.approx(0.75)
     assert record.generality_score == pytest.approx(0.3)
     assert record.setting == "l2_lambda=0.1, alpha=0.5"
@@ -60,27 +91,37 @@ def test_a_heterogeneous_merge_is_labelled_by_its_schedule_and_survives_a_round_
     groups = {"kind": "groups", "group_alphas": [0.25, 0.5, 0.75], "outside_alpha": 0.5, "mean_alpha": 0.5}
     record = point("full", 0.5, 0.5, alpha=0.5, merge=groups)
     assert record.setting == "alpha=0.5 (groups 0.25/0.5/0.75)"
-    rules = {"kind": "rules", "rules": [["mlp", 0.3], ["attn", 0.6]], "default_alpha": 0.5, "linear_only": True,
-             "non_linear_alpha": 1.0, "mean_alpha": 0.5}  # fmt: skip
+    rules = {
+        "kind": "rules",
+        "rules": [["mlp", 0.3], ["attn", 0.6]],
+        "default_alpha": 0.5,
+        "linear_only": True,
+        "non_linear_alpha": 1.0,
+        "mean_alpha": 0.5,
+    }
     assert point("full", 0.5, 0.5, alpha=0.5, merge=rules).setting == "alpha=0.5 (2 rules, linear only)"
     assert ResultRecord.load(record.save(tmp_path / "r.json")) == record
     assert "alpha=0.5 (groups 0.25/0.5/0.75)" in markdown_table([record])
 
 
 def test_markdown_table(table_records):
-    assert markdown_table(table_records) == "\n".join([
-        "| method | setting | med | med_val | arith | facts | speciality | generality | Pareto |",
-        "|---|---|---:|---:|---:|---:|---:|---:|:---:|",
-        "| full | alpha=0.5 | 0.500 |  | 0.600 | 0.700 | 0.500 | 0.650 | * |",
-        "| full |  | 0.857 |  | 0.200 | 0.100 | 0.857 | 0.150 | * |",
-        "| l2 | l2_lambda=0.1 | 0.800 | 0.750 | 0.300 |  | 0.775 | 0.300 | * |",
-        "| l2 | l2_lambda=1 | 0.450 | 0.450 | 0.500 |  | 0.450 | 0.500 |  |",
-        "| pre-trained |  | 0.250 |  | 0.860 | 0.900 | 0.250 | 0.880 | * |",
-    ])  # fmt: skip
+    assert markdown_table(table_records) == "\n".join(
+        [
+            "| method | setting | med | med_val | arith | facts | speciality | generality | Pareto |",
+            "|---|---|---:|---:|---:|---:|---:|---:|:---:|",
+            "| full | alpha=0.5 | 0.500 |  | 0.600 | 0.700 | 0.500 | 0.650 | * |",
+            "| full |  | 0.857 |  | 0.200 | 0.100 | 0.857 | 0.150 | * |",
+            "| l2 | l2_lambda=0.1 | 0.800 | 0.750 | 0.300 |  | 0.775 | 0.300 | * |",
+            "| l2 | l2_lambda=1 | 0.450 | 0.450 | 0.500 |  | 0.450 | 0.500 |  |",
+            "| pre-trained |  | 0.250 |  | 0.860 | 0.900 | 0.250 | 0.880 | * |",
+        ]
+    )
 
 
 def test_markdown_table_escapes_pipes():
-    assert markdown_table([point("a|b", 0.5, 0.5)]).splitlines()[2] == "| a\\|b |  | 0.500 | 0.500 | 0.500 | 0.500 | * |"
+    assert (
+        markdown_table([point("a|b", 0.5, 0.5)]).splitlines()[2] == "| a\\|b |  | 0.500 | 0.500 | 0.500 | 0.500 | * |"
+    )
 
 
 def test_best_generality_keeps_95_percent_of_the_best_speciality():
@@ -90,8 +131,16 @@ def test_best_generality_keeps_95_percent_of_the_best_speciality():
 
 
 def test_json_round_trip_of_files_lists_and_directories(tmp_path):
-    full = ResultRecord(method="l2", alpha=0.25, hyperparameter="l2_lambda", value=0.1, speciality={"med": 0.8},
-                        generality={"arith": 0.3, "facts": 0.4}, cost={"train_s": 12.5}, model="runs/l2")  # fmt: skip
+    full = ResultRecord(
+        method="l2",
+        alpha=0.25,
+        hyperparameter="l2_lambda",
+        value=0.1,
+        speciality={"med": 0.8},
+        generality={"arith": 0.3, "facts": 0.4},
+        cost={"train_s": 12.5},
+        model="runs/l2",
+    )
     single = full.save(tmp_path / "single.json")
     assert ResultRecord.load(single) == full
     assert ResultRecord.from_dict(json.loads(single.read_text())) == full
@@ -203,7 +252,9 @@ def test_failed_write_leaves_no_output(tmp_path, table_records, monkeypatch):
     with pytest.raises(RuntimeError, match="plot failed"):
         write_report(table_records, existing)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["existing"]
-    assert [p.name for p in existing.iterdir()] == ["report.md"] and (existing / "report.md").read_text() == "old report"
+    assert [p.name for p in existing.iterdir()] == ["report.md"] and (
+        existing / "report.md"
+    ).read_text() == "old report"
 
 
 def test_write_report_refuses_no_records(tmp_path):

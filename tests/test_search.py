@@ -8,15 +8,20 @@ import shutil
 
 import pytest
 import torch
+from test_merge import read_weights
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_specgen.merge import MergeError, wise_ft
 from hf_specgen.merge.search import GroupAlphaObjective, _encode, ratios, search_group_alphas
 from hf_specgen.tiny import lm_path
-from test_merge import read_weights
 
-TEXTS = ["the patient takes two tablets a day", "a dose of the drug lowers the pressure",
-         "the heart rate rises after the dose", "take the tablet with water"]  # fmt: skip
+
+TEXTS = [
+    "the patient takes two tablets a day",
+    "a dose of the drug lowers the pressure",
+    "the heart rate rises after the dose",
+    "take the tablet with water",
+]
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +42,9 @@ def pair(tmp_path_factory):
     for _ in range(30):
         optimizer.zero_grad()
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(),
-                                          ignore_index=-100).backward()  # fmt: skip
+        torch.nn.functional.cross_entropy(
+            logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=-100
+        ).backward()
         optimizer.step()
     model.save_pretrained(ft_dir)
     tokenizer.save_pretrained(ft_dir)
@@ -110,22 +116,39 @@ def test_ratios_keep_their_mean_and_one_group_is_wise_ft(pair, tmp_path):
 
 def test_the_search_raises_the_ratio_of_the_group_that_was_fine_tuned_at_a_fixed_mean(pair):
     pre_dir, ft_dir, samples = pair
-    found = search_group_alphas(pre_dir, ft_dir, samples, groups=2, mean_alpha=0.4, steps=12, learning_rate=0.5,
-                                batch_size=8, held_out=0.25, patience=12)  # fmt: skip
+    found = search_group_alphas(
+        pre_dir,
+        ft_dir,
+        samples,
+        groups=2,
+        mean_alpha=0.4,
+        steps=12,
+        learning_rate=0.5,
+        batch_size=8,
+        held_out=0.25,
+        patience=12,
+    )
     assert found.group_alphas[1] > found.group_alphas[0] + 0.1
     assert all(abs(sum(e["group_alphas"]) / 2 - 0.4) < 1e-12 for e in found.history)  # the mean at every step
     assert found.held_out_loss < found.uniform_loss
-    assert found.state_bytes == 2 * 4 * sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(pre_dir).parameters())
+    assert found.state_bytes == 2 * 4 * sum(
+        p.numel() for p in AutoModelForCausalLM.from_pretrained(pre_dir).parameters()
+    )
     one = search_group_alphas(pre_dir, ft_dir, samples, groups=1, mean_alpha=0.4, steps=2, held_out=0.25)
     assert one.group_alphas == (0.4,) and all(e["group_alphas"] == [0.4] for e in one.history)
 
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
-    [({"groups": 5}, "5 groups, but model.decoder.layers has only 4 blocks"), ({"mean_alpha": 0.0}, "mean_alpha must be in (0, 1]"),
-     ({"held_out": 1.0}, "held_out must be in [0, 1)"), ({"groups": 0}, "groups must be an integer >= 1"),
-     ({"eps": -0.1}, "eps must be a finite number >= 0"), ({"learning_rate": float("nan")}, "learning_rate must be a finite number > 0")],
-)  # fmt: skip
+    [
+        ({"groups": 5}, "5 groups, but model.decoder.layers has only 4 blocks"),
+        ({"mean_alpha": 0.0}, "mean_alpha must be in (0, 1]"),
+        ({"held_out": 1.0}, "held_out must be in [0, 1)"),
+        ({"groups": 0}, "groups must be an integer >= 1"),
+        ({"eps": -0.1}, "eps must be a finite number >= 0"),
+        ({"learning_rate": float("nan")}, "learning_rate must be a finite number > 0"),
+    ],
+)
 def test_bad_arguments_are_one_merge_error(pair, kwargs, message):
     pre_dir, ft_dir, samples = pair
     with pytest.raises(MergeError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
@@ -137,12 +160,36 @@ def test_specgen_hma_searches_then_writes_the_merge_and_the_search(pair, tmp_pat
 
     pre_dir, ft_dir, samples = pair
     data = tmp_path / "samples.jsonl"
-    data.write_text("".join(json.dumps({"prompt": text.split()[0], "text": " " + " ".join(text.split()[1:])}) + "\n"
-                            for text in samples))  # fmt: skip
+    data.write_text(
+        "".join(
+            json.dumps({"prompt": text.split()[0], "text": " " + " ".join(text.split()[1:])}) + "\n"
+            for text in samples
+        )
+    )
     out = tmp_path / "hma"
-    argv = ["hma", "--pretrained", str(pre_dir), "--finetuned", str(ft_dir), "--data", str(data), "--prompt-field", "prompt",
-            "--groups", "2", "--mean-alpha", "0.4", "--steps", "6", "--learning-rate", "0.5", "--held-out", "0.25",
-            "--output-dir", str(out)]  # fmt: skip
+    argv = [
+        "hma",
+        "--pretrained",
+        str(pre_dir),
+        "--finetuned",
+        str(ft_dir),
+        "--data",
+        str(data),
+        "--prompt-field",
+        "prompt",
+        "--groups",
+        "2",
+        "--mean-alpha",
+        "0.4",
+        "--steps",
+        "6",
+        "--learning-rate",
+        "0.5",
+        "--held-out",
+        "0.25",
+        "--output-dir",
+        str(out),
+    ]
     assert main(argv) == 0
     search = json.loads((out / "hma_search.json").read_text())
     config = json.loads((out / "merge_config.json").read_text())
@@ -155,19 +202,32 @@ def test_specgen_hma_searches_then_writes_the_merge_and_the_search(pair, tmp_pat
 
 @pytest.mark.parametrize(
     ("change", "message"),
-    [({"--output-dir": "PRE/inside"}, "lies inside"), ({"--data": "missing.jsonl"}, "missing.jsonl: no such file or directory (--data)"),
-     ({"--groups": "5"}, "5 groups, but model.decoder.layers has only 4 blocks"), ({"--steps": "0"}, "--steps must be at least 1, got 0")],
-)  # fmt: skip
+    [
+        ({"--output-dir": "PRE/inside"}, "lies inside"),
+        ({"--data": "missing.jsonl"}, "missing.jsonl: no such file or directory (--data)"),
+        ({"--groups": "5"}, "5 groups, but model.decoder.layers has only 4 blocks"),
+        ({"--steps": "0"}, "--steps must be at least 1, got 0"),
+    ],
+)
 def test_specgen_hma_bad_input_is_one_line_and_writes_nothing(pair, tmp_path, capsys, change, message):
     from hf_specgen.cli import main
 
     pre_dir, ft_dir, samples = pair
     data = tmp_path / "samples.json"
     data.write_text(json.dumps(samples))
-    options = {"--pretrained": str(pre_dir), "--finetuned": str(ft_dir), "--data": str(data), "--output-dir": str(tmp_path / "out"),
-               "--steps": "2"}  # fmt: skip
-    options.update({k: v.replace("PRE", str(pre_dir)) if k == "--output-dir" else str(tmp_path / v) if k == "--data" else v
-                    for k, v in change.items()})  # fmt: skip
+    options = {
+        "--pretrained": str(pre_dir),
+        "--finetuned": str(ft_dir),
+        "--data": str(data),
+        "--output-dir": str(tmp_path / "out"),
+        "--steps": "2",
+    }
+    options.update(
+        {
+            k: v.replace("PRE", str(pre_dir)) if k == "--output-dir" else str(tmp_path / v) if k == "--data" else v
+            for k, v in change.items()
+        }
+    )
     with pytest.raises(SystemExit) as exited:
         main(["hma", *[x for pair_ in options.items() for x in pair_]])
     assert exited.value.code == 2
@@ -188,20 +248,29 @@ def test_generate_completions_are_the_models_greedy_answers_and_restore_the_toke
     for prompt, completion in pairs:  # each equals the answer generated alone, without padding
         ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
         alone = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-        assert completion == tokenizer.decode(alone[0, ids.shape[1]:], skip_special_tokens=True)
-    assert pairs[0][1].endswith("es two")  # the fine-tune's sentence, "the patient takes two tablets", in tiny BPE pieces
+        assert completion == tokenizer.decode(alone[0, ids.shape[1] :], skip_special_tokens=True)
+    assert pairs[0][1].endswith(
+        "es two"
+    )  # the fine-tune's sentence, "the patient takes two tablets", in tiny BPE pieces
     assert tokenizer.padding_side == "right" and not model.training
 
 
-@pytest.mark.parametrize(("prompts", "kwargs", "message"), [
-    ([], {}, "needs prompts"), (["ok", " "], {}, "prompt 1 is empty"), (["ok"], {"max_new_tokens": 0}, "max_new_tokens must be"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("prompts", "kwargs", "message"),
+    [
+        ([], {}, "needs prompts"),
+        (["ok", " "], {}, "prompt 1 is empty"),
+        (["ok"], {"max_new_tokens": 0}, "max_new_tokens must be"),
+    ],
+)
 def test_generate_completions_bad_input(pair, prompts, kwargs, message):
     from hf_specgen.merge import generate_completions
 
     _, ft_dir, _ = pair
     with pytest.raises(MergeError, match=message):
-        generate_completions(AutoModelForCausalLM.from_pretrained(ft_dir), AutoTokenizer.from_pretrained(ft_dir), prompts, **kwargs)
+        generate_completions(
+            AutoModelForCausalLM.from_pretrained(ft_dir), AutoTokenizer.from_pretrained(ft_dir), prompts, **kwargs
+        )
 
 
 def test_specgen_hma_generate_from_scores_the_finetuned_models_answers(pair, tmp_path):
@@ -209,11 +278,33 @@ def test_specgen_hma_generate_from_scores_the_finetuned_models_answers(pair, tmp
 
     pre_dir, ft_dir, _ = pair
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": text.split()[0] + " " + text.split()[1]}) + "\n" for text in TEXTS * 3))
+    prompts.write_text(
+        "".join(json.dumps({"prompt": text.split()[0] + " " + text.split()[1]}) + "\n" for text in TEXTS * 3)
+    )
     out = tmp_path / "hma"
-    argv = ["hma", "--pretrained", str(pre_dir), "--finetuned", str(ft_dir), "--generate-from", str(prompts),
-            "--max-new-tokens", "6", "--groups", "2", "--mean-alpha", "0.4", "--steps", "4", "--learning-rate", "0.5",
-            "--held-out", "0.25", "--output-dir", str(out)]  # fmt: skip
+    argv = [
+        "hma",
+        "--pretrained",
+        str(pre_dir),
+        "--finetuned",
+        str(ft_dir),
+        "--generate-from",
+        str(prompts),
+        "--max-new-tokens",
+        "6",
+        "--groups",
+        "2",
+        "--mean-alpha",
+        "0.4",
+        "--steps",
+        "4",
+        "--learning-rate",
+        "0.5",
+        "--held-out",
+        "0.25",
+        "--output-dir",
+        str(out),
+    ]
     assert main(argv) == 0
     search = json.loads((out / "hma_search.json").read_text())
     generated = search["generated"]

@@ -5,9 +5,9 @@ from __future__ import annotations
 import math
 
 import pytest
+from test_merge import save, tiny_llama
 
 from hf_specgen.merge import AlphaChoice, AlphaSchedule, iter_merge, select_alpha
-from test_merge import save, tiny_llama
 
 
 def curve(speciality, generality=lambda a: 1.0 - a):
@@ -77,22 +77,32 @@ def test_a_curve_that_is_not_monotone_is_said_so_and_the_best_scored_point_is_ke
 
 def test_an_unreachable_floor_names_the_best_point():
     evaluate, _ = curve(lambda a: 0.5 * a)
-    with pytest.raises(ValueError, match=r"^no scored point reaches the speciality floor 0.9: the best is 0.5 at alpha 1$"):
+    with pytest.raises(
+        ValueError, match=r"^no scored point reaches the speciality floor 0.9: the best is 0.5 at alpha 1$"
+    ):
         select_alpha(evaluate, keep=None, floor=0.9)
 
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
-    [({"keep": 0.0}, "keep must be in (0, 1], got 0.0"), ({"keep": 1.5}, "keep must be in (0, 1]"),
-     ({"keep": 0.9, "floor": 0.5}, "give either keep"),
-     ({"floor": math.nan, "keep": None}, "floor must be a finite number"), ({"budget": 0}, "budget must be an integer >= 1"),
-     ({"resolution": 0}, "resolution must be in (0, 1)"), ({"upper": 1.5}, "upper must be in (0, 1]"), ({"slack": -1}, "slack must be a finite number >= 0"),
-     ({"known": {0.5: (0.1,)}}, "evaluate(0.5) must return (speciality, generality)")],
-)  # fmt: skip
+    [
+        ({"keep": 0.0}, "keep must be in (0, 1], got 0.0"),
+        ({"keep": 1.5}, "keep must be in (0, 1]"),
+        ({"keep": 0.9, "floor": 0.5}, "give either keep"),
+        ({"floor": math.nan, "keep": None}, "floor must be a finite number"),
+        ({"budget": 0}, "budget must be an integer >= 1"),
+        ({"resolution": 0}, "resolution must be in (0, 1)"),
+        ({"upper": 1.5}, "upper must be in (0, 1]"),
+        ({"slack": -1}, "slack must be a finite number >= 0"),
+        ({"known": {0.5: (0.1,)}}, "evaluate(0.5) must return (speciality, generality)"),
+    ],
+)
 def test_bad_arguments_are_one_message(kwargs, message):
     with pytest.raises(ValueError, match=f"^{message.replace('(', '[(]').replace(')', '[)]')}"):
         select_alpha(lambda a: (a, 1 - a), **kwargs)
-    with pytest.raises(ValueError, match=r"evaluate\(0\) must return \(speciality, generality\), two finite numbers, got nan"):
+    with pytest.raises(
+        ValueError, match=r"evaluate\(0\) must return \(speciality, generality\), two finite numbers, got nan"
+    ):
         select_alpha(lambda a: math.nan)
 
 
@@ -129,4 +139,6 @@ def test_floor_alone_and_neither_keep_nor_floor():
     evaluate, calls = curve(lambda a: 0.5 - 0.25 * a)  # the fine-tune lost speciality
     choice = select_alpha(evaluate, keep=0.9)
     assert (choice.alpha, choice.calls, choice.monotone) == (0.0, 2, False)
-    assert choice.reason.startswith("the fine-tuned end's speciality 0.25 is not above the pre-trained model's 0.5: no gain")
+    assert choice.reason.startswith(
+        "the fine-tuned end's speciality 0.25 is not above the pre-trained model's 0.5: no gain"
+    )

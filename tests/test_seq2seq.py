@@ -7,9 +7,9 @@ import datasets
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import lm_batch, perturb_, seq2seq_batch, tiny_opt, tiny_t5
 from torch import nn
 
-from conftest import VOCAB, lm_batch, perturb_, seq2seq_batch, tiny_opt, tiny_t5
 from hf_specgen import SpecGenTrainer
 from hf_specgen.regularizers import EWC
 
@@ -33,7 +33,11 @@ def test_kd_on_an_encoder_decoder_uses_the_decoder_supervised_positions(args_fac
     task = model(**batch).loss
     loss = trainer.compute_loss(model, dict(batch))
     decoder_input_ids = model.prepare_decoder_input_ids_from_labels(labels=batch["labels"])
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "decoder_input_ids": decoder_input_ids}
+    inputs = {
+        "input_ids": batch["input_ids"],
+        "attention_mask": batch["attention_mask"],
+        "decoder_input_ids": decoder_input_ids,
+    }
     with torch.no_grad():
         student, reference = model(**inputs).logits, teacher(**inputs).logits
     expected = lam * kd_by_hand(student, reference, batch["labels"] != -100)
@@ -55,8 +59,12 @@ def test_feature_protection_on_an_encoder_decoder_protects_both_stacks(args_fact
     with torch.no_grad():
         s, t = (m(**batch, output_hidden_states=True) for m in (model, teacher))
     source, target = batch["attention_mask"].bool(), batch["labels"] != -100
-    per_feature = [(s.encoder_hidden_states[i] - t.encoder_hidden_states[i]).pow(2).sum(-1)[source].mean() for i in layers]
-    per_feature += [(s.decoder_hidden_states[i] - t.decoder_hidden_states[i]).pow(2).sum(-1)[target].mean() for i in layers]
+    per_feature = [
+        (s.encoder_hidden_states[i] - t.encoder_hidden_states[i]).pow(2).sum(-1)[source].mean() for i in layers
+    ]
+    per_feature += [
+        (s.decoder_hidden_states[i] - t.decoder_hidden_states[i]).pow(2).sum(-1)[target].mean() for i in layers
+    ]
     expected = lam * torch.stack(per_feature).mean()
     assert expected > 1e-4
     torch.testing.assert_close((loss - task).detach(), expected, rtol=1e-5, atol=1e-9)
@@ -93,7 +101,9 @@ def test_every_regularizer_trains_an_encoder_decoder(args_factory):
     data = datasets.Dataset.from_dict({k: v.tolist() for k, v in batch.items()})
     terms = dict(l1_lambda=0.01, l2_lambda=0.5, ewc_lambda=1.0, ewc_num_samples=4, kd_lambda=0.5, feature_lambda=0.3)
     model = tiny_t5()
-    trainer = SpecGenTrainer(model=model, args=args_factory(max_steps=3, learning_rate=0.05, **terms), train_dataset=data)
+    trainer = SpecGenTrainer(
+        model=model, args=args_factory(max_steps=3, learning_rate=0.05, **terms), train_dataset=data
+    )
     trainer.train()
     logs = [e for e in trainer.state.log_history if "loss" in e]
     names = ["loss_l1", "loss_l2", "loss_ewc", "loss_kd", "loss_feature"]
@@ -123,7 +133,9 @@ def test_kd_and_ewc_read_the_labels_under_the_trainers_label_names(args_factory)
     rows = lm_batch()
     batch = {"input_ids": rows["input_ids"], "attention_mask": rows["attention_mask"], "target": rows["labels"]}
     data = datasets.Dataset.from_dict({k: v.tolist() for k, v in batch.items()})
-    args = args_factory(kd_lambda=lam, ewc_lambda=1.0, ewc_fisher="empirical", ewc_num_samples=2, label_names=["target"])
+    args = args_factory(
+        kd_lambda=lam, ewc_lambda=1.0, ewc_fisher="empirical", ewc_num_samples=2, label_names=["target"]
+    )
     trainer = SpecGenTrainer(model=model, args=args, train_dataset=data)
     assert trainer.label_names == ["target"]
     perturb_(model)

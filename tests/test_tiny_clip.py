@@ -9,9 +9,9 @@ import datasets
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import make_args
 from transformers import AutoProcessor, AutoTokenizer, CLIPConfig, CLIPModel, CLIPProcessor
 
-from conftest import make_args
 from hf_specgen import SpecGenTrainer
 from hf_specgen.data.image_classification import ClassPromptCollator, class_prompt_loss, freeze_text_tower
 from hf_specgen.eval.clip import accuracy, domain_accuracies, zero_shot_head
@@ -42,17 +42,26 @@ def random_clip(processor: CLIPProcessor, seed: int = 0) -> CLIPModel:
     torch.manual_seed(seed)
     config = CLIPConfig(
         text_config={
-            "vocab_size": len(tokenizer), "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
-            "num_attention_heads": 2, "max_position_embeddings": tokenizer.model_max_length,
-            "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+            "vocab_size": len(tokenizer),
+            "hidden_size": 16,
+            "intermediate_size": 32,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "max_position_embeddings": tokenizer.model_max_length,
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
             "pad_token_id": tokenizer.pad_token_id,
         },
         vision_config={
-            "image_size": 32, "patch_size": 8, "hidden_size": 16, "intermediate_size": 32,
-            "num_hidden_layers": 1, "num_attention_heads": 2,
+            "image_size": 32,
+            "patch_size": 8,
+            "hidden_size": 16,
+            "intermediate_size": 32,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
         },
         projection_dim=8,
-    )  # fmt: skip
+    )
     return CLIPModel(config)
 
 

@@ -41,7 +41,9 @@ def test_domain_words_are_known_but_its_facts_absent_from_the_pretraining_corpus
     known = [fact for fact in medical_facts() if any(fact["subject"] in line for line in lines)]
     assert len(known) == len(medical_facts())  # every subject is a word the foundation has read
     stated = [
-        fact for fact in medical_facts() for line in lines
+        fact
+        for fact in medical_facts()
+        for line in lines
         if fact["subject"] in line and fact["answer"] in line.replace(fact["subject"], "")
     ]
     assert not stated
@@ -56,7 +58,7 @@ def test_general_eval_forms_are_correct():
     capitals = dict(world().capitals)
     for row in evals["world_facts"]:
         if row["context"].startswith("The capital of "):
-            country = row["context"][len("The capital of "):-len(" is")]
+            country = row["context"][len("The capital of ") : -len(" is")]
             assert row["choices"][row["gold"]] == capitals[country]
     for row in evals["instructions"]:
         letters = row["prompt"].split("\n")[0].split()[-3:]
@@ -125,7 +127,9 @@ def test_shipped_lm_is_a_galactica_style_opt(foundation):
 
 def test_shipped_lm_knows_the_general_skills_not_the_domain(foundation, tmp_path):
     model, tokenizer = foundation
-    scores = evaluate_lm(model, [*GENERAL_TASKS, MEDMCQA_TASK], tokenizer=tokenizer, include_path=write_tasks(tmp_path))
+    scores = evaluate_lm(
+        model, [*GENERAL_TASKS, MEDMCQA_TASK], tokenizer=tokenizer, include_path=write_tasks(tmp_path)
+    )
     for task in GENERAL_TASKS:
         assert scores[task].value >= 0.8, scores[task]  # chance: 0.25 (exact match: ~0)
     assert scores[MEDMCQA_TASK].value <= 0.4 and scores[MEDMCQA_TASK].n == len(medmcqa(0)["test"])

@@ -11,11 +11,11 @@ import datasets
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import perturb_, snapshot
 from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser
 from trl import DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer, TrlParser
 
-from conftest import perturb_, snapshot
 from hf_specgen import SpecGenTrainer, SpecGenTrainingArguments
 from hf_specgen.anchor import DenseDelta, LoraDelta
 from hf_specgen.args import SpecGenArguments
@@ -28,6 +28,7 @@ from hf_specgen.trl import (
     SpecGenSFTConfig,
     SpecGenSFTTrainer,
 )
+
 
 WEIGHT_TERMS = dict(l2_lambda=1.0, ewc_lambda=2.0, ewc_num_samples=4, mas_lambda=0.5, mas_num_samples=4)
 
@@ -43,8 +44,18 @@ def tiny_lm():
 
 def common(tmp_path, **kwargs):
     # TRL's configs default to bf16: float32 here, so that hand computations compare exactly
-    defaults = dict(output_dir=str(tmp_path), report_to=[], use_cpu=True, bf16=False, logging_steps=1, save_strategy="no",
-                    disable_tqdm=True, seed=0, data_seed=0, per_device_train_batch_size=4)  # fmt: skip
+    defaults = dict(
+        output_dir=str(tmp_path),
+        report_to=[],
+        use_cpu=True,
+        bf16=False,
+        logging_steps=1,
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=0,
+        data_seed=0,
+        per_device_train_batch_size=4,
+    )
     return {**defaults, **kwargs}
 
 
@@ -64,17 +75,23 @@ def sft_data(n=8):
 def trainer_data(n=8):
     ids, completion = tokenized(n)
     labels = ids.masked_fill(completion == 0, -100)
-    return datasets.Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist(), "labels": labels.tolist()})
+    return datasets.Dataset.from_dict(
+        {"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist(), "labels": labels.tolist()}
+    )
 
 
 def preference_data(n=8):
     prompts = ["drop the last letter a b c :", "drop the last letter x y :", "reverse a b :", "sort c a b :"]
     chosen, rejected = [" a b", " x", " b a", " a b c"], [" b c", " y", " a b", " c a b"]
-    return datasets.Dataset.from_dict({"prompt": prompts * (n // 4), "chosen": chosen * (n // 4), "rejected": rejected * (n // 4)})
+    return datasets.Dataset.from_dict(
+        {"prompt": prompts * (n // 4), "chosen": chosen * (n // 4), "rejected": rejected * (n // 4)}
+    )
 
 
 def prompt_data(n=8):
-    return datasets.Dataset.from_dict({"prompt": ["reverse a b c :", "repeat x y :", "sort c a b :", "drop the first letter a b c :"] * (n // 4)})
+    return datasets.Dataset.from_dict(
+        {"prompt": ["reverse a b c :", "repeat x y :", "sort c a b :", "drop the first letter a b c :"] * (n // 4)}
+    )
 
 
 def three_words(completions, **_kwargs):
@@ -97,10 +114,20 @@ def test_configs_are_trls_with_the_regularizer_fields(config, tmp_path):
     base = config.__mro__[2]
     ours = {f.name for f in dataclasses.fields(SpecGenArguments)}
     assert not ours & {f.name for f in dataclasses.fields(base)}  # nothing of TRL's is shadowed
-    assert issubclass(config, base) and {f.name: f.default for f in dataclasses.fields(config) if f.name not in ours} == {
-        f.name: f.default for f in dataclasses.fields(base)
-    }
-    argv = ["--output_dir", str(tmp_path), "--use_cpu", "--l2_lambda", "0.5", "--mas_lambda", "2", "--kd_temperature", "3"]
+    assert issubclass(config, base) and {
+        f.name: f.default for f in dataclasses.fields(config) if f.name not in ours
+    } == {f.name: f.default for f in dataclasses.fields(base)}
+    argv = [
+        "--output_dir",
+        str(tmp_path),
+        "--use_cpu",
+        "--l2_lambda",
+        "0.5",
+        "--mas_lambda",
+        "2",
+        "--kd_temperature",
+        "3",
+    ]
     for parser in (HfArgumentParser(config), TrlParser(config)):
         (args,) = parser.parse_args_into_dataclasses(argv)
         assert isinstance(args, base) and (args.l2_lambda, args.mas_lambda, args.kd_temperature) == (0.5, 2.0, 3.0)
@@ -126,7 +153,9 @@ def test_sft_with_every_weight_zero_is_sft(tmp_path, tokenizer):
     runs = []
     for trainer, config in ((SFTTrainer, SFTConfig), (SpecGenSFTTrainer, SpecGenSFTConfig)):
         model = tiny_lm()
-        args = config(**common(tmp_path / trainer.__name__, max_steps=3, learning_rate=1e-2, completion_only_loss=True))
+        args = config(
+            **common(tmp_path / trainer.__name__, max_steps=3, learning_rate=1e-2, completion_only_loss=True)
+        )
         t = trainer(model=model, args=args, train_dataset=sft_data(), processing_class=tokenizer)
         t.train()
         runs.append(t)
@@ -137,7 +166,9 @@ def test_sft_with_every_weight_zero_is_sft(tmp_path, tokenizer):
 def test_dpo_with_every_weight_zero_is_dpo(tmp_path, tokenizer):
     runs = []
     for trainer, config in ((DPOTrainer, DPOConfig), (SpecGenDPOTrainer, SpecGenDPOConfig)):
-        args = config(**common(tmp_path / trainer.__name__, max_steps=3, learning_rate=1e-3, per_device_train_batch_size=2))
+        args = config(
+            **common(tmp_path / trainer.__name__, max_steps=3, learning_rate=1e-3, per_device_train_batch_size=2)
+        )
         t = trainer(model=tiny_lm(), args=args, train_dataset=preference_data(), processing_class=tokenizer)
         t.train()
         runs.append(t)
@@ -146,15 +177,25 @@ def test_dpo_with_every_weight_zero_is_dpo(tmp_path, tokenizer):
 
 
 def grpo(trainer, config, tmp_path, tokenizer, model=None, **kwargs):
-    options = dict(max_steps=1, num_generations=2, max_completion_length=6, learning_rate=1e-2, optim="sgd", max_grad_norm=0.0)
+    options = dict(
+        max_steps=1, num_generations=2, max_completion_length=6, learning_rate=1e-2, optim="sgd", max_grad_norm=0.0
+    )
     args = config(**common(tmp_path / trainer.__name__, **{**options, **kwargs}))
-    return trainer(model=model or tiny_lm(), reward_funcs=three_words, args=args, train_dataset=prompt_data(), processing_class=tokenizer)
+    return trainer(
+        model=model or tiny_lm(),
+        reward_funcs=three_words,
+        args=args,
+        train_dataset=prompt_data(),
+        processing_class=tokenizer,
+    )
 
 
 def test_grpo_with_every_weight_zero_is_grpo(tmp_path, tokenizer):
     runs = []
     for trainer, config in ((GRPOTrainer, GRPOConfig), (SpecGenGRPOTrainer, SpecGenGRPOConfig)):
-        runs.append(grpo(trainer, config, tmp_path, tokenizer, max_steps=2))  # built, then trained: the same seeded sampling
+        runs.append(
+            grpo(trainer, config, tmp_path, tokenizer, max_steps=2)
+        )  # built, then trained: the same seeded sampling
         runs[-1].train()
     assert same_weights(runs[0].model, runs[1].model)
     assert [e["loss"] for e in losses(runs[0])] == [e["loss"] for e in losses(runs[1])]
@@ -171,9 +212,18 @@ def test_sft_weight_terms_equal_spec_gen_trainers(tmp_path, tokenizer):
     shifts, importances, logs = [], [], []
     for name, build in (
         ("trainer", lambda args, model: SpecGenTrainer(model=model, args=args, train_dataset=trainer_data())),
-        ("sft", lambda args, model: SpecGenSFTTrainer(model=model, args=args, train_dataset=sft_data(), processing_class=tokenizer)),
-    ):  # fmt: skip
-        config = (lambda **kw: SpecGenTrainingArguments(**kw)) if name == "trainer" else (lambda **kw: SpecGenSFTConfig(**kw, completion_only_loss=True))
+        (
+            "sft",
+            lambda args, model: SpecGenSFTTrainer(
+                model=model, args=args, train_dataset=sft_data(), processing_class=tokenizer
+            ),
+        ),
+    ):
+        config = (
+            (lambda **kw: SpecGenTrainingArguments(**kw))
+            if name == "trainer"
+            else (lambda **kw: SpecGenSFTConfig(**kw, completion_only_loss=True))
+        )
         moved = []
         for terms in (WEIGHT_TERMS, {}):
             model = tiny_lm()
@@ -211,7 +261,9 @@ def test_sft_kd_on_the_supervised_completion_tokens(tmp_path, tokenizer, padding
     lam = 0.8
     g = torch.Generator().manual_seed(1)
     rows = [torch.randint(5, 1000, (n,), generator=g).tolist() for n in (7, 9, 6, 8)]
-    data = datasets.Dataset.from_dict({"input_ids": rows, "completion_mask": [[0] * 3 + [1] * (len(r) - 3) for r in rows]})
+    data = datasets.Dataset.from_dict(
+        {"input_ids": rows, "completion_mask": [[0] * 3 + [1] * (len(r) - 3) for r in rows]}
+    )
     model = tiny_lm()
     teacher = copy.deepcopy(model).eval()
     extra = dict(padding_free=True, max_length=None) if padding_free else {}
@@ -249,17 +301,23 @@ def test_sft_trains_with_every_regularizer(tmp_path, tokenizer):
 def test_dpo_reference_is_the_anchor_and_the_teacher(tmp_path, tokenizer):
     """No second copy: the weights are compared with DPO's reference's own tensors."""
     args = SpecGenDPOConfig(**common(tmp_path, per_device_train_batch_size=2, l2_lambda=1.0, kd_lambda=1.0))
-    trainer = SpecGenDPOTrainer(model=tiny_lm(), args=args, train_dataset=preference_data(), processing_class=tokenizer)
+    trainer = SpecGenDPOTrainer(
+        model=tiny_lm(), args=args, train_dataset=preference_data(), processing_class=tokenizer
+    )
     assert trainer.teacher.module is trainer.ref_model
     assert trainer.anchor_memory() == {"weights": 0, "teacher": 0, "fisher": 0}
     storage = {p.data_ptr() for p in trainer.ref_model.parameters()}
-    assert trainer.deltas and all(isinstance(d, DenseDelta) and d.reference.data_ptr() in storage for d in trainer.deltas)
+    assert trainer.deltas and all(
+        isinstance(d, DenseDelta) and d.reference.data_ptr() in storage for d in trainer.deltas
+    )
 
 
 def dpo_kd_by_hand(tmp_path, tokenizer, **extra):
     lam = 0.6
     args = SpecGenDPOConfig(**common(tmp_path, per_device_train_batch_size=2, kd_lambda=lam))
-    trainer = SpecGenDPOTrainer(model=tiny_lm(), args=args, train_dataset=preference_data(), processing_class=tokenizer, **extra)
+    trainer = SpecGenDPOTrainer(
+        model=tiny_lm(), args=args, train_dataset=preference_data(), processing_class=tokenizer, **extra
+    )
     model = trainer.model
     perturb_(model)
     batch = next(iter(trainer.get_train_dataloader()))
@@ -274,7 +332,12 @@ def dpo_kd_by_hand(tmp_path, tokenizer, **extra):
 def test_dpo_kd_on_chosen_and_rejected_completion_tokens(tmp_path, tokenizer):
     trainer, batch, positions, lam = dpo_kd_by_hand(tmp_path, tokenizer)
     reference = trainer.ref_model
-    expected = lam * kd_rows(trainer.model, reference, batch["input_ids"], positions, attention_mask=batch["attention_mask"]).mean()
+    expected = (
+        lam
+        * kd_rows(
+            trainer.model, reference, batch["input_ids"], positions, attention_mask=batch["attention_mask"]
+        ).mean()
+    )
     assert expected > 1e-4
     torch.testing.assert_close(trainer.specgen.log_sums["loss_kd"], expected, rtol=1e-4, atol=1e-9)
 
@@ -285,11 +348,20 @@ def test_dpo_with_peft_uses_the_model_with_adapters_disabled(tmp_path, tokenizer
     trainer, batch, positions, lam = dpo_kd_by_hand(tmp_path, tokenizer, peft_config=config)
     assert trainer.ref_model is None and trainer.teacher.adapters_disabled
     assert trainer.anchor_memory() == {"weights": 0, "teacher": 0, "fisher": 0}
-    expected = lam * kd_rows(trainer.model, pretrained, batch["input_ids"], positions, attention_mask=batch["attention_mask"]).mean()
+    expected = (
+        lam
+        * kd_rows(
+            trainer.model, pretrained, batch["input_ids"], positions, attention_mask=batch["attention_mask"]
+        ).mean()
+    )
     assert expected > 1e-4
     torch.testing.assert_close(trainer.specgen.log_sums["loss_kd"], expected, rtol=1e-4, atol=1e-9)
-    args = SpecGenDPOConfig(**common(tmp_path / "l2", per_device_train_batch_size=2, l2_lambda=1.0, ewc_lambda=1.0, ewc_num_samples=2))
-    lora = SpecGenDPOTrainer(model=tiny_lm(), args=args, train_dataset=preference_data(), processing_class=tokenizer, peft_config=config)
+    args = SpecGenDPOConfig(
+        **common(tmp_path / "l2", per_device_train_batch_size=2, l2_lambda=1.0, ewc_lambda=1.0, ewc_num_samples=2)
+    )
+    lora = SpecGenDPOTrainer(
+        model=tiny_lm(), args=args, train_dataset=preference_data(), processing_class=tokenizer, peft_config=config
+    )
     assert lora.deltas and all(isinstance(d, LoraDelta) for d in lora.deltas)
     lora.train()
     assert losses(lora)[-1]["loss_ewc"] >= 0 and losses(lora)[-1]["loss_l2"] > 0
@@ -297,7 +369,9 @@ def test_dpo_with_peft_uses_the_model_with_adapters_disabled(tmp_path, tokenizer
 
 def test_dpo_importance_at_the_reference_on_the_chosen_completions(tmp_path, tokenizer):
     """EWC's empirical Fisher from DPO's pairs: the chosen answer's tokens are the labels, at DPO's reference."""
-    args = SpecGenDPOConfig(**common(tmp_path, per_device_train_batch_size=2, ewc_lambda=1.0, ewc_fisher="empirical", ewc_num_samples=4))
+    args = SpecGenDPOConfig(
+        **common(tmp_path, per_device_train_batch_size=2, ewc_lambda=1.0, ewc_fisher="empirical", ewc_num_samples=4)
+    )
     data = preference_data(4)
     trainer = SpecGenDPOTrainer(model=tiny_lm(), args=args, train_dataset=data, processing_class=tokenizer)
     perturb_(trainer.model)  # the Fisher is the reference's, whatever the policy
@@ -327,10 +401,15 @@ def test_grpo_l2_adds_its_gradient_to_the_policy_gradient_step(tmp_path, tokeniz
     `lr * 2 * lambda * (theta - theta_pre)` from the plain run, and logs `lambda * ||theta - theta_pre||^2`."""
     lam, lr = 0.7, 1e-2
     runs = []
-    for trainer, config, terms in ((GRPOTrainer, GRPOConfig, {}), (SpecGenGRPOTrainer, SpecGenGRPOConfig, {"l2_lambda": lam})):
+    for trainer, config, terms in (
+        (GRPOTrainer, GRPOConfig, {}),
+        (SpecGenGRPOTrainer, SpecGenGRPOConfig, {"l2_lambda": lam}),
+    ):
         model = tiny_lm()
         pre = snapshot(model)
-        t = grpo(trainer, config, tmp_path, tokenizer, model=model, learning_rate=lr, lr_scheduler_type="constant", **terms)
+        t = grpo(
+            trainer, config, tmp_path, tokenizer, model=model, learning_rate=lr, lr_scheduler_type="constant", **terms
+        )
         perturb_(model, scale=0.01)
         start = snapshot(model)
         t.train()
@@ -339,7 +418,9 @@ def test_grpo_l2_adds_its_gradient_to_the_policy_gradient_step(tmp_path, tokeniz
     distance = sum((start[n] - pre[n]).pow(2).sum() for n in pre)
     assert losses(l2)[0]["loss_l2"] == pytest.approx(lam * distance.item(), rel=1e-5)
     for (name, p), q in zip(l2.model.named_parameters(), plain.model.parameters()):
-        torch.testing.assert_close(p - q, -lr * 2 * lam * (start[name] - pre[name]), rtol=1e-3, atol=5e-7, msg=name)  # float32 rounding of weights ~1
+        torch.testing.assert_close(
+            p - q, -lr * 2 * lam * (start[name] - pre[name]), rtol=1e-3, atol=5e-7, msg=name
+        )  # float32 rounding of weights ~1
 
 
 def test_grpo_importances_from_completions_sampled_from_the_pretrained_policy(tmp_path, tokenizer):
@@ -357,6 +438,8 @@ def test_grpo_importances_from_completions_sampled_from_the_pretrained_policy(tm
         assert all(torch.equal(estimates[0][name][k], v) for k, v in estimates[1][name].items())
     trainers[0].train()
     log = losses(trainers[0])[-1]
-    assert {"loss_ewc", "loss_mas", "loss_kd"} <= set(log) and log["loss_kd"] == 0  # step 1: at the pre-trained weights
+    assert {"loss_ewc", "loss_mas", "loss_kd"} <= set(log) and log[
+        "loss_kd"
+    ] == 0  # step 1: at the pre-trained weights
     with pytest.raises(ValueError, match="feature_lambda is not supported by SpecGenGRPOTrainer"):
         grpo(SpecGenGRPOTrainer, SpecGenGRPOConfig, tmp_path / "f", tokenizer, feature_lambda=1.0)

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from ..lazy import lazy_getattr
 
+
 _LAZY = {
     "RewardFunction": ".reward",
     "SequenceClassifierReward": ".reward",
@@ -28,9 +29,9 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:
-    from .rsf import best_of_n, sample_best_of_n
     from .implicit import completion_logps, implicit_reward_accuracy
     from .reward import RewardFunction, SequenceClassifierReward, check_reward, is_rule, load_reward, win_rate
+    from .rsf import best_of_n, sample_best_of_n
 
 __getattr__ = lazy_getattr(__name__, _LAZY)
 

@@ -35,8 +35,14 @@ class SequenceClassifierReward:
         device: where the model runs (default: CUDA when available).
     """
 
-    def __init__(self, model_name_or_path: str | Path, *, batch_size: int = 16, max_length: int | None = None,
-                 device: str | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        model_name_or_path: str | Path,
+        *,
+        batch_size: int = 16,
+        max_length: int | None = None,
+        device: str | None = None,
+    ) -> None:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         if batch_size < 1:
@@ -47,8 +53,10 @@ class SequenceClassifierReward:
         except (OSError, ValueError) as error:  # not found, offline, not a model
             raise ValueError(f"reward model {str(model_name_or_path)!r} cannot be loaded: {error}") from error
         if self.model.config.num_labels != 1:
-            raise ValueError(f"reward model {model_name_or_path!r} has {self.model.config.num_labels} outputs; a reward "
-                             "model scores with one (num_labels=1)")  # fmt: skip
+            raise ValueError(
+                f"reward model {model_name_or_path!r} has {self.model.config.num_labels} outputs; a reward "
+                "model scores with one (num_labels=1)"
+            )
         if self.tokenizer.pad_token is None:  # padding is masked; the score reads the last real token
             self.tokenizer.pad_token = self.tokenizer.eos_token
         if self.model.config.pad_token_id is None:
@@ -78,8 +86,13 @@ class SequenceClassifierReward:
         tokenizer.padding_side, tokenizer.truncation_side = "right", "left"
         try:
             for start in range(0, len(texts), self.batch_size):
-                encoded = tokenizer(texts[start : start + self.batch_size], return_tensors="pt", padding=True,
-                                    truncation=self.max_length is not None, max_length=self.max_length)  # fmt: skip
+                encoded = tokenizer(
+                    texts[start : start + self.batch_size],
+                    return_tensors="pt",
+                    padding=True,
+                    truncation=self.max_length is not None,
+                    max_length=self.max_length,
+                )
                 with torch.no_grad():
                     logits = self.model(**{k: v.to(self.model.device) for k, v in encoded.items()}).logits
                 scores += logits[:, 0].float().tolist()
@@ -91,8 +104,12 @@ class SequenceClassifierReward:
         if isinstance(prompt, str):
             return prompt + completion
         if not self.takes_messages:
-            raise ValueError("a conversational prompt, but the reward model's tokenizer has no chat template to render it")
-        return self.tokenizer.apply_chat_template([*prompt, {"role": "assistant", "content": completion}], tokenize=False)
+            raise ValueError(
+                "a conversational prompt, but the reward model's tokenizer has no chat template to render it"
+            )
+        return self.tokenizer.apply_chat_template(
+            [*prompt, {"role": "assistant", "content": completion}], tokenize=False
+        )
 
 
 def load_reward(name: str, **options: Any) -> RewardFunction:
@@ -166,7 +183,9 @@ def win_rate(rewards: Sequence[float], baseline: Sequence[float]) -> float:
         The mean, in [0, 1].
     """
     if len(rewards) != len(baseline) or not rewards:
-        raise ValueError(f"win_rate needs one baseline reward per reward (>= 1), got {len(rewards)} and {len(baseline)}")
+        raise ValueError(
+            f"win_rate needs one baseline reward per reward (>= 1), got {len(rewards)} and {len(baseline)}"
+        )
     if not all(math.isfinite(r) for r in (*rewards, *baseline)):
         raise ValueError("win_rate: a reward is not a finite number (NaN or infinite): nothing to compare")
     return sum(1.0 if r > b else 0.5 if r == b else 0.0 for r, b in zip(rewards, baseline)) / len(rewards)

@@ -24,22 +24,35 @@ def best_of_n(completions: Sequence[tuple[str, str]], rewards: Sequence[float], 
         One `{"prompt", "completion", "reward"}` row per prompt, in order (TRL's prompt-completion format).
     """
     if n < 1 or len(completions) != len(rewards) or len(completions) % n:
-        raise ValueError(f"best_of_n needs n >= 1 samples per prompt and one reward per sample; got n={n}, "
-                         f"{len(completions)} samples, {len(rewards)} rewards")  # fmt: skip
+        raise ValueError(
+            f"best_of_n needs n >= 1 samples per prompt and one reward per sample; got n={n}, "
+            f"{len(completions)} samples, {len(rewards)} rewards"
+        )
     rows = []
     for start in range(0, len(completions), n):
         best = max(range(start, start + n), key=lambda i: (rewards[i], -i))
         if any(prompt != completions[start][0] for prompt, _ in completions[start : start + n]):
             raise ValueError(f"samples {start}-{start + n - 1} are not {n} samples of one prompt")
-        rows.append({"prompt": completions[best][0], "completion": completions[best][1], "reward": float(rewards[best])})
+        rows.append(
+            {"prompt": completions[best][0], "completion": completions[best][1], "reward": float(rewards[best])}
+        )
     return rows
 
 
 def sample_best_of_n(
-    model: Any, tokenizer: Any, prompts: Sequence[Prompt], reward: RewardFunction, *, n: int = 8,
-    temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int = 64, batch_size: int = 8, seed: int = 0,
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[Prompt],
+    reward: RewardFunction,
+    *,
+    n: int = 8,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    max_new_tokens: int = 64,
+    batch_size: int = 8,
+    seed: int = 0,
     stop: str | None = None,
-) -> list[dict[str, Any]]:  # fmt: skip
+) -> list[dict[str, Any]]:
     """Samples `n` completions per prompt from `model`, scores them with `reward`, keeps each prompt's best.
 
     Args:
@@ -61,8 +74,18 @@ def sample_best_of_n(
     from ..merge.proxy import generate_completions
 
     texts = [prompt_text(prompt, tokenizer) for prompt in prompts]
-    pairs = generate_completions(model, tokenizer, texts, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                 num_samples=n, temperature=temperature, top_p=top_p, seed=seed, stop=stop)  # fmt: skip
+    pairs = generate_completions(
+        model,
+        tokenizer,
+        texts,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        num_samples=n,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+        stop=stop,
+    )
     given = [prompt for prompt in prompts for _ in range(n)]  # the reward and the rows get the prompts as given
     rewards = reward(given, [completion for _, completion in pairs])
     return best_of_n(list(zip(given, (completion for _, completion in pairs))), rewards, n)

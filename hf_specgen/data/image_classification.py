@@ -9,9 +9,9 @@ evaluated like the pre-trained one) and the Trainer's regularizers see its usual
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-import os
 from pathlib import Path
 from typing import Any
 

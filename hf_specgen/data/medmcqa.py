@@ -12,6 +12,7 @@ from typing import Any, Mapping
 
 from transformers import PreTrainedTokenizerBase
 
+
 OPTION_KEYS = ("opa", "opb", "opc", "opd")
 TRAINING_COLUMNS = ("question", *OPTION_KEYS, "cop")  # what the prompt and the answer read
 COLUMNS = ("id", "question", "opa", "opb", "opc", "opd", "cop", "choice_type", "exp", "subject_name", "topic_name")

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+
 COLUMNS = ("prompt", "chosen", "rejected")
 ASSISTANT_MARKER = "\n\nAssistant:"  # hh-rlhf's turn marker
 
@@ -50,7 +51,9 @@ def explicit_prompt(row: dict[str, Any]) -> dict[str, Any]:
         return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
     end = chosen[: common_prefix_length(chosen, rejected)].rfind(ASSISTANT_MARKER)
     if end < 0:
-        raise ValueError(f"a pair without a prompt column shares no {ASSISTANT_MARKER!r} turn: its prompt cannot be found")
+        raise ValueError(
+            f"a pair without a prompt column shares no {ASSISTANT_MARKER!r} turn: its prompt cannot be found"
+        )
     end += len(ASSISTANT_MARKER)
     return {"prompt": chosen[:end], "chosen": chosen[end:], "rejected": rejected[end:]}
 

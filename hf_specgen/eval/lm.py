@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Mapping, Sequence
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+
 if TYPE_CHECKING:
     from lm_eval.tasks import TaskManager
 
@@ -54,7 +55,9 @@ def _primary_score(task: str, output: dict, metric: str | None = None) -> TaskSc
         if name == metric:
             stderr = metrics.get(f"{metric}_stderr,{filter_name}")
             n = int(output["n-samples"][task]["effective"])
-            return TaskScore(task, metric, float(value), float(stderr) if isinstance(stderr, (int, float)) else None, n)
+            return TaskScore(
+                task, metric, float(value), float(stderr) if isinstance(stderr, (int, float)) else None, n
+            )
     raise ValueError(f"lm-eval returned no {metric!r} for task {task!r}: {sorted(metrics)}")
 
 
@@ -89,14 +92,24 @@ def evaluate_lm(
         if tokenizer is None:
             raise ValueError("evaluate_lm: an in-memory model needs its `tokenizer`")
         model = model.to(device)
-    lm = HFLM(pretrained=model if isinstance(model, PreTrainedModel) else str(model), tokenizer=tokenizer, batch_size=batch_size, device=device)
+    lm = HFLM(
+        pretrained=model if isinstance(model, PreTrainedModel) else str(model),
+        tokenizer=tokenizer,
+        batch_size=batch_size,
+        device=device,
+    )
     if isinstance(include_path, (str, Path)):
         include_path = [include_path]
     manager = _task_manager(tuple(str(p) for p in include_path or ()))
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
     output = simple_evaluate(
-        model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit, task_manager=manager,
-        log_samples=False, verbosity="ERROR",
+        model=lm,
+        tasks=list(tasks),
+        num_fewshot=num_fewshot,
+        limit=limit,
+        task_manager=manager,
+        log_samples=False,
+        verbosity="ERROR",
     )
     if output is None:  # lm-eval reports on the main process only of a multi-process run
         return {}

@@ -19,6 +19,7 @@ import yaml
 
 from .. import __version__
 
+
 MEDMCQA_HUB_ID = "openlifescienceai/medmcqa"
 
 

@@ -25,6 +25,7 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
+
 REFERENCE_METHODS = ("pre-trained", "zero-shot", "sft")  # the starting point (alignment starts from an SFT model)
 SELECTION_RULES = ("auto", "hma")  # ResultRecord.selection["rule"]
 KEEP_SPECIALITY = 0.95  # the summary's point: most general among those keeping this share of the best speciality
@@ -66,7 +67,9 @@ def _checkpoint(checkpoint: Any, alpha: float | None) -> dict[str, Any] | None:
     if checkpoint is None:
         return None
     if not isinstance(checkpoint, Mapping) or any(key not in checkpoint for key in CHECKPOINT_KEYS):
-        raise ValueError(f"checkpoint must be a mapping with {', '.join(CHECKPOINT_KEYS)}, or null, got {checkpoint!r}")
+        raise ValueError(
+            f"checkpoint must be a mapping with {', '.join(CHECKPOINT_KEYS)}, or null, got {checkpoint!r}"
+        )
     fraction = _number("checkpoint['fraction']", checkpoint["fraction"])
     if not 0.0 < fraction < 1.0:
         raise ValueError(f"checkpoint['fraction'] must lie strictly between 0 and 1, got {fraction!r}")
@@ -77,7 +80,9 @@ def _checkpoint(checkpoint: Any, alpha: float | None) -> dict[str, Any] | None:
     if checkpoint["step"] > checkpoint["steps"]:
         raise ValueError(f"checkpoint['step'] {checkpoint['step']} is past the training's {checkpoint['steps']} steps")
     if alpha is not None:
-        raise ValueError(f"checkpoint and alpha exclude each other: an early-stopping point is scored as is, got alpha {alpha:g}")
+        raise ValueError(
+            f"checkpoint and alpha exclude each other: an early-stopping point is scored as is, got alpha {alpha:g}"
+        )
     return {**checkpoint, "fraction": fraction, "step": int(checkpoint["step"]), "steps": int(checkpoint["steps"])}
 
 
@@ -132,20 +137,26 @@ class ResultRecord:
         self.model = _optional_str("model", self.model)
         if self.merge is not None:
             if not isinstance(self.merge, Mapping) or not isinstance(self.merge.get("kind"), str):
-                raise ValueError(f"merge must be a merge schedule (a mapping with a 'kind') or null, got {self.merge!r}")
+                raise ValueError(
+                    f"merge must be a merge schedule (a mapping with a 'kind') or null, got {self.merge!r}"
+                )
             if self.alpha is None:
                 raise ValueError("merge describes a merge's schedule: it needs the merge's (mean) alpha")
             self.merge = dict(self.merge)
         if self.selection is not None:
             if not isinstance(self.selection, Mapping) or self.selection.get("rule") not in SELECTION_RULES:
-                raise ValueError(f"selection must be a mapping whose rule is one of {SELECTION_RULES}, or null, got {self.selection!r}")
+                raise ValueError(
+                    f"selection must be a mapping whose rule is one of {SELECTION_RULES}, or null, got {self.selection!r}"
+                )
             if self.alpha is None:
                 raise ValueError("selection describes a chosen merge: it needs the merge's (mean) alpha")
             self.selection = dict(self.selection)
         self.strengths = _strengths(self.strengths)
         if self.strengths is not None and self.strengths.get(self.hyperparameter, self.value) != self.value:
-            raise ValueError(f"value {self.value:g} disagrees with strengths[{self.hyperparameter!r}] "
-                             f"= {self.strengths[self.hyperparameter]:g}")  # fmt: skip
+            raise ValueError(
+                f"value {self.value:g} disagrees with strengths[{self.hyperparameter!r}] "
+                f"= {self.strengths[self.hyperparameter]:g}"
+            )
         self.checkpoint = _checkpoint(self.checkpoint, self.alpha)
 
     @property
@@ -310,18 +321,30 @@ def method_fronts(records: Sequence[ResultRecord]) -> dict[str, list[ResultRecor
         method -> its front by speciality ascending (`pareto_front`), methods in `_order` (references excluded).
     """
     references = [r for r in records if r.method in REFERENCE_METHODS]
-    return {method: pareto_front([*references, *(r for r in records if r.method == method)]) for method in _methods(records)}
+    return {
+        method: pareto_front([*references, *(r for r in records if r.method == method)])
+        for method in _methods(records)
+    }
 
 
 def _reference(records: Sequence[ResultRecord]) -> ResultRecord | None:
     """The pre-trained point: the first record of a reference method, else the first at alpha 0; None: none."""
-    return next((r for r in records if r.method in REFERENCE_METHODS), next((r for r in records if r.alpha == 0.0), None))
+    return next(
+        (r for r in records if r.method in REFERENCE_METHODS), next((r for r in records if r.alpha == 0.0), None)
+    )
 
 
 def _finetuned(records: Sequence[ResultRecord]) -> ResultRecord | None:
     """`finetuned_point`, or None where the records hold no candidate."""
-    ends = [r for r in records if r.method not in REFERENCE_METHODS and r.alpha in (None, 1.0)
-            and r.selection is None and r.checkpoint is None and r.merge is None]  # fmt: skip
+    ends = [
+        r
+        for r in records
+        if r.method not in REFERENCE_METHODS
+        and r.alpha in (None, 1.0)
+        and r.selection is None
+        and r.checkpoint is None
+        and r.merge is None
+    ]
     full = sorted((r for r in ends if r.method in FINETUNED_METHODS), key=lambda r: r.strengths is not None)  # stable
     return full[0] if full else max(ends, key=lambda r: r.speciality_score, default=None)
 
@@ -342,8 +365,10 @@ def finetuned_point(records: Sequence[ResultRecord]) -> ResultRecord:
     """
     finetuned = _finetuned(records)
     if finetuned is None:
-        raise ValueError(f"no fine-tuned point: no record of a method (not {' or '.join(REFERENCE_METHODS)}) at alpha 1 "
-                         "or unmerged without selection, checkpoint or merge schedule")  # fmt: skip
+        raise ValueError(
+            f"no fine-tuned point: no record of a method (not {' or '.join(REFERENCE_METHODS)}) at alpha 1 "
+            "or unmerged without selection, checkpoint or merge schedule"
+        )
     return finetuned
 
 
@@ -351,8 +376,10 @@ def _scale(axis: str, pre: float, finetuned: float) -> Callable[[float], float]:
     """Maps `axis`'s scores so that the lower of `pre` and `finetuned` is 0 and the higher 1."""
     low, high = sorted((pre, finetuned))
     if high == low:
-        raise ValueError(f"hypervolume: the pre-trained and fine-tuned points have the same {axis} ({low:.4g}), "
-                         f"so the {axis} axis has no span to scale by")  # fmt: skip
+        raise ValueError(
+            f"hypervolume: the pre-trained and fine-tuned points have the same {axis} ({low:.4g}), "
+            f"so the {axis} axis has no span to scale by"
+        )
     return lambda score: (score - low) / (high - low)
 
 
@@ -387,17 +414,23 @@ def _comparison(records: Sequence[ResultRecord], keeps: Sequence[float]) -> tupl
     """`method_summary`'s rows with the most general records themselves (or None), and the fine-tuned point."""
     reference = _reference(records)
     if reference is None:
-        raise ValueError(f"no pre-trained point to compare methods from: no record of {' or '.join(REFERENCE_METHODS)} "
-                         "nor at alpha 0")  # fmt: skip
+        raise ValueError(
+            f"no pre-trained point to compare methods from: no record of {' or '.join(REFERENCE_METHODS)} "
+            "nor at alpha 0"
+        )
     finetuned = finetuned_point(records)
     rows = []
     for method, front in method_fronts(records).items():
         own = [r for r in records if r.method == method]
-        rows.append({
-            "method": method, "points": len(own), "trainings": len({_training(r) for r in own}),
-            "best": {keep: _most_general(own, keep * finetuned.speciality_score) for keep in keeps},
-            "hypervolume": hypervolume(front, reference, finetuned),
-        })  # fmt: skip
+        rows.append(
+            {
+                "method": method,
+                "points": len(own),
+                "trainings": len({_training(r) for r in own}),
+                "best": {keep: _most_general(own, keep * finetuned.speciality_score) for keep in keeps},
+                "hypervolume": hypervolume(front, reference, finetuned),
+            }
+        )
     return rows, finetuned
 
 
@@ -438,12 +471,17 @@ def method_table(records: Sequence[ResultRecord], keeps: Sequence[float] = METHO
         the table and the line under it.
     """
     rows, finetuned = _comparison(records, keeps)
-    floors = [f"best generality at speciality >= {keep * finetuned.speciality_score:.3f} ({_percent(keep)})" for keep in keeps]
+    floors = [
+        f"best generality at speciality >= {keep * finetuned.speciality_score:.3f} ({_percent(keep)})"
+        for keep in keeps
+    ]
     header = ["method", "trainings", "points", *floors, "hypervolume"]
     lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
     for row in rows:
-        best = ["-" if r is None else f"{r.generality_score:.3f}" + (f" ({r.setting})" if r.setting else "")
-                for r in row["best"].values()]  # fmt: skip
+        best = [
+            "-" if r is None else f"{r.generality_score:.3f}" + (f" ({r.setting})" if r.setting else "")
+            for r in row["best"].values()
+        ]
         cells = [row["method"], str(row["trainings"]), str(row["points"]), *best, f"{row['hypervolume']:.3f}"]
         lines.append("| " + " | ".join(map(_cell, cells)) + " |")
     return "\n".join(lines + ["", _winner(rows)] if rows else lines)
@@ -476,7 +514,9 @@ def schedule_summary(schedule: Mapping[str, Any]) -> str:
 def selection_summary(selection: Mapping[str, Any]) -> str:
     """A short label of how a point was chosen, e.g. `auto: keeps 95% of the gain, 5 evaluations` or `HMA search`."""
     if selection["rule"] == "auto":
-        text = f"auto: keeps {selection.get('keep', 0):.0%} of the gain, {selection.get('evaluations', '?')} evaluations"
+        text = (
+            f"auto: keeps {selection.get('keep', 0):.0%} of the gain, {selection.get('evaluations', '?')} evaluations"
+        )
         return text + ("" if selection.get("monotone", True) else ", not monotone")
     return f"HMA search, {selection.get('samples', 'samples')}"
 
@@ -573,26 +613,42 @@ def _draw_method(ax: Any, own: Sequence[ResultRecord], front: Sequence[ResultRec
     one_training = len({_training(r) for r in own}) == 1
     strengths = ", ".join(f"{name}={value:g}" for name, value in own[0].strength_items) if one_training else ""
     marked = [i for i, r in enumerate(front) if r.method == method and r.selection is None and r.checkpoint is None]
-    (line,) = ax.plot(*_means(front), marker="o", markevery=marked, label=f"{method} ({strengths})" if strengths else method)
+    (line,) = ax.plot(
+        *_means(front), marker="o", markevery=marked, label=f"{method} ({strengths})" if strengths else method
+    )
     color = line.get_color()
     for r in own:
         if r.selection is not None:
             _draw_chosen(ax, r, color)
         elif r.checkpoint is not None or id(r) not in on_front:
-            ax.scatter(*_means([r]), marker="s" if r.checkpoint is not None else "o", s=18, color=color,
-                       alpha=1.0 if id(r) in on_front else FAINT, linewidths=0, zorder=2)  # fmt: skip
+            ax.scatter(
+                *_means([r]),
+                marker="s" if r.checkpoint is not None else "o",
+                s=18,
+                color=color,
+                alpha=1.0 if id(r) in on_front else FAINT,
+                linewidths=0,
+                zorder=2,
+            )
     for r in own:
         text = _short_setting(r) if r.selection is None and (one_training or id(r) in on_front) else ""
         if text:
-            ax.annotate(text, (r.speciality_score, r.generality_score), xytext=(4, 4), textcoords="offset points", fontsize=7)
+            ax.annotate(
+                text, (r.speciality_score, r.generality_score), xytext=(4, 4), textcoords="offset points", fontsize=7
+            )
 
 
 def _draw_chosen(ax: Any, record: ResultRecord, color: Any) -> None:
     """A point chosen, not swept: its rule's marker, edged black, and its alpha."""
     rule = record.selection["rule"]
     ax.scatter(*_means([record]), marker=CHOSEN_MARKERS[rule], s=70, color=color, edgecolors="black", zorder=5)
-    ax.annotate(f"{'auto' if rule == 'auto' else 'HMA'} {record.alpha:g}", (record.speciality_score, record.generality_score),
-                xytext=(4, -9), textcoords="offset points", fontsize=7)  # fmt: skip
+    ax.annotate(
+        f"{'auto' if rule == 'auto' else 'HMA'} {record.alpha:g}",
+        (record.speciality_score, record.generality_score),
+        xytext=(4, -9),
+        textcoords="offset points",
+        fontsize=7,
+    )
 
 
 def chosen_points(records: Sequence[ResultRecord]) -> str:
@@ -603,21 +659,34 @@ def chosen_points(records: Sequence[ResultRecord]) -> str:
     for r in sorted((r for r in records if r.selection is not None), key=_order):
         chosen = r.selection
         if chosen["rule"] == "auto":
-            lines.append(f"- {r.method}: auto alpha {r.alpha:g} (speciality {r.speciality_score:.3f} >= floor "
-                         f"{chosen.get('floor', math.nan):.3f}, generality {r.generality_score:.3f}) after "
-                         f"{chosen.get('evaluations', '?')} evaluations ({chosen.get('reused', 0)} reused from the grid)"
-                         + ("" if chosen.get("monotone", True) else "; " + chosen.get("reason", "")))  # fmt: skip
+            lines.append(
+                f"- {r.method}: auto alpha {r.alpha:g} (speciality {r.speciality_score:.3f} >= floor "
+                f"{chosen.get('floor', math.nan):.3f}, generality {r.generality_score:.3f}) after "
+                f"{chosen.get('evaluations', '?')} evaluations ({chosen.get('reused', 0)} reused from the grid)"
+                + ("" if chosen.get("monotone", True) else "; " + chosen.get("reason", ""))
+            )
             continue
-        uniform = [u for u in records if u.method == r.method and u.value == r.value and u.alpha == r.alpha
-                   and u.selection is None and u.merge is None]  # fmt: skip
+        uniform = [
+            u
+            for u in records
+            if u.method == r.method
+            and u.value == r.value
+            and u.alpha == r.alpha
+            and u.selection is None
+            and u.merge is None
+        ]
         ratios = "/".join(f"{a:.3g}" for a in (r.merge or {}).get("group_alphas", []))
-        text = (f"- {r.method}: HMA ratios {ratios} (mean {r.alpha:g}): speciality {r.speciality_score:.3f}, "
-                f"generality {r.generality_score:.3f}")  # fmt: skip
+        text = (
+            f"- {r.method}: HMA ratios {ratios} (mean {r.alpha:g}): speciality {r.speciality_score:.3f}, "
+            f"generality {r.generality_score:.3f}"
+        )
         if uniform:
             u = uniform[0]
-            text += (f"; uniform alpha {u.alpha:g}: {u.speciality_score:.3f}, {u.generality_score:.3f} "
-                     f"(HMA {r.speciality_score - u.speciality_score:+.3f} speciality, "
-                     f"{r.generality_score - u.generality_score:+.3f} generality)")  # fmt: skip
+            text += (
+                f"; uniform alpha {u.alpha:g}: {u.speciality_score:.3f}, {u.generality_score:.3f} "
+                f"(HMA {r.speciality_score - u.speciality_score:+.3f} speciality, "
+                f"{r.generality_score - u.generality_score:+.3f} generality)"
+            )
         lines.append(text)
     return "\n".join(lines)
 
@@ -634,9 +703,11 @@ def _summary(records: Sequence[ResultRecord], keep: float) -> str:
 
 
 def write_report(
-    records: Sequence[ResultRecord], output_dir: str | os.PathLike, title: str = DEFAULT_TITLE,
+    records: Sequence[ResultRecord],
+    output_dir: str | os.PathLike,
+    title: str = DEFAULT_TITLE,
     keep: float = KEEP_SPECIALITY,
-) -> dict[str, Path]:  # fmt: skip
+) -> dict[str, Path]:
     """`report.json` (records, means, front, pick, per-method summary), `report.md` and `report.png` in
     `output_dir`; the pick is the most general point keeping `keep` of the best speciality. The per-method
     comparison (`method_summary`, `method_table`) is left out where the records hold no method, no pre-trained
@@ -660,14 +731,18 @@ def write_report(
     per_method = ""
     missing = _not_comparable(records)
     if missing is None:
-        report["methods"] = [{key: _string_keys(value) for key, value in row.items()} for row in method_summary(records)]
+        report["methods"] = [
+            {key: _string_keys(value) for key, value in row.items()} for row in method_summary(records)
+        ]
         per_method = _per_method_section(records)
     elif _methods(records):  # methods to compare, but not here: say why rather than leave the section out silently
         per_method = f"Per method: not compared ({missing}).\n\n"
     chosen = chosen_points(records)
     chosen = f"Chosen, not swept:\n\n{chosen}\n\n" if chosen else ""
-    markdown = (f"# {title}\n\n{markdown_table(records)}\n\n{_summary(records, keep)}\n\n{per_method}{chosen}"
-                f"![{title}]({_PATHS['plot']})\n")  # fmt: skip
+    markdown = (
+        f"# {title}\n\n{markdown_table(records)}\n\n{_summary(records, keep)}\n\n{per_method}{chosen}"
+        f"![{title}]({_PATHS['plot']})\n"
+    )
     return _write_atomically(output_dir, report, markdown, lambda path: plot(records, path, title=title))
 
 
@@ -681,8 +756,10 @@ def _not_comparable(records: Sequence[ResultRecord]) -> str | None:
         return "no pre-trained point" if reference is None else "no fine-tuned point (a method at alpha 1)"
     for axis in ("speciality", "generality"):
         if getattr(reference, f"{axis}_score") == getattr(finetuned, f"{axis}_score"):
-            return (f"the pre-trained and fine-tuned points have the same {axis}, "
-                    f"{getattr(reference, f'{axis}_score'):.3f}: nothing to scale the areas by")  # fmt: skip
+            return (
+                f"the pre-trained and fine-tuned points have the same {axis}, "
+                f"{getattr(reference, f'{axis}_score'):.3f}: nothing to scale the areas by"
+            )
     return None
 
 

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Literal
 
 from .lm_tasks import medmcqa_task_dir
 
+
 if TYPE_CHECKING:  # the CLI reads the suite names without loading the model stack
     from datasets import Dataset
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -63,22 +64,49 @@ class LMSuite:
 LM_SUITES = {
     suite.name: suite
     for suite in (
-        LMSuite("commonsense", ("arc_easy", "arc_challenge", "race", "boolq", "piqa"), "generality",
-                "common sense, as in the published study (lm-eval registry; downloads its data)"),
-        LMSuite("alignment_tax", ("arc_easy", "arc_challenge", "race", "piqa", "squadv2", "drop", "wmt14-fr-en"),
-                "generality", "what preference alignment costs, as in 'Mitigating the Alignment Tax of RLHF': common "
-                "sense (accuracy), SQuAD v2 and DROP (F1), WMT14 fr-en (BLEU / 100) (lm-eval registry; downloads its "
-                "data from the Hub)",
-                # DROP lists `em` first; SQuAD v2 (a Python task, no metric list) and BLEU report 0-100
-                metrics={"squadv2": ("f1", 0.01), "drop": ("f1", 1.0), "wmt14-fr-en": ("bleu", 0.01)}),
-        LMSuite("instruction", ("ifeval",), "generality",
-                "instruction following (lm-eval's ifeval; needs `pip install lm-eval[ifeval]`)"),
-        LMSuite("medmcqa", ("specgen_medmcqa",), "speciality",
-                "MedMCQA validation split with the training prompt (openlifescienceai/medmcqa)", medmcqa_task_dir),
-        LMSuite("tiny_general", ("tiny_arithmetic", "tiny_instructions", "tiny_world_facts", "tiny_cause_effect"),
-                "generality", "the tiny LM's four general skills (offline)", _tiny_task_dir),
-        LMSuite("tiny_medmcqa", ("tiny_medmcqa",), "speciality",
-                "the tiny LM's MedMCQA-schema domain, test split (offline)", _tiny_task_dir),
+        LMSuite(
+            "commonsense",
+            ("arc_easy", "arc_challenge", "race", "boolq", "piqa"),
+            "generality",
+            "common sense, as in the published study (lm-eval registry; downloads its data)",
+        ),
+        LMSuite(
+            "alignment_tax",
+            ("arc_easy", "arc_challenge", "race", "piqa", "squadv2", "drop", "wmt14-fr-en"),
+            "generality",
+            "what preference alignment costs, as in 'Mitigating the Alignment Tax of RLHF': common "
+            "sense (accuracy), SQuAD v2 and DROP (F1), WMT14 fr-en (BLEU / 100) (lm-eval registry; downloads its "
+            "data from the Hub)",
+            # DROP lists `em` first; SQuAD v2 (a Python task, no metric list) and BLEU report 0-100
+            metrics={"squadv2": ("f1", 0.01), "drop": ("f1", 1.0), "wmt14-fr-en": ("bleu", 0.01)},
+        ),
+        LMSuite(
+            "instruction",
+            ("ifeval",),
+            "generality",
+            "instruction following (lm-eval's ifeval; needs `pip install lm-eval[ifeval]`)",
+        ),
+        LMSuite(
+            "medmcqa",
+            ("specgen_medmcqa",),
+            "speciality",
+            "MedMCQA validation split with the training prompt (openlifescienceai/medmcqa)",
+            medmcqa_task_dir,
+        ),
+        LMSuite(
+            "tiny_general",
+            ("tiny_arithmetic", "tiny_instructions", "tiny_world_facts", "tiny_cause_effect"),
+            "generality",
+            "the tiny LM's four general skills (offline)",
+            _tiny_task_dir,
+        ),
+        LMSuite(
+            "tiny_medmcqa",
+            ("tiny_medmcqa",),
+            "speciality",
+            "the tiny LM's MedMCQA-schema domain, test split (offline)",
+            _tiny_task_dir,
+        ),
     )
 }
 CLIP_SUITES = {"tiny_clip": "the tiny CLIP zero-shot on each image domain (fine-tuning domain: speciality)"}
@@ -97,8 +125,10 @@ def check_suites(names: Sequence[str], both_sides: bool = False) -> None:
     roles = {"speciality", "generality"} if names[0] in CLIP_SUITES else {LM_SUITES[name].role for name in names}
     if both_sides and len(roles) < 2:
         missing = ({"speciality", "generality"} - roles).pop()
-        raise ValueError(f"suites {list(names)} measure no {missing}: add a {missing} suite, e.g. "
-                         + ", ".join(n for n, s in LM_SUITES.items() if s.role == missing))
+        raise ValueError(
+            f"suites {list(names)} measure no {missing}: add a {missing} suite, e.g. "
+            + ", ".join(n for n, s in LM_SUITES.items() if s.role == missing)
+        )
 
 
 def evaluate_suites(
@@ -125,8 +155,15 @@ def evaluate_suites(
     include = sorted({str(suite.task_dir()) for suite in chosen if suite.task_dir})
     tasks = list(dict.fromkeys(task for suite in chosen for task in suite.tasks))  # a task shared by two suites once
     scores = evaluate_lm(
-        model, tasks, tokenizer=tokenizer, include_path=include or None,
-        num_fewshot=num_fewshot, limit=limit, batch_size=batch_size, device=device, metrics=metrics or None,
+        model,
+        tasks,
+        tokenizer=tokenizer,
+        include_path=include or None,
+        num_fewshot=num_fewshot,
+        limit=limit,
+        batch_size=batch_size,
+        device=device,
+        metrics=metrics or None,
     )
     if not scores:  # not the main process of a multi-process lm-eval run
         return {"speciality": {}, "generality": {}}
@@ -140,8 +177,10 @@ def task_metrics(chosen: Sequence[LMSuite]) -> dict[str, str]:
     for suite in chosen:
         for task in suite.tasks:
             if picks.setdefault(task, suite.pick(task)) != suite.pick(task):
-                raise ValueError(f"task {task!r} is scored as {picks[task]} by one suite and {suite.pick(task)} "
-                                 f"by {suite.name!r} (metric, scale): score them separately")
+                raise ValueError(
+                    f"task {task!r} is scored as {picks[task]} by one suite and {suite.pick(task)} "
+                    f"by {suite.name!r} (metric, scale): score them separately"
+                )
     return {task: metric for task, (metric, _) in picks.items() if metric is not None}
 
 

@@ -6,8 +6,21 @@ from .recipe import ExperimentArguments, Recipe
 from .runner import one_process_models, publish, run_experiment
 from .sources import check_model, check_output_dir, check_paths, is_local_path, load_split
 
+
 __all__ = [
-    "ConfigError", "ExperimentArguments", "METHODS", "Method", "Recipe", "check_model", "check_output_dir",
-    "check_paths", "is_local_path", "load_split", "one_process_models", "parse_config", "parse_methods", "publish",
+    "ConfigError",
+    "ExperimentArguments",
+    "METHODS",
+    "Method",
+    "Recipe",
+    "check_model",
+    "check_output_dir",
+    "check_paths",
+    "is_local_path",
+    "load_split",
+    "one_process_models",
+    "parse_config",
+    "parse_methods",
+    "publish",
     "run_experiment",
-]  # fmt: skip
+]

@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 from transformers import HfArgumentParser
 
+
 _BOOLEAN_WORDS = {"true", "false", "yes", "no", "1", "0"}
 
 
@@ -64,7 +65,11 @@ def parse_config(
     except (ValueError, TypeError) as error:  # a dataclass' own validation (e.g. TrainingArguments')
         raise ConfigError(f"invalid configuration: {error}") from error
     if rest:
-        several = f" (only {', '.join(grid_fields)} take several values)" if grid_fields and all(map(_is_number, rest)) else ""
+        several = (
+            f" (only {', '.join(grid_fields)} take several values)"
+            if grid_fields and all(map(_is_number, rest))
+            else ""
+        )
         raise ConfigError(f"unknown arguments {rest}{several}")
     return (*instances, grids) if grid_fields else tuple(instances)
 
@@ -97,7 +102,9 @@ def _command_line_grids(
         except (ValueError, TypeError, argparse.ArgumentTypeError) as error:
             kind = getattr(actions[name].type, "__name__", "value")
             what = {"int": "whole numbers", "float": "numbers"}.get(kind, f"{kind} values")
-            raise ConfigError(f"invalid configuration: --{name} {' '.join(values)}: {what} expected ({error})") from error
+            raise ConfigError(
+                f"invalid configuration: --{name} {' '.join(values)}: {what} expected ({error})"
+            ) from error
         kept += [f"--{name}", values[0]]
     return kept, grids
 
@@ -117,7 +124,9 @@ def check_finite(instance: Any) -> None:
         value = getattr(instance, f.name)
         items = value if isinstance(value, (list, tuple)) else [value]
         if any(isinstance(item, float) and not math.isfinite(item) for item in items):
-            raise ValueError(f"{f.name} must be {'finite numbers' if items is value else 'a finite number'}, got {value}")
+            raise ValueError(
+                f"{f.name} must be {'finite numbers' if items is value else 'a finite number'}, got {value}"
+            )
 
 
 def _preset(parser: argparse.ArgumentParser, path: Path, grid_fields: Collection[str] = ()) -> dict[str, Any]:
@@ -190,6 +199,10 @@ def _hub_shorthand(argv: list[str]) -> list[str]:
     """`--push-to-hub ID` -> `--push_to_hub --hub_model_id ID` (TrainingArguments' flag takes no id)."""
     for i, token in enumerate(argv[:-1]):
         following = argv[i + 1]
-        if token in ("--push-to-hub", "--push_to_hub") and not following.startswith("-") and following.lower() not in _BOOLEAN_WORDS:
+        if (
+            token in ("--push-to-hub", "--push_to_hub")
+            and not following.startswith("-")
+            and following.lower() not in _BOOLEAN_WORDS
+        ):
             return [*argv[:i], "--push_to_hub", "--hub_model_id", following, *argv[i + 2 :]]
     return argv

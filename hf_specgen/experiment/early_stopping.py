@@ -15,6 +15,7 @@ from typing import Any
 from accelerate import PartialState
 from transformers import TrainerCallback
 
+
 CHECKPOINT_INFO = "specgen_checkpoint.json"  # in each saved directory: {"fraction", "step", "steps"}
 
 
@@ -29,7 +30,9 @@ def check_fractions(fractions: Sequence[float]) -> list[float]:
     """
     for fraction in fractions:
         if not (isinstance(fraction, (int, float)) and math.isfinite(fraction) and 0.0 < fraction < 1.0):
-            raise ValueError(f"eval_fractions must lie in (0, 1) (1 is the fine-tuned model itself), got {list(fractions)}")
+            raise ValueError(
+                f"eval_fractions must lie in (0, 1) (1 is the fine-tuned model itself), got {list(fractions)}"
+            )
     if len(set(fractions)) != len(fractions):
         raise ValueError(f"eval_fractions {list(fractions)} repeat a value")
     return sorted(fractions)

@@ -19,6 +19,7 @@ from typing import Any
 from ..regularizers import REGULARIZERS
 from .methods import Method
 
+
 # The options that may hold a list of strengths.
 GRID_FIELDS = (*(f"{name}_lambda" for name in REGULARIZERS), "lora_r")
 COMBINATIONS = ("product", "paired")
@@ -66,9 +67,11 @@ def check_grid(name: str, values: Sequence[Any]) -> list[float]:
 
 
 def expand_points(
-    methods: Sequence[Method], grids: Mapping[str, Sequence[float]], defaults: Mapping[str, float],
+    methods: Sequence[Method],
+    grids: Mapping[str, Sequence[float]],
+    defaults: Mapping[str, float],
     combination: str = "product",
-) -> list[TrainingPoint]:  # fmt: skip
+) -> list[TrainingPoint]:
     """The trainings a comparison implies: each method at each of its strengths.
 
     Args:
@@ -101,7 +104,9 @@ def _combine(method: str, names: Sequence[str], lists: list[list[float]], combin
     lengths = {len(values) for values in lists if len(values) > 1}
     if len(lengths) > 1:
         given = ", ".join(f"{name} {len(values)}" for name, values in zip(names, lists))
-        raise ValueError(f"method {method}: strength_combination paired needs lists of one length (or one value), got {given}")
+        raise ValueError(
+            f"method {method}: strength_combination paired needs lists of one length (or one value), got {given}"
+        )
     length = lengths.pop() if lengths else 1
     return [tuple(values[i] if len(values) > 1 else values[0] for values in lists) for i in range(length)]
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from ..args import SpecGenTrainingArguments
 from ..regularizers import REGULARIZERS as REGISTRY
 
+
 REGULARIZERS = tuple(REGISTRY)
 METHODS = ("full", *REGULARIZERS, "lora")
 ALGORITHMS = ("dpo", "rsf")  # training algorithms a recipe may offer (`Recipe.algorithms`)
@@ -52,9 +53,16 @@ class Method:
                 "(e.g. dpo, dpo+l2: plain dpo is written dpo, not dpo+full)"
             )
         if not trained and not algorithms:
-            raise ValueError(f"method {name!r} averages a training's weights: name the training too, e.g. full+{averages[0]}")
-        return cls(name, tuple(p for p in parts if p in REGULARIZERS), "lora" in parts, averages[0] if averages else None,
-                   algorithms[0] if algorithms else None)  # fmt: skip
+            raise ValueError(
+                f"method {name!r} averages a training's weights: name the training too, e.g. full+{averages[0]}"
+            )
+        return cls(
+            name,
+            tuple(p for p in parts if p in REGULARIZERS),
+            "lora" in parts,
+            averages[0] if averages else None,
+            algorithms[0] if algorithms else None,
+        )
 
     @property
     def strength_fields(self) -> tuple[str, ...]:
@@ -63,7 +71,9 @@ class Method:
 
     def training_arguments(self, base: SpecGenTrainingArguments, **changes: object) -> SpecGenTrainingArguments:
         """`base` with this method's regularizers at their configured strength and the others off."""
-        strengths = {f"{r}_lambda": getattr(base, f"{r}_lambda") if r in self.regularizers else 0.0 for r in REGULARIZERS}
+        strengths = {
+            f"{r}_lambda": getattr(base, f"{r}_lambda") if r in self.regularizers else 0.0 for r in REGULARIZERS
+        }
         return dataclasses.replace(base, **strengths, **changes)
 
     def hyperparameter(self, base: SpecGenTrainingArguments, lora_r: int) -> tuple[str | None, float | None]:

@@ -31,8 +31,8 @@ from ..args import SpecGenTrainingArguments
 from ..eval.report import DEFAULT_TITLE, ResultRecord, best_generality, markdown_table, schedule_summary, write_report
 from ..merge import AlphaSchedule, MergeError, MergeOptions, merge, merge_sweep, select_alpha
 from ..merge.checkpoint import Checkpoint, resolve
-from ..merge.search import check_groups
 from ..merge.run import alpha_dirname
+from ..merge.search import check_groups
 from .config import ConfigError
 from .early_stopping import EarlyCheckpoints, checkpoint_directory, saved_checkpoint
 from .grid import TrainingPoint, expand_points, grid_summary
@@ -40,14 +40,36 @@ from .methods import Method, parse_methods
 from .recipe import ExperimentArguments, Recipe
 from .sources import check_output_dir, check_paths, remove_created
 
+
 TRAINING_LOG = "specgen_training.json"  # beside the fine-tuned model
 # Training arguments that do not change a run's results (where it logs, saves or is launched).
 _NOT_IN_KEY = {
-    "output_dir", "logging_dir", "logging_strategy", "logging_steps", "logging_first_step", "report_to",
-    "disable_tqdm", "save_strategy", "save_steps", "save_total_limit", "save_only_model", "run_name",
-    "push_to_hub", "hub_model_id", "hub_strategy", "hub_token", "hub_private_repo", "hub_always_push",
-    "local_rank", "deepspeed", "ddp_backend", "ddp_timeout", "use_cpu", "dataloader_num_workers", "overwrite_output_dir",
-}  # fmt: skip
+    "output_dir",
+    "logging_dir",
+    "logging_strategy",
+    "logging_steps",
+    "logging_first_step",
+    "report_to",
+    "disable_tqdm",
+    "save_strategy",
+    "save_steps",
+    "save_total_limit",
+    "save_only_model",
+    "run_name",
+    "push_to_hub",
+    "hub_model_id",
+    "hub_strategy",
+    "hub_token",
+    "hub_private_repo",
+    "hub_always_push",
+    "local_rank",
+    "deepspeed",
+    "ddp_backend",
+    "ddp_timeout",
+    "use_cpu",
+    "dataloader_num_workers",
+    "overwrite_output_dir",
+}
 
 
 def run_experiment(
@@ -61,18 +83,25 @@ def run_experiment(
         methods = parse_methods(experiment.methods, base)
         for method in methods:
             if method.algorithm is not None and method.algorithm not in recipe.algorithms:
-                offers = f"offers {', '.join(recipe.algorithms)}" if recipe.algorithms else "trains with its own loss only"
-                raise ValueError(f"method {method.name!r} trains with {method.algorithm}; recipe {recipe.name} {offers}")
-        points = expand_points(methods, experiment.strength_grids, _strength_defaults(base, experiment),
-                               experiment.strength_combination)  # fmt: skip
+                offers = (
+                    f"offers {', '.join(recipe.algorithms)}" if recipe.algorithms else "trains with its own loss only"
+                )
+                raise ValueError(
+                    f"method {method.name!r} trains with {method.algorithm}; recipe {recipe.name} {offers}"
+                )
+        points = expand_points(
+            methods, experiment.strength_grids, _strength_defaults(base, experiment), experiment.strength_combination
+        )
         for method in methods:
             if method.average:
                 weight_averaging(method, experiment)  # its options, checked before anything trains
         if base.push_to_hub and not base.hub_model_id:
             raise ValueError("push_to_hub needs hub_model_id (or --push-to-hub REPO_ID): where to publish")
         if experiment.publish_point == "auto" and not any(experiment.chooses(m.name) for m in methods):
-            raise ValueError(f"publish_point auto, but none of methods {experiment.methods} is among selection_methods "
-                             f"{experiment.selection_methods}: no auto pick to publish")
+            raise ValueError(
+                f"publish_point auto, but none of methods {experiment.methods} is among selection_methods "
+                f"{experiment.selection_methods}: no auto pick to publish"
+            )
         check_paths(recipe.local_paths())
         created = check_output_dir(root)  # before the model and data load, let alone get scored
         recipe.prepare()
@@ -103,8 +132,10 @@ def run_experiment(
 
 def _strength_defaults(base: SpecGenTrainingArguments, experiment: ExperimentArguments) -> dict[str, float]:
     """Every strength option's single value: the training arguments' `<name>_lambda`s and `lora_r`."""
-    return {**{f.name: getattr(base, f.name) for f in dataclasses.fields(base) if f.name.endswith("_lambda")},
-            "lora_r": experiment.lora_r}  # fmt: skip
+    return {
+        **{f.name: getattr(base, f.name) for f in dataclasses.fields(base) if f.name.endswith("_lambda")},
+        "lora_r": experiment.lora_r,
+    }
 
 
 def weight_averaging(method: Method, experiment: ExperimentArguments, anchor_device: str = "auto") -> Any:
@@ -190,14 +221,18 @@ class _Run:
         lora = {k: v for k, v in options.items() if k.startswith("lora_")} if self.method.lora else None
         if lora is not None:
             lora["lora_r"] = self.lora_r
-        training = {k: v for k, v in self.method.training_arguments(self.base).to_dict().items() if k not in _NOT_IN_KEY}
+        training = {
+            k: v for k, v in self.method.training_arguments(self.base).to_dict().items() if k not in _NOT_IN_KEY
+        }
         parts = [self.recipe.fingerprint(), training, lora]
         self.algorithm = self.method.algorithm or (self.recipe.algorithms[0] if self.recipe.algorithms else None)
         if self.algorithm is not None:  # only then: the runs of single-algorithm recipes keep their keys
             parts.append({"algorithm": self.algorithm, **self.recipe.algorithm_fingerprint(self.algorithm)})
         if self.method.average:  # only then: the runs of the other methods keep their keys
-            parts.append({k: options[k] for k in ("ema_decay",) if self.method.average == "ema"}
-                         | {k: options[k] for k in ("sma_start", "sma_window") if self.method.average == "sma"})  # fmt: skip
+            parts.append(
+                {k: options[k] for k in ("ema_decay",) if self.method.average == "ema"}
+                | {k: options[k] for k in ("sma_start", "sma_window") if self.method.average == "sma"}
+            )
         self.directory = self.root / "runs" / f"{self.method.name}-{_key(*parts)}"
         self.finetuned = self.directory / "finetuned"
         self.records = self.directory / f"records-{_key(self.recipe.eval_fingerprint())}"
@@ -224,8 +259,11 @@ class _Run:
     def hma_path(self, mean: float) -> Path:
         e = self.experiment
         own = self.recipe.hma_fingerprint()
-        return self.records / (f"hma-{e.hma_groups}-mean-{mean:g}-{e.hma_samples}-{e.hma_max_samples}-{e.hma_steps}"
-                               + (f"-{_key(own)}" if own else "") + ".json")  # fmt: skip
+        return self.records / (
+            f"hma-{e.hma_groups}-mean-{mean:g}-{e.hma_samples}-{e.hma_max_samples}-{e.hma_steps}"
+            + (f"-{_key(own)}" if own else "")
+            + ".json"
+        )
 
     def execute(self, state: PartialState, reference: ResultRecord) -> list[ResultRecord]:
         if not self.finetuned.is_dir():
@@ -245,10 +283,16 @@ class _Run:
         records = [ResultRecord.load(self.record_path(a)) for a in self.alphas]
         if self.auto:  # the points the search scored besides the grid, then its pick
             pick = ResultRecord.load(self.auto_path())
-            records += [ResultRecord.load(self.record_path(a)) for a in pick.selection["scored"] if a not in self.alphas]
+            records += [
+                ResultRecord.load(self.record_path(a)) for a in pick.selection["scored"] if a not in self.alphas
+            ]
             records.append(pick)
         records += [ResultRecord.load(self.hma_path(mean)) for mean in self.hma_means]
-        records += [ResultRecord.load(self.early_path(f)) for f in self.experiment.eval_fractions if self.early_path(f).is_file()]
+        records += [
+            ResultRecord.load(self.early_path(f))
+            for f in self.experiment.eval_fractions
+            if self.early_path(f).is_file()
+        ]
         if state.is_main_process:
             self.summarize(records)
         return records
@@ -269,27 +313,50 @@ class _Run:
             return record.speciality_score, record.generality_score
 
         e = self.experiment
-        choice = select_alpha(evaluate, keep=e.auto_keep, budget=e.auto_budget, upper=upper,
-                              known={0.0: (reference.speciality_score, reference.generality_score)})  # fmt: skip
+        choice = select_alpha(
+            evaluate,
+            keep=e.auto_keep,
+            budget=e.auto_budget,
+            upper=upper,
+            known={0.0: (reference.speciality_score, reference.generality_score)},
+        )
         inner = sorted(a for a in choice.evaluated if 0.0 < a < upper)  # what the bracket scored besides the ends
         alpha, reason = choice.alpha, choice.reason
         # never less general than a point the run already shows: a grid point the bracket did not visit may meet the floor
         shown = {a: ResultRecord.load(self.record_path(a)) for a in self.alphas if self.record_path(a).is_file()}
-        better = {a: r for a, r in shown.items() if r.speciality_score >= choice.floor and r.generality_score > choice.generality}
+        better = {
+            a: r
+            for a, r in shown.items()
+            if r.speciality_score >= choice.floor and r.generality_score > choice.generality
+        }
         if better:
             alpha = max(better, key=lambda a: (better[a].generality_score, -a))
             reason += f"; the grid's alpha {alpha:g} also reaches the floor and is more general: chosen instead"
-        selection = {"rule": "auto", "keep": e.auto_keep, "budget": e.auto_budget, "floor": choice.floor,
-                     "evaluations": len(inner), "reused": len([a for a in reused if a in inner]),
-                     "scored": [a for a in sorted(choice.evaluated) if a > 0], "monotone": choice.monotone,
-                     "searched_alpha": choice.alpha, "reason": reason}  # fmt: skip
+        selection = {
+            "rule": "auto",
+            "keep": e.auto_keep,
+            "budget": e.auto_budget,
+            "floor": choice.floor,
+            "evaluations": len(inner),
+            "reused": len([a for a in reused if a in inner]),
+            "scored": [a for a in sorted(choice.evaluated) if a > 0],
+            "monotone": choice.monotone,
+            "searched_alpha": choice.alpha,
+            "reason": reason,
+        }
         if alpha > 0:
             point = ResultRecord.load(self.record_path(alpha))
         else:  # no speciality gained: the pre-trained model keeps all of it
             hyperparameter, value = self.method.hyperparameter(self.base, self.lora_r)
-            point = ResultRecord(method=self.method.name, alpha=0.0, hyperparameter=hyperparameter, value=value,
-                                 strengths=self.strengths(), speciality=reference.speciality,
-                                 generality=reference.generality)  # fmt: skip
+            point = ResultRecord(
+                method=self.method.name,
+                alpha=0.0,
+                hyperparameter=hyperparameter,
+                value=value,
+                strengths=self.strengths(),
+                speciality=reference.speciality,
+                generality=reference.generality,
+            )
         dataclasses.replace(point, selection=selection).save(self.auto_path())
 
     def search_hma(self, mean: float) -> None:
@@ -303,12 +370,25 @@ class _Run:
         schedule = AlphaSchedule(group_alphas=found.group_alphas)
         target = self.directory / "merged" / f"hma-{e.hma_groups}-mean-{mean:g}"
         merge(self.recipe.pretrained, self.finetuned, schedule, target, MergeOptions(overwrite="any"))
-        selection = {"rule": "hma", "samples": e.hma_samples, "max_samples": e.hma_max_samples,
-                     "held_out_loss": found.held_out_loss, "uniform_loss": found.uniform_loss,
-                     "steps": len(found.history), "loss_curve": [h["held_out_loss"] for h in found.history],
-                     "state_bytes": found.state_bytes}  # fmt: skip
-        self._score(mean, target, kept=e.keep_merged_models, merge=schedule.describe(), selection=selection,
-                    path=self.hma_path(mean), search_s=search_s)  # fmt: skip
+        selection = {
+            "rule": "hma",
+            "samples": e.hma_samples,
+            "max_samples": e.hma_max_samples,
+            "held_out_loss": found.held_out_loss,
+            "uniform_loss": found.uniform_loss,
+            "steps": len(found.history),
+            "loss_curve": [h["held_out_loss"] for h in found.history],
+            "state_bytes": found.state_bytes,
+        }
+        self._score(
+            mean,
+            target,
+            kept=e.keep_merged_models,
+            merge=schedule.describe(),
+            selection=selection,
+            path=self.hma_path(mean),
+            search_s=search_s,
+        )
         if not e.keep_merged_models:
             shutil.rmtree(target)
             with contextlib.suppress(OSError):
@@ -334,13 +414,17 @@ class _Run:
         saved = {f: saved_checkpoint(self.early_root, f) for f in missing}  # each checkpoint's info read once
         absent = [f for f in missing if saved[f] is None]
         if absent:
-            print(f"[{self.recipe.name}] {self.point.describe()}: trained without a checkpoint at eval_fractions "
-                  f"{', '.join(f'{f:g}' for f in absent)}; no early-stopping point there (delete {self.directory} "
-                  "to retrain)", flush=True)  # fmt: skip
+            print(
+                f"[{self.recipe.name}] {self.point.describe()}: trained without a checkpoint at eval_fractions "
+                f"{', '.join(f'{f:g}' for f in absent)}; no early-stopping point there (delete {self.directory} "
+                "to retrain)",
+                flush=True,
+            )
         for fraction in (f for f in missing if saved[f] is not None):
             with self._full_model(checkpoint_directory(self.early_root, fraction)) as model:
-                self._score(None, model, kept=not self.method.lora, path=self.early_path(fraction),
-                            checkpoint=saved[fraction])  # fmt: skip
+                self._score(
+                    None, model, kept=not self.method.lora, path=self.early_path(fraction), checkpoint=saved[fraction]
+                )
 
     @property
     def early_root(self) -> Path:
@@ -355,16 +439,24 @@ class _Run:
         if self.method.lora:
             model = self._with_lora(model)
         args = self.method.training_arguments(
-            self.base, output_dir=str(self.directory / "trainer"), push_to_hub=False,
-            learning_rate=(self.experiment.lora_learning_rate if self.method.lora else None) or self.base.learning_rate,
-        )  # fmt: skip
+            self.base,
+            output_dir=str(self.directory / "trainer"),
+            push_to_hub=False,
+            learning_rate=(self.experiment.lora_learning_rate if self.method.lora else None)
+            or self.base.learning_rate,
+        )
         trainer = self.recipe.build_trainer(model, processor, args, algorithm=self.algorithm)
-        averaging = weight_averaging(self.method, self.experiment, self.base.anchor_device) if self.method.average else None
+        averaging = (
+            weight_averaging(self.method, self.experiment, self.base.anchor_device) if self.method.average else None
+        )
         if averaging is not None:
             trainer.add_callback(averaging)  # first: the early checkpoints save the average of the same step
         if self.experiment.eval_fractions:
-            trainer.add_callback(EarlyCheckpoints(self._saver(trainer, processor, averaging), self.experiment.eval_fractions,
-                                                  self.early_root))  # fmt: skip
+            trainer.add_callback(
+                EarlyCheckpoints(
+                    self._saver(trainer, processor, averaging), self.experiment.eval_fractions, self.early_root
+                )
+            )
         checkpoint = get_last_checkpoint(args.output_dir) if Path(args.output_dir).is_dir() else None
         start = time.perf_counter()
         result = trainer.train(resume_from_checkpoint=checkpoint)
@@ -375,8 +467,12 @@ class _Run:
         trainer.save_model(str(partial))  # every process: ZeRO-3 gathers the weights to write them
         if state.is_main_process:
             processor.save_pretrained(partial)
-            metrics = {"train_s": round(time.perf_counter() - start, 1), "steps": result.global_step,
-                       "train_loss": result.training_loss, "resumed_from": checkpoint}  # fmt: skip
+            metrics = {
+                "train_s": round(time.perf_counter() - start, 1),
+                "steps": result.global_step,
+                "train_loss": result.training_loss,
+                "resumed_from": checkpoint,
+            }
             (partial / TRAINING_LOG).write_text(json.dumps(metrics, indent=2))
             partial.rename(self.finetuned)
             shutil.rmtree(args.output_dir, ignore_errors=True)  # its checkpoints were for resuming only
@@ -401,9 +497,11 @@ class _Run:
 
         targets = self.experiment.lora_target_modules or self.recipe.default_lora_targets
         config = LoraConfig(
-            r=self.lora_r, lora_alpha=self.experiment.lora_alpha,
-            lora_dropout=self.experiment.lora_dropout, target_modules=targets,
-        )  # fmt: skip
+            r=self.lora_r,
+            lora_alpha=self.experiment.lora_alpha,
+            lora_dropout=self.experiment.lora_dropout,
+            target_modules=targets,
+        )
         return get_peft_model(model, config)
 
     def score_merges(self, alphas: list[float] | None = None) -> None:
@@ -418,17 +516,31 @@ class _Run:
             models.update(self._merge(to_merge, merged_root))
         for alpha in missing:
             schedule = self.experiment.merge_schedule(alpha)
-            self._score(alpha, models[alpha], kept=alpha in direct or self.experiment.keep_merged_models,
-                        merge=schedule.describe() if schedule else None, path=self.record_path(alpha))  # fmt: skip
+            self._score(
+                alpha,
+                models[alpha],
+                kept=alpha in direct or self.experiment.keep_merged_models,
+                merge=schedule.describe() if schedule else None,
+                path=self.record_path(alpha),
+            )
         if not self.experiment.keep_merged_models:
             for alpha in to_merge:
                 shutil.rmtree(models[alpha])
             with contextlib.suppress(OSError):  # empty unless an earlier run kept merges there
                 merged_root.rmdir()
 
-    def _score(self, alpha: float | None, model: Path, *, kept: bool, path: Path, search_s: float | None = None,
-               merge: dict[str, Any] | None = None, selection: dict[str, Any] | None = None,
-               checkpoint: dict[str, Any] | None = None) -> None:  # fmt: skip
+    def _score(
+        self,
+        alpha: float | None,
+        model: Path,
+        *,
+        kept: bool,
+        path: Path,
+        search_s: float | None = None,
+        merge: dict[str, Any] | None = None,
+        selection: dict[str, Any] | None = None,
+        checkpoint: dict[str, Any] | None = None,
+    ) -> None:
         """Scores `model` (the merge at `alpha`, or with `checkpoint` an early-stopping point) and writes its record to `path`."""
         hyperparameter, value = self.method.hyperparameter(self.base, self.lora_r)
         start = time.perf_counter()
@@ -437,9 +549,18 @@ class _Run:
         if search_s is not None:
             cost["search_s"] = search_s
         ResultRecord(
-            method=self.method.name, alpha=alpha, hyperparameter=hyperparameter, value=value, strengths=self.strengths(),
-            **scores, cost=cost, model=str(model) if kept else None, merge=merge, selection=selection, checkpoint=checkpoint,
-        ).save(path)  # fmt: skip
+            method=self.method.name,
+            alpha=alpha,
+            hyperparameter=hyperparameter,
+            value=value,
+            strengths=self.strengths(),
+            **scores,
+            cost=cost,
+            model=str(model) if kept else None,
+            merge=merge,
+            selection=selection,
+            checkpoint=checkpoint,
+        ).save(path)
 
     def _merge(self, alphas: list[float], merged_root: Path) -> dict[float, Path]:
         """Sweeps `alphas` into `merged_root/alpha-<a>/`, beside the merges an earlier run kept there
@@ -447,8 +568,9 @@ class _Run:
         sweep_root = self.directory / "merging"
         # the run's own directories: replace whatever an interrupted run left (inputs stay protected)
         shape = self.experiment.merge_schedule(1.0)  # the group shape, scaled to each alpha
-        swept = merge_sweep(self.recipe.pretrained, self.finetuned, alphas, sweep_root, MergeOptions(overwrite="any"),
-                            shape=shape)  # fmt: skip
+        swept = merge_sweep(
+            self.recipe.pretrained, self.finetuned, alphas, sweep_root, MergeOptions(overwrite="any"), shape=shape
+        )
         merged_root.mkdir(exist_ok=True)
         models = {}
         for alpha, directory in swept.items():
@@ -466,11 +588,19 @@ class _Run:
 
     def summarize(self, records: list[ResultRecord]) -> None:
         training = self.training_log()
-        points = " | ".join(f"{_where(r)}{_chosen(r)}: {r.speciality_score:.3f} / {r.generality_score:.3f}"
-                            for r in records)  # fmt: skip
-        resumed = f" (resumed from {Path(training['resumed_from']).name}: the time is the last session's)" if training.get("resumed_from") else ""
-        print(f"[{self.recipe.name}] {self.point.describe()}: {training['steps']} steps in {training['train_s']:.0f} s{resumed}; "
-              f"speciality / generality {points}", flush=True)  # fmt: skip
+        points = " | ".join(
+            f"{_where(r)}{_chosen(r)}: {r.speciality_score:.3f} / {r.generality_score:.3f}" for r in records
+        )
+        resumed = (
+            f" (resumed from {Path(training['resumed_from']).name}: the time is the last session's)"
+            if training.get("resumed_from")
+            else ""
+        )
+        print(
+            f"[{self.recipe.name}] {self.point.describe()}: {training['steps']} steps in {training['train_s']:.0f} s{resumed}; "
+            f"speciality / generality {points}",
+            flush=True,
+        )
 
 
 def _chosen(record: ResultRecord) -> str:
@@ -478,11 +608,19 @@ def _chosen(record: ResultRecord) -> str:
         return f" (step {record.checkpoint['step']})"
     if record.selection is None:
         return ""
-    return " (auto)" if record.selection["rule"] == "auto" else " (HMA " + schedule_summary(record.merge or {"kind": "?"}) + ")"
+    return (
+        " (auto)"
+        if record.selection["rule"] == "auto"
+        else " (HMA " + schedule_summary(record.merge or {"kind": "?"}) + ")"
+    )
 
 
 def _where(record: ResultRecord) -> str:
-    return f"{record.checkpoint['fraction']:g} of training" if record.checkpoint is not None else f"alpha {record.alpha:g}"
+    return (
+        f"{record.checkpoint['fraction']:g} of training"
+        if record.checkpoint is not None
+        else f"alpha {record.alpha:g}"
+    )
 
 
 def _free_memory() -> None:
@@ -497,7 +635,9 @@ def _schedule_of(record: ResultRecord) -> AlphaSchedule | float:
     if record.alpha is None:
         return 1.0
     if record.merge is not None and record.merge["kind"] == "groups":
-        return AlphaSchedule(group_alphas=tuple(record.merge["group_alphas"]), outside_alpha=record.merge.get("outside_alpha"))
+        return AlphaSchedule(
+            group_alphas=tuple(record.merge["group_alphas"]), outside_alpha=record.merge.get("outside_alpha")
+        )
     return record.alpha
 
 
@@ -510,7 +650,9 @@ def publish(
     general one (`best_generality`); with `publish_point` auto, among the methods' auto-alpha picks."""
 
     def run_of(record: ResultRecord) -> _Run | None:  # the run (method and strengths) that made the record
-        return next((run for run in runs if (run.method.name, run.strengths()) == (record.method, record.strengths)), None)
+        return next(
+            (run for run in runs if (run.method.name, run.strengths()) == (record.method, record.strengths)), None
+        )
 
     candidates = [r for r in records if run_of(r) is not None]
     if runs and runs[0].experiment.publish_point == "auto":  # the auto-alpha picks only
@@ -519,8 +661,17 @@ def publish(
     run = run_of(pick)
     print(f"[{run.recipe.name}] publishing {pick.label} ({_scores(pick)}) to {base.hub_model_id}", flush=True)
     schedule = _schedule_of(pick)
-    trained = run.finetuned if pick.checkpoint is None else checkpoint_directory(run.early_root, pick.checkpoint["fraction"])
+    trained = (
+        run.finetuned if pick.checkpoint is None else checkpoint_directory(run.early_root, pick.checkpoint["fraction"])
+    )
     return merge(
-        run.recipe.pretrained, trained, schedule, Path(base.output_dir) / "published", MergeOptions(overwrite="any"),
-        push_to_hub=base.hub_model_id, private=bool(base.hub_private_repo), scores=markdown_table(records), hub_api=hub_api,
-    )  # fmt: skip
+        run.recipe.pretrained,
+        trained,
+        schedule,
+        Path(base.output_dir) / "published",
+        MergeOptions(overwrite="any"),
+        push_to_hub=base.hub_model_id,
+        private=bool(base.hub_private_repo),
+        scores=markdown_table(records),
+        hub_api=hub_api,
+    )

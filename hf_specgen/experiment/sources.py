@@ -19,9 +19,14 @@ from .config import ConfigError
 
 
 def load_split(
-    name: str, split: str, columns: Sequence[str] = (), *, images: bool = False, seed: int = 0,
+    name: str,
+    split: str,
+    columns: Sequence[str] = (),
+    *,
+    images: bool = False,
+    seed: int = 0,
     max_samples: int | None = None,
-) -> datasets.Dataset:  # fmt: skip
+) -> datasets.Dataset:
     """`split` of the data set `name`, its first `max_samples` rows; `images`: a local folder is an
     `imagefolder` (one sub-folder per class)."""
     try:
@@ -35,7 +40,9 @@ def load_split(
             data = datasets.load_dataset(name, split=split)
     except Exception as error:  # datasets raises many kinds (not found, offline, unknown split, bad files)
         where = "local folder" if Path(name).is_dir() else "data set"
-        raise ConfigError(f"{where} {name!r}, split {split!r}, cannot be loaded: {type(error).__name__}: {error}") from error
+        raise ConfigError(
+            f"{where} {name!r}, split {split!r}, cannot be loaded: {type(error).__name__}: {error}"
+        ) from error
     missing = [c for c in columns if c not in data.column_names]
     if missing:
         raise ConfigError(f"data set {name!r} ({split}) has no column(s) {missing}; its columns: {data.column_names}")
@@ -53,8 +60,10 @@ def _data_file(name: str, split: str) -> datasets.Dataset:
     if builder is None:
         raise ValueError(f"a data file must end in {', '.join(_FILE_BUILDERS)} (or give a folder, one file per split)")
     if split != "train":
-        raise ValueError("a single data file holds one split, train: give a folder with one file per split "
-                         "(e.g. train.jsonl, test.jsonl) for the others")  # fmt: skip
+        raise ValueError(
+            "a single data file holds one split, train: give a folder with one file per split "
+            "(e.g. train.jsonl, test.jsonl) for the others"
+        )
     return datasets.load_dataset(builder, data_files={"train": name}, split="train")
 
 

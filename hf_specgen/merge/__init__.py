@@ -11,24 +11,40 @@ from typing import TYPE_CHECKING
 
 from ..lazy import lazy_getattr
 
+
 _LAZY = {
-    "MergeError": ".errors", "MergeWarning": ".errors", "MergeWriteError": ".errors", "PushError": ".errors",
+    "MergeError": ".errors",
+    "MergeWarning": ".errors",
+    "MergeWriteError": ".errors",
+    "PushError": ".errors",
     "push_merge": ".hub",
-    "METHODS": ".methods", "MergeMethod": ".methods", "Parameter": ".methods", "TensorInput": ".methods",
-    "get_method": ".methods", "register_method": ".methods",
+    "METHODS": ".methods",
+    "MergeMethod": ".methods",
+    "Parameter": ".methods",
+    "TensorInput": ".methods",
+    "get_method": ".methods",
+    "register_method": ".methods",
     "MergeOptions": ".options",
-    "alpha_dirname": ".run", "iter_merge": ".run", "merge": ".run", "merge_sweep": ".run",
+    "alpha_dirname": ".run",
+    "iter_merge": ".run",
+    "merge": ".run",
+    "merge_sweep": ".run",
     "AlphaSchedule": ".schedule",
     "generate_completions": ".proxy",
-    "GroupSearch": ".search", "search_group_alphas": ".search",
-    "AlphaChoice": ".select", "select_alpha": ".select",
+    "GroupSearch": ".search",
+    "search_group_alphas": ".search",
+    "AlphaChoice": ".select",
+    "select_alpha": ".select",
     "greedy_soup": ".soup",
-    "iter_wise_ft": ".interpolate", "wise_ft": ".interpolate", "wise_ft_sweep": ".interpolate",
-}  # fmt: skip
+    "iter_wise_ft": ".interpolate",
+    "wise_ft": ".interpolate",
+    "wise_ft_sweep": ".interpolate",
+}
 
 if TYPE_CHECKING:
     from .errors import MergeError, MergeWarning, MergeWriteError, PushError
     from .hub import push_merge
+    from .interpolate import iter_wise_ft, wise_ft, wise_ft_sweep
     from .methods import METHODS, MergeMethod, Parameter, TensorInput, get_method, register_method
     from .options import MergeOptions
     from .proxy import generate_completions
@@ -37,7 +53,6 @@ if TYPE_CHECKING:
     from .search import GroupSearch, search_group_alphas
     from .select import AlphaChoice, select_alpha
     from .soup import greedy_soup
-    from .interpolate import iter_wise_ft, wise_ft, wise_ft_sweep
 
 __getattr__ = lazy_getattr(__name__, _LAZY)
 

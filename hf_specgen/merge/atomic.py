@@ -30,6 +30,7 @@ from pathlib import Path
 
 from .errors import MergeWriteError
 
+
 _OWNED = re.compile(r"\..+\.[0-9a-f]{8}\.(?P<pid>\d+)@(?P<host>[A-Za-z0-9-]+)\.(partial|old)")
 
 

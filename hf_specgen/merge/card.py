@@ -8,6 +8,7 @@ from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
 
+
 TAGS = ["hf_specgen", "wise-ft", "merge"]
 
 
@@ -75,7 +76,10 @@ def _method_card(
         f"`{record['formula']}`",
         "",
         f"- pretrained: `{pretrained}`",
-        *[f"- finetuned: `{source}`" + (f" (weight {w:g})" if len(tuned) > 1 else "") for source, w in zip(tuned, record["weights"])],
+        *[
+            f"- finetuned: `{source}`" + (f" (weight {w:g})" if len(tuned) > 1 else "")
+            for source, w in zip(tuned, record["weights"])
+        ],
         *[f"- {name}: `{path}`" for name, path in record["inputs"].items()],
         *[f"- {name}: {value:g}" for name, value in record["parameters"].items()],
         f"- schedule: {_describe(schedule)}",
@@ -85,8 +89,13 @@ def _method_card(
         missing = fallback.get("missing") or dict.fromkeys(record["inputs"], len(fallback["tensors"]))
         lacking = ", ".join(f"no {name} for {count}" for name, count in missing.items())
         body.append(f"- merged with {fallback['method']}: {len(fallback['tensors'])} tensors ({lacking})")
-    body += ["", "<details><summary>The alpha of every merged tensor (also in merge_config.json)</summary>", "",
-             "| tensor | alpha |", "|---|---|"]  # fmt: skip
+    body += [
+        "",
+        "<details><summary>The alpha of every merged tensor (also in merge_config.json)</summary>",
+        "",
+        "| tensor | alpha |",
+        "|---|---|",
+    ]
     body += [f"| `{key}` | {value:g} |" for key, value in record["alphas"].items()]
     body += ["", "</details>"]
     return data, body
@@ -95,8 +104,10 @@ def _method_card(
 def _describe(schedule: Mapping[str, Any]) -> str:
     kind = schedule["kind"]
     if kind == "groups":
-        text = (f"{len(schedule['group_alphas'])} groups of consecutive blocks, input side first: "
-                f"{', '.join(f'{a:g}' for a in schedule['group_alphas'])}; outside the blocks: {schedule['outside_alpha']:g}")  # fmt: skip
+        text = (
+            f"{len(schedule['group_alphas'])} groups of consecutive blocks, input side first: "
+            f"{', '.join(f'{a:g}' for a in schedule['group_alphas'])}; outside the blocks: {schedule['outside_alpha']:g}"
+        )
     elif kind == "rules":
         rules = "; ".join(f"`{pattern}` -> {a:g}" for pattern, a in schedule["rules"])
         text = f"rules, first match wins: {rules}; others: {schedule['default_alpha']:g}"

@@ -24,16 +24,31 @@ from safetensors import SafetensorError, safe_open
 
 from .errors import MergeError
 
+
 SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
     "BOOL": torch.bool,
-}  # fmt: skip
+}
 # What a merge downloads from the Hub: weights, and the side files a model directory needs.
 HUB_PATTERNS = [
-    "*.safetensors", "*.bin", "*.json", "*.jinja", "*.model", "*.txt", "*.tiktoken",
-]  # fmt: skip
+    "*.safetensors",
+    "*.bin",
+    "*.json",
+    "*.jinja",
+    "*.model",
+    "*.txt",
+    "*.tiktoken",
+]
 
 
 # A .bin that cannot be loaded safely: what to do instead (never weights_only=False on a file one did not make)
@@ -105,7 +120,9 @@ class Checkpoint:
 
     def _add(self, key: str, file: Path, shape: tuple[int, ...], dtype: torch.dtype) -> None:
         if key in self._key_to_file:
-            raise MergeError(f"{self.directory}: tensor {key!r} is stored twice ({self._key_to_file[key].name}, {file.name})")
+            raise MergeError(
+                f"{self.directory}: tensor {key!r} is stored twice ({self._key_to_file[key].name}, {file.name})"
+            )
         self._key_to_file[key], self._shape[key], self._dtype[key] = file, shape, dtype
 
     def _weight_files(self, name: str) -> list[Path]:
@@ -192,7 +209,9 @@ def _load_bin_safely(file: Path) -> dict[str, torch.Tensor]:
             f"code); {_CONVERT}"
         ) from None  # torch's own message suggests weights_only=False
     except (OSError, RuntimeError, ValueError, EOFError) as error:  # a damaged zip, an unreadable file
-        reason = str(error).splitlines()[0] if str(error) and "weights_only" not in str(error) else type(error).__name__
+        reason = (
+            str(error).splitlines()[0] if str(error) and "weights_only" not in str(error) else type(error).__name__
+        )
         raise MergeError(f"{file}: cannot be read as a PyTorch checkpoint ({reason})") from None
     if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
         raise MergeError(f"{file}: not a state dict (a mapping of names to tensors)")

@@ -37,6 +37,7 @@ from .atomic import atomic_file
 from .errors import MergeWarning
 from .inputs import checkpoint_name
 
+
 FISHER_TYPES = ("true", "empirical")
 Source = str | os.PathLike
 
@@ -75,7 +76,9 @@ def read_texts(path: Source, text_field: str = "text") -> list[str]:
         if isinstance(data, dict) and isinstance(data.get(text_field), list):
             data = data[text_field]
         if not isinstance(data, list):
-            raise ValueError(f"{path}: expected a list of texts (or of objects with {text_field!r}), got {type(data).__name__}")
+            raise ValueError(
+                f"{path}: expected a list of texts (or of objects with {text_field!r}), got {type(data).__name__}"
+            )
         rows = [(f"{path}, item {i}", row) for i, row in enumerate(data)]
     texts = [_text(row, text_field, where) for where, row in rows]
     if not texts:
@@ -93,7 +96,11 @@ def _parse(text: str, where: str) -> Any:
 def _text(row: Any, text_field: str, where: str) -> str:
     value = row.get(text_field) if isinstance(row, dict) else row
     if not isinstance(value, str):
-        what = f"no string field {text_field!r}" if isinstance(row, dict) else f"not a string nor an object ({type(row).__name__})"
+        what = (
+            f"no string field {text_field!r}"
+            if isinstance(row, dict)
+            else f"not a string nor an object ({type(row).__name__})"
+        )
         raise ValueError(f"{where}: {what}")
     return value
 
@@ -189,27 +196,40 @@ def estimate_fisher(
     """
     if fisher_type not in FISHER_TYPES:
         raise ValueError(f"fisher_type must be one of {', '.join(FISHER_TYPES)}, got {fisher_type!r}")
-    for what, value, least in [("num_samples", num_samples, 1), ("batch_size", batch_size, 1), ("max_length", max_length, 2)]:
+    for what, value, least in [
+        ("num_samples", num_samples, 1),
+        ("batch_size", batch_size, 1),
+        ("max_length", max_length, 2),
+    ]:
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
             raise ValueError(f"{what} must be an integer of at least {least}, got {value!r}")
     config = getattr(model, "config", None)
     if getattr(config, "is_encoder_decoder", False):
-        raise ValueError(f"{type(model).__name__} is an encoder-decoder model: estimate_fisher takes a causal language model")
+        raise ValueError(
+            f"{type(model).__name__} is an encoder-decoder model: estimate_fisher takes a causal language model"
+        )
     generator = torch.Generator().manual_seed(seed)
     encoded = _encode(tokenizer, texts, num_samples, generator, max_length)
     if not encoded:
         raise ValueError("no text has 2 tokens or more: there is nothing to predict")
     if len(encoded) < num_samples:
-        warnings.warn(f"the Fisher is averaged over {len(encoded)} texts, not {num_samples}: there are no more "
-                      "with 2 tokens or more", MergeWarning, stacklevel=2)  # fmt: skip
+        warnings.warn(
+            f"the Fisher is averaged over {len(encoded)} texts, not {num_samples}: there are no more "
+            "with 2 tokens or more",
+            MergeWarning,
+            stacklevel=2,
+        )
     weights = fisher_weights(model)
     device = next(iter(weights.values())).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     sample = ImportanceSample(
-        model=model, deltas=[DenseDelta(key, p, p.detach()) for key, p in weights.items()],  # no copy: theta is its own anchor
-        batches=_batches(encoded, batch_size, pad_id, device), shifts_labels=True, label_names=("labels",),
+        model=model,
+        deltas=[DenseDelta(key, p, p.detach()) for key, p in weights.items()],  # no copy: theta is its own anchor
+        batches=_batches(encoded, batch_size, pad_id, device),
+        shifts_labels=True,
+        label_names=("labels",),
         generator=generator,
-    )  # fmt: skip
+    )
     fisher = EWC(1.0, num_samples, fisher_type).estimate(sample)
     return {key: value.to("cpu", torch.float32).contiguous() for key, value in fisher.items()}
 
@@ -230,7 +250,9 @@ def check_fisher_output(path: Source, inputs: Sequence[Source], overwrite: bool 
         protected = Path(os.path.realpath(source))
         if resolved == protected or protected in resolved.parents:
             relation = "is" if resolved == protected else "lies inside"
-            raise ValueError(f"{path}: the output {relation} the input {source}; choose another output (nothing was written)")
+            raise ValueError(
+                f"{path}: the output {relation} the input {source}; choose another output (nothing was written)"
+            )
     for ancestor in path.parents:
         if os.path.lexists(ancestor) and not ancestor.is_dir():
             raise ValueError(f"{path}: {ancestor} is a file, not a directory (nothing was written)")
@@ -242,7 +264,11 @@ def check_fisher_output(path: Source, inputs: Sequence[Source], overwrite: bool 
 
 
 def save_fisher(
-    fisher: Mapping[str, torch.Tensor], path: Source, *, overwrite: bool = False, metadata: Mapping[str, Any] | None = None
+    fisher: Mapping[str, torch.Tensor],
+    path: Source,
+    *,
+    overwrite: bool = False,
+    metadata: Mapping[str, Any] | None = None,
 ) -> Path:
     """Writes a Fisher (`estimate_fisher`'s) to a safetensors file, float32, atomically: under a
     temporary name beside `path`, renamed at the end (a failure or a signal leaves nothing).

@@ -20,10 +20,14 @@ import torch
 from .checkpoint import Checkpoint
 from .errors import MergeError
 
+
 EWC_FISHER = "ewc.fisher."  # a training run's state file: `<regularizer>.<state key>.<parameter name>`
 REGULARIZER_STATE = "specgen_regularizers"
-_PEFT_PARTS = [(re.compile(r"^base_model\.model\."), ""), (re.compile(r"\.base_layer\."), "."),
-               (re.compile(r"\.modules_to_save\.[^.]+\."), ".")]  # fmt: skip
+_PEFT_PARTS = [
+    (re.compile(r"^base_model\.model\."), ""),
+    (re.compile(r"\.base_layer\."), "."),
+    (re.compile(r"\.modules_to_save\.[^.]+\."), "."),
+]
 
 
 def checkpoint_name(name: str) -> str:
@@ -47,7 +51,11 @@ class TensorFile:
         if path.is_file() and path.name.endswith(".safetensors"):
             self.checkpoint = Checkpoint(path.parent, weights_name=path.name.removesuffix(".safetensors"))
         elif path.is_dir():
-            found = [n for n in names if (path / f"{n}.safetensors").is_file() or (path / f"{n}.safetensors.index.json").is_file()]
+            found = [
+                n
+                for n in names
+                if (path / f"{n}.safetensors").is_file() or (path / f"{n}.safetensors.index.json").is_file()
+            ]
             if not found:
                 raise MergeError(f"{path}: no {' or '.join(f'{n}.safetensors' for n in names)} in this directory")
             self.checkpoint = Checkpoint(path, weights_name=found[0])
@@ -59,7 +67,9 @@ class TensorFile:
             stored = [k for k in stored if k.startswith(EWC_FISHER)]
             renamed = [checkpoint_name(k.removeprefix(EWC_FISHER)) for k in stored]
         elif self.checkpoint.files[0].name.startswith(REGULARIZER_STATE):
-            raise MergeError(f"{path}: a regularizer state without an EWC Fisher (ewc.fisher.*): train with ewc_lambda > 0")
+            raise MergeError(
+                f"{path}: a regularizer state without an EWC Fisher (ewc.fisher.*): train with ewc_lambda > 0"
+            )
         else:
             renamed = [checkpoint_name(k) for k in stored]
         self._stored = dict(zip(renamed, stored))

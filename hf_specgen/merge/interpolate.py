@@ -18,6 +18,7 @@ from .options import MergeOptions
 from .output import Overwrite
 from .run import alpha_dirname, iter_merge, merge, merge_sweep
 
+
 __all__ = ["alpha_dirname", "iter_wise_ft", "wise_ft", "wise_ft_sweep"]
 
 
@@ -59,10 +60,24 @@ def wise_ft(
     Returns:
         `output_dir`.
     """
-    options = MergeOptions(dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite, extrapolate=extrapolate,
-                           keep_adapter=keep_adapter)  # fmt: skip
-    return merge(pretrained, finetuned, alpha, output_dir, options, push_to_hub=push_to_hub, private=private,
-                 scores=scores, hub_api=hub_api)  # fmt: skip
+    options = MergeOptions(
+        dtype=dtype,
+        max_shard_size=max_shard_size,
+        overwrite=overwrite,
+        extrapolate=extrapolate,
+        keep_adapter=keep_adapter,
+    )
+    return merge(
+        pretrained,
+        finetuned,
+        alpha,
+        output_dir,
+        options,
+        push_to_hub=push_to_hub,
+        private=private,
+        scores=scores,
+        hub_api=hub_api,
+    )
 
 
 def wise_ft_sweep(
@@ -87,8 +102,13 @@ def wise_ft_sweep(
     Returns:
         Each alpha's output directory.
     """
-    options = MergeOptions(dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite, extrapolate=extrapolate,
-                           keep_adapter=keep_adapter)  # fmt: skip
+    options = MergeOptions(
+        dtype=dtype,
+        max_shard_size=max_shard_size,
+        overwrite=overwrite,
+        extrapolate=extrapolate,
+        keep_adapter=keep_adapter,
+    )
     return merge_sweep(pretrained, finetuned, alphas, output_dir, options)
 
 

@@ -14,6 +14,7 @@ import torch
 from .checkpoint import Checkpoint, read_json
 from .errors import MergeError, MergeWarning
 
+
 ADAPTER_CONFIG = "adapter_config.json"
 _PREFIX = "base_model.model."
 _FACTORS = {".lora_A.weight": "A", ".lora_B.weight": "B", ".lora_embedding_A": "A", ".lora_embedding_B": "B"}
@@ -102,7 +103,9 @@ class LoraAdapter:
         return product.T if d.transposed else product
 
 
-def warn_if_other_base(adapter: LoraAdapter, pretrained: str | os.PathLike, base_config: dict[str, Any] | None) -> None:
+def warn_if_other_base(
+    adapter: LoraAdapter, pretrained: str | os.PathLike, base_config: dict[str, Any] | None
+) -> None:
     """Warns (`MergeWarning`) when the adapter says it was trained on another model than `pretrained`.
 
     The adapter config's `base_model_name_or_path` is compared with `pretrained` as given and with

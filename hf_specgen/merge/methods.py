@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from .errors import MergeError
 
+
 if TYPE_CHECKING:  # torch is imported where a method computes: the registry (and `specgen --help`) loads without it
     from torch import Tensor
 
@@ -131,9 +132,20 @@ def register_method(
             raise ValueError(f"a merge method {name!r} is registered already")
         description = (function.__doc__ or "").strip().split("\n")[0]
         METHODS[name] = MergeMethod(
-            name, function, formula, description, dict(parameters or {}), dict(inputs or {}), max_finetuned, fallback,
-            delta, tuple(tags), interpolates_only, weights_are_shares, non_negative_inputs,
-        )  # fmt: skip
+            name,
+            function,
+            formula,
+            description,
+            dict(parameters or {}),
+            dict(inputs or {}),
+            max_finetuned,
+            fallback,
+            delta,
+            tuple(tags),
+            interpolates_only,
+            weights_are_shares,
+            non_negative_inputs,
+        )
         return function
 
     return decorate
@@ -158,7 +170,9 @@ class BoundMethod:
     def __call__(self, pre: Tensor, finetuned: Sequence[Tensor], alpha: float, inputs: Mapping[str, Tensor]) -> Tensor:
         if self.method.inputs and not set(self.method.inputs) <= set(inputs):
             if not self.method.fallback:  # planning refuses this; never recurse into itself
-                raise MergeError(f"method {self.method.name!r}: a tensor lacks its inputs and there is no fallback method")
+                raise MergeError(
+                    f"method {self.method.name!r}: a tensor lacks its inputs and there is no fallback method"
+                )
             return self.fallback()(pre, finetuned, alpha, {})
         return self.method.function(pre, finetuned, alpha=alpha, weights=self.weights, **inputs, **self.params)
 
@@ -172,9 +186,12 @@ class BoundMethod:
 
 
 def bind(
-    name: str, n_finetuned: int, weights: Sequence[float] | None = None, params: Mapping[str, Any] | None = None,
+    name: str,
+    n_finetuned: int,
+    weights: Sequence[float] | None = None,
+    params: Mapping[str, Any] | None = None,
     extrapolate: bool = False,
-) -> BoundMethod:  # fmt: skip
+) -> BoundMethod:
     """`name` with its parameters checked and defaulted, and the weights of `n_finetuned` models.
 
     Args:
@@ -197,7 +214,9 @@ def bind(
     if len(weights) != n_finetuned:
         raise MergeError(f"weights (--weights): {len(weights)} given for {n_finetuned} fine-tuned model(s)")
     if not all(_is_number(w) and math.isfinite(w) for w in weights) or not sum(weights) > 0:
-        raise MergeError(f"weights (--weights) must be finite numbers summing to a positive number, got {list(weights)}")
+        raise MergeError(
+            f"weights (--weights) must be finite numbers summing to a positive number, got {list(weights)}"
+        )
     if method.weights_are_shares and not extrapolate and any(w < 0 for w in weights):
         raise MergeError(
             f"weights (--weights) {list(weights)}: a negative share of method {name!r}'s mean extrapolates beyond the "
@@ -312,11 +331,18 @@ def task_arithmetic(pre: Tensor, finetuned: Sequence[Tensor], *, alpha: float, w
     "fisher",
     formula="theta = (alpha * F_ft * theta_ft + (1 - alpha) * F_pre * theta_pre) / (alpha * F_ft + (1 - alpha) * F_pre), "
     "each F floored at epsilon",
-    parameters={"epsilon": Parameter(1e-8, "floor of each Fisher value (where both are below it: linear)", positive=True)},
+    parameters={
+        "epsilon": Parameter(1e-8, "floor of each Fisher value (where both are below it: linear)", positive=True)
+    },
     inputs={
-        "fisher_pre": TensorInput("pretrained", "diagonal Fisher of the pre-trained model (a `specgen fisher` file, or a "
-                                                "training run's specgen_regularizers.safetensors with EWC)"),
-        "fisher_finetuned": TensorInput("finetuned", "diagonal Fisher of the fine-tuned model (a `specgen fisher` file)"),
+        "fisher_pre": TensorInput(
+            "pretrained",
+            "diagonal Fisher of the pre-trained model (a `specgen fisher` file, or a "
+            "training run's specgen_regularizers.safetensors with EWC)",
+        ),
+        "fisher_finetuned": TensorInput(
+            "finetuned", "diagonal Fisher of the fine-tuned model (a `specgen fisher` file)"
+        ),
     },
     max_finetuned=1,
     fallback="linear",
@@ -325,9 +351,15 @@ def task_arithmetic(pre: Tensor, finetuned: Sequence[Tensor], *, alpha: float, w
     non_negative_inputs=True,
 )
 def fisher(
-    pre: Tensor, finetuned: Sequence[Tensor], *, alpha: float, weights: Sequence[float], fisher_pre: Tensor,
-    fisher_finetuned: Tensor, epsilon: float,
-) -> Tensor:  # fmt: skip
+    pre: Tensor,
+    finetuned: Sequence[Tensor],
+    *,
+    alpha: float,
+    weights: Sequence[float],
+    fisher_pre: Tensor,
+    fisher_finetuned: Tensor,
+    epsilon: float,
+) -> Tensor:
     """Fisher-weighted averaging (Matena and Raffel 2022), element by element.
 
     Args:

@@ -11,6 +11,7 @@ from .errors import MergeError
 from .methods import BoundMethod, bind, get_method
 from .output import Overwrite
 
+
 if TYPE_CHECKING:
     import torch
 
@@ -53,7 +54,9 @@ class MergeOptions:
         declared = get_method(self.method).inputs
         unknown = sorted(set(self.method_inputs) - set(declared))
         if unknown:
-            raise MergeError(f"method {self.method!r} takes no input {unknown[0]!r} (its inputs: {', '.join(declared) or 'none'})")
+            raise MergeError(
+                f"method {self.method!r} takes no input {unknown[0]!r} (its inputs: {', '.join(declared) or 'none'})"
+            )
         missing = [f"{name} (--{name.replace('_', '-')})" for name in declared if name not in self.method_inputs]
         if missing:
             raise MergeError(f"method {self.method!r} needs {', '.join(missing)}")

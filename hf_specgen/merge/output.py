@@ -19,6 +19,7 @@ from typing import Any, Literal, Union
 from .. import __version__
 from .errors import MergeError
 
+
 MARKER = "specgen_merge.json"
 _WRITTEN_BY = "hf_specgen"
 Overwrite = Union[bool, Literal["any"]]
@@ -26,7 +27,13 @@ Overwrite = Union[bool, Literal["any"]]
 
 def write_marker(directory: Path, pretrained: str, finetuned: str, **details: Any) -> None:
     """Writes `specgen_merge.json` (the sources and e.g. the alpha or alphas) into `directory`."""
-    record = {"written_by": _WRITTEN_BY, "version": __version__, "pretrained": pretrained, "finetuned": finetuned, **details}
+    record = {
+        "written_by": _WRITTEN_BY,
+        "version": __version__,
+        "pretrained": pretrained,
+        "finetuned": finetuned,
+        **details,
+    }
     (directory / MARKER).write_text(json.dumps(record, indent=2) + "\n")
 
 
@@ -92,7 +99,11 @@ def check_output_dir(output_dir: Path, sources: Sequence[str | os.PathLike], ove
         return
     previous_merge = output_dir.is_dir() and (read_marker(output_dir) is not None or not any(output_dir.iterdir()))
     if not overwrite:
-        flag = "overwrite=True (--overwrite)" if previous_merge else "overwrite='any' (--overwrite-any): it is not a merge"
+        flag = (
+            "overwrite=True (--overwrite)"
+            if previous_merge
+            else "overwrite='any' (--overwrite-any): it is not a merge"
+        )
         raise MergeError(f"{output_dir}: already exists; pass {flag} to replace it")
     if overwrite == "any" or previous_merge:
         return

@@ -17,7 +17,7 @@ bool tensors must be equal in every model and are copied.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -27,6 +27,7 @@ from .checkpoint import Checkpoint
 from .errors import MergeError
 from .lora import LoraAdapter
 from .methods import BoundMethod, weighted_average
+
 
 Loader = Callable[[], torch.Tensor]
 
@@ -87,9 +88,14 @@ class MergedTensor:
             yield self._check_finite(self._at(method, alpha, base, tuned, delta, inputs), dtype, alpha)
 
     def _at(
-        self, method: BoundMethod, alpha: float, base: torch.Tensor, tuned: list[torch.Tensor],
-        delta: torch.Tensor | None, inputs: dict[str, torch.Tensor],
-    ) -> torch.Tensor:  # fmt: skip
+        self,
+        method: BoundMethod,
+        alpha: float,
+        base: torch.Tensor,
+        tuned: list[torch.Tensor],
+        delta: torch.Tensor | None,
+        inputs: dict[str, torch.Tensor],
+    ) -> torch.Tensor:
         if delta is not None:
             return method.method.delta(base, delta, alpha)  # planning refuses adapters for methods without one
         if not tuned:
@@ -248,7 +254,10 @@ def plan_merge(
             raise MergeError(f"{key}: floating in one model, integer/bool in the other")
         for other in sources[1:]:
             other_key = other.locate(key)
-            if other.checkpoint.shape(other_key) != ft_shape or other.checkpoint.dtype(other_key).is_floating_point != ft_float:
+            if (
+                other.checkpoint.shape(other_key) != ft_shape
+                or other.checkpoint.dtype(other_key).is_floating_point != ft_float
+            ):
                 raise MergeError(
                     f"{key}: shape {ft_shape} in {first.directory}, {other.checkpoint.shape(other_key)} in "
                     f"{other.checkpoint.directory} (or floating in one, integer/bool in the other)"
@@ -266,9 +275,16 @@ def plan_merge(
             new_rows_from = pre_vocab  # added tokens: their rows come from the fine-tuned model
         loaders = tuple(s.loader(s.locate(key)) for s in sources)
         plan.append(
-            MergedTensor(key, pre.loader(pre_key), loaders, dtype=dtype if ft_float else None, new_rows_from=new_rows_from,
-                         shapes={"pretrained": pre_shape, "finetuned": ft_shape}, floating=ft_float)
-        )  # fmt: skip
+            MergedTensor(
+                key,
+                pre.loader(pre_key),
+                loaders,
+                dtype=dtype if ft_float else None,
+                new_rows_from=new_rows_from,
+                shapes={"pretrained": pre_shape, "finetuned": ft_shape},
+                floating=ft_float,
+            )
+        )
     return MergePlan(plan, aliases={k: v for k, v in aliases.items() if k is not None})
 
 
@@ -338,7 +354,9 @@ def plan_lora_merge(
             plan.append(MergedTensor(key, base_loader, delta=lambda k=key: adapter.delta(k), dtype=dtype))
         elif key in adapter.full:
             if adapter.checkpoint.shape(adapter.full[key]) != shape:
-                raise MergeError(f"{key}: shape {adapter.checkpoint.shape(adapter.full[key])} in the adapter, {shape} in the base")
+                raise MergeError(
+                    f"{key}: shape {adapter.checkpoint.shape(adapter.full[key])} in the adapter, {shape} in the base"
+                )
             trained = lambda k=adapter.full[key]: adapter.checkpoint.get(k)  # noqa: E731
             plan.append(MergedTensor(key, base_loader, (trained,), dtype=dtype))
         else:
@@ -355,11 +373,15 @@ def plan_adapter_scaling(
     source = _Source(base, tied)
     full = {key: base_key for base_key, key in adapter.full.items()}
     scaled = {d.b_key: weight for weight, d in adapter.deltas.items()}
-    base_names = {**{d.a_key: weight for weight, d in adapter.deltas.items()}, **scaled, **full,
-                  **{key: weight for weight, key in adapter.base.items()}}  # fmt: skip
+    base_names = {
+        **{d.a_key: weight for weight, d in adapter.deltas.items()},
+        **scaled,
+        **full,
+        **{key: weight for weight, key in adapter.base.items()},
+    }
     plan = []
     for key in adapter.checkpoint.keys():
-        trained = (lambda k=key: adapter.checkpoint.get(k))
+        trained = lambda k=key: adapter.checkpoint.get(k)
         name = base_names.get(key)
         if key in scaled:
             zeros = lambda k=key: torch.zeros(adapter.checkpoint.shape(k), dtype=adapter.checkpoint.dtype(k))  # noqa: E731

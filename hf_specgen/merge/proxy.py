@@ -17,8 +17,17 @@ from .errors import MergeError
 
 
 def generate_completions(
-    model: Any, tokenizer: Any, prompts: Sequence[str], *, max_new_tokens: int = 64, batch_size: int = 8,
-    num_samples: int = 1, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, stop: str | None = None,
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int = 64,
+    batch_size: int = 8,
+    num_samples: int = 1,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    stop: str | None = None,
 ) -> list[tuple[str, str]]:
     """The model's greedy completion of each prompt (or `num_samples` sampled ones), as `(prompt, completion)` pairs.
 
@@ -53,7 +62,9 @@ def generate_completions(
         raise MergeError(f"temperature must be >= 0 and top_p in (0, 1], got {temperature!r} and {top_p!r}")
     if num_samples > 1 and temperature == 0:
         raise MergeError(f"num_samples {num_samples} needs sampling: give a temperature > 0 (0 decodes greedily)")
-    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
+    sampling = (
+        {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
+    )
     side, pad_token, was_training = tokenizer.padding_side, tokenizer.pad_token, model.training
     if pad_token is None:
         if tokenizer.eos_token is None:
@@ -70,8 +81,13 @@ def generate_completions(
             encoded = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
             encoded = {key: value.to(model.device) for key, value in encoded.items()}
             with torch.no_grad():
-                output = model.generate(**encoded, max_new_tokens=max_new_tokens, num_return_sequences=num_samples,
-                                        pad_token_id=tokenizer.pad_token_id, **sampling)  # fmt: skip
+                output = model.generate(
+                    **encoded,
+                    max_new_tokens=max_new_tokens,
+                    num_return_sequences=num_samples,
+                    pad_token_id=tokenizer.pad_token_id,
+                    **sampling,
+                )
             new = output[:, encoded["input_ids"].shape[1] :]  # each prompt's samples are consecutive rows
             prompts_of_rows = [prompt for prompt in chunk for _ in range(num_samples)]
             texts = tokenizer.batch_decode(new, skip_special_tokens=True)

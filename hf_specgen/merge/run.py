@@ -38,18 +38,38 @@ from .methods import BoundMethod
 from .options import MergeOptions
 from .output import check_output_dir, write_marker
 from .plan import (
-    MergePlan, attach_input, conv1d_modules, linear_weights, meta_model, plan_adapter_scaling, plan_lora_merge,
-    plan_merge, tied_groups,
-)  # fmt: skip
+    MergePlan,
+    attach_input,
+    conv1d_modules,
+    linear_weights,
+    meta_model,
+    plan_adapter_scaling,
+    plan_lora_merge,
+    plan_merge,
+    tied_groups,
+)
 from .schedule import AlphaSchedule, check_alpha
 from .writer import ConcurrentWriters, ShardedWriter, header_room
 
+
 # Side files a model directory needs besides its weights (config, tokenizer, processors).
 SIDE_FILES = [
-    "config.json", "generation_config.json", "tokenizer*", "special_tokens_map.json", "added_tokens.json",
-    "vocab.*", "merges.txt", "*.model", "*.tiktoken", "chat_template.*", "preprocessor_config.json",
-    "processor_config.json", "image_processor*.json", "video_preprocessor*.json", "feature_extractor*.json",
-]  # fmt: skip
+    "config.json",
+    "generation_config.json",
+    "tokenizer*",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.*",
+    "merges.txt",
+    "*.model",
+    "*.tiktoken",
+    "chat_template.*",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "image_processor*.json",
+    "video_preprocessor*.json",
+    "feature_extractor*.json",
+]
 MERGE_CONFIG = "merge_config.json"
 Source = str | os.PathLike
 
@@ -137,18 +157,34 @@ def _prepare(pretrained: Source, finetuned: list[Source], options: MergeOptions)
         adapter = LoraAdapter(ft_dir, conv1d_modules(architecture))
         tied = tied_groups(architecture)
         if options.keep_adapter:
-            plan, side_dirs, weights_name = plan_adapter_scaling(base, adapter, tied, torch_dtype), [ft_dir], "adapter_model"
+            plan, side_dirs, weights_name = (
+                plan_adapter_scaling(base, adapter, tied, torch_dtype),
+                [ft_dir],
+                "adapter_model",
+            )
         else:
-            plan, side_dirs, weights_name = plan_lora_merge(base, adapter, tied, torch_dtype), [pre_dir, ft_dir], "model"
+            plan, side_dirs, weights_name = (
+                plan_lora_merge(base, adapter, tied, torch_dtype),
+                [pre_dir, ft_dir],
+                "model",
+            )
         warn_if_other_base(adapter, pretrained, base.config)  # the shapes fit: planning raises otherwise
     elif options.keep_adapter:
-        raise MergeError(f"keep_adapter needs a LoRA adapter directory as finetuned; {finetuned[0]} has no {ADAPTER_CONFIG}")
+        raise MergeError(
+            f"keep_adapter needs a LoRA adapter directory as finetuned; {finetuned[0]} has no {ADAPTER_CONFIG}"
+        )
     else:
-        plan, side_dirs, weights_name = plan_merge(base, [Checkpoint(d) for d in ft_dirs], torch_dtype), [ft_dirs[0]], "model"
+        plan, side_dirs, weights_name = (
+            plan_merge(base, [Checkpoint(d) for d in ft_dirs], torch_dtype),
+            [ft_dirs[0]],
+            "model",
+        )
         if not (ft_dirs[0] / "config.json").is_file():  # e.g. a bare state dict: the output must still load
             side_dirs = [pre_dir, ft_dirs[0]]
             if (pre_dir / "config.json").is_file():
-                warnings.warn(f"{finetuned[0]}: no config.json; the output takes {pretrained}'s", MergeWarning, stacklevel=4)
+                warnings.warn(
+                    f"{finetuned[0]}: no config.json; the output takes {pretrained}'s", MergeWarning, stacklevel=4
+                )
         for name, path in options.method_inputs.items():
             like = method.method.inputs[name].like
             source = TensorFile(path)
@@ -156,8 +192,9 @@ def _prepare(pretrained: Source, finetuned: list[Source], options: MergeOptions)
                 warnings.warn(
                     f"{path}: a training run's EWC Fisher is the pre-trained model's (estimated at theta_pre), given as "
                     f"{name} (--{name.replace('_', '-')}); estimate the fine-tuned model's with specgen fisher",
-                    MergeWarning, stacklevel=4,
-                )  # fmt: skip
+                    MergeWarning,
+                    stacklevel=4,
+                )
             attach_input(plan, name, source, like, f"{name} ({path})")
         declared = list(method.method.inputs)
         uncovered = [t.key for t in plan.tensors if t.merged() and not set(declared) <= set(t.inputs)]
@@ -170,8 +207,9 @@ def _prepare(pretrained: Source, finetuned: list[Source], options: MergeOptions)
     if weights_name == "model" and config is None:
         warnings.warn(
             f"neither {pretrained} nor {finetuned[0]} has a config.json: from_pretrained cannot load the output",
-            MergeWarning, stacklevel=4,
-        )  # fmt: skip
+            MergeWarning,
+            stacklevel=4,
+        )
     inputs = {name: str(path) for name, path in options.method_inputs.items()}
     model_names = base.keys() if adapters else None
     return _Merge(plan, method, side_dirs, weights_name, *names, pre_dir, config, inputs, model_names)
@@ -215,23 +253,38 @@ def _record(merge: _Merge, schedule: AlphaSchedule, alphas: dict[str, float]) ->
     fallback = [t.key for t in merge.plan.tensors if t.merged() and not set(method.method.inputs) <= set(t.inputs)]
     pretrained, finetuned = merge.sources
     record = {
-        "written_by": "hf_specgen", "version": __version__, "method": method.method.name,
-        "formula": method.method.formula, "parameters": dict(method.params), "weights": list(method.weights),
-        "inputs": merge.inputs, "pretrained": pretrained, "finetuned": finetuned, "schedule": schedule.describe(),
+        "written_by": "hf_specgen",
+        "version": __version__,
+        "method": method.method.name,
+        "formula": method.method.formula,
+        "parameters": dict(method.params),
+        "weights": list(method.weights),
+        "inputs": merge.inputs,
+        "pretrained": pretrained,
+        "finetuned": finetuned,
+        "schedule": schedule.describe(),
         "alphas": {t.key: alphas[t.schedule_name] for t in merge.plan.tensors if t.merged()},
-    }  # fmt: skip
+    }
     if fallback:
         by_key = {t.key: t for t in merge.plan.tensors}
         missing = {name: sum(name not in by_key[key].inputs for key in fallback) for name in method.method.inputs}
-        record["fallback"] = {"method": method.fallback().method.name, "tensors": fallback,
-                              "missing": {name: count for name, count in missing.items() if count}}  # fmt: skip
+        record["fallback"] = {
+            "method": method.fallback().method.name,
+            "tensors": fallback,
+            "missing": {name: count for name, count in missing.items() if count},
+        }
     return record
 
 
 def _write(
-    merge: _Merge, schedules: list[AlphaSchedule], directories: list[Path], *, dtype: str | None,
-    max_shard_size: str | int, scores: str | None = None,
-) -> None:  # fmt: skip
+    merge: _Merge,
+    schedules: list[AlphaSchedule],
+    directories: list[Path],
+    *,
+    dtype: str | None,
+    max_shard_size: str | int,
+    scores: str | None = None,
+) -> None:
     """One pass over the input tensors, every output written beside the others."""
     limit = check_shard_size(max_shard_size)
     tables = [merge.alphas(schedule) for schedule in schedules]
@@ -255,7 +308,9 @@ def _write(
         record = _record(merge, schedule, table)
         (directory / MERGE_CONFIG).write_text(json.dumps(record, indent=2) + "\n")
         write_model_card(directory, *merge.sources, alpha=schedule.mean, scores=scores, record=record)
-        write_marker(directory, *merge.sources, alpha=schedule.mean, method=record["method"], schedule=record["schedule"])
+        write_marker(
+            directory, *merge.sources, alpha=schedule.mean, method=record["method"], schedule=record["schedule"]
+        )
 
 
 def _schedule(alpha: float | AlphaSchedule) -> AlphaSchedule:
@@ -316,7 +371,9 @@ def merge(
     planned = _prepare(pretrained, finetuned, options)
     planned.alphas(schedule)  # a schedule that does not fit the tensors is refused before writing
     with atomic_directory(output_dir) as temporary:
-        _write(planned, [schedule], [temporary], dtype=options.dtype, max_shard_size=options.max_shard_size, scores=scores)
+        _write(
+            planned, [schedule], [temporary], dtype=options.dtype, max_shard_size=options.max_shard_size, scores=scores
+        )
     if push_to_hub is not None:
         what = "WiSE-FT merge," if planned.plain(schedule) else f"{options.method} merge, mean"
         push_folder(output_dir, push_to_hub, private=private, api=hub_api, message=f"{what} alpha={schedule.mean:g}")

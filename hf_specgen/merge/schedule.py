@@ -30,6 +30,7 @@ from typing import Any
 
 from .errors import MergeError
 
+
 FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max, without importing torch
 
 BLOCK = re.compile(r"^(?P<stack>(?:.*?\.)?(?:layers|layer|h|blocks|block))\.(?P<index>\d+)\.")
@@ -76,7 +77,9 @@ class AlphaSchedule:
 
     def __post_init__(self) -> None:
         if isinstance(self.group_alphas, str) or isinstance(self.rules, str):
-            raise MergeError("group_alphas and rules take sequences (e.g. (0.1, 0.2, 0.3) and (('mlp', 0.3),)), not a string")
+            raise MergeError(
+                "group_alphas and rules take sequences (e.g. (0.1, 0.2, 0.3) and (('mlp', 0.3),)), not a string"
+            )
         if self.group_alphas is not None:
             object.__setattr__(self, "group_alphas", tuple(self.group_alphas))
         rules = []
@@ -102,7 +105,9 @@ class AlphaSchedule:
         """A `MergeError` for alphas out of range (outside [0, 1] without `extrapolate`, not finite),
         a missing or doubly given alpha, or a rule that is not a regular expression."""
         if self.group_alphas is not None and self.rules:
-            raise MergeError("group alphas (--group-alphas) and alpha rules (--alpha-rule) do not go together: choose one")
+            raise MergeError(
+                "group alphas (--group-alphas) and alpha rules (--alpha-rule) do not go together: choose one"
+            )
         if self.group_alphas is not None:
             if not self.group_alphas:
                 raise MergeError("group alphas (--group-alphas): none given")
@@ -122,7 +127,9 @@ class AlphaSchedule:
                 check_alpha(value, extrapolate, what)
         for pattern, _ in self.rules:
             if pattern == "":
-                raise MergeError("alpha rule '' (--alpha-rule) is empty: it would match every tensor; use --alpha instead")
+                raise MergeError(
+                    "alpha rule '' (--alpha-rule) is empty: it would match every tensor; use --alpha instead"
+                )
             try:
                 re.compile(pattern)
             except (re.error, TypeError) as error:
@@ -143,7 +150,9 @@ class AlphaSchedule:
             return replace(self, alpha=mean)
         current = statistics.fmean(self.group_alphas)
         if current == 0:
-            raise MergeError(f"the group shape {list(self.group_alphas)} has mean 0: it cannot be scaled to a mean alpha")
+            raise MergeError(
+                f"the group shape {list(self.group_alphas)} has mean 0: it cannot be scaled to a mean alpha"
+            )
         return replace(self, group_alphas=tuple(_round(a * mean / current) for a in self.group_alphas))
 
     def resolve(
@@ -205,8 +214,11 @@ class AlphaSchedule:
     def describe(self) -> dict[str, Any]:
         """What `merge_config.json`, the model card and report records say of the schedule."""
         if self.group_alphas is not None:
-            kind = {"kind": "groups", "group_alphas": list(self.group_alphas),
-                    "outside_alpha": self.outside_alpha if self.outside_alpha is not None else self.mean}  # fmt: skip
+            kind = {
+                "kind": "groups",
+                "group_alphas": list(self.group_alphas),
+                "outside_alpha": self.outside_alpha if self.outside_alpha is not None else self.mean,
+            }
         elif self.rules:
             kind = {"kind": "rules", "rules": [[p, a] for p, a in self.rules], "default_alpha": self.alpha}
         else:
@@ -227,7 +239,11 @@ def check_alpha(alpha: Any, extrapolate: bool, what: str = "alpha") -> float:
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
         raise MergeError(f"{what} must be a number, got {alpha!r}")
     if not math.isfinite(alpha) or abs(alpha) > FLOAT32_MAX:  # torch.lerp would raise
-        raise MergeError(f"{what} must be a finite number within float32 range (tensors are interpolated in float32), got {alpha}")
+        raise MergeError(
+            f"{what} must be a finite number within float32 range (tensors are interpolated in float32), got {alpha}"
+        )
     if not extrapolate and not 0.0 <= alpha <= 1.0:
-        raise MergeError(f"{what} must be in [0, 1] (0: pretrained, 1: finetuned), got {alpha}; pass extrapolate=True (--extrapolate) to go beyond")
+        raise MergeError(
+            f"{what} must be in [0, 1] (0: pretrained, 1: finetuned), got {alpha}; pass extrapolate=True (--extrapolate) to go beyond"
+        )
     return float(alpha)

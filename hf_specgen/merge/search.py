@@ -27,6 +27,7 @@ from .checkpoint import Checkpoint, resolve
 from .errors import MergeError
 from .schedule import block_counts, find_block
 
+
 Sample = str | tuple[str, str]  # a text, or (prompt, completion): only the completion is scored
 Batch = dict[str, torch.Tensor]
 Loss = Callable[[torch.nn.Module, Batch], torch.Tensor]  # (model, batch) -> the mean loss of the batch
@@ -88,7 +89,9 @@ class GroupAlphaObjective:
             raise MergeError(f"the fine-tuned model lacks {', '.join(missing[:5])}")
         for name, param in self.params.items():
             if tuple(finetuned[name].shape) != tuple(param.shape):
-                raise MergeError(f"{name}: shape {tuple(param.shape)} in pretrained, {tuple(finetuned[name].shape)} in finetuned")
+                raise MergeError(
+                    f"{name}: shape {tuple(param.shape)} in pretrained, {tuple(finetuned[name].shape)} in finetuned"
+                )
         counts = check_groups(list(self.params), groups)
         self.groups = groups
         self.group_of: dict[str, int | None] = {}
@@ -99,7 +102,9 @@ class GroupAlphaObjective:
             # at least float32 (float64 models stay float64: the gradient is checked against finite differences)
             dtype = {name: torch.promote_types(param.dtype, torch.float32) for name, param in self.params.items()}
             self.pre = {name: param.detach().to(dtype[name], copy=True) for name, param in self.params.items()}
-            self.delta = {name: finetuned[name].to(self.pre[name].device, dtype[name]) - self.pre[name] for name in self.params}
+            self.delta = {
+                name: finetuned[name].to(self.pre[name].device, dtype[name]) - self.pre[name] for name in self.params
+            }
         self.state_bytes = sum(t.numel() * t.element_size() for t in [*self.pre.values(), *self.delta.values()])
 
     def set_alphas(self, alphas: Sequence[float], mean: float) -> None:
@@ -115,9 +120,7 @@ class GroupAlphaObjective:
         """The loss of the model as it stands (the last `set_alphas`) on `batch`."""
         return self.loss_function(self.model, batch)
 
-    def loss_and_gradient(
-        self, batch: Batch, alphas: Sequence[float], mean: float
-    ) -> tuple[float, list[float]]:
+    def loss_and_gradient(self, batch: Batch, alphas: Sequence[float], mean: float) -> tuple[float, list[float]]:
         """The loss at `alphas` and `dloss/dalpha_k = sum over group k of <dloss/dtheta, theta_ft - theta_pre>`."""
         self.set_alphas(alphas, mean)
         self.model.zero_grad(set_to_none=True)
@@ -220,7 +223,9 @@ def search_group_alphas(
     order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(seed)).tolist()
     cut = max(1, round(len(samples) * held_out)) if held_out else 0
     held, train = [samples[i] for i in order[:cut]], [samples[i] for i in order[cut:]]
-    held_batch = _encode(tokenizer, held or train, max_length, device)  # without held-out samples: the training loss decides
+    held_batch = _encode(
+        tokenizer, held or train, max_length, device
+    )  # without held-out samples: the training loss decides
     encoded: dict[int, Batch] = {}  # by the first sample's index: a pass over the samples repeats its batches
 
     def train_batch(step: int) -> Batch:
@@ -230,8 +235,17 @@ def search_group_alphas(
             encoded[first] = _encode(tokenizer, rows, max_length, device)
         return encoded[first]
 
-    return optimize_group_alphas(objective, train_batch, held_batch, mean_alpha=mean_alpha, eps=eps, steps=steps,
-                                 learning_rate=learning_rate, patience=patience, middle_penalty=middle_penalty)  # fmt: skip
+    return optimize_group_alphas(
+        objective,
+        train_batch,
+        held_batch,
+        mean_alpha=mean_alpha,
+        eps=eps,
+        steps=steps,
+        learning_rate=learning_rate,
+        patience=patience,
+        middle_penalty=middle_penalty,
+    )
 
 
 def row_batches(
@@ -323,7 +337,9 @@ def optimize_group_alphas(
         alphas = ratios(scores, mean_alpha, eps)
         loss, gradient = objective.loss_and_gradient(train_batch(step), alphas.tolist(), mean_alpha)
         optimizer.zero_grad()
-        surrogate = torch.dot(alphas, torch.tensor(gradient, dtype=torch.float64))  # d/ds of the loss through the ratios
+        surrogate = torch.dot(
+            alphas, torch.tensor(gradient, dtype=torch.float64)
+        )  # d/ds of the loss through the ratios
         if middle_penalty and groups > 2:
             surrogate = surrogate + middle_penalty * ((alphas[1:-1] - mean_alpha) ** 2).sum()
         surrogate.backward()
@@ -355,7 +371,9 @@ def _tokenizer(auto: Any, *directories: str | os.PathLike) -> Any:
     raise MergeError(f"no tokenizer in {', '.join(map(str, directories))}")
 
 
-def _encode(tokenizer: Any, samples: Sequence[Sample], max_length: int, device: str = "cpu") -> dict[str, torch.Tensor]:
+def _encode(
+    tokenizer: Any, samples: Sequence[Sample], max_length: int, device: str = "cpu"
+) -> dict[str, torch.Tensor]:
     """Right-padded input ids, attention mask and labels (prompt and padding at -100)."""
     rows, labels = [], []
     for sample in samples:
@@ -368,4 +386,3 @@ def _encode(tokenizer: Any, samples: Sequence[Sample], max_length: int, device: 
     if max(map(len, rows)) < 2 or all(all(label == -100 for label in row[1:]) for row in labels):
         raise MergeError("the samples have no completion tokens to score")
     return {key: value.to(device) for key, value in right_padded(rows, labels, tokenizer.pad_token_id).items()}
-

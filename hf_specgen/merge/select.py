@@ -15,6 +15,7 @@ import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
+
 Scores = tuple[float, float]  # (speciality, generality)
 
 
@@ -81,7 +82,9 @@ def select_alpha(
             scored point that reaches the floor (an absolute floor above the fine-tuned model's).
     """
     if keep is not None and floor is not None:
-        raise ValueError("give either keep (a share of the speciality gain) or floor (an absolute speciality), not both")
+        raise ValueError(
+            "give either keep (a share of the speciality gain) or floor (an absolute speciality), not both"
+        )
     if keep is None and floor is None:
         keep = 0.95
     if keep is not None and not (isinstance(keep, (int, float)) and 0.0 < keep <= 1.0):
@@ -114,8 +117,10 @@ def select_alpha(
         if keep is not None:
             choice.monotone = s1 >= s0
             choice.alpha, choice.speciality, choice.generality = 0.0, *choice.evaluated[0.0]
-            choice.reason = (f"the fine-tuned end's speciality {s1:g} is not above the pre-trained model's {s0:g}: "
-                             "no gain to keep, so alpha 0 (the pre-trained model)")
+            choice.reason = (
+                f"the fine-tuned end's speciality {s1:g} is not above the pre-trained model's {s0:g}: "
+                "no gain to keep, so alpha 0 (the pre-trained model)"
+            )
             return choice
     spent = 0
     while high - low > resolution * upper and spent < budget:
@@ -161,10 +166,8 @@ def _finite(value: object) -> bool:
 
 
 def _checked(alpha: float, scores: object) -> Scores:
-    if (
-        not isinstance(scores, (tuple, list))
-        or len(scores) != 2
-        or not all(_finite(value) for value in scores)
-    ):
-        raise ValueError(f"evaluate({alpha:g}) must return (speciality, generality), two finite numbers, got {scores!r}")
+    if not isinstance(scores, (tuple, list)) or len(scores) != 2 or not all(_finite(value) for value in scores):
+        raise ValueError(
+            f"evaluate({alpha:g}) must return (speciality, generality), two finite numbers, got {scores!r}"
+        )
     return float(scores[0]), float(scores[1])

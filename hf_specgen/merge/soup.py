@@ -13,6 +13,7 @@ from .errors import MergeError
 from .options import MergeOptions
 from .run import iter_merge
 
+
 StateDict = dict[str, torch.Tensor]
 
 

@@ -30,6 +30,7 @@ import torch
 
 from .checkpoint import SAFETENSORS_DTYPES
 
+
 _DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 _ENTRY_ROOM = 192  # header bytes per tensor besides its name: dtype, shape and offsets as JSON
 ALIGNMENT = 4096  # O_DIRECT: memory, file offsets and lengths in multiples of this (512- and 4096-byte sectors)
@@ -145,7 +146,9 @@ class ShardedWriter:
     alone) and the index its `weight_map` in `close()`, once their number is known.
     """
 
-    def __init__(self, directory: Path, max_shard_size: int, name: str, header_bytes: int, direct: bool = True) -> None:
+    def __init__(
+        self, directory: Path, max_shard_size: int, name: str, header_bytes: int, direct: bool = True
+    ) -> None:
         self.directory, self.max_shard_size, self.name = directory, max_shard_size, name
         # with the 8-byte length before it, the header ends on an aligned offset: the header's own
         # write at the end, and the tensor data after it, are aligned for O_DIRECT
@@ -165,7 +168,11 @@ class ShardedWriter:
             self._open_shard()
         self._file.write(tensor.detach().contiguous().reshape(-1).view(torch.uint8))
         offsets = [self._shard_bytes, self._shard_bytes + size]
-        self._entries[key] = {"dtype": _DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape), "data_offsets": offsets}
+        self._entries[key] = {
+            "dtype": _DTYPE_NAMES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": offsets,
+        }
         self._shard_bytes += size
         self.total_bytes += size
 
@@ -209,7 +216,9 @@ class ShardedWriter:
             finals.append(final)
             weight_map.update({key: final.name for key in keys})
         index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
-        (self.directory / f"{self.name}.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True))
+        (self.directory / f"{self.name}.safetensors.index.json").write_text(
+            json.dumps(index, indent=2, sort_keys=True)
+        )
         return finals
 
 
@@ -223,7 +232,9 @@ class ConcurrentWriters:
     (writes queued behind it are dropped) and is raised by the `add` or `close` that waits for it.
     """
 
-    def __init__(self, writers: list[ShardedWriter], max_pending: int = 3, max_pending_bytes: int = 256 * 2**20) -> None:
+    def __init__(
+        self, writers: list[ShardedWriter], max_pending: int = 3, max_pending_bytes: int = 256 * 2**20
+    ) -> None:
         self.writers, self.max_pending, self.max_pending_bytes = writers, max_pending, max_pending_bytes
         self._threads = [ThreadPoolExecutor(1, thread_name_prefix="specgen-writer") for _ in writers]
         self._pending: deque[tuple[Future, int]] = deque()  # (write, bytes), oldest first

@@ -16,6 +16,7 @@ from .ewc import EWC
 from .importance import ImportanceRegularizer, ImportanceSample, accumulate_importance
 from .mas import MAS
 
+
 REGULARIZERS: dict[str, type[Regularizer]] = {
     cls.name: cls for cls in (L1Distance, L2Distance, EWC, MAS, LogitDistillation, FeatureProtection)
 }

@@ -17,6 +17,7 @@ import torch
 
 from ..anchor import WeightDelta
 
+
 if TYPE_CHECKING:
     from .distill import DistillationBatch
 

@@ -85,7 +85,10 @@ class ProtectedFeatures:
         self.kind = "encoder_decoder_states" if getattr(config, "is_encoder_decoder", False) else "hidden_states"
         stacks = {"hidden states": n_layers}
         if self.kind == "encoder_decoder_states":
-            decoder = next((getattr(config, k) for k in ("num_decoder_layers", "decoder_layers") if getattr(config, k, None)), n_layers)
+            decoder = next(
+                (getattr(config, k) for k in ("num_decoder_layers", "decoder_layers") if getattr(config, k, None)),
+                n_layers,
+            )
             stacks = {"encoder hidden states": n_layers, "decoder hidden states": decoder}
         for stack, count in stacks.items():
             for layer in layers:

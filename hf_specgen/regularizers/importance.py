@@ -19,6 +19,7 @@ from ..anchor import WeightDelta, scratch
 from ..batches import reference_inputs, task_labels
 from .base import WeightRegularizer
 
+
 # outputs, labels, shifts_labels, generator -> per example of the batch: (its scalar score, the weight of its gradient)
 ExampleScores = Callable[[Any, "torch.Tensor | None", bool, torch.Generator], list[tuple[torch.Tensor, float]]]
 
@@ -70,7 +71,8 @@ def accumulate_importance(
     params = [d.fisher_parameter() for d in deltas]
     requires_grad = [p.requires_grad for p in params]
     accumulators = [
-        torch.zeros(d.local_shape, dtype=torch.float32, device=sample.device or p.device) for d, p in zip(deltas, params)
+        torch.zeros(d.local_shape, dtype=torch.float32, device=sample.device or p.device)
+        for d, p in zip(deltas, params)
     ]
     weight = [0.0]  # the weight of the example being differentiated
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from ..lazy import lazy_getattr
 
+
 _LAZY = {
     "lm_path": ".paths",
     "clip_path": ".paths",

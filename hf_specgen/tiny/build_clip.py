@@ -32,6 +32,8 @@ from .bpe import canonical_vocab
 from .card import write_foundation_card
 from .images import CLASS_NAMES, DOMAINS, IMAGE_SIZE, image_domains
 from .paths import CLIP_DIR
+
+
 VOCAB_SIZE = 512  # a ceiling: merges stop once every caption word is one token (~400 with the 256 bytes)
 MAX_TEXT_LENGTH = 16
 PRETRAIN_PER_CLASS = 500  # per domain: 20,000 image-caption pairs
@@ -122,7 +124,9 @@ def build_clip(output_dir: str | Path = CLIP_DIR, seed: int = 0) -> Path:
     model.save_pretrained(output_dir)
     processor.save_pretrained(output_dir)
     description = _card_description(model, tokenizer)
-    write_foundation_card(output_dir, "tiny-clip", model, description, pipeline_tag="zero-shot-image-classification", seed=seed)
+    write_foundation_card(
+        output_dir, "tiny-clip", model, description, pipeline_tag="zero-shot-image-classification", seed=seed
+    )
     return output_dir
 
 

@@ -54,8 +54,13 @@ def train_tokenizer(texts: list[str], vocab_size: int = VOCAB_SIZE) -> PreTraine
     tokenizer.model = models.BPE(vocab=vocab, merges=merges)
     bos, pad, eos, unk = SPECIAL_TOKENS
     return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, bos_token=bos, pad_token=pad, eos_token=eos, unk_token=unk,
-        model_max_length=256, padding_side="right",
+        tokenizer_object=tokenizer,
+        bos_token=bos,
+        pad_token=pad,
+        eos_token=eos,
+        unk_token=unk,
+        model_max_length=256,
+        padding_side="right",
     )
 
 

@@ -9,11 +9,15 @@ from huggingface_hub import ModelCard, ModelCardData
 from torch import nn
 
 
-def write_foundation_card(directory: Path, title: str, model: nn.Module, description: list[str], *, pipeline_tag: str, seed: int) -> None:
+def write_foundation_card(
+    directory: Path, title: str, model: nn.Module, description: list[str], *, pipeline_tag: str, seed: int
+) -> None:
     """`README.md`: YAML metadata (license, tags, pipeline) and what the model is and how it was
     built, so that it reads like any Hub model's card."""
     data = ModelCardData(
-        library_name="transformers", license="apache-2.0", pipeline_tag=pipeline_tag,
+        library_name="transformers",
+        license="apache-2.0",
+        pipeline_tag=pipeline_tag,
         tags=["hf_specgen", "tiny-foundation", "synthetic-data"],
     )
     parameters = sum(p.numel() for p in model.parameters())

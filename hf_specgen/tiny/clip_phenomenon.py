@@ -21,9 +21,10 @@ from hf_specgen.data.image_classification import ClassPromptCollator, class_prom
 from hf_specgen.eval.suites import evaluate_tiny_clip
 
 from .finetuning import finetuning_arguments, score_with_wise_ft
+from .images import CLASS_NAMES, FINETUNE_DOMAIN, image_domains, zero_shot_templates
 from .names import IMAGES_PER_CLASS
 from .paths import clip_path
-from .images import CLASS_NAMES, FINETUNE_DOMAIN, image_domains, zero_shot_templates
+
 
 # Full fine-tuning defaults: 5 epochs over the 3,000 training images (235 steps), under a minute on 1 core.
 FINETUNE_ARGS: dict[str, Any] = {

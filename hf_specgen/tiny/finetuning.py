@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 from .. import SpecGenTrainingArguments
 from ..merge import wise_ft
 
+
 WISE_FT_ALPHA = 0.5
 _QUIET_CPU = {"use_cpu": True, "save_strategy": "no", "report_to": [], "disable_tqdm": True}
 Scores = TypeVar("Scores")

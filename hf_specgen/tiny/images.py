@@ -23,9 +23,19 @@ import datasets
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+
 CLASS_NAMES = (
-    "circle", "ring", "square", "diamond", "triangle", "star", "cross", "heart", "crescent", "arrow",
-)  # fmt: skip
+    "circle",
+    "ring",
+    "square",
+    "diamond",
+    "triangle",
+    "star",
+    "cross",
+    "heart",
+    "crescent",
+    "arrow",
+)
 DOMAINS = ("photo", "sketch", "clipart", "painting")
 FINETUNE_DOMAIN = "photo"
 SPLITS = ("pretrain", "train", "test")
@@ -33,15 +43,24 @@ SPURIOUS_CORRELATION = 0.6
 IMAGE_SIZE = 32
 
 COLOURS = {
-    "red": (0.85, 0.12, 0.1), "green": (0.15, 0.7, 0.2), "blue": (0.12, 0.3, 0.9),
-    "yellow": (0.95, 0.85, 0.1), "purple": (0.55, 0.2, 0.75), "orange": (0.98, 0.55, 0.08),
-}  # fmt: skip
+    "red": (0.85, 0.12, 0.1),
+    "green": (0.15, 0.7, 0.2),
+    "blue": (0.12, 0.3, 0.9),
+    "yellow": (0.95, 0.85, 0.1),
+    "purple": (0.55, 0.2, 0.75),
+    "orange": (0.98, 0.55, 0.08),
+}
 _TEMPLATES = {
     "photo": ("a photo of a {}.", "a photo of the {}.", "a blurry photo of a {}.", "a close-up photo of a {}."),
-    "sketch": ("a sketch of a {}.", "a pencil sketch of the {}.", "a drawing of a {}.", "a black and white sketch of a {}."),
+    "sketch": (
+        "a sketch of a {}.",
+        "a pencil sketch of the {}.",
+        "a drawing of a {}.",
+        "a black and white sketch of a {}.",
+    ),
     "clipart": ("a clipart of a {}.", "a cartoon {}.", "an icon of a {}.", "a clipart image of the {}."),
     "painting": ("a painting of a {}.", "an oil painting of the {}.", "a painting of the {}.", "art of a {}."),
-}  # fmt: skip
+}
 _COLOURED = {"photo", "clipart", "painting"}  # sketches are pencil drawings: their captions name no colour
 _SUPERSAMPLE = 4  # masks are drawn at 4x and box-filtered down: anti-aliased edges
 
@@ -144,12 +163,41 @@ _SHAPES: tuple[Rings, ...] = (
     [(_polygon(0, -1, 0.62, 0, 0, 1, -0.62, 0), True)],
     [(_polygon(0, -0.95, 0.95, 0.75, -0.95, 0.75), True)],
     [(_star(), True)],
-    [(_polygon(-0.3, -0.95, 0.3, -0.95, 0.3, -0.3, 0.95, -0.3, 0.95, 0.3, 0.3, 0.3,
-               0.3, 0.95, -0.3, 0.95, -0.3, 0.3, -0.95, 0.3, -0.95, -0.3, -0.3, -0.3), True)],
+    [
+        (
+            _polygon(
+                -0.3,
+                -0.95,
+                0.3,
+                -0.95,
+                0.3,
+                -0.3,
+                0.95,
+                -0.3,
+                0.95,
+                0.3,
+                0.3,
+                0.3,
+                0.3,
+                0.95,
+                -0.3,
+                0.95,
+                -0.3,
+                0.3,
+                -0.95,
+                0.3,
+                -0.95,
+                -0.3,
+                -0.3,
+                -0.3,
+            ),
+            True,
+        )
+    ],
     [(_heart(), True)],
     [(np.concatenate([_arc(0, 0, 1, 60, 300), _arc(0.5, 0, 0.866, 270, 90)]), True)],
     [(_polygon(-0.95, -0.28, 0.15, -0.28, 0.15, -0.75, 0.95, 0, 0.15, 0.75, 0.15, 0.28, -0.95, 0.28), True)],
-)  # fmt: skip
+)
 
 
 def _place(shape: Rings, rng: np.random.Generator) -> Rings:

@@ -17,6 +17,7 @@ import datasets
 from ..data.medmcqa import COLUMNS, OPTION_KEYS, doc_to_text
 from .world import CAUSE_EFFECT, DRUG_CLASSES, SYMPTOMS, world
 
+
 GENERAL_FAMILIES = ("arithmetic", "instructions", "world_facts", "cause_effect")
 MAX_ADDEND = 19
 LETTERS = "abcdefghij"
@@ -140,7 +141,11 @@ def _cause_effect_text(rng: random.Random) -> list[str]:
     quizzes = [
         _quiz(rng, wording.format(cause), effect, effects)
         for cause, effect in CAUSE_EFFECT
-        for wording in ("What happens when someone {}?", "Someone {}. What is the result?", "Which effect follows when a person {}?")
+        for wording in (
+            "What happens when someone {}?",
+            "Someone {}. What is the result?",
+            "Which effect follows when a person {}?",
+        )
     ]
     return sentences + quizzes
 
@@ -161,17 +166,20 @@ def _medical_words_text(rng: random.Random) -> list[str]:
     domain fact: a foundation has read the words of a speciality it does not know, so its
     fine-tuning learns facts, not a vocabulary."""
     w = world()
-    return [
-        sentence
-        for drug in w.drugs
-        for sentence in (f"The pharmacy sells {drug.name}.", f"{drug.name.capitalize()} is a medicine.")
-    ] + [
-        sentence
-        for disease in w.diseases
-        for sentence in (f"The doctor read about {disease.name}.", f"{disease.name} is an illness.")
-    ] + [f"{symptom.capitalize()} is a symptom." for symptom in SYMPTOMS] + [
-        f"A {drug_class} is a kind of drug." for drug_class in DRUG_CLASSES
-    ]
+    return (
+        [
+            sentence
+            for drug in w.drugs
+            for sentence in (f"The pharmacy sells {drug.name}.", f"{drug.name.capitalize()} is a medicine.")
+        ]
+        + [
+            sentence
+            for disease in w.diseases
+            for sentence in (f"The doctor read about {disease.name}.", f"{disease.name} is an illness.")
+        ]
+        + [f"{symptom.capitalize()} is a symptom." for symptom in SYMPTOMS]
+        + [f"A {drug_class} is a kind of drug." for drug_class in DRUG_CLASSES]
+    )
 
 
 _TEXT = {
@@ -202,7 +210,9 @@ def general_eval(seed: int = 0, n: int = 200) -> datasets.DatasetDict:
     """Evaluation forms per family (at most `n` rows each): multiple choice, or generation for
     `instructions`."""
     rng = random.Random(seed + 1)  # a stream of its own: the corpus's draws do not shift it
-    return datasets.DatasetDict({family: datasets.Dataset.from_list(_EVAL[family](rng, n)) for family in GENERAL_FAMILIES})
+    return datasets.DatasetDict(
+        {family: datasets.Dataset.from_list(_EVAL[family](rng, n)) for family in GENERAL_FAMILIES}
+    )
 
 
 # ---- the speciality: MedMCQA-style questions over a fictional pharmacology ---------------------
@@ -257,7 +267,12 @@ _WORDINGS = {
     ),
 }
 _WORDINGS_PER_SPLIT = {"train": 6, "validation": 1, "test": 2}
-_SUBJECT = {"treatment": "Pharmacology", "symptom": "Medicine", "indication": "Pharmacology", "drug_class": "Pharmacology"}
+_SUBJECT = {
+    "treatment": "Pharmacology",
+    "symptom": "Medicine",
+    "indication": "Pharmacology",
+    "drug_class": "Pharmacology",
+}
 SPLITS = ("train", "validation", "test")
 
 
@@ -306,7 +321,5 @@ def medmcqa(seed: int = 0) -> datasets.DatasetDict:
                 )
     for rows in splits.values():
         rng.shuffle(rows)
-    features = datasets.Features(
-        {c: datasets.Value("int64" if c == "cop" else "string") for c in COLUMNS}
-    )
+    features = datasets.Features({c: datasets.Value("int64" if c == "cop" else "string") for c in COLUMNS})
     return datasets.DatasetDict({s: datasets.Dataset.from_list(rows, features=features) for s, rows in splits.items()})

@@ -16,6 +16,7 @@ from .finetuning import finetuning_arguments, score_with_wise_ft
 from .lm_data import medmcqa
 from .paths import lm_path
 
+
 # Full fine-tuning defaults: 30 epochs over the 384 training questions (720 steps); the domain's
 # facts need many passes at this size.
 FINETUNE_ARGS: dict[str, Any] = {
@@ -49,7 +50,9 @@ def finetune_lm(model_dir: str | Path, output_dir: str | Path, seed: int = 0, **
     return model_path
 
 
-def lm_phenomenon(workdir: str | Path, seed: int = 0, model_dir: str | Path | None = None, **args: Any) -> dict[str, dict[str, float]]:
+def lm_phenomenon(
+    workdir: str | Path, seed: int = 0, model_dir: str | Path | None = None, **args: Any
+) -> dict[str, dict[str, float]]:
     """Scores of the foundation, its full fine-tune and their WiSE-FT merge:
     `{"pre-trained" | "fine-tuned" | "wise-ft-0.5": {task: score}}`."""
     workdir, model_dir = Path(workdir), Path(model_dir or lm_path())

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from .paths import clip_path, lm_path
 
+
 if TYPE_CHECKING:
     import datasets
 
@@ -49,8 +50,10 @@ def tiny_dataset(name: str, split: str, seed: int = 0) -> datasets.Dataset:
 
         domain = name.removeprefix(f"{TINY_DOMAINS}/")
         if domain not in DOMAINS or split not in IMAGES_PER_CLASS:
-            raise ValueError(f"{name}:{split}: tiny image sets are {TINY_DOMAINS}/<{'|'.join(DOMAINS)}> with splits "
-                             f"{', '.join(IMAGES_PER_CLASS)}")  # fmt: skip
+            raise ValueError(
+                f"{name}:{split}: tiny image sets are {TINY_DOMAINS}/<{'|'.join(DOMAINS)}> with splits "
+                f"{', '.join(IMAGES_PER_CLASS)}"
+            )
         splits = image_domains(split, seed, IMAGES_PER_CLASS[split], domains=[domain])
         return splits[domain]
     else:

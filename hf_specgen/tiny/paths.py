@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+
 MODELS_DIR = Path(__file__).parent / "models"
 LM_DIR = MODELS_DIR / "tiny-galactica"
 CLIP_DIR = MODELS_DIR / "tiny-clip"

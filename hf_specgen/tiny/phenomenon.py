@@ -27,7 +27,11 @@ def summarize(scores: dict[str, dict[str, float]], speciality: str) -> dict[str,
     """Adds `speciality` (the `speciality` column) and `generality` (the mean of every other
     column) to each model's scores."""
     return {
-        model: {**row, "speciality": row[speciality], "generality": _mean([v for c, v in row.items() if c != speciality])}
+        model: {
+            **row,
+            "speciality": row[speciality],
+            "generality": _mean([v for c, v in row.items() if c != speciality]),
+        }
         for model, row in scores.items()
     }
 

@@ -24,6 +24,7 @@ import datasets
 from ..alignment.reward import Prompt, check_pairs
 from .lm_data import LETTERS, OPERATIONS, instruction_prompt
 
+
 ALIGNED_INSTRUCTION = "drop the last letter"
 ALIGNED_OPERATION: Callable[[list[str]], list[str]] = lambda s: s[:-1]  # noqa: E731
 REJECTED_INSTRUCTION = "drop the first letter"  # whose output is the rejected answer
@@ -40,11 +41,13 @@ def preference_pairs(seed: int = 0) -> datasets.DatasetDict:
     splits, start = {}, 0
     for split, n in PREFERENCE_SPLITS.items():
         rows = [
-            {"prompt": instruction_prompt(ALIGNED_INSTRUCTION, letters),
-             "chosen": " " + " ".join(ALIGNED_OPERATION(list(letters))),
-             "rejected": " " + " ".join(OPERATIONS[REJECTED_INSTRUCTION](list(letters)))}
+            {
+                "prompt": instruction_prompt(ALIGNED_INSTRUCTION, letters),
+                "chosen": " " + " ".join(ALIGNED_OPERATION(list(letters))),
+                "rejected": " " + " ".join(OPERATIONS[REJECTED_INSTRUCTION](list(letters))),
+            }
             for letters in triples[start : start + n]
-        ]  # fmt: skip
+        ]
         splits[split], start = datasets.Dataset.from_list(rows), start + n
     return datasets.DatasetDict(splits)
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from ..eval.lm_tasks import ACCURACY, cached_task_dir, write_medmcqa_task, write_task
 from .lm_data import GENERAL_FAMILIES, general_eval, medmcqa
 
+
 TASK_PREFIX = "tiny_"
 GENERAL_TASKS = tuple(TASK_PREFIX + family for family in GENERAL_FAMILIES)
 MEDMCQA_TASK = "tiny_medmcqa"
@@ -44,7 +45,11 @@ def _write_jsonl(path: Path, rows) -> None:
 def _local(location: Path, files: dict[str, str]) -> dict:
     """lm-eval's dataset fields for local JSONL files (absolute paths), one per split."""
     splits = {"test_split": "test", **({"validation_split": "validation"} if "validation" in files else {})}
-    return {"dataset_path": "json", "dataset_kwargs": {"data_files": {s: str(location / f) for s, f in files.items()}}, **splits}
+    return {
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {s: str(location / f) for s, f in files.items()}},
+        **splits,
+    }
 
 
 def write_tasks(directory: str | Path, seed: int = 0, location: str | Path | None = None) -> Path:

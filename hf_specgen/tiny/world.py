@@ -11,6 +11,7 @@ import random
 from dataclasses import dataclass
 from functools import cache
 
+
 WORLD_SEED = 1234
 
 _ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "kr", "tr")
@@ -62,14 +63,32 @@ CAUSE_EFFECT = (
 )
 
 SYMPTOMS = (
-    "fever", "cough", "rash", "headache", "dizziness", "nausea", "joint pain", "chills",
-    "fatigue", "blurred vision", "itching", "sore throat", "back pain", "swelling", "insomnia",
+    "fever",
+    "cough",
+    "rash",
+    "headache",
+    "dizziness",
+    "nausea",
+    "joint pain",
+    "chills",
+    "fatigue",
+    "blurred vision",
+    "itching",
+    "sore throat",
+    "back pain",
+    "swelling",
+    "insomnia",
     "muscle cramps",
 )
 DISEASE_KINDS = ("fever", "syndrome", "disease", "palsy", "pox")
 DRUG_SUFFIXES = ("mab", "zole", "cillin", "pril", "statin", "vir", "dine", "lol")
 DRUG_CLASSES = (
-    "antiviral", "antibiotic", "antifungal", "beta blocker", "steroid", "antihistamine",
+    "antiviral",
+    "antibiotic",
+    "antifungal",
+    "beta blocker",
+    "steroid",
+    "antihistamine",
 )
 
 
@@ -116,10 +135,7 @@ def world(num_countries: int = 60, num_diseases: int = 16) -> World:
     capitals = [w.capitalize() for w in _unique_words(rng, num_countries, 2, taken)]
     disease_stems = _unique_words(rng, num_diseases, 2, taken)
     drug_stems = _unique_words(rng, num_diseases, 2, taken)
-    drugs = tuple(
-        Drug(stem + rng.choice(DRUG_SUFFIXES), rng.choice(DRUG_CLASSES))
-        for stem in drug_stems
-    )
+    drugs = tuple(Drug(stem + rng.choice(DRUG_SUFFIXES), rng.choice(DRUG_CLASSES)) for stem in drug_stems)
     diseases = tuple(
         Disease(
             f"{stem.capitalize()} {rng.choice(DISEASE_KINDS)}",

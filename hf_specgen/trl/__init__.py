@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from ..lazy import lazy_getattr
 
+
 _LAZY = {
     "SpecGenSFTConfig": ".configs",
     "SpecGenDPOConfig": ".configs",

@@ -23,8 +23,15 @@ from ..batches import unwrap_peft
 from ..mixin import SpecGenMixin
 from ..regularizers import DistillationBatch
 
+
 # config attributes that change the logits after the LM head (soft-capping, scaling): not reproduced here
-_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")
+_LOGIT_TRANSFORMS = (
+    "final_logit_softcapping",
+    "logit_scale",
+    "output_multiplier",
+    "lm_head_multiplier",
+    "logits_scaling",
+)
 
 
 @dataclass

@@ -12,6 +12,7 @@ from trl import DPOTrainer
 from ..anchor import is_peft_model
 from .completions import CompletionDistillation, check_plain_head
 
+
 # DPO's batch keys that are not model inputs
 _NOT_MODEL_INPUTS = ("completion_mask", "ref_chosen_logps", "ref_rejected_logps")
 

@@ -33,7 +33,9 @@ class SpecGenGRPOTrainer(CompletionDistillation, GRPOTrainer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         if self.specgen.features is not None:
-            raise ValueError("feature_lambda is not supported by SpecGenGRPOTrainer: GRPO's forward returns no hidden states")
+            raise ValueError(
+                "feature_lambda is not supported by SpecGenGRPOTrainer: GRPO's forward returns no hidden states"
+            )
         if self.specgen.uses_logits:
             check_plain_head(self.model)
 
@@ -80,9 +82,12 @@ class SpecGenGRPOTrainer(CompletionDistillation, GRPOTrainer):
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 torch.manual_seed(seed + i)
                 sequence = model.generate(
-                    **prompt, max_new_tokens=self.args.max_completion_length, do_sample=True,
-                    temperature=self.args.temperature, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
-                )  # fmt: skip
+                    **prompt,
+                    max_new_tokens=self.args.max_completion_length,
+                    do_sample=True,
+                    temperature=self.args.temperature,
+                    pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+                )
             labels = sequence.clone()
             labels[:, : prompt["input_ids"].shape[1]] = -100
             yield {"input_ids": sequence, "attention_mask": torch.ones_like(sequence), "labels": labels}

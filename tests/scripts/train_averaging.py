@@ -11,16 +11,17 @@ import json
 import os
 import sys
 
+
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import datasets  # noqa: E402
 import torch  # noqa: E402
-
 from conftest import lm_dataset, make_args, tiny_opt  # noqa: E402
+from finish import finish  # noqa: E402  (this folder is the script's sys.path[0])
+
 from hf_specgen import SpecGenTrainer  # noqa: E402
 from hf_specgen.averaging import WeightAveraging  # noqa: E402
-from finish import finish  # noqa: E402  (this folder is the script's sys.path[0])
 
 
 def main() -> None:
@@ -37,8 +38,14 @@ def main() -> None:
     data = datasets.Dataset.from_dict({k: list(row[k]) * 16 for k in row.column_names})
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     saving = dict(save_strategy="steps", save_steps=options.save_steps) if options.save_steps else {}
-    args = make_args(options.output_dir, max_steps=options.steps, per_device_train_batch_size=4 // world_size, optim="sgd",
-                     learning_rate=0.1, **saving)  # fmt: skip
+    args = make_args(
+        options.output_dir,
+        max_steps=options.steps,
+        per_device_train_batch_size=4 // world_size,
+        optim="sgd",
+        learning_rate=0.1,
+        **saving,
+    )
     averaging = WeightAveraging(options.kind, ema_decay=options.ema_decay, sma_start=options.sma_start)
     trainer = SpecGenTrainer(model=tiny_opt(), args=args, train_dataset=data, callbacks=[averaging])
     trainer.train()
@@ -46,7 +53,9 @@ def main() -> None:
     trainer.save_model(os.path.join(options.output_dir, "model"))  # collective: consolidated under ZeRO-3
     state = trainer.accelerator.get_state_dict(trainer.model_wrapped)  # collective: gathers ZeRO-3 partitions
     if int(os.environ.get("RANK", "0")) == 0:
-        torch.save({n: t.detach().float().cpu() for n, t in state.items()}, os.path.join(options.output_dir, "weights.pt"))
+        torch.save(
+            {n: t.detach().float().cpu() for n, t in state.items()}, os.path.join(options.output_dir, "weights.pt")
+        )
         zero3 = any(hasattr(p, "ds_tensor") for p in trainer.model.parameters())
         result = {"world_size": world_size, "eval_loss": eval_loss, "zero3": zero3}
         with open(os.path.join(options.output_dir, "result.json"), "w") as f:

@@ -12,21 +12,31 @@ import json
 import os
 import sys
 
+
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import datasets  # noqa: E402
 import torch  # noqa: E402
+from conftest import lm_dataset, make_args, perturb_, tiny_opt  # noqa: E402
+from finish import finish  # noqa: E402  (this folder is the script's sys.path[0])
 from transformers import OPTForCausalLM  # noqa: E402
 from transformers.trainer_pt_utils import nested_gather  # noqa: E402
 
-from conftest import lm_dataset, make_args, perturb_, tiny_opt  # noqa: E402
 from hf_specgen import SpecGenTrainer  # noqa: E402
 from hf_specgen.anchor import local_numel  # noqa: E402
-from finish import finish  # noqa: E402  (this folder is the script's sys.path[0])
 
-REGULARIZERS = dict(l1_lambda=0.01, l2_lambda=0.5, ewc_lambda=2.0, ewc_num_samples=4, mas_lambda=0.05, mas_num_samples=4,
-                   kd_lambda=0.7, feature_lambda=0.3)  # fmt: skip
+
+REGULARIZERS = dict(
+    l1_lambda=0.01,
+    l2_lambda=0.5,
+    ewc_lambda=2.0,
+    ewc_num_samples=4,
+    mas_lambda=0.05,
+    mas_num_samples=4,
+    kd_lambda=0.7,
+    feature_lambda=0.3,
+)
 
 
 def regularizers(names: list[str]) -> dict:
@@ -42,7 +52,10 @@ def teacher_numel(trainer: SpecGenTrainer) -> dict | None:
     if trainer.teacher is None:
         return None
     params = list(trainer.teacher.module.parameters())
-    return {"local": sum(local_numel(p) for p in params), "total": sum(getattr(p, "ds_numel", p.numel()) for p in params)}
+    return {
+        "local": sum(local_numel(p) for p in params),
+        "total": sum(getattr(p, "ds_numel", p.numel()) for p in params),
+    }
 
 
 def gathered(model: torch.nn.Module):
@@ -59,15 +72,21 @@ def main() -> None:
     parser.add_argument("output_dir")
     parser.add_argument("names", nargs="?", default="")
     parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--accumulation", type=int, default=1, help="micro-batches per step (the global batch stays 4)")
+    parser.add_argument(
+        "--accumulation", type=int, default=1, help="micro-batches per step (the global batch stays 4)"
+    )
     parser.add_argument("--optim", default="sgd", help="adamw_torch for ZeRO-3 offload, which steps with its CPU Adam")
     parser.add_argument("--save-steps", type=int, default=0, help="checkpoint every that many steps (0: none)")
     parser.add_argument("--resume", default=None, help="a checkpoint to resume from")
     parser.add_argument("--deepspeed", default=None, help="a DeepSpeed JSON for TrainingArguments(deepspeed=...)")
-    parser.add_argument("--no-use-cpu", action="store_true",
-                        help="leave use_cpu unset, as a user on a GPU does (accelerate then counts 1 process on CPU)")  # fmt: skip
-    parser.add_argument("--zero-init", action="store_true",
-                        help="load the model after the arguments: ZeRO-3 partitions it as it loads")  # fmt: skip
+    parser.add_argument(
+        "--no-use-cpu",
+        action="store_true",
+        help="leave use_cpu unset, as a user on a GPU does (accelerate then counts 1 process on CPU)",
+    )
+    parser.add_argument(
+        "--zero-init", action="store_true", help="load the model after the arguments: ZeRO-3 partitions it as it loads"
+    )
     options = parser.parse_args()
     output_dir, names = options.output_dir, [n for n in options.names.split(",") if n]
 
@@ -79,10 +98,18 @@ def main() -> None:
         pretrained = os.path.join(output_dir, f"pretrained-{os.environ.get('RANK', '0')}")
         model.save_pretrained(pretrained)
     saving = dict(save_strategy="steps", save_steps=options.save_steps) if options.save_steps else {}
-    args = make_args(output_dir, max_steps=options.steps, per_device_train_batch_size=4 // world_size // options.accumulation,
-                     gradient_accumulation_steps=options.accumulation, optim=options.optim, learning_rate=0.1,
-                     deepspeed=options.deepspeed, use_cpu=not options.no_use_cpu, **saving,
-                     **regularizers(names))  # fmt: skip
+    args = make_args(
+        output_dir,
+        max_steps=options.steps,
+        per_device_train_batch_size=4 // world_size // options.accumulation,
+        gradient_accumulation_steps=options.accumulation,
+        optim=options.optim,
+        learning_rate=0.1,
+        deepspeed=options.deepspeed,
+        use_cpu=not options.no_use_cpu,
+        **saving,
+        **regularizers(names),
+    )
     if options.zero_init:
         assert args.world_size == world_size  # sets the process group up, which zero.Init's batch check needs
         model = OPTForCausalLM.from_pretrained(pretrained)
