@@ -4,14 +4,14 @@ PYTHON ?= $(VENV)/bin/python
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test bench selection foundations phenomenon tiny-sweep clean
+.PHONY: install lint docs demo test bench selection foundations phenomenon tiny-sweep clean
 
 # torch==2.13.0 first: its CPU wheel lies on disk; any other torch request pulls a CUDA build.
 install:
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install --upgrade pip
 	$(VENV)/bin/pip install torch==2.13.0
-	$(VENV)/bin/pip install -e ".[dev,deepspeed,trl]"
+	$(VENV)/bin/pip install -e ".[dev,docs,deepspeed,trl]"
 
 # The three recipes on their tiny offline presets, two at a time (one CPU thread each: the tiny models train
 # 1.5x faster per core that way than one recipe on two threads; the alignment tax after the CLIP, the
@@ -28,6 +28,15 @@ demo:
 	test $$lm_status -eq 0 -a $$clip_status -eq 0
 	$(VENV)/bin/specgen report --combine results/demo/galactica_med results/demo/clip_imagenet results/demo/alignment_tax --output-dir results/demo
 
+# ruff (pyproject.toml): lint and formatting, checked, not rewritten; `$(VENV)/bin/ruff format .` rewrites.
+lint:
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+# The documentation site (docs/, mkdocs.yml) into site/, offline, warnings as errors (extra [docs]).
+docs:
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
+
 test:
 	$(PYTHON) -m pytest -q --timeout 900 tests
 
@@ -42,13 +51,13 @@ bench:
 selection:
 	$(PYTHON) benchmarks/bench_selection.py --output benchmarks/results/selection.json
 
-# Rebuild the shipped tiny foundations (hf_specgen/tiny/models/) from their seeds.
+# Rebuild the shipped tiny foundations (hf_specgen/tiny/models/) from their seeds (builders: tools/tiny/).
 foundations:
-	$(PYTHON) -m hf_specgen.tiny.build
+	$(PYTHON) -m tools.tiny.build
 
-# Forgetting in the tiny foundations, measured: fine-tune, WiSE-FT 0.5, score (table in README).
+# Forgetting in the tiny foundations, measured: fine-tune, WiSE-FT 0.5, score (table in docs/guides/tiny-foundations.md).
 phenomenon:
-	$(PYTHON) -m hf_specgen.tiny.phenomenon --workdir /tmp/hf_specgen_phenomenon --output benchmarks/results/phenomenon.md
+	$(PYTHON) -m tools.tiny.phenomenon --workdir /tmp/hf_specgen_phenomenon --output benchmarks/results/phenomenon.md
 
 # WiSE-FT sweep of the phenomenon's fine-tunes, scored and reported (after `make phenomenon`).
 tiny-sweep:

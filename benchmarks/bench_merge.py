@@ -676,7 +676,8 @@ def markdown(report: dict[str, Any]) -> str:
     lines += [
         "",
         "RSS counts two kinds of pages. anon: the process's own memory: the interpreter and its imports (the "
-        "`import` row), the tensors being interpolated and waiting to be written (mergekit: the output shard it fills; "
+        "`import` row), the tensors being interpolated and waiting to be written "
+        "(mergekit: the output shard it fills; "
         "hf_specgen: one 16 MB staging buffer per output). file: pages of "
         "files mapped by the process: its shared libraries and the memory-mapped safetensors inputs (`safe_open` "
         "returns zero-copy views of a private mapping of the file, so every page read stays resident in the "

@@ -30,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from hf_specgen.eval.report import ResultRecord  # noqa: E402
+from hf_specgen.eval.records import ResultRecord  # noqa: E402
 
 
 GRID_5 = [0.25, 0.5, 0.75]  # besides the ends
@@ -139,7 +139,8 @@ def markdown(results: dict) -> str:
         "",
         "## HMA against uniform averaging at the same mean alpha",
         "",
-        "| recipe | method | mean | HMA ratios | HMA spec / gen | uniform spec / gen | d spec | d gen | held-out loss HMA / uniform |",
+        "| recipe | method | mean | HMA ratios | HMA spec / gen | uniform spec / gen | d spec | d gen "
+        "| held-out loss HMA / uniform |",
         "|---|---|---:|---|---:|---:|---:|---:|---:|",
     ]
     hma = [row for rows in results["recipes"].values() for row in rows["hma"]]
@@ -147,7 +148,8 @@ def markdown(results: dict) -> str:
         ratios = "/".join(f"{a:.2f}" for a in r["group_alphas"])
         ds, dg = r["hma"][0] - r["uniform"][0], r["hma"][1] - r["uniform"][1]
         lines.append(
-            f"| {r['recipe']} | {r['method']} | {r['mean_alpha']:g} | {ratios} | {r['hma'][0]:.3f} / {r['hma'][1]:.3f} | "
+            f"| {r['recipe']} | {r['method']} | {r['mean_alpha']:g} | {ratios} | "
+            f"{r['hma'][0]:.3f} / {r['hma'][1]:.3f} | "
             f"{r['uniform'][0]:.3f} / {r['uniform'][1]:.3f} | {ds:+.3f} | {dg:+.3f} | "
             f"{r['held_out_loss']:.4f} / {r['uniform_loss']:.4f} |"
         )
@@ -168,22 +170,27 @@ def markdown(results: dict) -> str:
         "Evaluations: merges scored besides alpha 0 and 1. `lost`: the generality of the best grid point that "
         "meets the same floor minus the auto pick's (positive: the grid found a more general point).",
         "",
-        "| recipe | method | floor | auto alpha (evals) | auto spec / gen | 5-grid alpha | lost | 11-grid alpha | lost |",
+        "| recipe | method | floor | auto alpha (evals) | auto spec / gen | 5-grid alpha | lost | 11-grid alpha "
+        "| lost |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     autos = [row for rows in results["recipes"].values() for row in rows["auto"]]
     for r in autos:
         flag = "" if r["monotone"] else " (not monotone)"
         lines.append(
-            f"| {r['recipe']} | {r['method']} | {r['floor']:.3f} | {r['auto_alpha']:g} ({r['auto_evaluations']}){flag} | "
-            f"{r['auto'][0]:.3f} / {r['auto'][1]:.3f} | {r['grid5']['alpha']:g} | {r['grid5']['generality_lost_by_auto']:+.3f} | "
+            f"| {r['recipe']} | {r['method']} | {r['floor']:.3f} | "
+            f"{r['auto_alpha']:g} ({r['auto_evaluations']}){flag} | {r['auto'][0]:.3f} / {r['auto'][1]:.3f} | "
+            f"{r['grid5']['alpha']:g} | {r['grid5']['generality_lost_by_auto']:+.3f} | "
             f"{r['grid11']['alpha']:g} | {r['grid11']['generality_lost_by_auto']:+.3f} |"
         )
     if autos:
+        evaluations = statistics.fmean(r["auto_evaluations"] for r in autos)
+        lost5 = statistics.fmean(r["grid5"]["generality_lost_by_auto"] for r in autos)
+        lost11 = statistics.fmean(r["grid11"]["generality_lost_by_auto"] for r in autos)
         lines.append(
-            f"\nMean evaluations: auto {statistics.fmean(r['auto_evaluations'] for r in autos):.2f}, 5-point grid 3, "
-            f"11-point grid 9. Mean generality lost by auto: {statistics.fmean(r['grid5']['generality_lost_by_auto'] for r in autos):+.4f} "
-            f"against the 5-point grid, {statistics.fmean(r['grid11']['generality_lost_by_auto'] for r in autos):+.4f} "
+            f"\nMean evaluations: auto {evaluations:.2f}, 5-point grid 3, "
+            f"11-point grid 9. Mean generality lost by auto: {lost5:+.4f} "
+            f"against the 5-point grid, {lost11:+.4f} "
             "against the 11-point grid."
         )
     return "\n".join(lines) + "\n"

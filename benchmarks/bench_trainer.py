@@ -417,7 +417,8 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(
             f"| {row['name']} | {row['median_step_s'] * 1e3:.0f} "
             f"| {row['p25_step_s'] * 1e3:.0f}-{row['p75_step_s'] * 1e3:.0f} | {row['ratio']:.3f}x "
-            f"| {row['paired_ratio']:.3f}x | {target} | {result} | {fisher} | {alone} | {memory['trainable_bytes'] / MIB:.2f} "
+            f"| {row['paired_ratio']:.3f}x | {target} | {result} | {fisher} | {alone} | "
+            f"{memory['trainable_bytes'] / MIB:.2f} "
             f"| {anchor['weights'] / MIB:.2f} | {anchor['teacher'] / MIB:.2f} | {anchor['fisher'] / MIB:.2f} "
             f"| {memory['anchor_over_trainable']:.2f}x |"
         )

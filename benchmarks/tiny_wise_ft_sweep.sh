@@ -3,6 +3,7 @@
 # with `specgen eval` and combined with `specgen report` into benchmarks/results/tiny_wise_ft/.
 set -euo pipefail
 PY=${PYTHON:-.venv/bin/python}
+case $PY in */*) PY="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")" ;; esac  # a path made absolute: eval runs in $WORK
 SPECGEN="$PY -m hf_specgen.cli"
 RUNS=${RUNS:-/tmp/hf_specgen_phenomenon}
 WORK=${WORK:-/tmp/hf_specgen_tiny_sweep}
@@ -15,8 +16,9 @@ for name in lm clip; do
   base=$([ $name = lm ] && echo "$LM" || echo "$CLIP")
   suites=$([ $name = lm ] && echo "--suite tiny_general --suite tiny_medmcqa" || echo "--suite tiny_clip")
   $SPECGEN sweep --pretrained "$base" --finetuned "$RUNS/tiny-$name/finetuned/model" --alphas $ALPHAS --output-dir "$WORK/$name"
-  for alpha in ${ALPHAS//,/ }; do
-    $SPECGEN eval --model "$WORK/$name/alpha-$alpha" $suites --method full --alpha "$alpha" --output "$WORK/records-$name/alpha-$alpha.json"
+  for alpha in ${ALPHAS//,/ }; do  # from $WORK: records name each model relative to it, no absolute path
+    (cd "$WORK" && $SPECGEN eval --model "$name/alpha-$alpha" $suites --method full --alpha "$alpha" \
+      --output "records-$name/alpha-$alpha.json")
   done
 done
 $SPECGEN report "$WORK/records-lm" --output-dir $OUT/lm --title "tiny-galactica on tiny MedMCQA: full fine-tuning, WiSE-FT alpha sweep"

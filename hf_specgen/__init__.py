@@ -10,9 +10,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from .lazy import lazy_getattr
+from .version import __version__
 
-
-__version__ = "0.1.0"
 
 _LAZY = {"SpecGenTrainer": ".trainer", "SpecGenTrainingArguments": ".args", "WeightAveraging": ".averaging"}
 

@@ -13,12 +13,13 @@ from dataclasses import dataclass, field, fields
 import torch
 from transformers import TrainingArguments
 
+from .dtypes import DTYPES
 from .regularizers import REGULARIZERS, weight_field
 
 
 L2_MODES = ("penalty", "decoupled")
 FISHER_TYPES = ("true", "empirical")
-ANCHOR_DTYPES = ("auto", "float32", "bfloat16", "float16")
+ANCHOR_DTYPES = ("auto", *DTYPES)
 
 
 @dataclass
@@ -27,6 +28,28 @@ class SpecGenArguments:
 
     A regularizer is on when its weight `<name>_lambda` is > 0. With every weight at 0 (the
     default) a SpecGen trainer is exactly its base trainer.
+
+    Args:
+        l1_lambda: Weight of the L1 distance to the pre-trained weights, sum |theta - theta_pre|.
+        l2_lambda: Weight of the L2-SP distance to the pre-trained weights, sum (theta - theta_pre)^2.
+        l2_mode: 'penalty': L2-SP added to the loss (its gradient is clipped with the task gradient). 'decoupled':
+            decay toward the pre-trained weights in the optimizer step, theta -= lr * l2_lambda * (theta -
+            theta_pre), like AdamW's decoupled weight decay.
+        ewc_lambda: Weight of EWC, sum F_i (theta_i - theta_pre_i)^2 with a diagonal Fisher F.
+        ewc_num_samples: Number of training examples the diagonal Fisher is estimated from.
+        ewc_fisher: 'true': labels sampled from the pre-trained model's predictive distribution (the Fisher
+            information); 'empirical': the data set's own labels (the empirical Fisher).
+        mas_lambda: Weight of MAS, sum Omega_i (theta_i - theta_pre_i)^2 with Omega the output's sensitivity (needs
+            no labels).
+        mas_num_samples: Number of training examples MAS's importance is estimated from.
+        kd_lambda: Weight of logit distillation, T^2 * KL(p_pre / T || p_theta / T) per supervised token.
+        kd_temperature: Softmax temperature T of logit distillation.
+        feature_lambda: Weight of feature protection, mean ||h_theta(x) - h_pre(x)||^2 on the protected features.
+        feature_layers: Hidden-state indices protected for language models (0 = embeddings, -1 = last layer). CLIP
+            models protect their image embeddings and ignore this.
+        anchor_dtype: dtype of the pre-trained weight snapshot and of the frozen teacher ('auto': the weights' own
+            dtype, which is lossless). Differences and the Fisher are always computed in float32.
+        anchor_device: Device of the weight snapshot and the teacher ('auto': the model's device, or e.g. 'cpu').
     """
 
     l1_lambda: float = field(
@@ -131,7 +154,10 @@ class SpecGenTrainingArguments(SpecGenArguments, TrainingArguments):
 
 
 # Fields of this class that must be finite numbers (NaN passes `x < 0`; inf trains to NaN weights).
-FINITE_FIELDS = (*(weight_field(name) for name in REGULARIZERS), "kd_temperature")
+FINITE_FIELDS = (
+    *(weight_field(name) for name in REGULARIZERS),
+    *(option for cls in REGULARIZERS.values() for option in cls.positive_options),
+)
 
 
 def _check_floats(args: TrainingArguments) -> None:

@@ -217,8 +217,9 @@ class WeightAveraging(TrainerCallback):
         path = state_file(checkpoint)
         if not os.path.isfile(path):
             raise FileNotFoundError(
-                f"{path} is missing: checkpoint {checkpoint} was written without WeightAveraging (or by fewer processes); "
-                "resume from a checkpoint of a run that averaged its weights, or start a new run (a checkpoint outside "
+                f"{path} is missing: checkpoint {checkpoint} was written without WeightAveraging (or by fewer "
+                "processes); resume from a checkpoint of a run that averaged its weights, or start a new run (a "
+                "checkpoint outside "
                 "output_dir: name it in TrainingArguments.resume_from_checkpoint too)"
             )
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -245,8 +246,8 @@ class WeightAveraging(TrainerCallback):
         shapes = {n: held.shape for n, held in _held(model)}
         if {n: t.shape for n, t in tensors.items()} != shapes:
             raise ValueError(
-                "the averaged weights are not the model's trainable parameters (names or shapes differ: another model, "
-                "other trainable weights, or another number of processes under ZeRO-3)"
+                "the averaged weights are not the model's trainable parameters (names or shapes differ: another "
+                "model, other trainable weights, or another number of processes under ZeRO-3)"
             )
         return tensors
 

@@ -9,13 +9,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import __version__
+from .atomic import Terminated
+from .dtypes import DTYPES, torch_dtype
 from .merge import methods as merge_methods  # the registry: no torch until a method computes
-from .merge.atomic import Terminated
 from .merge.errors import MergeError, MergeWarning, MergeWriteError, PushError
 from .merge.options import MergeOptions
 from .merge.output import MARKER
 from .merge.schedule import AlphaSchedule
+from .version import __version__
 
 
 # dests of the options generated from the registered methods: "<prefix><method>:<parameter>", "<prefix><input>"
@@ -92,9 +93,7 @@ def _add_merge_options(parser: argparse.ArgumentParser) -> None:
         help="where to write (a sweep: one alpha-<alpha>/ per alpha); it must not exist, unless "
         "--overwrite or --overwrite-any",
     )
-    parser.add_argument(
-        "--dtype", choices=["float32", "bfloat16", "float16"], help="output dtype (default: the fine-tuned model's)"
-    )
+    parser.add_argument("--dtype", choices=list(DTYPES), help="output dtype (default: the fine-tuned model's)")
     parser.add_argument("--max-shard-size", default="5GB", help="largest output shard, e.g. 5GB, 500MB (default: 5GB)")
     parser.add_argument(
         "--overwrite",
@@ -175,9 +174,9 @@ def _add_schedule_options(parser: argparse.ArgumentParser) -> None:
         "--group-alphas",
         type=_numbers("--group-alphas"),
         metavar="A1,A2,...",
-        help="one alpha per group of consecutive transformer blocks, input side first (heterogeneous model averaging), "
-        "e.g. 0.1,0.2,0.3; every stack of blocks (e.g. CLIP's two towers) is split on its own. In a sweep: the "
-        "shape, scaled to each of --alphas as its mean",
+        help="one alpha per group of consecutive transformer blocks, input side first (heterogeneous model "
+        "averaging), e.g. 0.1,0.2,0.3; every stack of blocks (e.g. CLIP's two towers) is split on its own. In a "
+        "sweep: the shape, scaled to each of --alphas as its mean",
     )
     parser.add_argument(
         "--outside-alpha",
@@ -373,7 +372,7 @@ def _add_fisher_parser(commands: argparse._SubParsersAction) -> None:
     )
     fisher.add_argument(
         "--dtype",
-        choices=["float32", "bfloat16", "float16"],
+        choices=list(DTYPES),
         default="float32",
         help="the dtype the model runs in (default: float32); the Fisher is summed in float32",
     )
@@ -424,7 +423,7 @@ def _add_eval_parsers(commands: argparse._SubParsersAction) -> None:
 def _evaluate(args: argparse.Namespace) -> None:
     import time
 
-    from .eval.report import ResultRecord
+    from .eval.records import ResultRecord
     from .eval.suites import check_suites, evaluate_suites
 
     _check_model_source(args.model)
@@ -475,7 +474,8 @@ def _check_model_source(model: str) -> None:
 
 
 def _report(args: argparse.Namespace) -> None:
-    from .eval.report import DEFAULT_TITLE, combine_reports, load_records, write_report
+    from .eval.records import load_records
+    from .eval.report import DEFAULT_TITLE, combine_reports, write_report
 
     if args.combine:
         paths = combine_reports(args.results, args.output_dir)
@@ -610,8 +610,8 @@ def _fisher(args: argparse.Namespace) -> None:
 def _hma(args: argparse.Namespace) -> None:
     import json
 
+    from .atomic import atomic_file
     from .merge import AlphaSchedule, MergeOptions, generate_completions, merge, search_group_alphas
-    from .merge.atomic import atomic_file
     from .merge.fisher import read_texts
     from .merge.output import check_output_dir
     from .merge.run import check_shard_size
@@ -703,7 +703,7 @@ def _causal_lm(source: str, dtype: str, device: str | None) -> tuple[Any, Any]:
     except (OSError, ValueError, TypeError) as error:
         raise ValueError(f"{source}: no tokenizer could be loaded from it ({str(error).splitlines()[0]})") from None
     try:
-        model = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, dtype))
+        model = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype(dtype))
     except ValueError as error:  # e.g. an architecture that is no causal LM
         raise ValueError(f"{source}: not a causal language model ({str(error).splitlines()[0]})") from None
     return model.to(device or ("cuda" if torch.cuda.is_available() else "cpu")), tokenizer

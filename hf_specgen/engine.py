@@ -30,18 +30,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from . import zero
-from .anchor import (
-    DenseDelta,
-    Teacher,
-    WeightDelta,
-    is_partitioned,
-    is_peft_model,
-    reference_fingerprint,
-    snapshot_nbytes,
-    weight_deltas,
-)
+from . import compat, zero
+from .anchor import is_peft_model, reference_fingerprint, snapshot_nbytes, weight_deltas
 from .batches import unwrap_peft
+from .deltas import DenseDelta, WeightDelta
 from .regularizers import (
     BatchRegularizer,
     DistillationBatch,
@@ -53,6 +45,7 @@ from .regularizers import (
     build_regularizers,
 )
 from .regularizers.positions import is_contrastive, output_classes
+from .teacher import Teacher
 
 
 if TYPE_CHECKING:
@@ -138,7 +131,8 @@ class RegularizationEngine:
         if host.is_fsdp_enabled or getattr(args, "fsdp", None):
             raise ValueError(
                 "the regularizers (*_lambda > 0) do not support FSDP yet: shard with DeepSpeed ZeRO-1/2/3 instead "
-                "(e.g. accelerate launch --config_file recipes/accelerate/zero3.yaml, or TrainingArguments(deepspeed=...))"
+                "(e.g. accelerate launch --config_file recipes/accelerate/zero3.yaml, or "
+                "TrainingArguments(deepspeed=...))"
             )
         if host.is_deepspeed_enabled and (self.weight_terms or self.step_terms) and is_peft_model(model):
             names = ", ".join(f"{r.name}_lambda" for r in self.regularizers if r.uses_weights)
@@ -390,7 +384,8 @@ class RegularizationEngine:
         saved_value, current = float(saved), self.reference_fingerprint
         if not math.isclose(saved_value, current, rel_tol=1e-9, abs_tol=1e-6):
             raise ValueError(
-                f"{path} was saved by a trainer regularized toward other pre-trained weights (checksum {saved_value!r} "
+                f"{path} was saved by a trainer regularized toward other pre-trained weights "
+                f"(checksum {saved_value!r} "
                 f"!= {current!r}): build the trainer from the same pre-trained model (and ref_model) to resume"
             )
 
@@ -419,7 +414,7 @@ class RegularizationEngine:
         host = self.host
         generator = torch.Generator().manual_seed(host.args.seed)
         model = host.model if self.ref_model is None else self.ref_model
-        if is_partitioned(model) and model is self.ref_model:
+        if zero.is_partitioned(model) and model is self.ref_model:
             raise ValueError(
                 f"{reg.name}_lambda with a ref_model partitioned by ZeRO-3 (loaded under zero.Init) is not supported: "
                 "pass a ref_model loaded whole, or no ref_model (the importance is then estimated at the model when "
@@ -438,7 +433,7 @@ class RegularizationEngine:
             model=model,
             deltas=self.deltas,
             batches=batches,
-            shifts_labels=host._loss_shifts_labels,
+            shifts_labels=compat.loss_shifts_labels(host),
             label_names=host.label_names,
             generator=generator,
             device=self.importance_device(),

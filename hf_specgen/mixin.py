@@ -21,13 +21,14 @@ from typing import Any, ClassVar
 
 import torch
 from torch import nn
-from transformers.trainer_pt_utils import nested_gather
 from transformers.trainer_utils import get_last_checkpoint
 
-from .anchor import Teacher, WeightDelta
+from . import compat
 from .batches import task_labels
+from .deltas import WeightDelta
 from .engine import RegularizationEngine
 from .regularizers import DistillationBatch, ProtectedFeatures, Regularizer
+from .teacher import Teacher
 
 
 class SpecGenMixin:
@@ -111,7 +112,7 @@ class SpecGenMixin:
         if not engine or not model.training:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
-        micro_batches = getattr(self, "current_gradient_accumulation_steps", 1)  # set by the training loop
+        micro_batches = compat.accumulation_steps(self)  # set by the training loop
         # `divisor`: what `training_step` divides the returned loss by; a term that should make up
         # `share` of the optimizer step's loss is added as `term * share * divisor`.
         divisor = 1 if self._specgen_loss_is_ga_scaled(num_items_in_batch) else micro_batches
@@ -155,11 +156,11 @@ class SpecGenMixin:
         """Adds `loss_task` and each `loss_<term>`, averaged per optimizer step and over processes."""
         if "loss" in logs:
             # the Trainer's own reduction of `loss` (accelerate's state may count one process under DeepSpeed on CPU)
-            gather = lambda values: nested_gather(values, self.args.parallel_mode)  # noqa: E731
+            gather = lambda values: compat.nested_gather(values, self.args.parallel_mode)  # noqa: E731
             logs.update(self.specgen.logged_values(gather, self.args.device))
         super().log(logs, *args, **kwargs)
 
-    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:  # a private hook: see `compat.INTERNALS`
         super()._save_optimizer_and_scheduler(output_dir)
         self.specgen.save_state(output_dir)
 
@@ -209,7 +210,7 @@ class SpecGenMixin:
             student=outputs,
             teacher=teacher_outputs,
             labels=labels,
-            shifts_labels=self._loss_shifts_labels,
+            shifts_labels=compat.loss_shifts_labels(self),
             token_denominator=self._specgen_token_denominator(num_items_in_batch),
         )
         if features:
@@ -232,7 +233,7 @@ class SpecGenMixin:
             import datasets
 
             if isinstance(dataset, datasets.Dataset):
-                dataset = self._remove_unused_columns(dataset, description="training")
+                dataset = compat.remove_unused_columns(self, dataset, "training")
         except ImportError:  # pragma: no cover - datasets is a dependency
             pass
         if isinstance(dataset, torch.utils.data.IterableDataset):
@@ -240,7 +241,7 @@ class SpecGenMixin:
         else:
             rows = (dataset[int(i)] for i in torch.randperm(len(dataset), generator=generator)[:n])
         for chunk in _chunks(rows, group):
-            batch = self._prepare_inputs(self.data_collator(chunk))
+            batch = compat.prepare_inputs(self, self.data_collator(chunk))
             if device is not None:
                 batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
             yield batch

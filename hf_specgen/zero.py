@@ -1,11 +1,18 @@
-"""The weight terms (L1, L2-SP, EWC) under DeepSpeed ZeRO, on each rank's own partition.
+"""DeepSpeed ZeRO: partitioned parameters, and the weight terms on each rank's own partition.
 
-ZeRO keeps the fp32 master weights and the averaged gradients partitioned: ZeRO-1/2 split one
-flat buffer per parameter group across the ranks (a weight may straddle two), ZeRO-3 splits every
-weight. Each rank therefore regularizes only the elements it owns, as a `ShardDelta`: its slice
-of the master weight minus the same slice of the anchor, with the penalty's gradient written into
-its slice of the averaged gradient. The terms are elementwise, so the slices together are the
-whole model's term: nothing is gathered, and the anchor and the Fisher cost 1/world per rank.
+Under ZeRO-3 a model built partitioned (`deepspeed.zero.Init`, as `from_pretrained` builds it once
+`TrainingArguments` enabled ZeRO-3) holds each weight as a flat partition per rank (`ds_tensor`):
+`held_values`, `local_values` and `local_numel` read what this process holds, `partitioned_copy`
+copies such a model partition by partition (the teacher's copy), and `inference_engine`
+partitions a frozen module for inference.
+
+The weight terms (L1, L2-SP, EWC) run on each rank's own partition. ZeRO keeps the fp32 master
+weights and the averaged gradients partitioned: ZeRO-1/2 split one flat buffer per parameter group
+across the ranks (a weight may straddle two), ZeRO-3 splits every weight. Each rank therefore
+regularizes only the elements it owns, as a `ShardDelta`: its slice of the master weight minus the
+same slice of the anchor, with the penalty's gradient written into its slice of the averaged
+gradient. The terms are elementwise, so the slices together are the whole model's term: nothing is
+gathered, and the anchor and the Fisher cost 1/world per rank.
 
 When: DeepSpeed's engine steps inside `accelerator.backward`, too late for a Trainer callback,
 and a gradient added before the averaging across ranks would come out 1/world too small. So the
@@ -20,14 +27,130 @@ slices through the flat fp32 partition that optimizer steps.
 
 from __future__ import annotations
 
+import copy
 import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
-from .anchor import DenseDelta, WeightDelta, anchor_difference, is_coarser
+from . import compat
+from .deltas import DenseDelta, WeightDelta, anchor_difference, is_coarser
+
+
+def is_partitioned(model: nn.Module) -> bool:
+    """Whether `model` was built partitioned by ZeRO-3 (`deepspeed.zero.Init`, as `from_pretrained`
+    builds it once `TrainingArguments` enabled ZeRO-3): its parameters are empty outside a forward.
+
+    Args:
+        model: any module.
+
+    Returns:
+        True when a parameter of `model` is a DeepSpeed partitioned one (`ds_id`).
+    """
+    return any(hasattr(p, "ds_id") for p in model.parameters())
+
+
+def partitioned_copy(model: nn.Module) -> nn.Module:
+    """A copy of a partitioned model, partitioned the same way: the architecture built again under
+    `zero.Init`, each rank copying its own partitions (nothing gathered, 1/world of the model per
+    rank). A deep copy would duplicate DeepSpeed's bookkeeping, not the weights.
+
+    Args:
+        model: a transformers model built partitioned, while the DeepSpeed configuration is alive.
+
+    Returns:
+        The copy, partitioned the same way.
+
+    Raises:
+        RuntimeError: the DeepSpeed configuration is gone (the copy would be built whole).
+    """
+    frozen = compat.from_config(type(model), model.config, dtype=next(model.parameters()).ds_tensor.dtype)
+    if not is_partitioned(frozen):
+        raise RuntimeError(
+            "copying a ZeRO-3 partitioned model needs the DeepSpeed configuration alive (TrainingArguments)"
+        )
+    pairs = [*zip(model.parameters(), frozen.parameters()), *zip(model.buffers(), frozen.buffers())]
+    with torch.no_grad():
+        for source, target in pairs:
+            if hasattr(source, "ds_id"):
+                target.ds_tensor.copy_(source.ds_tensor)
+            else:
+                target.copy_(source)
+    return frozen
+
+
+def local_numel(parameter: torch.Tensor) -> int:
+    """Elements this process holds: its partition under ZeRO-3 (`ds_tensor`), else the whole.
+
+    Args:
+        parameter: a parameter, partitioned or not.
+
+    Returns:
+        The number of elements.
+    """
+    partition = getattr(parameter, "ds_tensor", None)
+    return partition.numel() if partition is not None else parameter.numel()
+
+
+def held_values(parameter: torch.Tensor) -> torch.Tensor:
+    """The values of `parameter` this process holds while no forward gathers it: its flat ZeRO-3
+    partition (`ds_tensor`) when the model was built partitioned (`zero.Init`), else the tensor.
+
+    Args:
+        parameter: a parameter, partitioned or not.
+
+    Returns:
+        The partition (padded on the last rank), or `parameter` itself.
+    """
+    partition = getattr(parameter, "ds_tensor", None)
+    if partition is not None and parameter.numel() != getattr(parameter, "ds_numel", parameter.numel()):
+        return partition
+    return parameter
+
+
+def local_values(parameter: torch.Tensor) -> torch.Tensor:
+    """The elements of `parameter` this process holds: under ZeRO-3 partitioning, its own partition
+    without the padding of the last rank; else the whole tensor (the object itself).
+
+    Args:
+        parameter: a parameter, partitioned or not.
+
+    Returns:
+        A view of the partition without padding, or `parameter` itself.
+    """
+    partition = getattr(parameter, "ds_tensor", None)
+    if partition is None or parameter.numel() == getattr(parameter, "ds_numel", parameter.numel()):
+        return parameter
+    size = partition.ds_numel
+    start = size * dist.get_rank(group=parameter.ds_process_group)
+    return partition.reshape(-1).narrow(0, 0, max(0, min(size, parameter.ds_numel - start)))
+
+
+def inference_engine(module: nn.Module, deepspeed_config: dict[str, Any]) -> Any | None:
+    """Under ZeRO-3, partition a frozen `module` like the model: an inference-only DeepSpeed engine (no
+    optimizer, no gradients), so a rank holds about 1/world of it and gathers each layer only for its
+    forward. Collective: every rank calls it. Other stages keep the module whole (they do not partition
+    parameters either).
+
+    Args:
+        module: the frozen module (e.g. the teacher's copy of the model).
+        deepspeed_config: the DeepSpeed configuration the model is trained under; its optimizer and
+            scheduler are left out.
+
+    Returns:
+        The engine, in eval mode, under ZeRO-3; else None.
+    """
+    if deepspeed_config.get("zero_optimization", {}).get("stage") != 3:
+        return None
+    import deepspeed
+
+    config = {k: v for k, v in copy.deepcopy(deepspeed_config).items() if k not in ("optimizer", "scheduler")}
+    engine, *_ = deepspeed.initialize(model=module, config=config)
+    engine.eval()
+    return engine
 
 
 class Partition:
@@ -84,20 +207,20 @@ class Zero12Partition(Partition):
 
     def __init__(self, param: torch.nn.Parameter, optimizer: Any) -> None:
         self.param = param
-        mapping = param._hp_mapping
+        mapping = compat.hp_mapping(param)
         self.start, self.numel = mapping.lp_fragment_address.start, mapping.lp_fragment_address.numel
         self.flat = optimizer.single_partition_of_fp32_groups[mapping.param_group_index]
         self.optimizer = optimizer
         self.offloaded = bool(getattr(optimizer, "cpu_offload", False))
 
     def master(self) -> torch.Tensor:
-        return self.param._hp_mapping.hp_fragment  # looked up each time: offloading states relinks it
+        return compat.hp_mapping(self.param).hp_fragment  # looked up each time: offloading states relinks it
 
     def add_to_master_(self, value: torch.Tensor, alpha: float) -> None:
         self.master().add_(value.to(self.flat.device), alpha=alpha)
 
     def add_to_grad_(self, value: torch.Tensor, alpha: float) -> None:
-        grad = self.param._hp_mapping.get_lp_grad_fragment(self.param._index_in_param_group).view(-1)
+        grad = compat.lp_grad_fragment(self.param).view(-1)
         if grad.numel() == self.param.numel():  # a whole-weight accumulation buffer (bf16): our fragment of it
             grad = grad.narrow(0, self.start, self.numel)
         grad.add_(value.to(grad.device, grad.dtype), alpha=alpha)
@@ -186,7 +309,7 @@ def shard_deltas(deltas: Sequence[DenseDelta], optimizer: Any) -> list[ShardDelt
     for d in deltas:
         if stage3:
             partition: Partition = Zero3Partition(d.param, optimizer)
-        elif getattr(d.param, "_hp_mapping", None) is not None:
+        elif compat.hp_mapping(d.param) is not None:
             partition = Zero12Partition(d.param, optimizer)
         else:
             continue  # ZeRO-1/2: no element of this weight is in this rank's partition
@@ -211,7 +334,7 @@ def before_zero_step(optimizer: Any, hook: Callable[[float], None]) -> None:
 
     # ZeRO-1/2 offload copies the gradients into the fp32 partition asynchronously (from a GPU): let them land first
     offloaded = getattr(optimizer, "cpu_offload", False)
-    wait_for_offload = getattr(optimizer, "_wait_for_offload_copies", None) if offloaded else None
+    wait_for_offload = compat.offload_copies_waiter(optimizer) if offloaded else None
 
     @functools.wraps(step)
     def step_after_hook(*args: Any, **kwargs: Any) -> Any:

@@ -46,6 +46,7 @@ from hf_specgen.alignment import (
     sample_best_of_n,
     win_rate,
 )
+from hf_specgen.atomic import atomic_file
 from hf_specgen.data.preferences import answer_text, explicit_prompt, is_conversational, prompt_text
 from hf_specgen.eval.suites import LM_SUITES, check_suites, evaluate_suites
 from hf_specgen.experiment import (
@@ -58,7 +59,6 @@ from hf_specgen.experiment import (
     one_process_models,
 )
 from hf_specgen.merge import GroupSearch, generate_completions, search_group_alphas
-from hf_specgen.merge.atomic import atomic_file
 from hf_specgen.tiny.names import TINY_INSTRUCTION_REWARD
 from hf_specgen.trl import SpecGenDPOConfig, SpecGenDPOTrainer, SpecGenSFTConfig, SpecGenSFTTrainer
 
@@ -150,6 +150,7 @@ class AlignmentArguments:
 class AlignmentTax(Recipe):
     name = "alignment_tax"
     arguments = AlignmentArguments
+    unkeyed_fields = ("eval_batch_size", "generation_batch_size", "reward_batch_size")  # change no result: in no key
     training_arguments = SpecGenDPOConfig
     algorithms = ("dpo", "rsf")
     reference_method = "sft"
@@ -208,7 +209,8 @@ class AlignmentTax(Recipe):
         if hasattr(model, "peft_config"):  # a LoRA run: DPO wraps the base model itself, its reference the adapter off
             reference = {"peft_config": model.peft_config["default"]}
             model = model.unload()
-        else:  # loaded here like the policy (under ZeRO-3: partitioned, before the trainer finalizes DeepSpeed's config)
+        else:
+            # loaded here like the policy (under ZeRO-3: partitioned, before the trainer finalizes DeepSpeed's config)
             reference = {"ref_model": self.load_model()[0]}
         return SpecGenDPOTrainer(
             model=model, args=args, train_dataset=self.train_data, processing_class=tokenizer, **reference
@@ -409,7 +411,8 @@ def _pairs(name: str, split: str, seed: int, max_samples: int | None) -> dataset
 
 
 def _answer_like(prompt: Any, completion: str) -> Any:
-    """An RSF sample's answer in its prompt's format: text, or the assistant's message after a conversational prompt."""
+    """An RSF sample's answer in its prompt's format: text, or the assistant's message after a conversational
+    prompt."""
     return [{"role": "assistant", "content": completion}] if is_conversational(prompt) else completion
 
 

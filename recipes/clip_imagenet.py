@@ -68,7 +68,8 @@ class ImageClassificationArguments:
     generality_sets: list[str] = field(
         default_factory=lambda: ["imagenet_sketch=songweig/imagenet_sketch:train"],
         metadata={
-            "help": "NAME=SOURCE[:SPLIT] distribution shifts (ImageNet-V2/R/A/Sketch, ObjectNet, other DomainNet domains)."
+            "help": "NAME=SOURCE[:SPLIT] distribution shifts (ImageNet-V2/R/A/Sketch, ObjectNet, other DomainNet "
+            "domains)."
         },
     )
     templates: list[str] = field(
@@ -77,7 +78,8 @@ class ImageClassificationArguments:
     class_names_file: str | None = field(
         default=None,
         metadata={
-            "help": "JSON object from raw class names (e.g. WordNet ids n01440764 of ImageNet-R/A folders) to readable names."
+            "help": "JSON object from raw class names (e.g. WordNet ids n01440764 of ImageNet-R/A folders) to "
+            "readable names."
         },
     )
     eval_batch_size: int = field(default=256, metadata={"help": "Evaluation batch size."})
@@ -130,6 +132,7 @@ def readable_names(path: str | None) -> dict[str, str]:
 class ClipImageNet(Recipe):
     name = "clip_imagenet"
     arguments = ImageClassificationArguments
+    unkeyed_fields = ("eval_batch_size",)  # change no result: in no key
     reference_method = "zero-shot"
     default_lora_targets = r".*vision_model.*\.(q_proj|v_proj)"  # the text tower is the frozen classifier
 

@@ -62,6 +62,7 @@ class MedMCQAArguments:
 class GalacticaMed(Recipe):
     name = "galactica_med"
     arguments = MedMCQAArguments
+    unkeyed_fields = ("eval_batch_size",)  # change no result: in no key
 
     def local_paths(self) -> dict[str, str]:
         name = self.options.dataset_name

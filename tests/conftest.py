@@ -1,4 +1,6 @@
-"""Tiny models built from configs and small synthetic data: nothing is downloaded."""
+"""Tiny models built from configs and small synthetic data (nothing is downloaded), the fixtures every
+test module may use, and the helpers several test modules share: saved checkpoints, the KD term and
+the EWC Fisher written out by hand, LoRA layers, result records."""
 
 from __future__ import annotations
 
@@ -12,14 +14,19 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import datasets
 import pytest
 import torch
+import torch.nn.functional as F
+from peft.tuners.lora import LoraLayer
+from safetensors.torch import load_file
 from transformers import CLIPConfig, CLIPModel, OPTConfig, OPTForCausalLM, T5Config, T5ForConditionalGeneration
 
 from hf_specgen import SpecGenTrainingArguments
+from hf_specgen.eval.records import ResultRecord
 
 
 VOCAB = 64
 SEQ_LEN = 12
 PROMPT_LEN = 3  # the first labels are -100, as with a prompt the loss ignores
+ADAPTER = "default"  # peft's name of the one adapter
 
 
 def tiny_opt(seed: int = 0, dropout: float = 0.0, vocab_size: int = VOCAB) -> OPTForCausalLM:
@@ -161,6 +168,76 @@ def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 @pytest.fixture
 def args_factory(tmp_path):
     return lambda **kwargs: make_args(kwargs.pop("output_dir", tmp_path / "out"), **kwargs)
+
+
+def fisher_of(trainer) -> dict[str, torch.Tensor]:
+    """The EWC Fisher a trainer estimates when training begins (its first weight term's)."""
+    trainer.specgen.begin_training(None)
+    return trainer.specgen.weight_terms[0].fisher
+
+
+def kl_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """KL(softmax(t / T) || softmax(s / T)) of each row (over the last dimension), in float64, by hand."""
+    s, t = student_logits.double() / temperature, teacher_logits.double() / temperature
+    return (F.softmax(t, -1) * (F.log_softmax(t, -1) - F.log_softmax(s, -1))).sum(-1)
+
+
+def kd_by_hand(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    denominator: float | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The KD term written out, in float64: T^2 * the sum of `kl_rows` over the positions `mask` selects
+    (default: every row), divided by `denominator` (default: the number of those rows)."""
+    if mask is not None:
+        student_logits, teacher_logits = student_logits[mask], teacher_logits[mask]
+    rows = kl_rows(student_logits, teacher_logits, temperature)
+    return temperature**2 * rows.sum() / (rows.numel() if denominator is None else denominator)
+
+
+def lora_layers(model: torch.nn.Module) -> dict[str, LoraLayer]:
+    """The LoRA layers of a peft model, by module name."""
+    return {name: module for name, module in model.named_modules() if isinstance(module, LoraLayer)}
+
+
+def save(model, directory, **kwargs) -> Path:
+    """`model.save_pretrained(directory, **kwargs)`; the directory."""
+    model.save_pretrained(directory, **kwargs)
+    return Path(directory)
+
+
+def read_weights(directory, name="model") -> dict[str, torch.Tensor]:
+    """Every tensor of a saved directory, read with safetensors' own `load_file`, shard by shard."""
+    weights = {}
+    for file in sorted(Path(directory).glob(f"{name}*.safetensors")):
+        for key, tensor in load_file(file).items():
+            assert key not in weights, f"{key} stored twice"
+            weights[key] = tensor
+    assert weights, f"no weights in {directory}"
+    return weights
+
+
+@pytest.fixture(scope="module")
+def opt(tmp_path_factory):
+    """A tiny OPT (tied lm_head) and its 'fine-tuned' copy, saved as one file and in several shards."""
+    root = tmp_path_factory.mktemp("opt")
+    pre, ft = tiny_opt(seed=0), tiny_opt(seed=0)
+    perturb_(ft)
+    dirs = {
+        "pre": save(pre, root / "pre"),
+        "ft": save(ft, root / "ft"),
+        "pre_sharded": save(pre, root / "pre_sharded", max_shard_size="4KB"),
+        "ft_sharded": save(ft, root / "ft_sharded", max_shard_size="4KB"),
+    }
+    assert len(list(dirs["ft_sharded"].glob("model-*.safetensors"))) > 2
+    return {**dirs, "pre_sd": read_weights(dirs["pre"]), "ft_sd": read_weights(dirs["ft"])}
+
+
+def point(method: str, s: float, g: float, **kwargs) -> ResultRecord:
+    """A result record of one speciality (`dom`) and one generality (`gen`) score."""
+    return ResultRecord(method=method, speciality={"dom": s}, generality={"gen": g}, **kwargs)
 
 
 def step_and_grads(trainer, batch: dict[str, torch.Tensor]):

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import FakeHub
+from recipe_helpers import interrupt_training, launch, load_recipe, run_files, single_point, stop_message
 from safetensors.torch import load_file
-from test_recipes import interrupt_training, launch, load_recipe, run_files, single_point, stop_message
 from transformers import AutoModelForCausalLM, AutoTokenizer, OPTConfig, OPTForSequenceClassification
 
 from hf_specgen.alignment import (
@@ -25,7 +25,7 @@ from hf_specgen.alignment import (
     win_rate,
 )
 from hf_specgen.data.preferences import explicit_prompt
-from hf_specgen.eval.report import ResultRecord
+from hf_specgen.eval.records import ResultRecord
 from hf_specgen.experiment import ExperimentArguments, Method, parse_config, run_experiment
 from hf_specgen.merge import generate_completions, wise_ft
 from hf_specgen.tiny import GENERAL_TASKS, lm_path

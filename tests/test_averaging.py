@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import lm_dataset, make_args, perturb_, tiny_opt
+from launch_helpers import ENV, ROOT, accelerate_launch
 from peft import LoraConfig, get_peft_model
 from transformers import OPTForCausalLM, TrainerCallback
 
@@ -21,9 +22,7 @@ from hf_specgen import SpecGenTrainer
 from hf_specgen.averaging import WeightAveraging, state_file
 
 
-ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "tests" / "scripts" / "train_averaging.py"
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
 STEPS = 5
 
 
@@ -237,19 +236,8 @@ def test_sma_first_step():
 def launched(tmp_path: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """`tests/scripts/train_averaging.py` (EMA, 4 steps, a checkpoint every 2) in one process (`tmp_path/one`) and
     in 2 under ZeRO-3 (`tmp_path/two`), launched together: the consolidated averaged weights of each."""
-    zero3 = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(ROOT / "recipes/accelerate/zero3.yaml"),
-        "--num_processes",
-        "2",
-        "--main_process_port",
-        "0",
-    ]
     runs = {}
-    for name, launcher in (("one", [sys.executable]), ("two", zero3)):
+    for name, launcher in (("one", [sys.executable]), ("two", accelerate_launch(2, "zero3"))):
         with open(tmp_path / f"{name}.log", "w") as log:
             command = [*launcher, str(SCRIPT), str(tmp_path / name), "--save-steps", "2"]
             runs[name] = subprocess.Popen(command, env=ENV, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
@@ -265,7 +253,8 @@ def evaluated(output_dir: Path) -> dict:
 def test_zero3_average_matches_one_process(tmp_path):
     """Each rank averages its own partitions (about half of each weight, in its own state file); the saved averaged
     model is one process's, and so is a forward of it after training: the small weights DeepSpeed also keeps whole on
-    every rank (persistent, below stage3_param_persistence_threshold) are gathered again from the averaged partitions."""
+    every rank (persistent, below stage3_param_persistence_threshold) are gathered again from the averaged
+    partitions."""
     one, two = launched(tmp_path)
     assert set(one) == set(two)
     for name, weight in one.items():

@@ -10,37 +10,21 @@ from pathlib import Path
 import huggingface_hub
 import pytest
 import torch
-from conftest import VOCAB
-from test_merge import FakeHub, assert_interpolated, opt, read_card, read_weights, save  # noqa: F401 - opt: fixture
-from test_merge_lora import adapted, check_full_merge
+from conftest import VOCAB, FakeHub, read_weights, save
+from merge_helpers import (
+    adapted,
+    assert_interpolated,
+    check_full_merge,
+    expect_usage_error,
+    merge_args,
+    read_card,
+    run,
+)
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import hf_specgen
-from hf_specgen.cli import build_parser, main
+from hf_specgen.cli import build_parser
 from hf_specgen.merge import MergeError, wise_ft
-
-
-def run(argv):
-    """The exit status `specgen argv` would have: main's return value, or the code it exits with."""
-    try:
-        return main([str(a) for a in argv])
-    except SystemExit as exit:
-        return exit.code
-
-
-def merge_args(opt, out, alpha="0.3", *extra):
-    return [
-        "merge",
-        "--pretrained",
-        opt["pre"],
-        "--finetuned",
-        opt["ft"],
-        "--alpha",
-        alpha,
-        "--output-dir",
-        out,
-        *extra,
-    ]
 
 
 def same_files(a, b):
@@ -134,15 +118,6 @@ def test_sweep_of_a_lora_adapter(tmp_path, capsys):
         == 0
     )
     assert (tmp_path / "kept" / "alpha-0.5" / "adapter_model.safetensors").is_file()
-
-
-def expect_usage_error(argv, capsys, *fragments):
-    assert run(argv) == 2
-    captured = capsys.readouterr()
-    assert captured.out == ""
-    for fragment in fragments:
-        assert fragment in captured.err, captured.err
-    return captured.err
 
 
 def test_existing_output_exit_2_and_overwrite(opt, tmp_path, capsys):
@@ -379,7 +354,8 @@ def test_merge_package_and_merge_help_start_without_the_model_stack():
         "heavy = sorted(m for m in ('torch', 'transformers', 'safetensors') if m in sys.modules)\n"
         "import hf_specgen.merge.run\n"
         "from hf_specgen.merge import merge, wise_ft\n"
-        "print('HEAVY', heavy, callable(wise_ft) and not isinstance(wise_ft, types.ModuleType), 'torch' in sys.modules)\n"
+        "print('HEAVY', heavy, callable(wise_ft) and not isinstance(wise_ft, types.ModuleType),"
+        " 'torch' in sys.modules)\n"
     )
     run = subprocess.run(
         [sys.executable, "-c", code],

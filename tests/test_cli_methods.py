@@ -10,13 +10,11 @@ import stat
 import datasets
 import pytest
 import torch
-from conftest import make_args, perturb_, tiny_opt
+from conftest import fisher_of, make_args, perturb_, read_weights, save, tiny_opt
+from merge_helpers import leftovers, merge_config, run, tiny_tokenizer
 from peft import LoraConfig, get_peft_model
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from test_cli import run
-from test_ewc import fisher_of
-from test_merge import leftovers, read_weights, save, tiny_tokenizer
 from transformers import AutoTokenizer, OPTForCausalLM
 
 from hf_specgen import SpecGenTrainer
@@ -78,10 +76,6 @@ def check_interpolated(out, opt3, alpha_of):
     """Every tensor of `out` is WiSE-FT between pre and ft1 at its own alpha, `alpha_of(key)`."""
     pre, ft = sds(opt3, "pre", "ft1")
     return check_merged(out, pre, lambda k: (1 - alpha_of(k)) * pre[k].double() + alpha_of(k) * ft[k].double())
-
-
-def merge_config(out):
-    return json.loads((out / "merge_config.json").read_text())
 
 
 # ---- methods, weights, schedules: end to end against float64 ------------------------------------
@@ -297,7 +291,10 @@ def test_a_method_without_fallback_needs_inputs_for_every_tensor(opt3, tmp_path,
     )
     assert run(["merge", *argv]) == 2
     err = capsys.readouterr().err
-    head = "specgen: error: method 'scaled_step' has no fallback method: its inputs (step_scale) must cover every merged tensor; they lack "
+    head = (
+        "specgen: error: method 'scaled_step' has no fallback method: its inputs (step_scale) must cover every"
+        " merged tensor; they lack "
+    )
     assert err.startswith(head) and err.endswith(" ...\n") and err.count("\n") == 1
     lacking = err.removeprefix(head).removesuffix(" ...\n").split(", ")
     assert len(lacking) == 8 and set(lacking) < set(opt3["pre_sd"]) - {key}
@@ -652,7 +649,8 @@ def test_bad_fisher_arguments_exit_2_before_writing(opt3, tmp_path, capsys):
     refused(
         [*fisher[:1], bare, *fisher[2:], "--num-samples", "4"],
         capsys,
-        f"{bare}: no tokenizer files (tokenizer.json, tokenizer_config.json, ...): save the tokenizer beside the model",
+        f"{bare}: no tokenizer files (tokenizer.json, tokenizer_config.json, ...):"
+        " save the tokenizer beside the model",
         output=out,
     )
     bad = tmp_path / "bad.jsonl"

@@ -2,42 +2,26 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
+from launch_helpers import ENV, torchrun
 
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "train_tiny.py")
 
 
 def run(output_dir, *launcher):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    subprocess.run([*launcher, SCRIPT, str(output_dir)], check=True, env=env, capture_output=True, timeout=300)
+    subprocess.run([*launcher, SCRIPT, str(output_dir)], check=True, env=ENV, capture_output=True, timeout=300)
     with open(os.path.join(output_dir, "result.json")) as f:
         return torch.load(os.path.join(output_dir, "weights.pt")), json.load(f)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_match_one(tmp_path):
     one_weights, one = run(tmp_path / "one", sys.executable)
-    torchrun = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(free_port()),
-    ]
-    two_weights, two = run(tmp_path / "two", *torchrun)
+    two_weights, two = run(tmp_path / "two", *torchrun(2))
     assert (one["world_size"], two["world_size"]) == (1, 2)
     for name, weight in one_weights.items():
         assert torch.allclose(weight, two_weights[name], atol=1e-6), name

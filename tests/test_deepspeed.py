@@ -9,22 +9,19 @@ run resumed from its checkpoint ends where the uninterrupted one does; CPU offlo
 one process on CPU, logs the values of one process too."""
 
 import json
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from launch_helpers import ENV, ROOT, accelerate_launch, torchrun
 from transformers import OPTForCausalLM
 
 from hf_specgen.merge import wise_ft
 
 
-ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "tests" / "scripts" / "train_tiny.py"
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
 PENALTIES = ("loss", "loss_task", "loss_l1", "loss_l2", "loss_ewc", "loss_mas")
 OFFLOADED = (
     "loss",
@@ -37,37 +34,11 @@ OFFLOADED = (
 ADAMW = ("--steps", "4", "--optim", "adamw_torch")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launcher(config: str | None) -> list[str]:
     """One process (None), 2 under torchrun ("torchrun"), or 2 under Accelerate with a recipe's config."""
     if config is None:
         return [sys.executable]
-    if config == "torchrun":
-        return [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            str(free_port()),
-        ]
-    return [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(ROOT / "recipes" / "accelerate" / f"{config}.yaml"),
-        "--num_processes",
-        "2",
-        "--main_process_port",
-        "0",
-    ]
+    return torchrun(2) if config == "torchrun" else accelerate_launch(2, config)
 
 
 def launch(output_dir: Path, regularizers: str, config: str | None, *options: str) -> subprocess.CompletedProcess:
@@ -131,7 +102,8 @@ def one_process_penalties(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def one_process_adamw(tmp_path_factory):
-    """L1, decoupled L2-SP and EWC stepped by torch's AdamW: what DeepSpeed's CPU Adam steps under optimizer offload."""
+    """L1, decoupled L2-SP and EWC stepped by torch's AdamW: what DeepSpeed's CPU Adam steps under optimizer
+    offload."""
     return launched(tmp_path_factory.mktemp("one_adamw"), "l1,l2d,ewc,mas", None, *ADAMW)
 
 

@@ -4,8 +4,7 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
-from conftest import lm_batch, perturb_, tiny_opt
+from conftest import kd_by_hand, lm_batch, perturb_, tiny_opt
 from transformers import OPTForCausalLM
 
 from hf_specgen import SpecGenTrainer
@@ -30,13 +29,12 @@ def term_and_grads(trainer, batch, **kwargs):
 
 
 def manual_kd(model, teacher, batch, temperature, denominator=None):
+    """`kd_by_hand` of the model and the teacher on a causal LM batch (the logits before each supervised
+    token), differentiable in the model's weights, in float32 as the trainer's term."""
     s = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
     with torch.no_grad():
         t = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-    mask = batch["labels"][:, 1:] != -100
-    s, t = s[mask] / temperature, t[mask] / temperature
-    kl = F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="sum")
-    return temperature**2 * kl / (denominator if denominator is not None else mask.sum())
+    return kd_by_hand(s, t, batch["labels"][:, 1:] != -100, temperature, denominator).float()
 
 
 @pytest.mark.parametrize("temperature", [1.0, 2.5])

@@ -16,7 +16,7 @@ from hf_specgen.data.image_classification import load_image_set
 from hf_specgen.eval.clip import accuracy, image_logits, zero_shot_head
 from hf_specgen.eval.lm import TaskScore, _primary_score, _task_manager, evaluate_lm
 from hf_specgen.eval.lm_tasks import MEDMCQA_HUB_ID, medmcqa_task_dir
-from hf_specgen.eval.report import load_records
+from hf_specgen.eval.records import load_records
 from hf_specgen.eval.suites import LM_SUITES, LMSuite, check_suites, suite_scores, task_metrics
 from hf_specgen.tiny import (
     CLASS_NAMES,

@@ -3,16 +3,11 @@
 import datasets
 import pytest
 import torch
-from conftest import lm_dataset, perturb_, snapshot, tiny_opt
+from conftest import fisher_of, lm_dataset, perturb_, snapshot, tiny_opt
 from torch import nn
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from hf_specgen import SpecGenTrainer
-
-
-def fisher_of(trainer):
-    trainer.specgen.begin_training(None)
-    return trainer.specgen.weight_terms[0].fisher
 
 
 def test_empirical_fisher_is_the_mean_of_per_example_squared_gradients(args_factory):

@@ -7,18 +7,15 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import lm_batch, lm_dataset, perturb_, step_and_grads, tiny_opt
+from conftest import ADAPTER, kd_by_hand, lm_batch, lm_dataset, lora_layers, perturb_, step_and_grads, tiny_opt
 from peft import LoraConfig, get_peft_model
-from peft.tuners.lora import LoraLayer
 from torch.overrides import TorchFunctionMode
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from hf_specgen import SpecGenTrainer
-from hf_specgen.anchor import LoraDelta, weight_deltas
+from hf_specgen.anchor import weight_deltas
+from hf_specgen.deltas import LoraDelta
 from hf_specgen.regularizers import EWC
-
-
-ADAPTER = "default"
 
 
 def lora_opt(**config):
@@ -27,10 +24,6 @@ def lora_opt(**config):
     model = get_peft_model(tiny_opt(), LoraConfig(**config))
     perturb_(model, scale=0.3)  # only the adapter (and modules_to_save, biases) weights are trainable
     return model
-
-
-def lora_layers(model):
-    return {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
 
 
 def materialized_deltas(model):
@@ -211,14 +204,6 @@ def test_lora_with_l2_kd_and_feature_keeps_no_copy(args_factory):
 # ---- 4: the teacher is the model with adapters disabled ----------------------------------------------
 
 
-def _kd_by_hand(student_logits, teacher_logits, labels, temperature):
-    s, t, y = student_logits[:, :-1], teacher_logits[:, :-1], labels[:, 1:]  # causal LM: shifted
-    mask = y != -100
-    s, t = s[mask].double() / temperature, t[mask].double() / temperature
-    kl = F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="batchmean")
-    return temperature**2 * kl
-
-
 @pytest.mark.parametrize("term", ["kd", "feature"])
 def test_teacher_is_model_with_adapters_disabled(args_factory, term):
     lam, temperature, seed = 0.8, 2.0, 7
@@ -251,7 +236,8 @@ def test_teacher_is_model_with_adapters_disabled(args_factory, term):
         model.train()
     torch.testing.assert_close(disabled.logits, teacher.logits)
     if term == "kd":
-        expected = lam * _kd_by_hand(student.logits, teacher.logits, batch["labels"], temperature)
+        shifted = batch["labels"][:, 1:] != -100  # causal LM: the logits before each supervised token
+        expected = lam * kd_by_hand(student.logits[:, :-1], teacher.logits[:, :-1], shifted, temperature)
     else:
         # per layer: squared L2 over features, mean over the (all real) tokens; then mean over layers
         s, t = student.hidden_states, teacher.hidden_states
@@ -309,7 +295,8 @@ def test_refused_configuration_works_with_ref_model(args_factory):
     loss, _ = step_and_grads(trainer, batch)
     with torch.no_grad():
         teacher = pretrained(**batch)
-    kd = lam_kd * _kd_by_hand(student.logits.detach(), teacher.logits, batch["labels"], 1.0)
+    shifted = batch["labels"][:, 1:] != -100
+    kd = lam_kd * kd_by_hand(student.logits[:, :-1].detach(), teacher.logits[:, :-1], shifted)
     assert l2 > 1e-3 and kd > 1e-4
     torch.testing.assert_close((loss - student.loss).detach().double(), l2 + kd, rtol=1e-4, atol=1e-8)
 

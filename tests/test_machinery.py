@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import VOCAB, lm_dataset, perturb_, tiny_opt
-from test_deepspeed import free_port
+from launch_helpers import free_port
 
 from hf_specgen import SpecGenTrainer
 from hf_specgen.regularizers import EWC, MAS

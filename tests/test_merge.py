@@ -2,26 +2,34 @@
 streamed shard by shard, against independent computations on the saved tensors."""
 
 import json
-import os
 import re
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
-from conftest import VOCAB, FakeHub, perturb_, tiny_opt
+from conftest import VOCAB, FakeHub, perturb_, read_weights, save, tiny_opt
+from merge_helpers import (
+    PicklePayload,
+    assert_interpolated,
+    count_reads,
+    fail_after,
+    leftovers,
+    read_card,
+    reference,
+    rule_tensors,
+    tiny_llama,
+    tiny_tokenizer,
+    write_checkpoint,
+)
 from safetensors.torch import load_file, save_file
-from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     AutoTokenizer,
     GenerationConfig,
     GPT2Config,
     GPT2LMHeadModel,
-    LlamaConfig,
     LlamaForCausalLM,
     OPTForCausalLM,
-    PreTrainedTokenizerFast,
 )
 
 import hf_specgen.merge.writer as writer_module
@@ -32,83 +40,6 @@ from hf_specgen.merge.writer import ShardedWriter
 
 
 SHARD_NAME = re.compile(r"model-(\d{5})-of-(\d{5})\.safetensors")
-
-
-# ---- helpers: independent readers and the reference interpolation -------------------------------
-
-
-def read_weights(directory, name="model"):
-    """Every tensor of a saved directory, read with safetensors' own `load_file`, shard by shard."""
-    weights = {}
-    for file in sorted(Path(directory).glob(f"{name}*.safetensors")):
-        for key, tensor in load_file(file).items():
-            assert key not in weights, f"{key} stored twice"
-            weights[key] = tensor
-    assert weights, f"no weights in {directory}"
-    return weights
-
-
-def reference(pre, ft, alpha):
-    """(1 - alpha) * pre + alpha * ft, in float64."""
-    return (1 - alpha) * pre.double() + alpha * ft.double()
-
-
-def assert_interpolated(out, pre, ft, alpha, dtype=None):
-    assert out.dtype == (dtype or ft.dtype)
-    assert out.shape == ft.shape
-    torch.testing.assert_close(out.double(), reference(pre, ft, alpha), rtol=1e-6, atol=1e-7)
-
-
-def leftovers(parent):
-    """Temporary or half-written directories a merge may have left beside its output."""
-    return [p.name for p in Path(parent).iterdir() if p.name.endswith((".partial", ".old")) or ".partial" in p.name]
-
-
-def save(model, directory, **kwargs):
-    model.save_pretrained(directory, **kwargs)
-    return Path(directory)
-
-
-def tiny_llama(seed=0, vocab_size=VOCAB, layers=1):
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=layers,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=32,
-        tie_word_embeddings=False,
-    )
-    return LlamaForCausalLM(config)
-
-
-def tiny_tokenizer(words=29):
-    vocab = {"[PAD]": 0, "[UNK]": 1, "<s>": 2, **{f"w{i}": i + 3 for i in range(words)}}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]", bos_token="<s>", eos_token="<s>"
-    )
-    tokenizer.chat_template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
-    return tokenizer
-
-
-@pytest.fixture(scope="module")
-def opt(tmp_path_factory):
-    """A tiny OPT (tied lm_head) and its 'fine-tuned' copy, saved as one file and in several shards."""
-    root = tmp_path_factory.mktemp("opt")
-    pre, ft = tiny_opt(seed=0), tiny_opt(seed=0)
-    perturb_(ft)
-    dirs = {
-        "pre": save(pre, root / "pre"),
-        "ft": save(ft, root / "ft"),
-        "pre_sharded": save(pre, root / "pre_sharded", max_shard_size="4KB"),
-        "ft_sharded": save(ft, root / "ft_sharded", max_shard_size="4KB"),
-    }
-    assert len(list(dirs["ft_sharded"].glob("model-*.safetensors"))) > 2
-    return {**dirs, "pre_sd": read_weights(dirs["pre"]), "ft_sd": read_weights(dirs["ft"])}
 
 
 # ---- full checkpoints ---------------------------------------------------------------------------
@@ -222,22 +153,13 @@ def test_bin_checkpoints_are_read_with_weights_only(opt, tmp_path, monkeypatch):
     assert model.lm_head.weight.data_ptr() == model.model.decoder.embed_tokens.weight.data_ptr()
 
 
-class _Payload:
-    """Unpickling this would create a directory: what `weights_only=True` must refuse to run."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.makedirs, (self.marker,))
-
-
 def test_bin_checkpoint_never_runs_pickled_code(opt, tmp_path):
     marker = tmp_path / "pwned"
     bad = tmp_path / "bad"
     bad.mkdir()
     torch.save(
-        {"model.decoder.embed_tokens.weight": torch.zeros(2), "x": _Payload(str(marker))}, bad / "pytorch_model.bin"
+        {"model.decoder.embed_tokens.weight": torch.zeros(2), "x": PicklePayload(str(marker))},
+        bad / "pytorch_model.bin",
     )
     with pytest.raises(Exception):
         wise_ft(opt["pre"], bad, 0.5, tmp_path / "out")
@@ -246,27 +168,6 @@ def test_bin_checkpoint_never_runs_pickled_code(opt, tmp_path):
 
 
 # ---- tensor rules -------------------------------------------------------------------------------
-
-
-def write_checkpoint(directory, tensors, config=None):
-    """A hand-written model directory: one safetensors file, and a config.json if given."""
-    directory = Path(directory)
-    directory.mkdir(parents=True)
-    save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
-    if config is not None:
-        (directory / "config.json").write_text(json.dumps(config))
-    return directory
-
-
-def rule_tensors(seed, **overrides):
-    g = torch.Generator().manual_seed(seed)
-    tensors = {
-        "w": torch.randn(4, 3, generator=g),
-        "steps": torch.tensor([3, 1, 4], dtype=torch.int64),
-        "mask": torch.tensor([True, False, True]),
-    }
-    tensors.update(overrides)
-    return tensors
 
 
 def test_integer_and_bool_tensors_copied_when_equal(tmp_path):
@@ -495,12 +396,6 @@ def test_side_files_come_from_the_finetuned_model(opt, tmp_path):
     assert (out16 / "tokenizer.json").read_bytes() == (ft_dir / "tokenizer.json").read_bytes()
 
 
-def read_card(directory):
-    text = (Path(directory) / "README.md").read_text()
-    _, metadata, body = text.split("---\n", 2)
-    return yaml.safe_load(metadata), body
-
-
 def test_model_card_base_model_lists_the_hub_ids(tmp_path):
     from hf_specgen.merge.card import write_model_card
 
@@ -523,18 +418,6 @@ def test_model_card_metadata_and_scores(opt, tmp_path):
 
 
 # ---- sweeps -------------------------------------------------------------------------------------
-
-
-def count_reads(monkeypatch):
-    reads = {}
-    original = Checkpoint.get
-
-    def get(self, key):
-        reads[(self.directory.name, key)] = reads.get((self.directory.name, key), 0) + 1
-        return original(self, key)
-
-    monkeypatch.setattr(Checkpoint, "get", get)
-    return reads
 
 
 def test_sweep_reads_each_tensor_once_and_matches_single_merges(opt, tmp_path, monkeypatch):
@@ -598,20 +481,6 @@ def test_sweep_refuses_bad_alphas_before_writing(opt, tmp_path):
 
 
 # ---- safety -------------------------------------------------------------------------------------
-
-
-def fail_after(monkeypatch, target, name, calls, error):
-    original = getattr(target, name)
-    count = {"n": 0}
-
-    def failing(self, *args, **kwargs):
-        count["n"] += 1
-        if count["n"] > calls:
-            raise error
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(target, name, failing)
-    return count
 
 
 @pytest.mark.parametrize("target, name", [(ShardedWriter, "add"), (MergedTensor, "compute")])

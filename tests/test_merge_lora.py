@@ -8,17 +8,24 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import clip_batch, perturb_, tiny_clip, tiny_opt
-from peft import LoraConfig, PeftModel, get_peft_model
-from peft.tuners.lora import LoraLayer
-from test_merge import assert_interpolated, count_reads, leftovers, read_weights, reference, save, tiny_llama
+from conftest import ADAPTER, clip_batch, perturb_, read_weights, save, tiny_clip, tiny_opt
+from merge_helpers import (
+    LORA_CONFIGS,
+    adapted,
+    assert_interpolated,
+    check_full_merge,
+    count_reads,
+    leftovers,
+    lora_weights,
+    reference,
+    tiny_llama,
+    trained_full,
+)
+from peft import PeftModel
 from transformers import CLIPForImageClassification, CLIPModel, GPT2Config, GPT2LMHeadModel
 
 from hf_specgen.cli import main
 from hf_specgen.merge import MergeError, MergeWarning, wise_ft, wise_ft_sweep
-
-
-ADAPTER = "default"
 
 
 def tiny_gpt2():
@@ -27,74 +34,14 @@ def tiny_gpt2():
     return GPT2LMHeadModel(config)
 
 
-def adapted(tmp_path, build=tiny_opt, **config):
-    """The base model saved, and a LoRA adapter on it moved off its init (B != 0), saved: (base dir,
-    adapter dir, peft model). Nothing is trained."""
-    base = build()
-    base_dir = save(base, tmp_path / "base")
-    config = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], **config}
-    model = get_peft_model(base, LoraConfig(**config))
-    perturb_(model, scale=0.3)
-    model.save_pretrained(tmp_path / "adapter")
-    return base_dir, tmp_path / "adapter", model
-
-
-def lora_layers(model):
-    return {
-        name.removeprefix("base_model.model.") + ".weight": module
-        for name, module in model.named_modules()
-        if isinstance(module, LoraLayer)
-    }
-
-
-def trained_full(model, like=None):
-    """Full tensors the adapter trains, by their name in the base model: `modules_to_save` copies, biases.
-    `like`: a trainable peft model whose trained tensors to look up in `model` (loaded, so frozen)."""
-    names = {n for n, p in (like or model).named_parameters() if p.requires_grad and "lora_" not in n}
-    out = {}
-    for name, param in model.named_parameters():
-        if name in names:
-            base_name = name.removeprefix("base_model.model.")
-            out[base_name.replace(f".modules_to_save.{ADAPTER}.", ".").replace(".base_layer.", ".")] = param.detach()
-    return out
-
-
-def check_full_merge(merged, base_sd, model, alpha):
-    """Adapted weights at W0 + alpha * delta, trained full tensors interpolated, everything else the base's."""
-    layers, full = lora_layers(model), trained_full(model)
-    assert layers
-    assert set(merged) == set(base_sd)
-    for key, tensor in merged.items():
-        assert tensor.dtype == base_sd[key].dtype
-        if key in layers:
-            with torch.no_grad():
-                delta = layers[key].get_delta_weight(ADAPTER).double()
-            assert delta.abs().max() > 1e-3  # the adapter does move it
-            expected = base_sd[key].double() + alpha * delta
-            torch.testing.assert_close(tensor.double(), expected, rtol=1e-6, atol=1e-6)
-        elif key in full:
-            assert_interpolated(tensor, base_sd[key], full[key], alpha)
-        else:
-            assert torch.equal(tensor, base_sd[key]), key
-
-
-CONFIGS = {
-    "plain": {},
-    "rslora": {"use_rslora": True, "r": 8, "lora_alpha": 4},
-    "rank_pattern": {"rank_pattern": {"v_proj": 2, "layers.1.self_attn.q_proj": 6}, "alpha_pattern": {"q_proj": 3}},
-    "modules_to_save": {"modules_to_save": ["fc2"]},
-    "bias": {"bias": "lora_only"},
-}
-
-
-@pytest.mark.parametrize("config", list(CONFIGS), ids=list(CONFIGS))
+@pytest.mark.parametrize("config", list(LORA_CONFIGS), ids=list(LORA_CONFIGS))
 def test_lora_merge_is_w0_plus_alpha_delta(tmp_path, config):
-    base_dir, adapter_dir, model = adapted(tmp_path, **CONFIGS[config])
+    base_dir, adapter_dir, model = adapted(tmp_path, **LORA_CONFIGS[config])
     saved = json.loads((adapter_dir / "adapter_config.json").read_text())
-    for key, value in CONFIGS[config].items():
+    for key, value in LORA_CONFIGS[config].items():
         assert saved[key] == value or (key == "modules_to_save" and set(value) <= set(saved[key]))
     if config == "rank_pattern":  # the pattern does change the ranks
-        ranks = {name: layer.r[ADAPTER] for name, layer in lora_layers(model).items()}
+        ranks = {name: layer.r[ADAPTER] for name, layer in lora_weights(model).items()}
         assert ranks["model.decoder.layers.1.self_attn.q_proj.weight"] == 6
         assert ranks["model.decoder.layers.0.self_attn.v_proj.weight"] == 2
         assert ranks["model.decoder.layers.0.self_attn.q_proj.weight"] == 4
@@ -121,7 +68,7 @@ def test_lora_on_gpt2_conv1d_fan_in_fan_out(tmp_path, fan_in_fan_out):
     extra = {} if fan_in_fan_out is None else {"fan_in_fan_out": fan_in_fan_out}
     base_dir, adapter_dir, model = adapted(tmp_path, tiny_gpt2, target_modules=["c_attn", "c_proj"], **extra)
     assert json.loads((adapter_dir / "adapter_config.json").read_text())["fan_in_fan_out"] is True
-    layers = lora_layers(model)
+    layers = lora_weights(model)
     assert "transformer.h.0.attn.c_proj.weight" in layers and layers[
         "transformer.h.0.attn.c_proj.weight"
     ].weight.shape == (16, 16)
@@ -156,7 +103,7 @@ def test_lora_side_files_come_from_base_and_adapter(tmp_path):
 @pytest.mark.parametrize("config", ["plain", "modules_to_save", "bias"])
 def test_keep_adapter_scales_the_effect_by_alpha(tmp_path, config):
     alpha = 0.3
-    base_dir, adapter_dir, model = adapted(tmp_path, **CONFIGS[config])
+    base_dir, adapter_dir, model = adapted(tmp_path, **LORA_CONFIGS[config])
     out = wise_ft(base_dir, adapter_dir, alpha, tmp_path / "out", keep_adapter=True)
     assert {p.name for p in out.iterdir()} == {
         "adapter_model.safetensors",
@@ -166,7 +113,7 @@ def test_keep_adapter_scales_the_effect_by_alpha(tmp_path, config):
     }
     assert (out / "adapter_config.json").read_bytes() == (adapter_dir / "adapter_config.json").read_bytes()
     loaded = PeftModel.from_pretrained(tiny_opt(), out)
-    original, scaled = lora_layers(model), lora_layers(loaded)
+    original, scaled = lora_weights(model), lora_weights(loaded)
     assert original.keys() == scaled.keys()
     for key, layer in scaled.items():
         torch.testing.assert_close(
@@ -305,7 +252,7 @@ def test_clip_classifier_from_zero_shot_head(tmp_path):
 def test_lora_on_input_embeddings(tmp_path):
     """`lora_embedding_A/B` give a delta `(B @ A).T`; peft also saves the embedding's base weight."""
     base_dir, adapter_dir, model = adapted(tmp_path, tiny_llama, target_modules=["embed_tokens", "q_proj"])
-    assert "model.embed_tokens.weight" in lora_layers(model)
+    assert "model.embed_tokens.weight" in lora_weights(model)
     base_sd = read_weights(base_dir)
     check_full_merge(read_weights(wise_ft(base_dir, adapter_dir, 0.4, tmp_path / "out")), base_sd, model, 0.4)
     peft_merged = copy.deepcopy(model).merge_and_unload().state_dict()
@@ -343,7 +290,7 @@ def test_lora_on_a_tied_output_layer_unties_it(tmp_path):
     embeddings = base_sd["model.decoder.embed_tokens.weight"]
     assert torch.equal(merged["model.decoder.embed_tokens.weight"], embeddings)
     with torch.no_grad():
-        delta = lora_layers(model)["lm_head.weight"].get_delta_weight(ADAPTER)
+        delta = lora_weights(model)["lm_head.weight"].get_delta_weight(ADAPTER)
     torch.testing.assert_close(merged["lm_head.weight"], embeddings + 0.5 * delta, rtol=1e-6, atol=1e-6)
     loaded = OPTForCausalLM.from_pretrained(out)
     assert not torch.equal(loaded.lm_head.weight, loaded.model.decoder.embed_tokens.weight)

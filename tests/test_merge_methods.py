@@ -12,11 +12,21 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import VOCAB, lm_dataset, make_args, perturb_, tiny_clip, tiny_opt
+from conftest import ADAPTER, VOCAB, lm_dataset, make_args, perturb_, read_weights, save, tiny_clip, tiny_opt
+from merge_helpers import (
+    LORA_CONFIGS,
+    adapted,
+    leftovers,
+    lora_weights,
+    merge_config,
+    read_card,
+    rule_tensors,
+    tiny_llama,
+    trained_full,
+    write_checkpoint,
+)
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
-from test_merge import leftovers, read_card, read_weights, rule_tensors, save, tiny_llama, write_checkpoint
-from test_merge_lora import ADAPTER, CONFIGS, adapted, lora_layers, trained_full
 from transformers import LlamaForCausalLM, OPTForCausalLM
 
 import hf_specgen.merge.run as run_module
@@ -133,10 +143,6 @@ def fisher_file(path, shapes, seed, low=0.0):
 
 def shapes_of(state_dict):
     return {k: tuple(v.shape) for k, v in state_dict.items() if v.is_floating_point()}
-
-
-def merge_config(directory):
-    return json.loads((Path(directory) / "merge_config.json").read_text())
 
 
 def block_of(key):
@@ -410,7 +416,8 @@ def test_fisher_with_equal_fishers_is_linear(models, tmp_path):
 def test_fisher_zero_on_a_tensor_returns_the_pretrained_tensor(models, tmp_path):
     """F_ft = 0 on a tensor: theta - theta_pre = a eps (theta_ft - theta_pre) / (a eps + (1 - a) F_pre),
     with F_pre >= 0.5 and eps = 1e-8 at most 2e-8 |theta_ft - theta_pre| (a = 0.5), below float32's
-    rounding of theta_pre: within that plus 2 eps32 |theta_pre| (a few roundings of half a unit). With eps = 0.01 the same formula, by hand."""
+    rounding of theta_pre: within that plus 2 eps32 |theta_pre| (a few roundings of half a unit). With eps = 0.01
+    the same formula, by hand."""
     m = models("clip")
     key = "text_model.encoder.layers.1.mlp.fc1.weight"
     alpha = 0.5
@@ -591,7 +598,7 @@ def test_greedy_soup_keeps_exactly_the_models_it_should(tmp_path):
 # ---- LoRA under heterogeneous alphas ------------------------------------------------------------
 
 
-LORA_CONFIG = {**CONFIGS["rank_pattern"], "modules_to_save": ["fc2"]}  # per-module ranks and scales
+LORA_CONFIG = {**LORA_CONFIGS["rank_pattern"], "modules_to_save": ["fc2"]}  # per-module ranks and scales
 
 
 def test_lora_full_merge_with_group_alphas(tmp_path):
@@ -600,7 +607,7 @@ def test_lora_full_merge_with_group_alphas(tmp_path):
     groups = (0.25, 0.75)
     out = merge(base_dir, adapter_dir, AlphaSchedule(group_alphas=groups), tmp_path / "out")
     merged, base_sd = read_weights(out), read_weights(base_dir)
-    layers, full = lora_layers(model), trained_full(model)
+    layers, full = lora_weights(model), trained_full(model)
     assert len(layers) == 4 and {layers[k].scaling[ADAPTER] for k in layers} == {0.75, 0.5, 4.0}
     assert set(merged) == set(base_sd)
     for key, tensor in merged.items():
@@ -625,7 +632,7 @@ def test_lora_keep_adapter_scales_per_module(tmp_path):
     out = merge(base_dir, adapter_dir, schedule, tmp_path / "out", MergeOptions(keep_adapter=True))
     assert (out / "adapter_config.json").read_bytes() == (adapter_dir / "adapter_config.json").read_bytes()
     loaded = PeftModel.from_pretrained(tiny_opt(), out)
-    original, scaled = lora_layers(model), lora_layers(loaded)
+    original, scaled = lora_weights(model), lora_weights(loaded)
     assert original.keys() == scaled.keys()
 
     def alpha_of(key):

@@ -18,8 +18,7 @@ from pathlib import Path
 import huggingface_hub
 import pytest
 import torch
-from test_cli import expect_usage_error, merge_args, run
-from test_merge import _Payload, fail_after, leftovers, opt  # noqa: F401 - opt: fixture
+from merge_helpers import PicklePayload, expect_usage_error, fail_after, leftovers, merge_args, run
 
 from hf_specgen.cli import main
 from hf_specgen.merge import MergeError, wise_ft, wise_ft_sweep
@@ -140,8 +139,8 @@ def test_cli_overwrite_and_overwrite_any(opt, tmp_path, capsys):
     assert run(["merge", "--help"]) == 0
     help_text = " ".join(capsys.readouterr().out.split())
     assert (
-        f"--overwrite replace OUTPUT_DIR if a previous merge wrote it (it holds {MARKER}) or it is empty: everything in it is removed"
-        in help_text
+        f"--overwrite replace OUTPUT_DIR if a previous merge wrote it (it holds {MARKER}) or it is empty:"
+        " everything in it is removed" in help_text
     )
     assert "never an input" in help_text
 
@@ -305,7 +304,7 @@ def check_ctrl_c(opt, tmp_path, monkeypatch, capsys):
 def test_sigterm_while_the_replaced_output_is_removed_waits_for_it(opt, tmp_path, monkeypatch):
     """A SIGTERM while --overwrite's old output is deleted left a half-deleted `.old` directory: now the
     signal waits until the new output is in place and the old one gone, then reaches its handler."""
-    import hf_specgen.merge.atomic as atomic
+    import hf_specgen.atomic as atomic
 
     out = tmp_path / "out"
     wise_ft(opt["pre"], opt["ft"], 0.3, out)
@@ -436,7 +435,7 @@ def corrupt(opt, root, case):
         if case == "bin_legacy":
             torch.save(state, bad, _use_new_zipfile_serialization=False)
         else:
-            torch.save({**state, "x": _Payload(str(root / "pwned"))}, bad)
+            torch.save({**state, "x": PicklePayload(str(root / "pwned"))}, bad)
     return ft, bad
 
 

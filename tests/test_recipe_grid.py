@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import FakeHub
+from recipe_helpers import lm_experiment, load_recipe, run_files
 from safetensors.torch import load_file
-from test_recipes import lm_experiment, load_recipe, run_files
 from transformers import TrainerCallback
 
 from hf_specgen import SpecGenTrainingArguments
-from hf_specgen.eval.report import ResultRecord
+from hf_specgen.eval.records import ResultRecord
 from hf_specgen.experiment import ConfigError, ExperimentArguments, parse_config, run_experiment
 from hf_specgen.experiment.early_stopping import fraction_step
 from hf_specgen.experiment.grid import GRID_FIELDS, expand_points, grid_summary
@@ -275,7 +275,7 @@ def test_publishing_picks_a_point_of_one_strength_and_merges_that_runs_model(swe
     chosen.strength_grids = experiment.strength_grids
     again = run_experiment(recipe, chosen, publishing, hub_api=hub)
     (upload,) = hub.uploads
-    from hf_specgen.eval.report import best_generality
+    from hf_specgen.eval.pareto import best_generality
 
     pick = best_generality([r for r in again if r.method != "pre-trained"], experiment.keep_speciality)
     runs = [

@@ -9,15 +9,16 @@ from pathlib import Path
 
 import pytest
 from conftest import FakeHub
+from recipe_helpers import TINY_CLIP, TINY_LM, launch, lm_experiment, load_recipe, run_files
 from safetensors.torch import load_file
-from test_recipes import TINY_CLIP, TINY_LM, launch, lm_experiment, load_recipe, run_files
 
 from hf_specgen import SpecGenTrainingArguments
-from hf_specgen.eval.report import ResultRecord, chosen_points
+from hf_specgen.eval.markdown import chosen_points
+from hf_specgen.eval.records import ResultRecord
 from hf_specgen.experiment import ConfigError, ExperimentArguments, parse_config, run_experiment
 from hf_specgen.experiment.runner import _schedule_of
 from hf_specgen.merge import AlphaSchedule, merge
-from hf_specgen.tiny import lm_path
+from hf_specgen.tiny import clip_path, lm_path
 
 
 CHOOSING = [
@@ -182,13 +183,14 @@ def test_clip_hma_with_the_labels_as_targets_and_its_merge_is_the_records_ratios
         (0.4, True),
         (0.4, False),
     }
+    assert records[0].model == "hf_specgen/tiny-clip"  # the pre-trained model as the preset names it
     low, high = hma.merge["group_alphas"]
     assert (low + high) / 2 == pytest.approx(0.4, abs=1e-9) and hma.selection["samples"] == "targets"
     merged, (finetuned,) = (
         load_file(Path(hma.model) / "model.safetensors"),
         run_files(tmp_path / "clip", "full-*/finetuned"),
     )
-    tuned, pre = load_file(finetuned / "model.safetensors"), load_file(Path(records[0].model) / "model.safetensors")
+    tuned, pre = load_file(finetuned / "model.safetensors"), load_file(clip_path() / "model.safetensors")
     # the tiny CLIP's vision tower has 3 blocks: 0-1 in the input group, 2 in the output group
     for key, alpha in [
         ("vision_model.encoder.layers.0.mlp.fc1.weight", low),
@@ -246,7 +248,8 @@ def test_chosen_points_compare_hma_with_the_uniform_merge_at_its_mean():
         selection={"rule": "auto", "keep": 0.9, "floor": 0.45, "evaluations": 3, "reused": 1, "monotone": True},
     )
     assert chosen_points([uniform, hma, auto]).splitlines() == [
-        "- full: auto alpha 0.25 (speciality 0.500 >= floor 0.450, generality 0.750) after 3 evaluations (1 reused from the grid)",
+        "- full: auto alpha 0.25 (speciality 0.500 >= floor 0.450, generality 0.750) after 3 evaluations"
+        " (1 reused from the grid)",
         "- full: HMA ratios 0.75/0.25 (mean 0.5): speciality 0.625, generality 0.500; uniform alpha 0.5: 0.500, 0.750 "
         "(HMA +0.125 speciality, -0.250 generality)",
     ]

@@ -3,70 +3,36 @@ launch` as users run them, re-runs that skip what is done and resume what is not
 configurations that stop before training with one clear message."""
 
 import dataclasses
-import importlib.util
 import json
-import os
 import re
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
 import datasets
 import pytest
 import torch
-import yaml
 from conftest import FakeHub
+from recipe_helpers import (
+    RECIPE_CONFIGS,
+    TINY_CLIP,
+    TINY_LM,
+    interrupt_training,
+    launch,
+    lm_experiment,
+    load_recipe,
+    run_files,
+    stop_message,
+)
 from safetensors.torch import load_file
-from transformers import TrainerCallback
 
 from hf_specgen import SpecGenTrainingArguments
-from hf_specgen.eval.report import ResultRecord, best_generality
+from hf_specgen.eval.pareto import best_generality
+from hf_specgen.eval.records import ResultRecord
 from hf_specgen.experiment import ConfigError, ExperimentArguments, Method, parse_config, parse_methods, run_experiment
 from hf_specgen.experiment.grid import GRID_FIELDS
 from hf_specgen.merge import wise_ft
 from hf_specgen.tiny import GENERAL_TASKS, clip_path, lm_path
 from hf_specgen.tiny.names import tiny_dataset
-
-
-ROOT = Path(__file__).resolve().parent.parent
-CONFIGS = ROOT / "recipes" / "configs"
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
-
-
-def single_point(preset: str) -> Path:
-    """The tiny preset without the demo's sweep: the first value of each strength list and no early-stopping
-    points; the base of the tests that run a recipe (a test that wants a sweep asks for it)."""
-    values = yaml.safe_load((CONFIGS / preset).read_text())
-    values = {
-        k: v[0] if k in GRID_FIELDS and isinstance(v, list) else v for k, v in values.items() if k != "eval_fractions"
-    }
-    path = Path(tempfile.mkdtemp(prefix="hf_specgen_presets_")) / preset
-    path.write_text(yaml.safe_dump(values))
-    return path
-
-
-TINY_LM, TINY_CLIP = single_point("galactica_med_tiny.yaml"), single_point("clip_tiny.yaml")
-
-
-def launcher(processes: int, config: str | None = None) -> list[str]:
-    """`accelerate launch` on CPU, or with one of the recipes' Accelerate configs (`config`)."""
-    machine = (
-        ["--config_file", str(ROOT / "recipes" / "accelerate" / f"{config}.yaml")]
-        if config
-        else ["--cpu", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    )
-    return [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        *machine,
-        "--num_processes",
-        str(processes),
-        "--main_process_port",
-        "0",
-    ]
 
 
 LM_ARGS = [
@@ -92,31 +58,6 @@ LM_ARGS = [
 ]
 
 
-def load_recipe(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "recipes" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up while they are defined
-    spec.loader.exec_module(module)
-    return module
-
-
-def launch(script: str, output_dir: Path, *args: str, processes: int = 1, config: str | None = None) -> str:
-    run = subprocess.run(
-        [*launcher(processes, config), str(ROOT / "recipes" / script), "--output_dir", str(output_dir), *args],
-        env=ENV,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert run.returncode == 0, run.stderr[-4000:]
-    return run.stdout
-
-
-def run_files(output_dir: Path, pattern: str) -> list[Path]:
-    return sorted(output_dir.glob(f"runs/{pattern}"))
-
-
 @pytest.fixture(scope="module")
 def lm_demo(tmp_path_factory):
     output_dir = tmp_path_factory.mktemp("lm") / "demo"
@@ -128,6 +69,7 @@ def test_lm_recipe_writes_records_report_and_summaries(lm_demo):
     report = json.loads((output_dir / "report.json").read_text())
     points = {(r["method"], r["alpha"]) for r in report["records"]}
     assert points == {("pre-trained", None), ("full", 0.5), ("full", 1.0), ("l2", 0.5), ("l2", 1.0)}
+    assert [r["model"] for r in report["records"] if r["method"] == "pre-trained"] == ["hf_specgen/tiny-galactica"]
     for record in report["records"]:
         assert set(record["speciality"]) == {"tiny_medmcqa"} and set(record["generality"]) == set(GENERAL_TASKS)
     assert all(
@@ -329,66 +271,6 @@ def test_clip_recipe_on_two_processes(tmp_path):
 # ---- in-process: an interrupted training resumes; publishing ------------------------------------------
 
 
-class Interrupt(Exception):
-    pass
-
-
-class InterruptAt(TrainerCallback):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            raise Interrupt(f"stopped at step {self.step}")
-
-
-def lm_experiment(output_dir: Path, **overrides):
-    module = load_recipe("galactica_med")
-    options, experiment, training = parse_config(
-        (module.MedMCQAArguments, ExperimentArguments, SpecGenTrainingArguments),
-        [
-            "--config",
-            str(TINY_LM),
-            "--hma_groups",
-            "0",
-            "--output_dir",
-            str(output_dir),
-            "--methods",
-            "l2",
-            "--alphas",
-            "0.5",
-            "1",
-            "--max_steps",
-            "4",
-            "--save_strategy",
-            "steps",
-            "--save_steps",
-            "2",
-            "--eval_limit",
-            "4",
-            "--l2_lambda",
-            "1",
-            "--disable_tqdm",
-            "true",
-            "--logging_steps",
-            "1",
-        ],
-    )
-    training = dataclasses.replace(training, **overrides)
-    return module.GalacticaMed(options, training.seed), experiment, training
-
-
-def interrupt_training(recipe, experiment, training, step: int = 3) -> None:
-    """Runs the experiment with its training stopped (an exception) at `step`, as an interrupted run."""
-    build = recipe.build_trainer
-    recipe.build_trainer = lambda *a, **k: (t := build(*a, **k), t.add_callback(InterruptAt(step)))[0]
-    try:
-        with pytest.raises(Interrupt):
-            run_experiment(recipe, experiment, training)
-    finally:
-        recipe.build_trainer = build
-
-
 def test_interrupted_training_resumes_from_its_checkpoint_then_publishes(tmp_path):
     recipe, experiment, training = lm_experiment(tmp_path / "resumed")
     interrupt_training(recipe, experiment, training)
@@ -483,7 +365,7 @@ def test_yaml_preset_then_command_line_overrides(tmp_path):
         (module.MedMCQAArguments, ExperimentArguments, SpecGenTrainingArguments),
         [
             "--config",
-            str(CONFIGS / "galactica_med_tiny.yaml"),
+            str(RECIPE_CONFIGS / "galactica_med_tiny.yaml"),
             "--learning_rate",
             "3e-4",
             "--methods",
@@ -562,7 +444,7 @@ def json_medmcqa_without_answer(tmp_path):
 def test_bad_configuration_stops_before_training_with_one_message(
     args, message, tmp_path, json_medmcqa_without_answer, capsys
 ):
-    preset = (CONFIGS / "galactica_med_tiny.yaml").read_text()
+    preset = (RECIPE_CONFIGS / "galactica_med_tiny.yaml").read_text()
     (tmp_path / "bad_value.yaml").write_text(preset + "learning_rate: fast\n")
     (tmp_path / "bad_key.yaml").write_text(preset + "learnin_rate: 1.0e-3\n")
     values = {
@@ -599,14 +481,6 @@ def counting_calls(monkeypatch, recipe_class) -> list[str]:
     monkeypatch.setattr(recipe_class, "prepare", counted_prepare)
     monkeypatch.setattr(recipe_class, "evaluate", evaluate)
     return calls
-
-
-def stop_message(main, argv: list[str]) -> str:
-    with pytest.raises(SystemExit) as stop:
-        main(argv)
-    assert isinstance(stop.value.code, str), stop.value.code
-    assert len(stop.value.code.splitlines()) == 1, stop.value.code
-    return stop.value.code
 
 
 @pytest.fixture
@@ -680,7 +554,7 @@ def test_missing_local_paths_stop_before_any_work(recipe, args, message, tmp_pat
     preset = "galactica_med_tiny" if recipe == "galactica_med" else "clip_tiny"
     argv = [
         "--config",
-        str(CONFIGS / f"{preset}.yaml"),
+        str(RECIPE_CONFIGS / f"{preset}.yaml"),
         "--output_dir",
         str(tmp_path / "out"),
         *(a.replace("{tmp}", str(tmp_path)) for a in args),
@@ -707,7 +581,9 @@ def test_non_finite_floats_are_refused_naming_the_field(args, field, tmp_path, m
     """NaN passes `x < 0` and `x <= 0` checks (`l2_lambda: nan` trained "l2" as a full fine-tune)."""
     module = load_recipe("galactica_med")
     calls = counting_calls(monkeypatch, module.GalacticaMed)
-    (tmp_path / "nan.yaml").write_text((CONFIGS / "galactica_med_tiny.yaml").read_text() + "lora_dropout: .nan\n")
+    (tmp_path / "nan.yaml").write_text(
+        (RECIPE_CONFIGS / "galactica_med_tiny.yaml").read_text() + "lora_dropout: .nan\n"
+    )
     args = [a.format(nan_preset=tmp_path / "nan.yaml") for a in args]
     error = stop_message(
         module.GalacticaMed.main, ["--config", str(TINY_LM), "--output_dir", str(tmp_path / "out"), *args]
@@ -794,7 +670,7 @@ def test_published_presets_parse(recipe, preset):
     arguments = module.MedMCQAArguments if recipe == "galactica_med" else module.ImageClassificationArguments
     options, experiment, training = parse_config(
         (arguments, ExperimentArguments, SpecGenTrainingArguments),
-        ["--config", str(CONFIGS / f"{preset}.yaml"), "--use_cpu", "true"],
+        ["--config", str(RECIPE_CONFIGS / f"{preset}.yaml"), "--use_cpu", "true"],
     )
     assert options.model_name_or_path in ("facebook/galactica-1.3b", "openai/clip-vit-base-patch16")
     assert experiment.methods == ["full", "l1", "l2", "ewc", "kd", "feature", "lora"] and len(experiment.alphas) == 5
@@ -808,7 +684,7 @@ def test_alignment_presets_parse(preset):
     module = load_recipe("alignment_tax")
     options, experiment, training = parse_config(
         (module.AlignmentArguments, ExperimentArguments, module.SpecGenDPOConfig),
-        ["--config", str(CONFIGS / f"{preset}.yaml"), "--use_cpu", "true"],
+        ["--config", str(RECIPE_CONFIGS / f"{preset}.yaml"), "--use_cpu", "true"],
     )
     assert options.eval_suites == ["alignment_tax"] and options.speciality_metrics == [
         "win_rate",

@@ -6,23 +6,16 @@ import json
 
 import matplotlib.image
 import pytest
+from conftest import point
 
 from hf_specgen.eval import report
-from hf_specgen.eval.report import (
-    ResultRecord,
-    best_generality,
-    load_records,
-    markdown_table,
-    pareto_front,
-    write_report,
-)
+from hf_specgen.eval.markdown import markdown_table
+from hf_specgen.eval.pareto import best_generality, pareto_front
+from hf_specgen.eval.records import ResultRecord, load_records
+from hf_specgen.eval.report import write_report
 
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-def point(method: str, s: float, g: float, **kwargs) -> ResultRecord:
-    return ResultRecord(method=method, speciality={"dom": s}, generality={"gen": g}, **kwargs)
 
 
 @pytest.fixture

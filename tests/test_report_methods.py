@@ -7,26 +7,17 @@ import json
 import re
 
 import pytest
+from conftest import point
 
-from hf_specgen.eval import report
-from hf_specgen.eval.report import (
-    FAINT,
-    ResultRecord,
-    finetuned_point,
-    hypervolume,
-    markdown_table,
-    method_fronts,
-    method_summary,
-    method_table,
-    write_report,
-)
+from hf_specgen.eval import plots
+from hf_specgen.eval.markdown import markdown_table, method_table
+from hf_specgen.eval.pareto import finetuned_point, hypervolume, method_fronts, method_summary
+from hf_specgen.eval.plots import FAINT
+from hf_specgen.eval.records import ResultRecord
+from hf_specgen.eval.report import write_report
 
 
 EARLY = {"fraction": 0.25, "step": 60, "steps": 240}
-
-
-def point(method: str, s: float, g: float, **kwargs) -> ResultRecord:
-    return ResultRecord(method=method, speciality={"dom": s}, generality={"gen": g}, **kwargs)
 
 
 def l2(s: float, g: float, strength: float, **kwargs) -> ResultRecord:
@@ -35,7 +26,8 @@ def l2(s: float, g: float, strength: float, **kwargs) -> ResultRecord:
 
 @pytest.fixture
 def sweep() -> dict[str, ResultRecord]:
-    """pre (0.2, 0.8) and fine-tuned (0.6, 0.4): scaled, speciality x = (s - 0.2) / 0.4, generality y = (g - 0.4) / 0.4."""
+    """pre (0.2, 0.8) and fine-tuned (0.6, 0.4): scaled, speciality x = (s - 0.2) / 0.4,
+    generality y = (g - 0.4) / 0.4."""
     return {
         "pre": point("pre-trained", 0.2, 0.8),
         "full_half": point("full", 0.5, 0.7, alpha=0.5),  # (0.75, 0.75)
@@ -200,7 +192,8 @@ def test_method_table(records):
         " | best generality at speciality >= 0.600 (100%) | hypervolume |",
         "|---|---:|---:|---:|---:|---:|---:|",
         "| full | 1 | 2 | 0.400 (alpha=1) | 0.400 (alpha=1) | 0.400 (alpha=1) | 0.562 |",
-        "| kd | 1 | 1 | 0.500 (kd_lambda=1, l2_lambda=0.1, alpha=1) | 0.500 (kd_lambda=1, l2_lambda=0.1, alpha=1) | - | 0.237 |",
+        "| kd | 1 | 1 | 0.500 (kd_lambda=1, l2_lambda=0.1, alpha=1) "
+        "| 0.500 (kd_lambda=1, l2_lambda=0.1, alpha=1) | - | 0.237 |",
         "| l2 | 2 | 5 | 0.600 (l2_lambda=0.1, alpha=1) | - | - | 0.722 |",
         "",
         "Largest dominated area: l2 (0.722), 0.159 more than full (0.562).",
@@ -231,7 +224,8 @@ def test_write_report_adds_the_per_method_summary_and_table(tmp_path, records):
     assert [ResultRecord.from_dict(r) for r in data["records"]] == records
     markdown = paths["markdown"].read_text()
     section = (
-        "## Per method\n\nEach method is measured against the fine-tuned model, full (alpha=1), whose speciality is 0.600: "
+        "## Per method\n\nEach method is measured against the fine-tuned model, full (alpha=1), "
+        "whose speciality is 0.600: "
         "its most general point keeping each share of that speciality, and the area its own Pareto front dominates, "
         "both axes scaled so that the pre-trained and fine-tuned points span [0, 1] (1: as special as the fine-tuned "
         f"and as general as the pre-trained model).\n\n{method_table(records)}\n\nChosen, not swept:"
@@ -265,7 +259,7 @@ def test_write_report_leaves_the_comparison_out_when_an_axis_has_no_span(tmp_pat
 
 
 def test_plot_draws_one_line_per_method_along_its_front(records):
-    ax = report._figure(records, "Sweep").axes[0]
+    ax = plots._figure(records, "Sweep").axes[0]
     lines = [(line.get_label(), list(line.get_xdata()), list(line.get_ydata())) for line in ax.get_lines()]
     assert lines == [
         ("full", [0.2, 0.5, 0.6], [0.8, 0.7, 0.4]),

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 import torch
-from test_merge import read_weights
+from conftest import read_weights
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_specgen.merge import MergeError, wise_ft

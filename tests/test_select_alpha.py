@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 
 import pytest
-from test_merge import save, tiny_llama
+from conftest import save
+from merge_helpers import tiny_llama
 
 from hf_specgen.merge import AlphaChoice, AlphaSchedule, iter_merge, select_alpha
 

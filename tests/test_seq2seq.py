@@ -7,16 +7,11 @@ import datasets
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import lm_batch, perturb_, seq2seq_batch, tiny_opt, tiny_t5
+from conftest import kd_by_hand, lm_batch, perturb_, seq2seq_batch, tiny_opt, tiny_t5
 from torch import nn
 
 from hf_specgen import SpecGenTrainer
 from hf_specgen.regularizers import EWC
-
-
-def kd_by_hand(student_logits, teacher_logits, mask):
-    s, t = student_logits[mask].double(), teacher_logits[mask].double()
-    return (F.softmax(t, -1) * (F.log_softmax(t, -1) - F.log_softmax(s, -1))).sum() / mask.sum()
 
 
 def test_kd_on_an_encoder_decoder_uses_the_decoder_supervised_positions(args_factory):

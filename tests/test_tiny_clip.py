@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from pathlib import Path
 
 import datasets
 import pytest
@@ -16,7 +17,6 @@ from hf_specgen import SpecGenTrainer
 from hf_specgen.data.image_classification import ClassPromptCollator, class_prompt_loss, freeze_text_tower
 from hf_specgen.eval.clip import accuracy, domain_accuracies, zero_shot_head
 from hf_specgen.tiny import clip_path
-from hf_specgen.tiny.build_clip import train_tokenizer
 from hf_specgen.tiny.images import CLASS_NAMES, DOMAINS, FINETUNE_DOMAIN, image_domains, zero_shot_templates
 
 
@@ -115,8 +115,11 @@ def test_spurious_cue_only_in_the_finetuning_domain():
             assert all(same)
 
 
-def test_tokenizer_training_is_deterministic():
+def test_tokenizer_training_is_deterministic(monkeypatch):
     """The BPE trainer numbers tokens in hash-map order (huggingface/tokenizers#1794): `train_tokenizer` must not."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))  # the builders: tools/ in the repository
+    from tools.tiny.build_clip import train_tokenizer
+
     captions = [c for split in image_domains("pretrain", n_per_class=5).values() for c in split["caption"]]
     first, *others = [train_tokenizer(captions) for _ in range(3)]
     for other in others:

@@ -11,14 +11,14 @@ import datasets
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import perturb_, snapshot
+from conftest import kl_rows, perturb_, snapshot
 from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser
 from trl import DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer, TrlParser
 
 from hf_specgen import SpecGenTrainer, SpecGenTrainingArguments
-from hf_specgen.anchor import DenseDelta, LoraDelta
 from hf_specgen.args import SpecGenArguments
+from hf_specgen.deltas import DenseDelta, LoraDelta
 from hf_specgen.tiny.paths import lm_path
 from hf_specgen.trl import (
     SpecGenDPOConfig,
@@ -251,7 +251,7 @@ def kd_rows(model, teacher, input_ids, positions, **forward):
     with torch.no_grad():
         s = model(input_ids=input_ids, **forward).logits[:, :-1][positions]
         t = teacher(input_ids=input_ids, **forward).logits[:, :-1][positions]
-    return (F.softmax(t, -1) * (F.log_softmax(t, -1) - F.log_softmax(s, -1))).sum(-1)
+    return kl_rows(s, t).float()  # float32, as the trainer's term
 
 
 @pytest.mark.parametrize("padding_free", [False, True], ids=["padded", "padding_free"])

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from ..data.preferences import common_prefix_length
+from ..modes import eval_mode
 from .reward import check_pairs
 
 
@@ -43,13 +44,10 @@ def completion_logps(
         if start == 0 or start == len(ids):
             raise ValueError(f"pair {len(rows)}: the prompt or the completion tokenizes to nothing")
         rows.append((ids, start))
-    was_training, logps = model.training, []
-    model.eval()
-    try:
+    logps = []
+    with eval_mode(model):
         for begin in range(0, len(rows), batch_size):
             logps += _batch_logps(model, rows[begin : begin + batch_size], pad=tokenizer.pad_token_id or 0)
-    finally:
-        model.train(was_training)
     return logps
 
 
@@ -77,8 +75,10 @@ def implicit_reward_accuracy(
     1/2 (so the reference itself scores 0.5). DPO's beta scales both sides alike: it does not matter.
 
     Args:
-        chosen, rejected: the policy's `completion_logps` of each pair's chosen and rejected answers.
-        ref_chosen, ref_rejected: the reference's (the SFT model's).
+        chosen: the policy's `completion_logps` of each pair's chosen answer.
+        rejected: the policy's `completion_logps` of each pair's rejected answer.
+        ref_chosen: the reference's (the SFT model's) `completion_logps` of each chosen answer.
+        ref_rejected: the reference's `completion_logps` of each rejected answer.
 
     Returns:
         The accuracy, in [0, 1].

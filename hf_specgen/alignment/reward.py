@@ -1,14 +1,21 @@
 """Rewards of completions: a reward model's scores, a rule's, and the win rate of one policy's
-completions against another's under the same reward."""
+completions against another's under the same reward.
+
+Rule-based rewards are named in `REWARD_RULES`, which `register_rule` fills: the tiny world's rule
+(`hf_specgen/tiny-instruction-reward`) is registered by `hf_specgen.tiny.rewards`, a provider the
+registry imports on its first lookup, so this package does not import the tiny foundations.
+"""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+
+from ..registry import Registry
 
 
 Prompt = str | list[dict[str, str]]  # text, or messages (a conversational prompt)
@@ -19,6 +26,27 @@ class RewardFunction(Protocol):
     function signature, without its keyword extras); a prompt is text or a list of messages."""
 
     def __call__(self, prompts: Sequence[Prompt], completions: Sequence[str]) -> list[float]: ...
+
+
+# Rule-based rewards by name: a factory that makes the rule (takes no options). Their providers: modules that
+# register rules when imported.
+REWARD_RULES: Registry[Callable[[], RewardFunction]] = Registry("reward rule", ("hf_specgen.tiny.rewards",))
+
+
+def register_rule(name: str, factory: Callable[[], RewardFunction]) -> Callable[[], RewardFunction]:
+    """Names a rule-based reward, so that `load_reward(name)` makes it and `is_rule(name)` holds.
+
+    Args:
+        name: the name a configuration gives (as `reward_model_name_or_path`).
+        factory: makes the reward, without options (e.g. the rule's class).
+
+    Returns:
+        `factory`, so that `register_rule(name, ...)` can decorate a class.
+
+    Raises:
+        ValueError: another rule has the name.
+    """
+    return REWARD_RULES.register(name, factory)
 
 
 class SequenceClassifierReward:
@@ -116,8 +144,8 @@ def load_reward(name: str, **options: Any) -> RewardFunction:
     """The reward named.
 
     Args:
-        name: `hf_specgen/tiny-instruction-reward` (the tiny world's rule, which takes no options), or a
-            reward model's Hub id or directory.
+        name: a rule's (`REWARD_RULES`, e.g. `hf_specgen/tiny-instruction-reward`, the tiny world's; a rule
+            takes no options), or a reward model's Hub id or directory.
         options: `SequenceClassifierReward`'s (`batch_size`, `max_length`, `device`).
 
     Returns:
@@ -129,17 +157,20 @@ def load_reward(name: str, **options: Any) -> RewardFunction:
     if is_rule(name):
         if options:
             raise ValueError(f"{name} is a rule: it takes no options, got {sorted(options)}")
-        from ..tiny.preferences import InstructionReward
-
-        return InstructionReward()
+        return REWARD_RULES[name]()
     return SequenceClassifierReward(name, **options)
 
 
 def is_rule(name: str) -> bool:
-    """Whether `name` is a rule-based reward (the tiny world's), not a reward model to load."""
-    from ..tiny.names import TINY_INSTRUCTION_REWARD
+    """Whether `name` is a rule-based reward (`REWARD_RULES`: the tiny world's), not a reward model to load.
 
-    return name == TINY_INSTRUCTION_REWARD
+    Args:
+        name: `reward_model_name_or_path`.
+
+    Returns:
+        True for a rule's name.
+    """
+    return name in REWARD_RULES
 
 
 def check_reward(name: str, *, messages: bool = False) -> None:
@@ -157,12 +188,9 @@ def check_reward(name: str, *, messages: bool = False) -> None:
         return
     from transformers import AutoConfig, AutoTokenizer
 
-    from ..tiny.names import model_location
-
-    location = model_location(name)
     try:
-        labels = AutoConfig.from_pretrained(location).num_labels
-        template = AutoTokenizer.from_pretrained(location).chat_template if messages else ""
+        labels = AutoConfig.from_pretrained(name).num_labels
+        template = AutoTokenizer.from_pretrained(name).chat_template if messages else ""
     except (OSError, ValueError) as error:  # not found, offline, not a model
         raise ValueError(f"{name!r} cannot be loaded: {error}") from error
     if labels != 1:

@@ -28,6 +28,12 @@ class ClassPromptCollator:
     `class_prompts[i]` is the text for class `i`, e.g. `"a photo of a {}.".format(name)`: they are
     tokenized once and sent with every batch. Use it with `remove_unused_columns=False` (the
     Trainer would otherwise drop the image column, which `CLIPModel.forward` does not name).
+
+    Args:
+        processor: the model's `CLIPProcessor`.
+        class_prompts: one text per class, in label order.
+        image_column: the rows' image column.
+        label_column: the rows' label column (class indices).
     """
 
     processor: ProcessorMixin
@@ -52,13 +58,26 @@ def class_prompt_loss(
     """Cross-entropy of `logits_per_image` against the class labels; a `compute_loss_func` for the Trainer.
 
     Summed and divided by `num_items_in_batch` when the Trainer gives it, so that gradient
-    accumulation averages over the whole accumulated batch."""
+    accumulation averages over the whole accumulated batch.
+
+    Args:
+        outputs: the `CLIPModel` output (with `logits_per_image`).
+        labels: the class indices.
+        num_items_in_batch: the accumulated batch's example count, when the Trainer gives it.
+
+    Returns:
+        The loss.
+    """
     return fixed_cross_entropy(outputs.logits_per_image, labels, num_items_in_batch)
 
 
 def freeze_text_tower(model: CLIPModel) -> None:
     """Freezes the text encoder, its projection and the temperature: the class prompts' embeddings
-    (the classifier) stay the pre-trained ones and only the image tower learns."""
+    (the classifier) stay the pre-trained ones and only the image tower learns.
+
+    Args:
+        model: the CLIP model, changed in place.
+    """
     for module in (model.text_model, model.text_projection):
         module.requires_grad_(False)
     model.logit_scale.requires_grad_(False)
@@ -67,7 +86,15 @@ def freeze_text_tower(model: CLIPModel) -> None:
 def load_image_set(source: str | os.PathLike, split: str = "test") -> datasets.Dataset:
     """An evaluation or training set: a local folder in `imagefolder` layout (one sub-folder per
     class, or `split/class/...`) or a `datasets` id (ImageNet-R, DomainNet, ...) with `image` and
-    `label` columns."""
+    `label` columns.
+
+    Args:
+        source: a local folder or a `datasets` id.
+        split: the split to load.
+
+    Returns:
+        The data set.
+    """
     if not Path(source).is_dir():
         return datasets.load_dataset(str(source), split=split)
     sets = datasets.load_dataset("imagefolder", data_dir=str(source))

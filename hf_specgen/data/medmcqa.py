@@ -20,24 +20,55 @@ IGNORE_INDEX = -100
 
 
 def doc_to_text(doc: Mapping[str, Any]) -> str:
-    """The prompt: question and lettered options, ending in `Answer:`."""
+    """The prompt: question and lettered options, ending in `Answer:`.
+
+    Args:
+        doc: a MedMCQA row.
+
+    Returns:
+        The prompt.
+    """
     options = "\n".join(f"{letter}. {doc[key]}" for letter, key in zip("ABCD", OPTION_KEYS))
     return f"Question: {doc['question']}\nOptions:\n{options}\nAnswer:"
 
 
 def doc_to_choice(doc: Mapping[str, Any]) -> list[str]:
+    """The four options' texts, the choices lm-eval scores after the prompt.
+
+    Args:
+        doc: a MedMCQA row.
+
+    Returns:
+        The texts of options A to D.
+    """
     return [doc[key] for key in OPTION_KEYS]
 
 
 def answer(doc: Mapping[str, Any]) -> str:
-    """The text of the correct option (`cop` is 0-3 in the Hub data set)."""
+    """The text of the correct option (`cop` is 0-3 in the Hub data set).
+
+    Args:
+        doc: a MedMCQA row.
+
+    Returns:
+        The correct option's text.
+    """
     return doc[OPTION_KEYS[doc["cop"]]]
 
 
 def tokenize_for_training(
     doc: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase, max_length: int = 512
 ) -> dict[str, list[int]]:
-    """`input_ids` of prompt + " answer" + end of line, with `labels` on the answer only."""
+    """`input_ids` of prompt + " answer" + end of line, with `labels` on the answer only.
+
+    Args:
+        doc: a MedMCQA row.
+        tokenizer: the model's tokenizer.
+        max_length: tokens at most: the sequence is cut at the end (the answer's tokens first).
+
+    Returns:
+        `input_ids`, `attention_mask` and `labels` (-100 outside the answer).
+    """
     prompt = tokenizer(doc_to_text(doc), add_special_tokens=False)["input_ids"]
     target = tokenizer(f" {answer(doc)}\n", add_special_tokens=False)["input_ids"]
     input_ids = (prompt + target)[:max_length]

@@ -77,23 +77,53 @@ def _conversational(prompt: Any, chosen: Messages, rejected: Messages) -> dict[s
 
 
 def common_prefix_length(a: Sequence[Any], b: Sequence[Any]) -> int:
-    """How many leading items (characters, token ids) `a` and `b` share."""
+    """How many leading items (characters, token ids) `a` and `b` share.
+
+    Args:
+        a: a sequence.
+        b: another.
+
+    Returns:
+        The length of their common prefix.
+    """
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def is_conversational(prompt: Any) -> bool:
-    """Whether a prompt is messages (rendered through a chat template) rather than text."""
+    """Whether a prompt is messages (rendered through a chat template) rather than text.
+
+    Args:
+        prompt: a prompt, text or messages.
+
+    Returns:
+        True for messages.
+    """
     return isinstance(prompt, list)
 
 
 def prompt_text(prompt: str | Messages, tokenizer: Any) -> str:
     """The text a model generates after: a text prompt as it is, messages through the tokenizer's chat
-    template with the generation prompt."""
+    template with the generation prompt.
+
+    Args:
+        prompt: a text prompt or messages.
+        tokenizer: the model's tokenizer (its chat template for messages).
+
+    Returns:
+        The prompt's text.
+    """
     if isinstance(prompt, str):
         return prompt
     return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
 
 
 def answer_text(answer: str | Messages) -> str:
-    """An answer's text: a text answer as it is, the content of a one-message answer."""
+    """An answer's text: a text answer as it is, the content of a one-message answer.
+
+    Args:
+        answer: a text answer or one message.
+
+    Returns:
+        The answer's text.
+    """
     return answer if isinstance(answer, str) else answer[-1]["content"]

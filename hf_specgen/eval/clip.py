@@ -20,23 +20,30 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import CLIPModel, ProcessorMixin
 
+from ..modes import eval_mode
+
 
 @contextlib.contextmanager
 def _inference(model: torch.nn.Module) -> Iterator[None]:
     """Eval mode (no dropout) and no autograd, restoring the previous mode on exit."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.no_grad():
+        yield
 
 
 def zero_shot_head(
     model: CLIPModel, processor: ProcessorMixin, class_names: Sequence[str], templates: Sequence[str]
 ) -> torch.Tensor:
-    """The `[classes, projection_dim]` zero-shot classifier, already multiplied by `logit_scale.exp()`."""
+    """The `[classes, projection_dim]` zero-shot classifier, already multiplied by `logit_scale.exp()`.
+
+    Args:
+        model: the CLIP model.
+        processor: its processor.
+        class_names: the class names, in label order.
+        templates: prompt templates, `{}` the class name; each class's embeddings are averaged over them.
+
+    Returns:
+        The head.
+    """
     device = model.logit_scale.device
     rows = []
     with _inference(model):
@@ -55,7 +62,19 @@ def image_logits(
     batch_size: int = 256,
     image_column: str = "image",
 ) -> torch.Tensor:
-    """`[len(dataset), classes]` logits of the normalized image embeddings against `head`."""
+    """`[len(dataset), classes]` logits of the normalized image embeddings against `head`.
+
+    Args:
+        model: the CLIP model.
+        processor: its processor.
+        dataset: the images.
+        head: a `zero_shot_head`.
+        batch_size: images per forward.
+        image_column: the dataset's image column.
+
+    Returns:
+        The logits, on the model's device.
+    """
     device = model.logit_scale.device
     out = []
     with _inference(model):
@@ -70,7 +89,16 @@ def image_logits(
 
 def pixel_logits(model: CLIPModel, pixel_values: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
     """`[batch, classes]` logits of processed images against `head`: the normalized image embeddings
-    times the head (differentiable with respect to the image tower)."""
+    times the head (differentiable with respect to the image tower).
+
+    Args:
+        model: the CLIP model.
+        pixel_values: the processor's `pixel_values`.
+        head: a `zero_shot_head`.
+
+    Returns:
+        The logits.
+    """
     embeds = F.normalize(model.get_image_features(pixel_values=pixel_values).pooler_output, dim=-1)
     return embeds @ head.to(embeds.dtype).T
 
@@ -88,7 +116,21 @@ def accuracy(
     """Top-1 accuracy of `head` on `dataset` (columns `image_column`, `label_column`).
 
     With `class_subset` (indices into the head's classes; labels stay in the head's index space)
-    the prediction is the best class of the subset only."""
+    the prediction is the best class of the subset only.
+
+    Args:
+        model: the CLIP model.
+        processor: its processor.
+        dataset: the images and labels.
+        head: a `zero_shot_head`.
+        batch_size: images per forward.
+        image_column: the dataset's image column.
+        label_column: the dataset's label column.
+        class_subset: the classes the set covers; None: all.
+
+    Returns:
+        The accuracy, in [0, 1].
+    """
     logits = image_logits(model, processor, dataset, head, batch_size, image_column)
     labels = torch.tensor(list(dataset[label_column]), device=logits.device)
     if class_subset is None:
@@ -109,7 +151,20 @@ def domain_accuracies(
     class_subsets: Mapping[str, Sequence[int]] | None = None,
 ) -> dict[str, float]:
     """Zero-shot accuracy on each dataset of `domains` (e.g. a `DatasetDict` of shifts), one head
-    for all; `class_subsets[name]` masks the logits of a set that covers only those classes."""
+    for all; `class_subsets[name]` masks the logits of a set that covers only those classes.
+
+    Args:
+        model: the CLIP model.
+        processor: its processor.
+        domains: the evaluation sets by name.
+        class_names: the class names, in label order.
+        templates: the prompt templates of the head.
+        batch_size: images per forward.
+        class_subsets: the classes of the sets that cover part of them, by set name.
+
+    Returns:
+        Each set's accuracy, by name.
+    """
     head = zero_shot_head(model, processor, class_names, templates)
     subsets = class_subsets or {}
     return {

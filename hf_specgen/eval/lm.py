@@ -23,7 +23,15 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class TaskScore:
-    """One task's primary metric (the one asked for, else the first its YAML lists), as lm-eval reports it."""
+    """One task's primary metric (the one asked for, else the first its YAML lists), as lm-eval reports it.
+
+    Args:
+        task: the lm-eval task name.
+        metric: the metric's name, e.g. `"acc"`.
+        value: the metric's value.
+        stderr: its standard error, when lm-eval reports one.
+        n: the number of examples scored.
+    """
 
     task: str
     metric: str
@@ -79,6 +87,20 @@ def evaluate_lm(
     An in-memory model is evaluated as it is (no save and reload), e.g. a WiSE-FT merge from
     `iter_wise_ft`; a path or Hub id is loaded by lm-eval itself (which also splits the data
     across the processes of an `accelerate launch`: then the other processes get `{}`).
+
+    Args:
+        model: an in-memory model, or a directory or Hub id.
+        tasks: the task names.
+        tokenizer: the in-memory model's tokenizer (required for one; a path loads its own).
+        include_path: directories of task YAMLs beside lm-eval's registry.
+        num_fewshot: few-shot examples per prompt (default: each task's own).
+        limit: examples per task at most (lm-eval's `limit`: a float below 1 is a share of each task).
+        batch_size: lm-eval's batch size (`"auto"` too).
+        device: the device a path or Hub id is loaded on (default: lm-eval's).
+        metrics: `{task: metric}` for tasks not scored by their first metric.
+
+    Returns:
+        Each task's `TaskScore`, by task name.
     """
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM

@@ -9,15 +9,14 @@ on, for the Hub data set as for the tiny foundations' local copy.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from .. import __version__
+from ..atomic import atomic_directory
+from ..version import __version__
 
 
 MEDMCQA_HUB_ID = "openlifescienceai/medmcqa"
@@ -64,16 +63,12 @@ def _cache_root() -> Path:
 def cached_task_dir(name: str, write: Callable[[Path, Path], Any]) -> Path:
     """A task directory written once per package version under `$HF_SPECGEN_HOME` (default
     `~/.cache/hf_specgen`): `write(staging, final)` fills a staging directory, whose files must
-    name `final`, the directory it is then renamed to (atomic: DDP ranks may race)."""
+    name `final`, the directory it is then renamed to (`atomic_directory`: DDP ranks may race, the
+    first one to finish wins)."""
     target = _cache_root() / f"{name}-{__version__}"
     if not target.is_dir():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{name}-"))
-        write(staging, target)
-        try:
-            staging.rename(target)
-        except OSError:  # another process finished first
-            shutil.rmtree(staging)
+        with atomic_directory(target, replace=False, what="the task") as staging:
+            write(staging, target)
     return target
 
 

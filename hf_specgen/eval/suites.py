@@ -4,41 +4,51 @@ method and every alpha is scored the same way (`specgen eval --suite ...`).
 LM suites are lm-eval tasks (the registry's for real runs; local task directories for MedMCQA
 with the training prompt and for the tiny foundations), each scored on [0, 1] since the report
 averages a side's scores: a suite names the metric of a task whose first is not the one wanted,
-and the factor that brings a 0-100 score (BLEU, SQuAD's F1) to [0, 1]. `tiny_clip` scores a CLIP
-zero-shot on the tiny image domains: the fine-tuning domain is the speciality, the others the
-shifts.
+and the factor that brings a 0-100 score (BLEU, SQuAD's F1) to [0, 1]. A CLIP suite scores a CLIP
+directory with its own function (`tiny_clip`: zero-shot on the tiny image domains, the fine-tuning
+domain the speciality, the others the shifts).
+
+The suites live in two registries, `LM_SUITES` and `CLIP_SUITES`; `register_suite` adds one. The
+tiny foundations register theirs (`hf_specgen.tiny.suites`, a provider the registries import on the
+first lookup), so this package does not import them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+from ..registry import Registry
 from .lm_tasks import medmcqa_task_dir
 
 
 if TYPE_CHECKING:  # the CLI reads the suite names without loading the model stack
-    from datasets import Dataset
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
     from .lm import TaskScore
 
 Role = Literal["speciality", "generality"]
-
-
-def _tiny_task_dir() -> Path:
-    from ..tiny import task_dir
-
-    return task_dir()
+Scores = dict[Role, dict[str, float]]
+# Modules that register suites when imported (`Registry`'s providers): the tiny foundations'.
+SUITE_PROVIDERS = ("hf_specgen.tiny.suites",)
 
 
 @dataclass(frozen=True)
 class LMSuite:
     """lm-eval tasks scored for one side of the trade-off; `task_dir` writes their YAMLs when
     they are not in lm-eval's registry; `metrics` maps a task to the lm-eval metric scored and
-    its scale (default: the first metric its YAML lists, scale 1)."""
+    its scale (default: the first metric its YAML lists, scale 1).
+
+    Args:
+        name: the suite's name (`--suite NAME`).
+        tasks: the lm-eval task names.
+        role: the side it scores, `"speciality"` or `"generality"`.
+        description: what it measures, for the help and errors.
+        task_dir: writes the tasks' YAMLs and returns their directory; None: lm-eval's registry.
+        metrics: `{task: (metric, scale)}` for the tasks not scored by their first metric at scale 1.
+    """
 
     name: str
     tasks: tuple[str, ...]
@@ -61,62 +71,106 @@ class LMSuite:
         return scores[task].value * self.pick(task)[1]
 
 
-LM_SUITES = {
-    suite.name: suite
-    for suite in (
-        LMSuite(
-            "commonsense",
-            ("arc_easy", "arc_challenge", "race", "boolq", "piqa"),
-            "generality",
-            "common sense, as in the published study (lm-eval registry; downloads its data)",
-        ),
-        LMSuite(
-            "alignment_tax",
-            ("arc_easy", "arc_challenge", "race", "piqa", "squadv2", "drop", "wmt14-fr-en"),
-            "generality",
-            "what preference alignment costs, as in 'Mitigating the Alignment Tax of RLHF': common "
-            "sense (accuracy), SQuAD v2 and DROP (F1), WMT14 fr-en (BLEU / 100) (lm-eval registry; downloads its "
-            "data from the Hub)",
-            # DROP lists `em` first; SQuAD v2 (a Python task, no metric list) and BLEU report 0-100
-            metrics={"squadv2": ("f1", 0.01), "drop": ("f1", 1.0), "wmt14-fr-en": ("bleu", 0.01)},
-        ),
-        LMSuite(
-            "instruction",
-            ("ifeval",),
-            "generality",
-            "instruction following (lm-eval's ifeval; needs `pip install lm-eval[ifeval]`)",
-        ),
-        LMSuite(
-            "medmcqa",
-            ("specgen_medmcqa",),
-            "speciality",
-            "MedMCQA validation split with the training prompt (openlifescienceai/medmcqa)",
-            medmcqa_task_dir,
-        ),
-        LMSuite(
-            "tiny_general",
-            ("tiny_arithmetic", "tiny_instructions", "tiny_world_facts", "tiny_cause_effect"),
-            "generality",
-            "the tiny LM's four general skills (offline)",
-            _tiny_task_dir,
-        ),
-        LMSuite(
-            "tiny_medmcqa",
-            ("tiny_medmcqa",),
-            "speciality",
-            "the tiny LM's MedMCQA-schema domain, test split (offline)",
-            _tiny_task_dir,
-        ),
-    )
-}
-CLIP_SUITES = {"tiny_clip": "the tiny CLIP zero-shot on each image domain (fine-tuning domain: speciality)"}
-SUITES = {**{name: suite.description for name, suite in LM_SUITES.items()}, **CLIP_SUITES}
+@dataclass(frozen=True)
+class ClipSuite:
+    """A CLIP evaluation: `evaluate(model, batch_size=...)` scores a CLIP directory (or Hub id) on
+    both sides, `{"speciality": {...}, "generality": {...}}`, each score on [0, 1].
+
+    Args:
+        name: the suite's name (`--suite NAME`).
+        description: what it measures, for the help and errors.
+        evaluate: the scoring function, `evaluate(model, batch_size=...)`.
+    """
+
+    name: str
+    description: str
+    evaluate: Callable[..., Scores]
+
+
+LM_SUITES: Registry[LMSuite] = Registry(
+    "LM suite",
+    SUITE_PROVIDERS,
+    {
+        suite.name: suite
+        for suite in (
+            LMSuite(
+                "commonsense",
+                ("arc_easy", "arc_challenge", "race", "boolq", "piqa"),
+                "generality",
+                "common sense, as in the published study (lm-eval registry; downloads its data)",
+            ),
+            LMSuite(
+                "alignment_tax",
+                ("arc_easy", "arc_challenge", "race", "piqa", "squadv2", "drop", "wmt14-fr-en"),
+                "generality",
+                "what preference alignment costs, as in 'Mitigating the Alignment Tax of RLHF': common "
+                "sense (accuracy), SQuAD v2 and DROP (F1), WMT14 fr-en (BLEU / 100) (lm-eval registry; downloads its "
+                "data from the Hub)",
+                # DROP lists `em` first; SQuAD v2 (a Python task, no metric list) and BLEU report 0-100
+                metrics={"squadv2": ("f1", 0.01), "drop": ("f1", 1.0), "wmt14-fr-en": ("bleu", 0.01)},
+            ),
+            LMSuite(
+                "instruction",
+                ("ifeval",),
+                "generality",
+                "instruction following (lm-eval's ifeval; needs `pip install lm-eval[ifeval]`)",
+            ),
+            LMSuite(
+                "medmcqa",
+                ("specgen_medmcqa",),
+                "speciality",
+                "MedMCQA validation split with the training prompt (openlifescienceai/medmcqa)",
+                medmcqa_task_dir,
+            ),
+        )
+    },
+)
+CLIP_SUITES: Registry[ClipSuite] = Registry("CLIP suite", SUITE_PROVIDERS)
+
+
+def register_suite(suite: LMSuite | ClipSuite) -> LMSuite | ClipSuite:
+    """Makes `suite` known to `check_suites`, `evaluate_suites` and `specgen eval --suite`.
+
+    Args:
+        suite: an LM suite (lm-eval tasks) or a CLIP suite (a scoring function).
+
+    Returns:
+        `suite`.
+
+    Raises:
+        ValueError: another suite has its name.
+    """
+    registry, other = (LM_SUITES, CLIP_SUITES) if isinstance(suite, LMSuite) else (CLIP_SUITES, LM_SUITES)
+    if suite.name in other:
+        raise ValueError(f"suite {suite.name!r} is registered already as {other.kind}")
+    return registry.register(suite.name, suite)
+
+
+class _Descriptions(Mapping[str, str]):
+    """Every suite's description by name, LM suites first (what `specgen eval --help` lists)."""
+
+    def __getitem__(self, name: str) -> str:
+        return (LM_SUITES[name] if name in LM_SUITES else CLIP_SUITES[name]).description
+
+    def __iter__(self) -> Iterator[str]:
+        return iter([*LM_SUITES, *CLIP_SUITES])
+
+    def __len__(self) -> int:
+        return len(LM_SUITES) + len(CLIP_SUITES)
+
+
+SUITES: Mapping[str, str] = _Descriptions()  # name -> description, every suite
 
 
 def check_suites(names: Sequence[str], both_sides: bool = False) -> None:
     """Stops on an unknown suite, a mix of LM and CLIP suites or, with `both_sides` (a result
     record needs both), suites that leave speciality or generality unmeasured, before any model
-    is loaded."""
+    is loaded.
+
+    Args:
+        names: the suites' names.
+        both_sides: require speciality and generality both measured.
+    """
     unknown = [name for name in names if name not in SUITES]
     if unknown:
         raise ValueError(f"unknown suite(s) {unknown}; known: {sorted(SUITES)}")
@@ -141,15 +195,28 @@ def evaluate_suites(
     device: str | None = None,
 ) -> dict[Role, dict[str, float]]:
     """`{"speciality": {metric: score}, "generality": {...}}` of `model` on the named suites
-    (lm-eval for LM suites; a CLIP directory for `tiny_clip`, where `limit` and `num_fewshot` do
-    not apply)."""
+    (lm-eval for LM suites; a CLIP directory for a CLIP suite such as `tiny_clip`, where `limit`
+    and `num_fewshot` do not apply).
+
+    Args:
+        model: an in-memory model, or a directory or Hub id.
+        suites: the suites' names.
+        tokenizer: the in-memory model's tokenizer.
+        limit: examples per task at most.
+        num_fewshot: few-shot examples per prompt.
+        batch_size: the evaluation's batch size.
+        device: the device a path is loaded on.
+
+    Returns:
+        The scores by side and metric.
+    """
     from .lm import evaluate_lm
 
     check_suites(suites)
     if suites[0] in CLIP_SUITES:
         if limit is not None or num_fewshot is not None:
-            raise ValueError("tiny_clip scores every test image zero-shot: limit and num_fewshot do not apply")
-        return evaluate_tiny_clip(model, batch_size=batch_size)
+            raise ValueError(f"{suites[0]} scores every test image zero-shot: limit and num_fewshot do not apply")
+        return CLIP_SUITES[suites[0]].evaluate(model, batch_size=batch_size)
     chosen = [LM_SUITES[name] for name in suites]
     metrics = task_metrics(chosen)
     include = sorted({str(suite.task_dir()) for suite in chosen if suite.task_dir})
@@ -172,7 +239,14 @@ def evaluate_suites(
 
 def task_metrics(chosen: Sequence[LMSuite]) -> dict[str, str]:
     """The metric named for each task of `chosen` that names one; stops on a task that two
-    suites score differently (one lm-eval run scores it once)."""
+    suites score differently (one lm-eval run scores it once).
+
+    Args:
+        chosen: the LM suites to run.
+
+    Returns:
+        `{task: metric}`.
+    """
     picks: dict[str, tuple[str | None, float]] = {}
     for suite in chosen:
         for task in suite.tasks:
@@ -185,27 +259,16 @@ def task_metrics(chosen: Sequence[LMSuite]) -> dict[str, str]:
 
 
 def suite_scores(chosen: Sequence[LMSuite], scores: "Mapping[str, TaskScore]") -> dict[Role, dict[str, float]]:
-    """`{"speciality": {task: score}, "generality": {...}}` from lm-eval's `scores`, each on [0, 1]."""
+    """`{"speciality": {task: score}, "generality": {...}}` from lm-eval's `scores`, each on [0, 1].
+
+    Args:
+        chosen: the LM suites that were run.
+        scores: lm-eval's scores by task (`evaluate_lm`'s result).
+
+    Returns:
+        The scores by side and task.
+    """
     result: dict[Role, dict[str, float]] = {"speciality": {}, "generality": {}}
     for suite in chosen:
         result[suite.role].update({task: suite.score(task, scores) for task in suite.tasks})
     return result
-
-
-def evaluate_tiny_clip(
-    model: str | Path, seed: int = 0, batch_size: int = 256, domains: "Mapping[str, Dataset] | None" = None
-) -> dict[Role, dict[str, float]]:
-    """Zero-shot accuracy of a CLIP directory on each tiny image domain's test split (`domains`:
-    that split already rendered, when several models are scored on it)."""
-    from transformers import CLIPModel, CLIPProcessor
-
-    from ..tiny.images import CLASS_NAMES, FINETUNE_DOMAIN, image_domains, zero_shot_templates
-    from .clip import domain_accuracies
-
-    clip, processor = CLIPModel.from_pretrained(model), CLIPProcessor.from_pretrained(model)
-    domains = image_domains("test", seed) if domains is None else domains
-    scores = domain_accuracies(clip, processor, domains, CLASS_NAMES, zero_shot_templates(), batch_size)
-    return {
-        "speciality": {FINETUNE_DOMAIN: scores[FINETUNE_DOMAIN]},
-        "generality": {domain: score for domain, score in scores.items() if domain != FINETUNE_DOMAIN},
-    }

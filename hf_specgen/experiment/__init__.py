@@ -1,8 +1,10 @@
 """Recipes' shared machinery: configuration, methods, the experiment loop and its sources."""
 
+from .arguments import ExperimentArguments
 from .config import ConfigError, parse_config
 from .methods import METHODS, Method, parse_methods
-from .recipe import ExperimentArguments, Recipe
+from .recipe import Recipe
+from .recipe_base import RecipeBase
 from .runner import one_process_models, publish, run_experiment
 from .sources import check_model, check_output_dir, check_paths, is_local_path, load_split
 
@@ -13,6 +15,7 @@ __all__ = [
     "METHODS",
     "Method",
     "Recipe",
+    "RecipeBase",
     "check_model",
     "check_output_dir",
     "check_paths",

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from accelerate import PartialState
 from transformers import TrainerCallback
+
+from ..atomic import distributed_atomic_directory
 
 
 CHECKPOINT_INFO = "specgen_checkpoint.json"  # in each saved directory: {"fraction", "step", "steps"}
@@ -54,8 +55,8 @@ class EarlyCheckpoints(TrainerCallback):
         save: writes the model (every process calls it: under ZeRO-3 saving gathers), e.g. the trainer's
             `save_model`, or one that saves a moving average of the weights.
         fractions: shares of the training's optimizer steps, each in (0, 1).
-        root: where the directories go; each is written aside and renamed in once complete, so an
-            interrupted save leaves no directory that looks finished.
+        root: where the directories go; each is written aside and renamed in once complete
+            (`distributed_atomic_directory`), so an interrupted save leaves no directory that looks finished.
     """
 
     def __init__(self, save: Callable[[str], Any], fractions: Sequence[float], root: str | Path) -> None:
@@ -72,18 +73,12 @@ class EarlyCheckpoints(TrainerCallback):
             self._save(fraction, state.global_step, state.max_steps)
 
     def _save(self, fraction: float, step: int, steps: int) -> None:
-        process = PartialState()
-        target = checkpoint_directory(self.root, fraction)
-        partial = target.with_name(target.name + ".partial")
-        if process.is_main_process:
-            shutil.rmtree(partial, ignore_errors=True)
-            shutil.rmtree(target, ignore_errors=True)  # a resumed run saves it again, the same weights
-        process.wait_for_everyone()
-        self.save(str(partial))
-        if process.is_main_process:
-            (partial / CHECKPOINT_INFO).write_text(json.dumps({"fraction": fraction, "step": step, "steps": steps}))
-            partial.rename(target)
-        process.wait_for_everyone()
+        target = checkpoint_directory(self.root, fraction)  # a resumed run saves it again, the same weights
+        with distributed_atomic_directory(target) as temporary:
+            self.save(str(temporary))  # every process: ZeRO-3 gathers the weights to write them
+            if PartialState().is_main_process:
+                info = {"fraction": fraction, "step": step, "steps": steps}
+                (temporary / CHECKPOINT_INFO).write_text(json.dumps(info))
 
 
 def saved_checkpoint(root: Path, fraction: float) -> dict[str, Any] | None:

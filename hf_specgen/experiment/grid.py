@@ -16,12 +16,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..regularizers import REGULARIZERS
+from ..regularizers import REGULARIZERS, weight_field
 from .methods import Method
 
 
 # The options that may hold a list of strengths.
-GRID_FIELDS = (*(f"{name}_lambda" for name in REGULARIZERS), "lora_r")
+GRID_FIELDS = (*(weight_field(name) for name in REGULARIZERS), "lora_r")
 COMBINATIONS = ("product", "paired")
 
 

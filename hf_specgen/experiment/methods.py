@@ -16,6 +16,7 @@ import math
 from dataclasses import dataclass
 
 from ..args import SpecGenTrainingArguments
+from ..regularizers import MAS, weight_field
 from ..regularizers import REGULARIZERS as REGISTRY
 
 
@@ -23,13 +24,23 @@ REGULARIZERS = tuple(REGISTRY)
 METHODS = ("full", *REGULARIZERS, "lora")
 ALGORITHMS = ("dpo", "rsf")  # training algorithms a recipe may offer (`Recipe.algorithms`)
 AVERAGES = ("ema", "sma")  # moving averages of the weights during training (`hf_specgen.averaging`)
-# What a recipe compares when its configuration names no methods (MAS is opt-in: `--methods ... mas`).
-DEFAULT_METHODS = ("full", "l1", "l2", "ewc", "kd", "feature", "lora")
+# Regularizers a recipe trains only when its configuration names them (`--methods ... mas`).
+OPT_IN = (MAS.name,)
+# What a recipe compares when its configuration names no methods: every method but the opt-in ones.
+DEFAULT_METHODS = tuple(method for method in METHODS if method not in OPT_IN)
 
 
 @dataclass(frozen=True)
 class Method:
-    """A named way to fine-tune: the regularizers it switches on and whether it trains a LoRA adapter."""
+    """A named way to fine-tune: the regularizers it switches on and whether it trains a LoRA adapter.
+
+    Args:
+        name: the method's name as written, e.g. `"kd+feature"`, `"full+ema"`, `"dpo+l2"`.
+        regularizers: the regularizers it switches on, e.g. `("kd", "feature")`.
+        lora: whether it trains a LoRA adapter.
+        average: `"ema"` or `"sma"`: the run's model is the moving average of its weights; None: the weights.
+        algorithm: `"dpo"` or `"rsf"` (`ALGORITHMS`); None: the recipe's first or only way to train.
+    """
 
     name: str
     regularizers: tuple[str, ...]
@@ -67,19 +78,19 @@ class Method:
     @property
     def strength_fields(self) -> tuple[str, ...]:
         """The options that set this method's strengths: each regularizer's `<name>_lambda`, and `lora_r`."""
-        return (*(f"{r}_lambda" for r in self.regularizers), *(("lora_r",) if self.lora else ()))
+        return (*(weight_field(r) for r in self.regularizers), *(("lora_r",) if self.lora else ()))
 
     def training_arguments(self, base: SpecGenTrainingArguments, **changes: object) -> SpecGenTrainingArguments:
         """`base` with this method's regularizers at their configured strength and the others off."""
         strengths = {
-            f"{r}_lambda": getattr(base, f"{r}_lambda") if r in self.regularizers else 0.0 for r in REGULARIZERS
+            weight_field(r): getattr(base, weight_field(r)) if r in self.regularizers else 0.0 for r in REGULARIZERS
         }
         return dataclasses.replace(base, **strengths, **changes)
 
     def hyperparameter(self, base: SpecGenTrainingArguments, lora_r: int) -> tuple[str | None, float | None]:
         """The strength a report shows beside the method: its single regularizer's weight, or LoRA's rank."""
         if len(self.regularizers) == 1 and not self.lora:
-            name = f"{self.regularizers[0]}_lambda"
+            name = weight_field(self.regularizers[0])
             return name, getattr(base, name)
         if self.lora and not self.regularizers:
             return "lora_r", float(lora_r)
@@ -88,16 +99,24 @@ class Method:
 
 def parse_methods(names: list[str], base: SpecGenTrainingArguments) -> list[Method]:
     """The methods named, checked: known, not repeated, and each regularizer given a finite strength
-    > 0 (and `kd` a finite temperature > 0), whatever `base`'s own checks let through."""
+    > 0 (and `kd` a finite temperature > 0), whatever `base`'s own checks let through.
+
+    Args:
+        names: the methods' names, e.g. `["full", "l2", "kd+feature"]`.
+        base: the training arguments holding the strengths.
+
+    Returns:
+        The parsed methods, in the order given.
+    """
     if not names:
         raise ValueError("methods is empty: name at least one of " + ", ".join(METHODS))
     if len(set(names)) != len(names):
         raise ValueError(f"methods {names} name a method twice")
     methods = [Method.parse(name) for name in names]
     for method in methods:
-        needs = {f"{r}_lambda": "its strength" for r in method.regularizers}
-        if "kd" in method.regularizers:
-            needs["kd_temperature"] = "the distillation temperature"
+        needs = {weight_field(r): "its strength" for r in method.regularizers}
+        for r in method.regularizers:
+            needs.update(REGISTRY[r].positive_options)  # e.g. kd's temperature
         for name, what in needs.items():
             value = getattr(base, name)
             if not math.isfinite(value) or value <= 0:  # isfinite first: NaN passes `<= 0`

@@ -3,11 +3,11 @@ merge the WiSE-FT alphas, score both sides (and the early-stopping checkpoints),
 report, and optionally publish the chosen model.
 
 Each run (a method at one of its strengths) lives in `output_dir/runs/<method>-<key>/`, `key` hashing
-everything that changes its fine-tuned model (recipe data and model, method, training arguments,
-LoRA and averaging options), and its scores in `records-<key>/`, keyed by the evaluation's settings. Re-running skips what exists: a fine-tuned
-model is not retrained, a scored alpha is not re-scored, and an interrupted training resumes from
-its last checkpoint. Training runs on every process of a launch; merging and scoring
-run on the main process while the others wait.
+everything that changes its fine-tuned model (`run_key`: recipe data and model, method, training
+arguments, LoRA and averaging options), and its scores in `records-<key>/`, keyed by the evaluation's
+settings. Re-running skips what exists: a fine-tuned model is not retrained, a scored alpha is not
+re-scored, and an interrupted training resumes from its last checkpoint. Training runs on every
+process of a launch; merging and scoring run on the main process while the others wait.
 """
 
 from __future__ import annotations
@@ -28,16 +28,20 @@ from accelerate import PartialState
 from transformers.trainer_utils import get_last_checkpoint
 
 from ..args import SpecGenTrainingArguments
-from ..eval.report import DEFAULT_TITLE, ResultRecord, best_generality, markdown_table, schedule_summary, write_report
+from ..eval.markdown import markdown_table
+from ..eval.pareto import best_generality
+from ..eval.records import ResultRecord, schedule_summary
+from ..eval.report import DEFAULT_TITLE, write_report
 from ..merge import AlphaSchedule, MergeError, MergeOptions, merge, merge_sweep, select_alpha
 from ..merge.checkpoint import Checkpoint, resolve
 from ..merge.run import alpha_dirname
 from ..merge.search import check_groups
+from .arguments import ExperimentArguments
 from .config import ConfigError
 from .early_stopping import EarlyCheckpoints, checkpoint_directory, saved_checkpoint
 from .grid import TrainingPoint, expand_points, grid_summary
 from .methods import Method, parse_methods
-from .recipe import ExperimentArguments, Recipe
+from .recipe_base import RecipeBase
 from .sources import check_output_dir, check_paths, remove_created
 
 
@@ -73,9 +77,19 @@ _NOT_IN_KEY = {
 
 
 def run_experiment(
-    recipe: Recipe, experiment: ExperimentArguments, base: SpecGenTrainingArguments, hub_api: Any = None
+    recipe: RecipeBase, experiment: ExperimentArguments, base: SpecGenTrainingArguments, hub_api: Any = None
 ) -> list[ResultRecord]:
-    """Runs every method of `experiment` on `recipe`; returns the records the report was made of."""
+    """Runs every method of `experiment` on `recipe`; returns the records the report was made of.
+
+    Args:
+        recipe: the fine-tuning task (model, data, trainer, evaluation).
+        experiment: which methods, strengths and alphas to run, and how to report and publish.
+        base: the training arguments every run starts from.
+        hub_api: an `HfApi`-like object for publishing (default: `huggingface_hub.HfApi()`).
+
+    Returns:
+        The records the report was made of.
+    """
     state = PartialState()
     root = Path(base.output_dir)
     created: list[Path] = []
@@ -149,9 +163,9 @@ def weight_averaging(method: Method, experiment: ExperimentArguments, anchor_dev
     return WeightAveraging("sma", sma_start=experiment.sma_start, sma_window=experiment.sma_window, device=device)
 
 
-def _check_hma(recipe: Recipe, groups: int) -> None:
+def _check_hma(recipe: RecipeBase, groups: int) -> None:
     """HMA points need the recipe's ratio search and a model with at least `groups` blocks per stack."""
-    if type(recipe).search_group_alphas is Recipe.search_group_alphas:
+    if type(recipe).search_group_alphas is RecipeBase.search_group_alphas:
         raise ConfigError(f"recipe {recipe.name} has no HMA ratio search (search_group_alphas): remove hma_groups")
     try:
         check_groups(Checkpoint(resolve(recipe.pretrained)).keys(), groups)
@@ -163,11 +177,16 @@ def _check_hma(recipe: Recipe, groups: int) -> None:
 def one_process_models() -> Iterator[None]:
     """Within it, models the main process loads alone (to merge or score) are loaded whole: under ZeRO-3,
     `from_pretrained` would otherwise enter `deepspeed.zero.Init`, a collective that the waiting
-    processes never join."""
+    processes never join.
+
+    Yields:
+        Nothing: the block runs with ZeRO-3's partitioned loading switched off.
+    """
     from transformers.integrations import deepspeed as hf_deepspeed
 
-    reference = hf_deepspeed._hf_deepspeed_config_weak_ref
-    config = reference() if reference is not None else None
+    from .. import compat
+
+    config = compat.hf_deepspeed_config()
     hf_deepspeed.unset_hf_deepspeed_config()
     try:
         yield
@@ -180,16 +199,72 @@ def _key(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
-def _reference(recipe: Recipe, root: Path, state: PartialState) -> ResultRecord:
+def training_algorithm(recipe: RecipeBase, method: Method) -> str | None:
+    """The algorithm `method` trains with on `recipe`.
+
+    Returns:
+        The one the method names, else the recipe's first (`algorithms`), else None (the recipe's own loss).
+    """
+    return method.algorithm or (recipe.algorithms[0] if recipe.algorithms else None)
+
+
+def run_key(
+    recipe: RecipeBase,
+    method: Method,
+    base: SpecGenTrainingArguments,
+    experiment: ExperimentArguments,
+    lora_r: int,
+) -> str:
+    """The key of a run's directory (`runs/<method>-<key>`): a hash of everything that changes its fine-tuned model.
+
+    That is the recipe's `fingerprint()`, the training arguments (every field but `_NOT_IN_KEY`, this method's
+    regularizers on and the others off), a LoRA run's `lora_*` options, the algorithm and its
+    `algorithm_fingerprint()` (for recipes that offer algorithms), an averaged run's averaging options, and the
+    recipe's options that no fingerprint reads (`RecipeBase.unclaimed_options`). Each of the last three is hashed
+    only where it exists, so that the runs of the other recipes and methods keep their keys.
+
+    Args:
+        recipe: the recipe (its options set).
+        method: the method trained.
+        base: the training arguments with this run's strengths.
+        experiment: the experiment's options (LoRA and averaging).
+        lora_r: this run's LoRA rank.
+
+    Returns:
+        Ten hexadecimal digits.
+    """
+    options = {k: v for k, v in dataclasses.asdict(experiment).items() if k != "strength_grids"}
+    lora = {k: v for k, v in options.items() if k.startswith("lora_")} if method.lora else None
+    if lora is not None:
+        lora["lora_r"] = lora_r
+    training = {k: v for k, v in method.training_arguments(base).to_dict().items() if k not in _NOT_IN_KEY}
+    parts = [recipe.fingerprint(), training, lora]
+    algorithm = training_algorithm(recipe, method)
+    if algorithm is not None:  # only then: the runs of single-algorithm recipes keep their keys
+        parts.append({"algorithm": algorithm, **recipe.algorithm_fingerprint(algorithm)})
+    if method.average:  # only then: the runs of the other methods keep their keys
+        parts.append(
+            {k: options[k] for k in ("ema_decay",) if method.average == "ema"}
+            | {k: options[k] for k in ("sma_start", "sma_window") if method.average == "sma"}
+        )
+    unclaimed = recipe.unclaimed_options()
+    if unclaimed:  # only then: recipes whose fingerprints read every option keep their keys
+        parts.append({"options": unclaimed})
+    return _key(*parts)
+
+
+def _reference(recipe: RecipeBase, root: Path, state: PartialState) -> ResultRecord:
     """The pre-trained model's scores (every method's alpha = 0), evaluated once."""
-    key = _key(recipe.options.model_name_or_path, recipe.eval_fingerprint())
+    unclaimed = recipe.unclaimed_options()  # an option no fingerprint reads may change the scores too
+    key = _key(recipe.options.model_name_or_path, recipe.eval_fingerprint(), *([unclaimed] if unclaimed else []))
     path = root / "runs" / recipe.reference_method / f"records-{key}" / "record.json"
     if state.is_main_process and not path.is_file():
         start = time.perf_counter()
         with one_process_models():
             scores = recipe.evaluate(Path(recipe.pretrained))
         cost = {"eval_s": round(time.perf_counter() - start, 1)}
-        ResultRecord(method=recipe.reference_method, cost=cost, model=recipe.pretrained, **scores).save(path)
+        given = recipe.options.model_name_or_path  # as named (a tiny name, Hub id or path), not the resolved directory
+        ResultRecord(method=recipe.reference_method, cost=cost, model=given, **scores).save(path)
     state.wait_for_everyone()
     record = ResultRecord.load(path)
     if state.is_main_process:
@@ -203,9 +278,10 @@ def _scores(record: ResultRecord) -> str:
 
 @dataclasses.dataclass
 class _Run:
-    """One method's fine-tune at one of its strengths, its WiSE-FT merges and early-stopping points, in its own directory."""
+    """One method's fine-tune at one of its strengths, its WiSE-FT merges and early-stopping points, in its own
+    directory."""
 
-    recipe: Recipe
+    recipe: RecipeBase
     point: TrainingPoint
     experiment: ExperimentArguments
     base: SpecGenTrainingArguments  # the configuration's; __post_init__ sets this point's strengths in it
@@ -217,23 +293,9 @@ class _Run:
         self.lora_r = int(strengths.pop("lora_r", self.experiment.lora_r))
         if strengths:
             self.base = dataclasses.replace(self.base, **strengths)
-        options = {k: v for k, v in dataclasses.asdict(self.experiment).items() if k != "strength_grids"}
-        lora = {k: v for k, v in options.items() if k.startswith("lora_")} if self.method.lora else None
-        if lora is not None:
-            lora["lora_r"] = self.lora_r
-        training = {
-            k: v for k, v in self.method.training_arguments(self.base).to_dict().items() if k not in _NOT_IN_KEY
-        }
-        parts = [self.recipe.fingerprint(), training, lora]
-        self.algorithm = self.method.algorithm or (self.recipe.algorithms[0] if self.recipe.algorithms else None)
-        if self.algorithm is not None:  # only then: the runs of single-algorithm recipes keep their keys
-            parts.append({"algorithm": self.algorithm, **self.recipe.algorithm_fingerprint(self.algorithm)})
-        if self.method.average:  # only then: the runs of the other methods keep their keys
-            parts.append(
-                {k: options[k] for k in ("ema_decay",) if self.method.average == "ema"}
-                | {k: options[k] for k in ("sma_start", "sma_window") if self.method.average == "sma"}
-            )
-        self.directory = self.root / "runs" / f"{self.method.name}-{_key(*parts)}"
+        self.algorithm = training_algorithm(self.recipe, self.method)
+        key = run_key(self.recipe, self.method, self.base, self.experiment, self.lora_r)
+        self.directory = self.root / "runs" / f"{self.method.name}-{key}"
         self.finetuned = self.directory / "finetuned"
         self.records = self.directory / f"records-{_key(self.recipe.eval_fingerprint())}"
         chooses = self.experiment.chooses(self.method.name)  # selection_methods
@@ -322,7 +384,8 @@ class _Run:
         )
         inner = sorted(a for a in choice.evaluated if 0.0 < a < upper)  # what the bracket scored besides the ends
         alpha, reason = choice.alpha, choice.reason
-        # never less general than a point the run already shows: a grid point the bracket did not visit may meet the floor
+        # never less general than a point the run already shows: a grid point the bracket did not visit may meet
+        # the floor
         shown = {a: ResultRecord.load(self.record_path(a)) for a in self.alphas if self.record_path(a).is_file()}
         better = {
             a: r
@@ -541,7 +604,8 @@ class _Run:
         selection: dict[str, Any] | None = None,
         checkpoint: dict[str, Any] | None = None,
     ) -> None:
-        """Scores `model` (the merge at `alpha`, or with `checkpoint` an early-stopping point) and writes its record to `path`."""
+        """Scores `model` (the merge at `alpha`, or with `checkpoint` an early-stopping point) and writes its record
+        to `path`."""
         hyperparameter, value = self.method.hyperparameter(self.base, self.lora_r)
         start = time.perf_counter()
         scores = self.recipe.evaluate(model)
@@ -597,8 +661,8 @@ class _Run:
             else ""
         )
         print(
-            f"[{self.recipe.name}] {self.point.describe()}: {training['steps']} steps in {training['train_s']:.0f} s{resumed}; "
-            f"speciality / generality {points}",
+            f"[{self.recipe.name}] {self.point.describe()}: {training['steps']} steps in "
+            f"{training['train_s']:.0f} s{resumed}; speciality / generality {points}",
             flush=True,
         )
 
@@ -647,7 +711,18 @@ def publish(
     """Merges the chosen point again (at its alpha) and pushes it with the report's table in its card.
 
     The rule: among the fine-tuned points keeping at least `keep` of the best speciality, the most
-    general one (`best_generality`); with `publish_point` auto, among the methods' auto-alpha picks."""
+    general one (`best_generality`); with `publish_point` auto, among the methods' auto-alpha picks.
+
+    Args:
+        records: the experiment's records.
+        runs: the experiment's runs (where each fine-tuned model lies).
+        keep: the share of the best speciality the published point keeps (`keep_speciality`).
+        base: the training arguments (`hub_model_id`, `hub_private_repo`, ...).
+        hub_api: an `HfApi`-like object (default: `huggingface_hub.HfApi()`).
+
+    Returns:
+        The local directory of the published merge (`output_dir/published`).
+    """
 
     def run_of(record: ResultRecord) -> _Run | None:  # the run (method and strengths) that made the record
         return next(

@@ -28,7 +28,20 @@ def load_split(
     max_samples: int | None = None,
 ) -> datasets.Dataset:
     """`split` of the data set `name`, its first `max_samples` rows; `images`: a local folder is an
-    `imagefolder` (one sub-folder per class)."""
+    `imagefolder` (one sub-folder per class).
+
+    Args:
+        name: a `datasets` Hub id, a local folder or data file (`.json`, `.jsonl`, `.csv`, `.parquet`:
+            the `train` split), or a tiny data set's name.
+        split: the split to load.
+        columns: the columns it must have (a missing one is a `ConfigError`).
+        images: the data set is images (a local folder is an `imagefolder`).
+        seed: the seed a tiny data set is generated from.
+        max_samples: its first rows at most; None: all.
+
+    Returns:
+        The split.
+    """
     try:
         if is_tiny_dataset(name):
             data = tiny_dataset(name, split, seed)
@@ -68,7 +81,14 @@ def _data_file(name: str, split: str) -> datasets.Dataset:
 
 
 def check_model(name: str) -> str:
-    """The model's location (a tiny name resolved to its directory), once its configuration loads."""
+    """The model's location (a tiny name resolved to its directory), once its configuration loads.
+
+    Args:
+        name: a Hub id, a local directory or a tiny foundation's name.
+
+    Returns:
+        The model's location to load from.
+    """
     from transformers import AutoConfig
 
     location = model_location(name)
@@ -82,7 +102,14 @@ def check_model(name: str) -> str:
 def is_local_path(name: str) -> bool:
     """Whether a "Hub id or directory" names a local file or folder: it exists, starts like a path
     (`/`, `./`, `../`, `~`), or cannot be a Hub id (`data/domainnet/real`: two slashes); tiny names
-    are not. An absent `namespace/name` is left to its loader (a Hub id, or a typo it reports)."""
+    are not. An absent `namespace/name` is left to its loader (a Hub id, or a typo it reports).
+
+    Args:
+        name: a Hub id or a path.
+
+    Returns:
+        True for a local file or folder.
+    """
     if model_location(name) != name or is_tiny_dataset(name):
         return False
     if os.path.exists(name) or name in (".", "..") or name.startswith(("/", "./", "../", "~")):
@@ -96,7 +123,11 @@ def is_local_path(name: str) -> bool:
 
 def check_paths(paths: Mapping[str, str]) -> None:
     """Each local path of the configuration (field -> path) exists and can be read; the first that
-    does not is a `ConfigError` naming its field."""
+    does not is a `ConfigError` naming its field.
+
+    Args:
+        paths: the configuration's local paths by field name.
+    """
     for field_name, name in paths.items():
         path = Path(name).expanduser()
         if not path.exists():
@@ -108,7 +139,14 @@ def check_paths(paths: Mapping[str, str]) -> None:
 def check_output_dir(output_dir: str | os.PathLike) -> list[Path]:
     """Creates `output_dir` if missing and writes and removes a probe file in it, so that a directory
     that cannot be written is a `ConfigError` (naming `output_dir` and the reason) before any work.
-    Returns the directories it created, deepest first, for `remove_created` if the run stops."""
+    Returns the directories it created, deepest first, for `remove_created` if the run stops.
+
+    Args:
+        output_dir: the run's output directory.
+
+    Returns:
+        The directories it created, deepest first.
+    """
     path = Path(output_dir)
     created, existing = [], path.absolute()
     while not os.path.exists(existing) and existing != existing.parent:

@@ -1,4 +1,5 @@
-"""The model card of a merged model: where it came from, the method, and what alpha means."""
+"""Model cards: `write_card` (YAML front matter and a Markdown body, for every card hf_specgen writes) and the card
+of a merged model (`write_model_card`: where it came from, the method, and what alpha means)."""
 
 from __future__ import annotations
 
@@ -54,8 +55,18 @@ def write_model_card(
         data, body = _method_card(pretrained, tuned, hub_ids, alpha, record)
     if scores:
         body += ["", "## Speciality and generality", "", scores.strip()]
-    card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body) + "\n")
-    card.save(directory / "README.md")
+    write_card(directory, data, body)
+
+
+def write_card(directory: Path, data: ModelCardData, body: Sequence[str]) -> None:
+    """`README.md`, as on the Hub: `data` as the YAML front matter, then the Markdown `body`.
+
+    Args:
+        directory: the model's directory.
+        data: the card's metadata (license, tags, base model, ...).
+        body: the Markdown lines after the front matter.
+    """
+    ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body) + "\n").save(directory / "README.md")
 
 
 def _method_card(
@@ -106,7 +117,8 @@ def _describe(schedule: Mapping[str, Any]) -> str:
     if kind == "groups":
         text = (
             f"{len(schedule['group_alphas'])} groups of consecutive blocks, input side first: "
-            f"{', '.join(f'{a:g}' for a in schedule['group_alphas'])}; outside the blocks: {schedule['outside_alpha']:g}"
+            f"{', '.join(f'{a:g}' for a in schedule['group_alphas'])}; "
+            f"outside the blocks: {schedule['outside_alpha']:g}"
         )
     elif kind == "rules":
         rules = "; ".join(f"`{pattern}` -> {a:g}" for pattern, a in schedule["rules"])

@@ -1,16 +1,15 @@
 """The exceptions of merging: their messages name the problem (path, key, value)."""
 
+from ..atomic import AtomicWriteError
+
 
 class MergeError(ValueError):
     """Bad input to a merge: nothing has been written when it is raised."""
 
 
-class MergeWriteError(OSError):
-    """Writing the output failed (disk full, read-only file system, permissions): nothing was left
+class MergeWriteError(AtomicWriteError):
+    """Writing the merge's output failed (disk full, read-only file system, permissions): nothing was left
     behind, and an output it was to replace is intact. Its message starts with the output path."""
-
-    def __str__(self) -> str:
-        return self.strerror or super().__str__()
 
 
 class MergeWarning(UserWarning):

@@ -30,11 +30,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..anchor import DenseDelta, is_peft_model
+from ..anchor import is_peft_model
+from ..atomic import atomic_file
 from ..batches import right_padded
+from ..deltas import DenseDelta
 from ..regularizers import EWC, ImportanceSample
-from .atomic import atomic_file
-from .errors import MergeWarning
+from .errors import MergeWarning, MergeWriteError
 from .inputs import checkpoint_name
 
 
@@ -289,7 +290,7 @@ def save_fisher(
         raise ValueError("the Fisher holds no tensors")
     tensors = {key: value.detach().to("cpu", torch.float32).contiguous() for key, value in fisher.items()}
     header = {"format": "pt", "written_by": "hf_specgen", **{k: str(v) for k, v in (metadata or {}).items()}}
-    with atomic_file(path) as temporary:
+    with atomic_file(path, error=MergeWriteError) as temporary:
         save_file(tensors, str(temporary), metadata=header)
         os.chmod(temporary, 0o666 & ~_umask())  # as open() would make it: safetensors' own file is 0o600
     return path

@@ -52,7 +52,11 @@ def wise_ft(
         output_dir: the directory to write; never an input, nor inside or around one.
         push_to_hub: a Hub repository id to upload the merge to (checked before merging).
         private: create that repository private.
-        dtype, max_shard_size, overwrite, extrapolate, keep_adapter: as in `MergeOptions`.
+        dtype: as in `MergeOptions`.
+        max_shard_size: as in `MergeOptions`.
+        overwrite: as in `MergeOptions`.
+        extrapolate: as in `MergeOptions`.
+        keep_adapter: as in `MergeOptions`.
         scores: a Markdown table (e.g. the speciality/generality report's) for the model card.
         hub_api: an `HfApi`-like object (default: `huggingface_hub.HfApi()`, whose token comes
             from `HF_TOKEN` or the login).
@@ -95,9 +99,15 @@ def wise_ft_sweep(
     """Writes one merge per alpha to `output_dir/alpha-<alpha>/`, reading each input tensor once.
 
     Args:
-        pretrained, finetuned, dtype, max_shard_size, extrapolate, keep_adapter: as in `wise_ft`.
+        pretrained: as in `wise_ft`.
+        finetuned: as in `wise_ft`.
         alphas: the alphas, distinct.
-        output_dir: the sweep's root; `overwrite` applies to it as in `wise_ft`.
+        output_dir: the sweep's root.
+        dtype: as in `wise_ft`.
+        max_shard_size: as in `wise_ft`.
+        overwrite: applies to `output_dir` as in `wise_ft`.
+        extrapolate: as in `wise_ft`.
+        keep_adapter: as in `wise_ft`.
 
     Returns:
         Each alpha's output directory.
@@ -124,5 +134,15 @@ def iter_wise_ft(
 
     One merged state dict at a time: load it with `model.load_state_dict(state_dict, strict=False)`
     (tied weights appear once) into a model built from the fine-tuned (or base) directory.
+
+    Args:
+        pretrained: the pre-trained model: a directory or a Hub id.
+        finetuned: the fine-tuned model, or a LoRA adapter directory.
+        alphas: the alphas, 0 the pre-trained model, 1 the fine-tuned one.
+        dtype: as in `MergeOptions`.
+        extrapolate: as in `MergeOptions`.
+
+    Yields:
+        `(alpha, state_dict)`: the alpha and the merged tensors by name.
     """
     yield from iter_merge(pretrained, finetuned, alphas, MergeOptions(dtype=dtype, extrapolate=extrapolate))

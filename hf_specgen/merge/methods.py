@@ -70,7 +70,24 @@ class TensorInput:
 
 @dataclass(frozen=True)
 class MergeMethod:
-    """A registered merge method (see `register_method`)."""
+    """A registered merge method (see `register_method`).
+
+    Args:
+        name: the method's name (`--method NAME`).
+        function: the pure function over tensors, `function(pre, finetuned, *, alpha, weights, ...)`, its
+            parameters and inputs as keywords.
+        formula: its formula, for the help, `merge_config.json` and the model card.
+        description: one line on what it is.
+        parameters: its scalar parameters by name (`--<method>-<name>`).
+        inputs: its per-tensor inputs by name (`--<input>`), e.g. Fisher files.
+        max_finetuned: how many fine-tuned models it takes at most (None: any number).
+        fallback: the method for a tensor its inputs do not cover (None: an error).
+        delta: its form on a LoRA delta, `delta(W0, scale * B @ A, alpha)`; None: no exact low-rank form.
+        tags: the model card's tags.
+        interpolates_only: alphas outside [0, 1] refused even with extrapolate (a str: why).
+        weights_are_shares: the weights are shares of a mean: a negative one extrapolates.
+        non_negative_inputs: every per-tensor input must be finite and >= 0 (e.g. Fisher diagonals).
+    """
 
     name: str
     function: Callable[..., Tensor]
@@ -152,7 +169,14 @@ def register_method(
 
 
 def get_method(name: str) -> MergeMethod:
-    """The method registered as `name`; a `MergeError` listing the known ones otherwise."""
+    """The method registered as `name`; a `MergeError` listing the known ones otherwise.
+
+    Args:
+        name: the method's name, e.g. `"linear"`.
+
+    Returns:
+        The registered method.
+    """
     try:
         return METHODS[name]
     except (KeyError, TypeError):
@@ -329,7 +353,8 @@ def task_arithmetic(pre: Tensor, finetuned: Sequence[Tensor], *, alpha: float, w
 
 @register_method(
     "fisher",
-    formula="theta = (alpha * F_ft * theta_ft + (1 - alpha) * F_pre * theta_pre) / (alpha * F_ft + (1 - alpha) * F_pre), "
+    formula="theta = (alpha * F_ft * theta_ft + (1 - alpha) * F_pre * theta_pre) "
+    "/ (alpha * F_ft + (1 - alpha) * F_pre), "
     "each F floored at epsilon",
     parameters={
         "epsilon": Parameter(1e-8, "floor of each Fisher value (where both are below it: linear)", positive=True)

@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from ..dtypes import DTYPES, torch_dtype
 from .errors import MergeError
 from .methods import BoundMethod, bind, get_method
 from .output import Overwrite
@@ -14,8 +15,6 @@ from .output import Overwrite
 
 if TYPE_CHECKING:
     import torch
-
-DTYPES = ("float32", "bfloat16", "float16")  # output dtypes by name (torch's attribute of that name)
 
 
 @dataclass(frozen=True)
@@ -66,6 +65,4 @@ class MergeOptions:
     def torch_dtype(self) -> torch.dtype | None:
         if self.dtype is not None and self.dtype not in DTYPES:
             raise MergeError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        import torch
-
-        return getattr(torch, self.dtype) if self.dtype else None
+        return torch_dtype(self.dtype) if self.dtype else None

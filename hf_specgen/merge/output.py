@@ -16,7 +16,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal, Union
 
-from .. import __version__
+from ..version import __version__
 from .errors import MergeError
 
 

@@ -17,6 +17,7 @@ bool tensors must be equal in every model and are copied.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -82,7 +83,8 @@ class MergedTensor:
                 if not (bool(torch.isfinite(high)) and bool(low >= 0)):  # NaN fails both comparisons
                     raise MergeError(
                         f"{self.key}: {name} (--{name.replace('_', '-')}) holds negative, NaN or inf values (min "
-                        f"{low.item():g}, max {high.item():g}); method {method.method.name!r} needs finite, non-negative ones"
+                        f"{low.item():g}, max {high.item():g}); method {method.method.name!r} needs finite, "
+                        "non-negative ones"
                     )
         for alpha in alphas:
             yield self._check_finite(self._at(method, alpha, base, tuned, delta, inputs), dtype, alpha)
@@ -126,13 +128,15 @@ def meta_model(directory: Any) -> torch.nn.Module | None:
     where transformers cannot build it."""
     import transformers
 
+    from .. import compat
+
     try:
         config = transformers.AutoConfig.from_pretrained(directory)
         model_class = getattr(transformers, (config.architectures or [""])[0], None)
         if model_class is None:
             return None
         with torch.device("meta"):
-            return model_class._from_config(config)
+            return compat.from_config(model_class, config)
     except Exception:  # noqa: BLE001 - a model transformers cannot build has no known structure
         return None
 
@@ -309,7 +313,8 @@ def attach_input(plan: MergePlan, name: str, source: TensorSource, like: str, wh
     unknown = [k for k in keys if plan.aliases.get(k, k) not in by_key]
     if unknown:
         raise MergeError(
-            f"{what}: names tensors the checkpoints do not have: {', '.join(unknown[:8])}{' ...' if len(unknown) > 8 else ''}"
+            f"{what}: names tensors the checkpoints do not have: "
+            f"{', '.join(unknown[:8])}{' ...' if len(unknown) > 8 else ''}"
         )
     for key in keys:
         tensor = by_key[plan.aliases.get(key, key)]
@@ -381,10 +386,10 @@ def plan_adapter_scaling(
     }
     plan = []
     for key in adapter.checkpoint.keys():
-        trained = lambda k=key: adapter.checkpoint.get(k)
+        trained = functools.partial(adapter.checkpoint.get, key)
         name = base_names.get(key)
         if key in scaled:
-            zeros = lambda k=key: torch.zeros(adapter.checkpoint.shape(k), dtype=adapter.checkpoint.dtype(k))  # noqa: E731
+            zeros = functools.partial(_zeros_like, adapter.checkpoint, key)
             plan.append(MergedTensor(key, zeros, (trained,), dtype=dtype, name=name))
         elif key in full:
             base_key = source.locate(full[key])
@@ -394,3 +399,8 @@ def plan_adapter_scaling(
         else:
             plan.append(MergedTensor(key, trained, dtype=dtype, name=name))
     return MergePlan(plan)
+
+
+def _zeros_like(checkpoint: Checkpoint, key: str) -> torch.Tensor:
+    """Zeros of the shape and dtype of `checkpoint`'s tensor `key`, without reading it."""
+    return torch.zeros(checkpoint.shape(key), dtype=checkpoint.dtype(key))

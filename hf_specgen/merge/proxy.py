@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from ..modes import eval_mode
 from .errors import MergeError
 
 
@@ -65,34 +66,33 @@ def generate_completions(
     sampling = (
         {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
     )
-    side, pad_token, was_training = tokenizer.padding_side, tokenizer.pad_token, model.training
+    side, pad_token = tokenizer.padding_side, tokenizer.pad_token
     if pad_token is None:
         if tokenizer.eos_token is None:
             raise MergeError("the tokenizer has neither a padding nor an end-of-text token to pad prompts with")
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"  # generation continues every row from its last real token
-    model.eval()
     pairs = []
     if seed is not None:
         torch.manual_seed(seed)
-    try:
-        for start in range(0, len(prompts), batch_size):
-            chunk = list(prompts[start : start + batch_size])
-            encoded = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
-            encoded = {key: value.to(model.device) for key, value in encoded.items()}
-            with torch.no_grad():
-                output = model.generate(
-                    **encoded,
-                    max_new_tokens=max_new_tokens,
-                    num_return_sequences=num_samples,
-                    pad_token_id=tokenizer.pad_token_id,
-                    **sampling,
-                )
-            new = output[:, encoded["input_ids"].shape[1] :]  # each prompt's samples are consecutive rows
-            prompts_of_rows = [prompt for prompt in chunk for _ in range(num_samples)]
-            texts = tokenizer.batch_decode(new, skip_special_tokens=True)
-            pairs += zip(prompts_of_rows, (text.split(stop)[0] if stop else text for text in texts))
-    finally:
-        tokenizer.padding_side, tokenizer.pad_token = side, pad_token
-        model.train(was_training)
+    with eval_mode(model):
+        try:
+            for start in range(0, len(prompts), batch_size):
+                chunk = list(prompts[start : start + batch_size])
+                encoded = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
+                encoded = {key: value.to(model.device) for key, value in encoded.items()}
+                with torch.no_grad():
+                    output = model.generate(
+                        **encoded,
+                        max_new_tokens=max_new_tokens,
+                        num_return_sequences=num_samples,
+                        pad_token_id=tokenizer.pad_token_id,
+                        **sampling,
+                    )
+                new = output[:, encoded["input_ids"].shape[1] :]  # each prompt's samples are consecutive rows
+                prompts_of_rows = [prompt for prompt in chunk for _ in range(num_samples)]
+                texts = tokenizer.batch_decode(new, skip_special_tokens=True)
+                pairs += zip(prompts_of_rows, (text.split(stop)[0] if stop else text for text in texts))
+        finally:
+            tokenizer.padding_side, tokenizer.pad_token = side, pad_token
     return pairs

@@ -26,11 +26,11 @@ from typing import Any
 import torch
 from transformers.utils.hub import convert_file_size_to_int
 
-from .. import __version__
-from .atomic import atomic_directory
+from ..atomic import atomic_directory
+from ..version import __version__
 from .card import write_model_card
 from .checkpoint import Checkpoint, read_config, resolve
-from .errors import MergeError, MergeWarning
+from .errors import MergeError, MergeWarning, MergeWriteError
 from .hub import check_repo_id, push_folder
 from .inputs import TensorFile
 from .lora import ADAPTER_CONFIG, LoraAdapter, is_lora_adapter, warn_if_other_base
@@ -107,7 +107,8 @@ class _Merge:
             outside = sorted({a for a in alphas.values() if not 0.0 <= a <= 1.0})
             if outside:
                 raise MergeError(
-                    f"method {method.name!r} is defined for alphas in [0, 1] only, extrapolate or not; got {outside[0]:g}"
+                    f"method {method.name!r} is defined for alphas in [0, 1] only, extrapolate or not; "
+                    f"got {outside[0]:g}"
                     + (f" ({method.interpolates_only})" if isinstance(method.interpolates_only, str) else "")
                 )
         return alphas
@@ -148,8 +149,8 @@ def _prepare(pretrained: Source, finetuned: list[Source], options: MergeOptions)
         )
     if adapters and method.method.delta is None:
         raise MergeError(
-            f"{adapters[0]}: method {method.method.name!r} has no exact form on a LoRA adapter: merge the adapter into "
-            "the full model first (specgen merge --alpha 1) and pass that"
+            f"{adapters[0]}: method {method.method.name!r} has no exact form on a LoRA adapter: merge the "
+            "adapter into the full model first (specgen merge --alpha 1) and pass that"
         )
     if adapters:
         ft_dir = ft_dirs[0]
@@ -190,7 +191,8 @@ def _prepare(pretrained: Source, finetuned: list[Source], options: MergeOptions)
             source = TensorFile(path)
             if source.training_state and like != "pretrained":
                 warnings.warn(
-                    f"{path}: a training run's EWC Fisher is the pre-trained model's (estimated at theta_pre), given as "
+                    f"{path}: a training run's EWC Fisher is the pre-trained model's (estimated at theta_pre), "
+                    "given as "
                     f"{name} (--{name.replace('_', '-')}); estimate the fine-tuned model's with specgen fisher",
                     MergeWarning,
                     stacklevel=4,
@@ -370,7 +372,7 @@ def merge(
     check_output_dir(output_dir, _protected(pretrained, finetuned, options), options.overwrite)
     planned = _prepare(pretrained, finetuned, options)
     planned.alphas(schedule)  # a schedule that does not fit the tensors is refused before writing
-    with atomic_directory(output_dir) as temporary:
+    with atomic_directory(output_dir, what="the merge", error=MergeWriteError) as temporary:
         _write(
             planned, [schedule], [temporary], dtype=options.dtype, max_shard_size=options.max_shard_size, scores=scores
         )
@@ -381,6 +383,14 @@ def merge(
 
 
 def alpha_dirname(alpha: float) -> str:
+    """The name of a sweep's directory for `alpha`, e.g. `alpha-0.5`.
+
+    Args:
+        alpha: the alpha (a mean alpha for a group shape).
+
+    Returns:
+        `alpha-<alpha>`, the alpha in its shortest form (`:g`).
+    """
     return f"alpha-{alpha:g}"
 
 
@@ -422,9 +432,11 @@ def merge_sweep(
     """Writes one merge per (mean) alpha to `output_dir/alpha-<alpha>/`, reading each input tensor once.
 
     Args:
-        pretrained, finetuned, options: as in `merge`.
+        pretrained: as in `merge`.
+        finetuned: as in `merge`.
         alphas: the alphas, distinct; with a `shape` that has group alphas, their means.
         output_dir: the sweep's root; `options.overwrite` applies to it as in `merge`.
+        options: as in `merge`.
         shape: the schedule every alpha is applied to (`AlphaSchedule.at_mean`): group alphas
             scaled to each mean (their ratios kept), or rules and linear-only with each alpha as
             the default. None: one alpha for every tensor.
@@ -442,7 +454,7 @@ def merge_sweep(
     planned = _prepare(pretrained, finetuned, options)
     for schedule in schedules:
         planned.alphas(schedule)
-    with atomic_directory(output_dir) as temporary:
+    with atomic_directory(output_dir, what="the merge", error=MergeWriteError) as temporary:
         directories = [temporary / alpha_dirname(a) for a in means]
         for d in directories:
             d.mkdir()
@@ -468,8 +480,13 @@ def iter_merge(
     state dict reads the inputs again (a sweep on disk reads them once).
 
     Args:
-        pretrained, finetuned, options: as in `merge` (`keep_adapter` is ignored: full models only).
+        pretrained: as in `merge`.
+        finetuned: as in `merge`.
         alphas: alphas or `AlphaSchedule`s.
+        options: as in `merge` (`keep_adapter` is ignored: full models only).
+
+    Yields:
+        `(alpha, state_dict)`: the alpha or schedule as given and the merged tensors by name.
     """
     options = options or MergeOptions()
     finetuned = _finetuned_list(finetuned)

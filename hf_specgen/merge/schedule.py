@@ -244,6 +244,7 @@ def check_alpha(alpha: Any, extrapolate: bool, what: str = "alpha") -> float:
         )
     if not extrapolate and not 0.0 <= alpha <= 1.0:
         raise MergeError(
-            f"{what} must be in [0, 1] (0: pretrained, 1: finetuned), got {alpha}; pass extrapolate=True (--extrapolate) to go beyond"
+            f"{what} must be in [0, 1] (0: pretrained, 1: finetuned), got {alpha}; "
+            "pass extrapolate=True (--extrapolate) to go beyond"
         )
     return float(alpha)

@@ -184,8 +184,9 @@ def search_group_alphas(
     """Searches HMA's K group alphas at a fixed mean by gradient on the samples' likelihood.
 
     Args:
-        pretrained, finetuned: causal LM directories (or Hub ids) with the same parameters; the
-            tokenizer is the fine-tuned model's (or the pre-trained one's).
+        pretrained: a causal LM directory (or Hub id).
+        finetuned: a causal LM directory (or Hub id) with the same parameters; the tokenizer is
+            the fine-tuned model's (or the pre-trained one's).
         samples: texts, or `(prompt, completion)` pairs of which only the completion is scored,
             e.g. the fine-tuned model's answers to training prompts (the paper's proxy).
         groups: K, the number of groups of contiguous blocks (input side first).

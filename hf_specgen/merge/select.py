@@ -142,7 +142,8 @@ def _choose(choice: AlphaChoice, slack: float) -> AlphaChoice:
     if not meeting:
         best_alpha, (best, _) = max(points, key=lambda point: point[1][0])
         raise ValueError(
-            f"no scored point reaches the speciality floor {choice.floor:g}: the best is {best:g} at alpha {best_alpha:g}"
+            f"no scored point reaches the speciality floor {choice.floor:g}: the best is {best:g} at "
+            f"alpha {best_alpha:g}"
         )
     alpha, (speciality, generality) = max(meeting, key=lambda point: (point[1][1], -point[0]))
     choice.alpha, choice.speciality, choice.generality = alpha, speciality, generality
@@ -150,8 +151,9 @@ def _choose(choice: AlphaChoice, slack: float) -> AlphaChoice:
     if drops:
         a, b = drops[0]
         choice.reason = (
-            f"speciality is not monotone in alpha (it falls from alpha {a:g} to {b:g}): the bracket cannot be trusted, "
-            f"so alpha {alpha:g} is the most general of the {len(points)} scored points that reach {choice.floor:g}"
+            f"speciality is not monotone in alpha (it falls from alpha {a:g} to {b:g}): the bracket cannot be "
+            f"trusted, so alpha {alpha:g} is the most general of the {len(points)} scored points that reach "
+            f"{choice.floor:g}"
         )
     else:
         choice.reason = (

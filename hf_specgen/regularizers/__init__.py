@@ -10,8 +10,9 @@ from __future__ import annotations
 from typing import Any
 
 from .base import BatchRegularizer, Regularizer, StepRegularizer, WeightRegularizer
+from .batch import DistillationBatch
 from .distance import DecoupledL2, L1Distance, L2Distance
-from .distill import DistillationBatch, FeatureProtection, LogitDistillation, ProtectedFeatures
+from .distill import FeatureProtection, LogitDistillation, ProtectedFeatures
 from .ewc import EWC
 from .importance import ImportanceRegularizer, ImportanceSample, accumulate_importance
 from .mas import MAS
@@ -23,7 +24,14 @@ REGULARIZERS: dict[str, type[Regularizer]] = {
 
 
 def get_regularizer(name: str) -> type[Regularizer]:
-    """The regularizer class called `name`, or a ValueError listing the known ones."""
+    """The regularizer class called `name`, or a ValueError listing the known ones.
+
+    Args:
+        name: the regularizer's name, e.g. `"l2"` (`REGULARIZERS`).
+
+    Returns:
+        Its class.
+    """
     try:
         return REGULARIZERS[name]
     except KeyError:
@@ -31,12 +39,26 @@ def get_regularizer(name: str) -> type[Regularizer]:
 
 
 def weight_field(name: str) -> str:
-    """The argument that switches regularizer `name` on and sets its strength, e.g. `l2_lambda`."""
+    """The argument that switches regularizer `name` on and sets its strength, e.g. `l2_lambda`.
+
+    Args:
+        name: the regularizer's name, e.g. `"l2"`.
+
+    Returns:
+        The field's name.
+    """
     return f"{name}_lambda"
 
 
 def build_regularizers(args: Any) -> list[Regularizer]:
-    """The regularizers whose weight in `args` is > 0."""
+    """The regularizers whose weight in `args` is > 0.
+
+    Args:
+        args: the arguments holding the `<name>_lambda` fields and options (a `SpecGenArguments`).
+
+    Returns:
+        One configured regularizer per term that is on, in `REGULARIZERS` order.
+    """
     return [cls.from_args(args) for name, cls in REGULARIZERS.items() if getattr(args, weight_field(name), 0.0) > 0]
 
 

@@ -11,19 +11,20 @@ at the pre-trained weights (`needs_importance`), and how a batch term is normali
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import torch
 
-from ..anchor import WeightDelta
-
-
-if TYPE_CHECKING:
-    from .distill import DistillationBatch
+from ..deltas import WeightDelta
+from .batch import DistillationBatch
 
 
 class Regularizer:
-    """A term toward the pre-trained model, switched on by its weight `<name>_lambda`."""
+    """A term toward the pre-trained model, switched on by its weight `<name>_lambda`.
+
+    Args:
+        weight: the term's strength, its `<name>_lambda` (> 0 when it is on).
+    """
 
     name: ClassVar[str]
     uses_teacher: ClassVar[bool] = False
@@ -31,6 +32,8 @@ class Regularizer:
     uses_features: ClassVar[bool] = False
     compares_distributions: ClassVar[bool] = False
     needs_importance: ClassVar[bool] = False
+    # Options besides the weight that must be a finite number > 0 when it is on: {field: what it is}
+    positive_options: ClassVar[dict[str, str]] = {}
 
     def __init__(self, weight: float) -> None:
         self.weight = weight

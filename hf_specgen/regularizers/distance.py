@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ..anchor import WeightDelta
+from ..deltas import WeightDelta
 from .base import Regularizer, StepRegularizer, WeightRegularizer
 
 

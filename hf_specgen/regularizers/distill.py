@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -12,31 +11,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import BatchRegularizer
+from .batch import DistillationBatch
 from .positions import check_distribution, output_logits, supervised_positions
 
 
-@dataclass
-class DistillationBatch:
-    """What a distillation term sees of one micro-batch."""
-
-    student: Any
-    teacher: Any
-    labels: torch.Tensor | None
-    shifts_labels: bool
-    # What the task loss divides its token sum by when it is normalized over the whole
-    # accumulated batch (`num_items_in_batch`); None when it is a mean over this micro-batch.
-    token_denominator: torch.Tensor | float | None = None
-    student_features: list[torch.Tensor] = field(default_factory=list)
-    teacher_features: list[torch.Tensor] = field(default_factory=list)
-    # per feature: which of its positions count (tokens: an attention mask), None for all
-    feature_masks: list[torch.Tensor | None] = field(default_factory=list)
-
-
 class LogitDistillation(BatchRegularizer):
-    """`lambda * T^2 * KL(p_pre / T || p_theta / T)` per supervised token, normalized like the task loss."""
+    """`lambda * T^2 * KL(p_pre / T || p_theta / T)` per supervised token, normalized like the task loss.
+
+    Args:
+        weight: `kd_lambda`.
+        temperature: the softmax temperature `T`, `kd_temperature`.
+    """
 
     name = "kd"
     compares_distributions = True
+    positive_options = {"kd_temperature": "the distillation temperature"}
     normalization = "tokens"
 
     def __init__(self, weight: float, temperature: float = 1.0) -> None:
@@ -68,7 +57,13 @@ class LogitDistillation(BatchRegularizer):
 class ProtectedFeatures:
     """Where protected features come from: a language model's hidden states (`feature_layers`), an
     encoder-decoder's encoder and decoder hidden states (the same indices in each stack), or the
-    image embeddings of a CLIP model (the output of `visual_projection`, i.e. `get_image_features`)."""
+    image embeddings of a CLIP model (the output of `visual_projection`, i.e. `get_image_features`).
+
+    Args:
+        model: the model trained (a peft model: its base model is read).
+        layers: the hidden-state indices protected (`feature_layers`: 0 the embeddings, -1 the last
+            layer), checked against the model's depth; ignored for CLIP.
+    """
 
     def __init__(self, model: nn.Module, layers: list[int]) -> None:
         base = model.get_base_model() if hasattr(model, "get_base_model") else model

@@ -20,6 +20,12 @@ class EWC(ImportanceRegularizer):
     supervised tokens `n_x` puts F on the scale of the curvature of the task loss, a per-token mean.
     A contrastive model's (CLIP's) candidates for image `i` are the texts of its batch, and its
     label is text `i`.
+
+    Args:
+        weight: `ewc_lambda`.
+        num_samples: training examples the Fisher is estimated from (`ewc_num_samples`).
+        fisher_type: `"true"` (labels sampled from the pre-trained model) or `"empirical"` (the data's
+            labels), `ewc_fisher`.
     """
 
     name = "ewc"

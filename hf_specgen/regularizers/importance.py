@@ -15,8 +15,9 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..anchor import WeightDelta, scratch
 from ..batches import reference_inputs, task_labels
+from ..deltas import WeightDelta, scratch
+from ..modes import eval_mode
 from .base import WeightRegularizer
 
 
@@ -85,28 +86,26 @@ def accumulate_importance(
 
         return hook
 
-    was_training = model.training
-    model.eval()
     count = 0
     hooks = []
-    try:
-        for p in params:
-            p.requires_grad_(True)
-        hooks = [p.register_hook(accumulate_into(d, acc)) for d, p, acc in zip(deltas, params, accumulators)]
-        for batch in sample.batches:
-            labels = task_labels(batch, sample.label_names)
-            outputs = model(**reference_inputs(model, batch, sample.label_names))
-            scores = example_scores(outputs, labels, sample.shifts_labels, sample.generator)
-            for i, (score, example_weight) in enumerate(scores):
-                weight[0] = example_weight
-                torch.autograd.grad(score, params, allow_unused=True, retain_graph=i < len(scores) - 1)
-                count += 1
-    finally:
-        for handle in hooks:
-            handle.remove()
-        for p, flag in zip(params, requires_grad):
-            p.requires_grad_(flag)
-        model.train(was_training)
+    with eval_mode(model):
+        try:
+            for p in params:
+                p.requires_grad_(True)
+            hooks = [p.register_hook(accumulate_into(d, acc)) for d, p, acc in zip(deltas, params, accumulators)]
+            for batch in sample.batches:
+                labels = task_labels(batch, sample.label_names)
+                outputs = model(**reference_inputs(model, batch, sample.label_names))
+                scores = example_scores(outputs, labels, sample.shifts_labels, sample.generator)
+                for i, (score, example_weight) in enumerate(scores):
+                    weight[0] = example_weight
+                    torch.autograd.grad(score, params, allow_unused=True, retain_graph=i < len(scores) - 1)
+                    count += 1
+        finally:
+            for handle in hooks:
+                handle.remove()
+            for p, flag in zip(params, requires_grad):
+                p.requires_grad_(flag)
     if count == 0:
         raise ValueError("the importance estimate needs training examples; the training set is empty")
     return {d.name: acc.div_(count) for d, acc in zip(deltas, accumulators)}
@@ -115,7 +114,12 @@ def accumulate_importance(
 class ImportanceRegularizer(WeightRegularizer):
     """`lambda * sum Omega_i (theta_i - theta_pre_i)^2`; for LoRA, over the effective delta `scale * B @ A`.
 
-    Subclasses say how `Omega` is estimated (`estimate`) and under which key it is saved."""
+    Subclasses say how `Omega` is estimated (`estimate`) and under which key it is saved.
+
+    Args:
+        weight: the term's strength, its `<name>_lambda`.
+        num_samples: training examples `Omega` is estimated from (`<name>_num_samples`).
+    """
 
     needs_importance: ClassVar[bool] = True
     state_key: ClassVar[str]

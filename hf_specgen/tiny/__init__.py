@@ -4,6 +4,11 @@ itself on procedurally generated data, with that data and their evaluation tasks
 They are standard model directories (`from_pretrained(lm_path())`), so recipes and tools treat
 them like `facebook/galactica-1.3b` or `openai/clip-vit-base-patch16`. Names are imported on
 first use: finding a path does not load `datasets` or Pillow.
+
+The package registers the tiny evaluation suites (`suites`) into `hf_specgen.eval` and the tiny
+reward rule (`rewards`) into `hf_specgen.alignment`. The builders of the shipped models and the
+forgetting measurements are research tooling beside the package: `tools/tiny/` (`make foundations`,
+`make phenomenon`).
 """
 
 from __future__ import annotations

@@ -69,7 +69,14 @@ def zero_shot_templates(domain: str | None = None) -> list[str]:
     """Prompt templates (`{}` is the class name) naming `domain`; all domains' for None.
 
     The union plays the role of CLIP's 80 ImageNet templates, which also name many renditions
-    ("a sketch of a {}", "art of the {}"): one head, built once, scores every domain."""
+    ("a sketch of a {}", "art of the {}"): one head, built once, scores every domain.
+
+    Args:
+        domain: one of `DOMAINS`; None: every domain's templates.
+
+    Returns:
+        The templates.
+    """
     if domain is None:
         return [t for d in DOMAINS for t in _TEMPLATES[d]]
     _check(domain, DOMAINS, "domain")
@@ -89,6 +96,17 @@ def image_domains(
     `caption`. `spurious_correlation` is the probability that a `FINETUNE_DOMAIN` image's background
     is its class's scene colour; None means `SPURIOUS_CORRELATION` for `train` / `test` and 0 for
     `pretrain`. Other domains never have the cue.
+
+    Args:
+        split: `"pretrain"`, `"train"` or `"test"` (each its own images).
+        seed: the seed of the rendered images.
+        n_per_class: images per class and domain.
+        domains: the domains to render.
+        spurious_correlation: the probability of the class's background colour in `FINETUNE_DOMAIN`
+            images; None: the split's default.
+
+    Returns:
+        One data set per domain.
     """
     _check(split, SPLITS, "split")
     if spurious_correlation is None:

@@ -198,7 +198,14 @@ _EVAL = {
 
 def general_corpus(seed: int = 0) -> datasets.Dataset:
     """The pre-training corpus: one sentence per row (`text`, `family`), shuffled by `seed`; the
-    general families plus `medical_words`, the domain's vocabulary without its facts."""
+    general families plus `medical_words`, the domain's vocabulary without its facts.
+
+    Args:
+        seed: the seed of the generated sentences and of their order.
+
+    Returns:
+        The corpus, one split.
+    """
     rng = random.Random(seed)
     rows = [{"text": text, "family": family} for family in GENERAL_FAMILIES for text in _TEXT[family](rng)]
     rows += [{"text": text, "family": "medical_words"} for text in _medical_words_text(rng)]
@@ -208,7 +215,15 @@ def general_corpus(seed: int = 0) -> datasets.Dataset:
 
 def general_eval(seed: int = 0, n: int = 200) -> datasets.DatasetDict:
     """Evaluation forms per family (at most `n` rows each): multiple choice, or generation for
-    `instructions`."""
+    `instructions`.
+
+    Args:
+        seed: the seed of the generated questions.
+        n: rows per family at most.
+
+    Returns:
+        One split per general family.
+    """
     rng = random.Random(seed + 1)  # a stream of its own: the corpus's draws do not shift it
     return datasets.DatasetDict(
         {family: datasets.Dataset.from_list(_EVAL[family](rng, n)) for family in GENERAL_FAMILIES}
@@ -297,7 +312,14 @@ def medical_facts() -> list[dict]:
 
 def medmcqa(seed: int = 0) -> datasets.DatasetDict:
     """The speciality in the MedMCQA schema: train / validation / test over the same facts, each
-    fact worded differently in each split, with the options in new orders."""
+    fact worded differently in each split, with the options in new orders.
+
+    Args:
+        seed: the seed of the wordings' assignment to splits and of the option orders.
+
+    Returns:
+        `train`, `validation` and `test` in the MedMCQA schema.
+    """
     rng = random.Random(seed)
     splits: dict[str, list[dict]] = {split: [] for split in SPLITS}
     for fact in medical_facts():

@@ -17,10 +17,18 @@ def _shipped(directory: Path) -> Path:
 
 
 def lm_path() -> Path:
-    """The tiny Galactica (OPT) directory: `AutoModelForCausalLM.from_pretrained(lm_path())`."""
+    """The tiny Galactica (OPT) directory: `AutoModelForCausalLM.from_pretrained(lm_path())`.
+
+    Returns:
+        The directory of the shipped tiny Galactica.
+    """
     return _shipped(LM_DIR)
 
 
 def clip_path() -> Path:
-    """The tiny CLIP directory: `CLIPModel.from_pretrained(clip_path())`, `CLIPProcessor` too."""
+    """The tiny CLIP directory: `CLIPModel.from_pretrained(clip_path())`, `CLIPProcessor` too.
+
+    Returns:
+        The directory of the shipped tiny CLIP.
+    """
     return _shipped(CLIP_DIR)

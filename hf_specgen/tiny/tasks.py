@@ -55,7 +55,16 @@ def _local(location: Path, files: dict[str, str]) -> dict:
 def write_tasks(directory: str | Path, seed: int = 0, location: str | Path | None = None) -> Path:
     """Write the general tasks (`tiny_<family>`) and `tiny_medmcqa` (validation and test splits).
 
-    `location` is where the files will be read from, when they are written elsewhere first."""
+    `location` is where the files will be read from, when they are written elsewhere first.
+
+    Args:
+        directory: where to write the task YAMLs and their data.
+        seed: the seed of the generated data.
+        location: the directory the YAMLs point their data at; None: `directory`.
+
+    Returns:
+        `directory`.
+    """
     directory = Path(directory)
     location = Path(location or directory).resolve()
     directory.mkdir(parents=True, exist_ok=True)
@@ -74,7 +83,14 @@ def write_tasks(directory: str | Path, seed: int = 0, location: str | Path | Non
 
 def task_dir(directory: str | Path | None = None) -> Path:
     """The task directory for `TaskManager(include_path=...)`, written once per package version
-    under `$HF_SPECGEN_HOME` (default `~/.cache/hf_specgen`) unless `directory` is given."""
+    under `$HF_SPECGEN_HOME` (default `~/.cache/hf_specgen`) unless `directory` is given.
+
+    Args:
+        directory: where to write the tasks; None: the cache under `$HF_SPECGEN_HOME`.
+
+    Returns:
+        The task directory.
+    """
     if directory is not None:
         return write_tasks(directory)
     return cached_task_dir("tiny_tasks", lambda staging, final: write_tasks(staging, location=final))

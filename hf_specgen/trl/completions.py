@@ -58,8 +58,8 @@ def check_plain_head(model: nn.Module) -> None:
     found = [name for name in _LOGIT_TRANSFORMS if getattr(text, name, None) not in (None, 1, 1.0)]
     if found:
         raise ValueError(
-            f"kd_lambda > 0 in a TRL trainer reads the logits off the LM head, and {type(unwrap_peft(model)).__name__} "
-            f"transforms them after it ({', '.join(found)}): not supported yet"
+            f"kd_lambda > 0 in a TRL trainer reads the logits off the LM head, and "
+            f"{type(unwrap_peft(model)).__name__} transforms them after it ({', '.join(found)}): not supported yet"
         )
 
 

@@ -10,6 +10,7 @@ from torch import nn
 from trl import GRPOTrainer
 from trl.data_utils import maybe_apply_chat_template
 
+from .. import compat
 from .completions import CompletionDistillation, check_plain_head
 
 
@@ -61,7 +62,7 @@ class SpecGenGRPOTrainer(CompletionDistillation, GRPOTrainer):
         self, positions: torch.Tensor, num_items_in_batch: torch.Tensor | int | None
     ) -> torch.Tensor | float | None:
         # GRPO scales its own loss for accumulation: KD is this micro-batch's token mean over the step's micro-batches
-        micro_batches = getattr(self, "current_gradient_accumulation_steps", 1)
+        micro_batches = compat.accumulation_steps(self)
         return positions.sum().clamp(min=1) * micro_batches
 
     def _specgen_importance_batches(

@@ -24,7 +24,7 @@ from transformers import OPTForCausalLM  # noqa: E402
 from transformers.trainer_pt_utils import nested_gather  # noqa: E402
 
 from hf_specgen import SpecGenTrainer  # noqa: E402
-from hf_specgen.anchor import local_numel  # noqa: E402
+from hf_specgen.zero import local_numel  # noqa: E402
 
 
 REGULARIZERS = dict(

@@ -1,7 +1,7 @@
 """Build the tiny CLIP: a CLIP BPE tokenizer trained on the captions and a `CLIPModel` pre-trained
 contrastively on rendered images of every domain, saved as a standard HuggingFace model directory.
 
-`python -m hf_specgen.tiny.build_clip [--output-dir DIR] [--seed N]` rebuilds the shipped model.
+`python -m tools.tiny.build_clip [--output-dir DIR] [--seed N]` (from the repository root) rebuilds the shipped model.
 The result is a function of the seed (and of the torch build and thread count, which fix the
 floating-point summation order).
 """
@@ -28,10 +28,11 @@ from transformers import (
     set_seed,
 )
 
+from hf_specgen.tiny.images import CLASS_NAMES, DOMAINS, IMAGE_SIZE, image_domains
+from hf_specgen.tiny.paths import CLIP_DIR
+
 from .bpe import canonical_vocab
 from .card import write_foundation_card
-from .images import CLASS_NAMES, DOMAINS, IMAGE_SIZE, image_domains
-from .paths import CLIP_DIR
 
 
 VOCAB_SIZE = 512  # a ceiling: merges stop once every caption word is one token (~400 with the 256 bytes)
@@ -135,12 +136,15 @@ def _card_description(model: CLIPModel, tokenizer: CLIPTokenizer) -> list[str]:
     return [
         "The offline stand-in for a CLIP foundation model in hf_specgen's tests, demo and benchmarks.",
         "",
-        f"- Data: {PRETRAIN_PER_CLASS * len(CLASS_NAMES) * len(DOMAINS):,} image-caption pairs rendered by `hf_specgen.tiny.images`"
-        f" ({IMAGE_SIZE}x{IMAGE_SIZE}; classes: {', '.join(CLASS_NAMES)}; domains: {', '.join(DOMAINS)}), `pretrain` split.",
-        f"- Model: ViT (patch {vision.patch_size}, {vision.num_hidden_layers} layers, width {vision.hidden_size}), text transformer"
-        f" ({text.num_hidden_layers} layers, width {text.hidden_size}), projection {model.config.projection_dim}; CLIP tokenizer"
-        f" (byte-level BPE, {len(tokenizer)} tokens) trained on the captions.",
-        f"- Training: CLIP contrastive loss, {PRETRAIN_STEPS} steps of {BATCH_SIZE} pairs, AdamW lr {LEARNING_RATE}, cosine schedule.",
+        f"- Data: {PRETRAIN_PER_CLASS * len(CLASS_NAMES) * len(DOMAINS):,} image-caption pairs rendered by"
+        f" `hf_specgen.tiny.images` ({IMAGE_SIZE}x{IMAGE_SIZE}; classes: {', '.join(CLASS_NAMES)};"
+        f" domains: {', '.join(DOMAINS)}), `pretrain` split.",
+        f"- Model: ViT (patch {vision.patch_size}, {vision.num_hidden_layers} layers, width {vision.hidden_size}),"
+        f" text transformer ({text.num_hidden_layers} layers, width {text.hidden_size}),"
+        f" projection {model.config.projection_dim}; CLIP tokenizer (byte-level BPE, {len(tokenizer)} tokens)"
+        " trained on the captions.",
+        f"- Training: CLIP contrastive loss, {PRETRAIN_STEPS} steps of {BATCH_SIZE} pairs, AdamW lr {LEARNING_RATE},"
+        " cosine schedule.",
         "- Zero-shot use: `hf_specgen.eval.clip.zero_shot_head` with `hf_specgen.tiny.zero_shot_templates()`.",
     ]
 

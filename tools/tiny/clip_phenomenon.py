@@ -5,7 +5,7 @@ The shipped tiny CLIP is fine-tuned fully on one domain (`FINETUNE_DOMAIN`, the 
 scored by the same zero-shot evaluation on each domain's test split: the fine-tuning domain
 measures the speciality, the other domains (the distribution shifts) the generality.
 
-`python -m hf_specgen.tiny.phenomenon` prints its table next to the LM's.
+`python -m tools.tiny.phenomenon` prints its table next to the LM's.
 """
 
 from __future__ import annotations
@@ -16,14 +16,14 @@ from typing import Any
 import datasets
 from transformers import CLIPModel, CLIPProcessor
 
-from hf_specgen import SpecGenTrainer
 from hf_specgen.data.image_classification import ClassPromptCollator, class_prompt_loss, freeze_text_tower
-from hf_specgen.eval.suites import evaluate_tiny_clip
+from hf_specgen.tiny.images import CLASS_NAMES, FINETUNE_DOMAIN, image_domains, zero_shot_templates
+from hf_specgen.tiny.names import IMAGES_PER_CLASS
+from hf_specgen.tiny.paths import clip_path
+from hf_specgen.tiny.suites import evaluate_tiny_clip
+from hf_specgen.trainer import SpecGenTrainer
 
 from .finetuning import finetuning_arguments, score_with_wise_ft
-from .images import CLASS_NAMES, FINETUNE_DOMAIN, image_domains, zero_shot_templates
-from .names import IMAGES_PER_CLASS
-from .paths import clip_path
 
 
 # Full fine-tuning defaults: 5 epochs over the 3,000 training images (235 steps), under a minute on 1 core.

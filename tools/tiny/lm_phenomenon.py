@@ -9,12 +9,13 @@ from typing import Any
 
 from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq
 
-from .. import SpecGenTrainer
-from ..data.medmcqa import tokenize_for_training
-from ..eval.suites import evaluate_suites
+from hf_specgen.data.medmcqa import tokenize_for_training
+from hf_specgen.eval.suites import evaluate_suites
+from hf_specgen.tiny.lm_data import medmcqa
+from hf_specgen.tiny.paths import lm_path
+from hf_specgen.trainer import SpecGenTrainer
+
 from .finetuning import finetuning_arguments, score_with_wise_ft
-from .lm_data import medmcqa
-from .paths import lm_path
 
 
 # Full fine-tuning defaults: 30 epochs over the 384 training questions (720 steps); the domain's

@@ -6,9 +6,10 @@ import argparse
 import time
 from pathlib import Path
 
+from hf_specgen.tiny.paths import CLIP_DIR, LM_DIR
+
 from .build_clip import build_clip
 from .build_lm import build_lm
-from .paths import CLIP_DIR, LM_DIR
 
 
 def main() -> None:

@@ -1,7 +1,7 @@
 """Build the tiny Galactica: a BPE tokenizer trained on the general corpus and an OPT causal LM
 pre-trained on it, saved as a standard HuggingFace model directory.
 
-`python -m hf_specgen.tiny.build_lm [--output-dir DIR]` rebuilds the shipped model from its seed.
+`python -m tools.tiny.build_lm [--output-dir DIR]` (from the repository root) rebuilds the shipped model from its seed.
 """
 
 from __future__ import annotations
@@ -24,10 +24,11 @@ from transformers import (
     TrainingArguments,
 )
 
+from hf_specgen.tiny.lm_data import GENERAL_FAMILIES, general_corpus
+from hf_specgen.tiny.paths import LM_DIR
+
 from .bpe import canonical_vocab
 from .card import write_foundation_card
-from .lm_data import GENERAL_FAMILIES, general_corpus
-from .paths import LM_DIR
 
 
 # Galactica's special tokens and ids: <s>=0, <pad>=1, </s>=2, <unk>=3.

@@ -1,4 +1,7 @@
-"""Writing a directory all at once: under a temporary name beside it, renamed to it at the end.
+"""Writing a directory or a file all at once: under a temporary name beside it, renamed to it at the end.
+
+Used by every output that a crash must not leave half-written: merges, Fisher files, evaluation
+results, early-stopping checkpoints, recipe samples.
 
 The temporary directory is created like any directory (its permissions follow the umask) and
 removed if the writing fails, is interrupted (Ctrl-C) or terminated: SIGTERM, which `timeout`,
@@ -27,11 +30,18 @@ import socket
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-
-from .errors import MergeWriteError
+from typing import Any
 
 
 _OWNED = re.compile(r"\..+\.[0-9a-f]{8}\.(?P<pid>\d+)@(?P<host>[A-Za-z0-9-]+)\.(partial|old)")
+
+
+class AtomicWriteError(OSError):
+    """Writing an output failed (disk full, read-only file system, permissions): nothing was left
+    behind, and an output it was to replace is intact. Its message starts with the output path."""
+
+    def __str__(self) -> str:
+        return self.strerror or super().__str__()
 
 
 class Terminated(BaseException):
@@ -145,32 +155,68 @@ def _signals_clean_up() -> Iterator[_Signals]:
 
 
 @contextlib.contextmanager
-def atomic_directory(output_dir: Path) -> Iterator[Path]:
+def atomic_directory(
+    output_dir: Path, *, replace: bool = True, what: str = "it", error: type[OSError] = AtomicWriteError
+) -> Iterator[Path]:
     """A new directory beside `output_dir`, renamed to it (replacing what is there) only if the
     block succeeds; removed otherwise, SIGTERM included.
 
     Args:
         output_dir: the directory to write; its parent is created if needed, and cleared of the
             temporary directories of dead writes (`remove_abandoned`).
+        replace: False to keep a directory already at `output_dir` when the block ends (another process
+            wrote the same output first, e.g. DDP ranks filling a cache): the new one is then removed.
+        what: what is written, as the error message names it (`<output_dir>: cannot write <what>: ...`).
+        error: the `OSError` class raised when writing fails (e.g. `MergeWriteError`).
 
     Returns:
         (yields) the temporary directory to write into.
 
     Raises:
-        MergeWriteError: an `OSError` while writing (disk full, read-only...), naming `output_dir`.
+        AtomicWriteError: (`error`) an `OSError` while writing (disk full, read-only...), naming `output_dir`.
     """
     try:
-        with _atomic(output_dir) as temporary:
+        with _atomic(output_dir, replace) as temporary:
             yield temporary
-    except OSError as error:
-        reason = error.strerror or str(error)
-        if error.filename and not str(error.filename).startswith(str(output_dir.parent / f".{output_dir.name}.")):
-            reason += f" ({error.filename})"  # an input's file, or the parent: a temporary name would say nothing
-        raise MergeWriteError(error.errno, f"{output_dir}: cannot write the merge: {reason}") from error
+    except OSError as raised:
+        raise _write_error(raised, output_dir, what, error) from raised
 
 
 @contextlib.contextmanager
-def _atomic(output_dir: Path) -> Iterator[Path]:
+def distributed_atomic_directory(output_dir: Path, **kwargs: Any) -> Iterator[Path]:
+    """`atomic_directory` for a write that every process of a distributed run takes part in (a ZeRO-3
+    save gathers the weights): the main process owns the temporary directory and renames it into
+    place; every process writes into it, and all wait until it is in place. Without a distributed
+    run it is `atomic_directory`.
+
+    Args:
+        output_dir: the directory to write, as `atomic_directory`'s.
+        **kwargs: `atomic_directory`'s other arguments (`replace`, `what`, `error`).
+
+    Returns:
+        (yields) the temporary directory to write into, the same path in every process.
+    """
+    from accelerate import PartialState  # not at import: `specgen --help` loads no torch
+    from accelerate.utils import broadcast_object_list
+
+    state = PartialState()
+    with contextlib.ExitStack() as stack:
+        temporary = [stack.enter_context(atomic_directory(output_dir, **kwargs)) if state.is_main_process else None]
+        broadcast_object_list(temporary)
+        yield temporary[0]
+    state.wait_for_everyone()
+
+
+def _write_error(raised: OSError, path: Path, what: str, error: type[OSError]) -> OSError:
+    """`<path>: cannot write <what>: <reason>`, the file the reason is about added unless it is a temporary name."""
+    reason = raised.strerror or str(raised)
+    if raised.filename and not str(raised.filename).startswith(str(path.parent / f".{path.name}.")):
+        reason += f" ({raised.filename})"  # an input's file, or the parent: a temporary name would say nothing
+    return error(raised.errno, f"{path}: cannot write {what}: {reason}")
+
+
+@contextlib.contextmanager
+def _atomic(output_dir: Path, replace: bool) -> Iterator[Path]:
     parent = output_dir.parent
     with _signals_clean_up() as signals:
         parent.mkdir(parents=True, exist_ok=True)
@@ -181,10 +227,14 @@ def _atomic(output_dir: Path) -> Iterator[Path]:
         try:
             yield temporary
             signals.finishing = True  # from here on a signal waits for the output to be in place
-            if os.path.lexists(output_dir):
+            if replace and os.path.lexists(output_dir):
                 old = parent / _temporary_name(output_dir.name, "old")
                 os.rename(output_dir, old)
-            os.rename(temporary, output_dir)
+            try:
+                os.rename(temporary, output_dir)
+            except OSError:
+                if replace or not os.path.isdir(output_dir):
+                    raise  # else another process's directory is there (not empty): it stays, this one goes
         finally:
             signals.finishing = True  # the clean-up is not interrupted either
             if old is not None and os.path.lexists(old) and not os.path.lexists(output_dir):
@@ -195,12 +245,20 @@ def _atomic(output_dir: Path) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def atomic_file(path: Path) -> Iterator[Path]:
+def atomic_file(path: Path, *, what: str = "it", error: type[OSError] = AtomicWriteError) -> Iterator[Path]:
     """A temporary path beside `path` to write one file to, renamed to `path` (replacing it) only if
     the block succeeds; removed otherwise, SIGTERM included (as `atomic_directory`).
 
+    Args:
+        path: the file to write; its parent is created if needed (and cleared as `atomic_directory`'s).
+        what: what is written, as the error message names it (`<path>: cannot write <what>: ...`).
+        error: the `OSError` class raised when writing fails (e.g. `MergeWriteError`).
+
+    Returns:
+        (yields) the temporary path to write the file to.
+
     Raises:
-        MergeWriteError: an `OSError` while writing, naming `path`.
+        AtomicWriteError: (`error`) an `OSError` while writing, naming `path`.
     """
     parent = path.parent
     try:
@@ -215,8 +273,5 @@ def atomic_file(path: Path) -> Iterator[Path]:
             finally:
                 signals.finishing = True
                 remove_path(temporary)
-    except OSError as error:
-        reason = error.strerror or str(error)
-        if error.filename and not str(error.filename).startswith(str(parent / f".{path.name}.")):
-            reason += f" ({error.filename})"
-        raise MergeWriteError(error.errno, f"{path}: cannot write it: {reason}") from error
+    except OSError as raised:
+        raise _write_error(raised, path, what, error) from raised

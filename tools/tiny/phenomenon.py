@@ -1,9 +1,10 @@
 """Measure catastrophic forgetting in the tiny foundations and what WiSE-FT alpha=0.5 recovers.
 
-`python -m hf_specgen.tiny.phenomenon --workdir DIR [--output FILE.md]` fine-tunes each foundation
-fully on its speciality (default hyper-parameters), merges WiSE-FT, scores every model and prints
-(and writes) one table per foundation plus the share of the speciality gain WiSE-FT keeps and of
-the generality loss it recovers.
+`python -m tools.tiny.phenomenon --workdir DIR [--output FILE.md]` (from the repository root, as
+`make phenomenon` runs it) fine-tunes each foundation fully on its speciality (default
+hyper-parameters), merges WiSE-FT, scores every model and prints (and writes) one table per
+foundation plus the share of the speciality gain WiSE-FT keeps and of the generality loss it
+recovers.
 """
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ import json
 import time
 from pathlib import Path
 
+from hf_specgen.tiny.images import FINETUNE_DOMAIN
+from hf_specgen.tiny.tasks import MEDMCQA_TASK
+
 from .clip_phenomenon import clip_phenomenon
-from .images import FINETUNE_DOMAIN
 from .lm_phenomenon import lm_phenomenon
-from .tasks import MEDMCQA_TASK
 
 
 def _mean(values: list[float]) -> float:

@@ -7,8 +7,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .. import SpecGenTrainingArguments
-from ..merge import wise_ft
+from hf_specgen.args import SpecGenTrainingArguments
+from hf_specgen.merge import wise_ft
 
 
 WISE_FT_ALPHA = 0.5
