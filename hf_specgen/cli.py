@@ -613,8 +613,8 @@ def _hma(args: argparse.Namespace) -> None:
     from .atomic import atomic_file
     from .merge import AlphaSchedule, MergeOptions, generate_completions, merge, search_group_alphas
     from .merge.fisher import read_texts
+    from .merge.options import check_shard_size
     from .merge.output import check_output_dir
-    from .merge.run import check_shard_size
 
     for option, value, least in [
         ("--groups", args.groups, 1),

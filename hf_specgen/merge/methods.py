@@ -87,6 +87,8 @@ class MergeMethod:
         interpolates_only: alphas outside [0, 1] refused even with extrapolate (a str: why).
         weights_are_shares: the weights are shares of a mean: a negative one extrapolates.
         non_negative_inputs: every per-tensor input must be finite and >= 0 (e.g. Fisher diagonals).
+        elementwise: each output element depends only on the same element of each input: the merge
+            may compute a tensor chunk by chunk (on flat slices) as it writes it.
     """
 
     name: str
@@ -102,6 +104,7 @@ class MergeMethod:
     interpolates_only: bool | str = False  # alphas outside [0, 1] refused even with extrapolate (a str: why)
     weights_are_shares: bool = False  # the weights are shares of a mean: a negative one extrapolates
     non_negative_inputs: bool = False  # every per-tensor input must be finite and >= 0 (e.g. Fisher diagonals)
+    elementwise: bool = False  # output element i from element i of each input: computed chunk by chunk
 
 
 METHODS: dict[str, MergeMethod] = {}
@@ -120,6 +123,7 @@ def register_method(
     interpolates_only: bool | str = False,
     weights_are_shares: bool = False,
     non_negative_inputs: bool = False,
+    elementwise: bool = False,
 ) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
     """Registers a method under `name` (a decorator); the function is returned unchanged.
 
@@ -139,6 +143,9 @@ def register_method(
         weights_are_shares: the fine-tuned models' weights are shares of a mean (a soup): a negative
             one extrapolates and needs `extrapolate`.
         non_negative_inputs: every per-tensor input must be finite and >= 0 (checked as it is read).
+        elementwise: the function maps each element of its inputs to the same element of its output
+            (no reduction, no reshaping): a merge then calls it on flat chunks of a tensor, so that a
+            2 GB embedding is merged in a few MB of memory. Leave False where unsure: whole tensors.
 
     Returns:
         The decorator.
@@ -162,6 +169,7 @@ def register_method(
             interpolates_only,
             weights_are_shares,
             non_negative_inputs,
+            elementwise,
         )
         return function
 
@@ -300,6 +308,7 @@ def _linear_delta(pre: Tensor, delta: Tensor, alpha: float) -> Tensor:
     delta=_linear_delta,
     tags=("wise-ft", "merge"),
     weights_are_shares=True,
+    elementwise=True,
 )
 def linear(pre: Tensor, finetuned: Sequence[Tensor], *, alpha: float, weights: Sequence[float]) -> Tensor:
     """WiSE-FT: interpolation toward the fine-tuned model, or toward the weighted soup of several.
@@ -327,6 +336,7 @@ def linear(pre: Tensor, finetuned: Sequence[Tensor], *, alpha: float, weights: S
     "task_arithmetic",
     formula="theta = theta_pre + alpha * sum_i w_i (theta_i - theta_pre)",
     tags=("task-arithmetic", "merge"),
+    elementwise=True,
 )
 def task_arithmetic(pre: Tensor, finetuned: Sequence[Tensor], *, alpha: float, weights: Sequence[float]) -> Tensor:
     """Task arithmetic (Ilharco et al. 2023): the pre-trained tensor plus the weighted task vectors scaled by alpha.
@@ -374,6 +384,7 @@ def task_arithmetic(pre: Tensor, finetuned: Sequence[Tensor], *, alpha: float, w
     tags=("fisher-merging", "merge"),
     interpolates_only="a F_ft and (1 - a) F_pre must both be non-negative, or the denominator can vanish",
     non_negative_inputs=True,
+    elementwise=True,
 )
 def fisher(
     pre: Tensor,

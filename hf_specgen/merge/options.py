@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -66,3 +67,40 @@ class MergeOptions:
         if self.dtype is not None and self.dtype not in DTYPES:
             raise MergeError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         return torch_dtype(self.dtype) if self.dtype else None
+
+
+# Units of a size as transformers' `max_shard_size` reads them: decimal (KB, MB, GB, TB) and binary (KiB ... TiB);
+# a lower-case final "b" (e.g. "5Gb") counts bits, as transformers' `convert_file_size_to_int` does.
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+_SIZE_UNITS.update({"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40})
+_SIZE = re.compile(r"\s*(\d+)\s*([KMGT]I?B|B)?\s*", re.IGNORECASE)
+
+
+def check_shard_size(max_shard_size: str | int) -> int:
+    """The shard size in bytes, read as transformers' `save_pretrained` reads it, without importing transformers.
+
+    Args:
+        max_shard_size: bytes as an int (or a string of digits), or digits and a unit: "5GB", "500MB",
+            "2GiB" (decimal KB/MB/GB/TB, binary KiB/MiB/GiB/TiB; "5Gb" is gigabits).
+
+    Returns:
+        The size in bytes; a `MergeError` for anything else, or a size that is not positive.
+    """
+    problem = MergeError(
+        f"max_shard_size (--max-shard-size) must be a positive size such as 5GB or 500MB, got {max_shard_size!r}"
+    )
+    if isinstance(max_shard_size, bool) or not isinstance(max_shard_size, (str, int)):
+        raise problem
+    if isinstance(max_shard_size, int):
+        limit = max_shard_size
+    else:
+        match = _SIZE.fullmatch(max_shard_size)
+        if match is None:
+            raise problem
+        digits, unit = match.groups()
+        limit = int(digits) * _SIZE_UNITS[(unit or "").upper()]
+        if unit and len(unit) == 2 and unit.endswith("b"):  # "Mb", "Gb": bits
+            limit //= 8
+    if limit <= 0:
+        raise problem
+    return limit

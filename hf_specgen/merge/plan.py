@@ -25,6 +25,7 @@ from typing import Any, Protocol
 import torch
 
 from .checkpoint import Checkpoint
+from .chunked import ChunkedTensor
 from .errors import MergeError
 from .lora import LoraAdapter
 from .methods import BoundMethod, weighted_average
@@ -65,8 +66,20 @@ class MergedTensor:
         """Whether the output depends on alpha (floating, with a fine-tuned side or a delta)."""
         return self.floating and (bool(self.finetuned) or self.delta is not None)
 
-    def compute(self, alphas: Sequence[float], method: BoundMethod) -> Iterator[torch.Tensor]:
-        """The output at each of `alphas` in turn: inputs read once, one output alive at a time."""
+    def compute(
+        self, alphas: Sequence[float], method: BoundMethod, chunked: bool = False
+    ) -> Iterator[torch.Tensor | ChunkedTensor]:
+        """The output at each of `alphas` in turn: inputs read once, one output alive at a time.
+
+        Args:
+            alphas: the alphas.
+            method: the merge method.
+            chunked: where the method is elementwise and the tensor a plain merge (no LoRA delta,
+                no added vocabulary rows), yield `ChunkedTensor`s computed as they are written.
+
+        Yields:
+            The output at each alpha: a tensor, or a `ChunkedTensor`.
+        """
         base = self.base()
         tuned = [load() for load in self.finetuned]
         if not torch.is_floating_point(base):
@@ -86,8 +99,31 @@ class MergedTensor:
                         f"{low.item():g}, max {high.item():g}); method {method.method.name!r} needs finite, "
                         "non-negative ones"
                     )
+        if chunked and method.method.elementwise and tuned and delta is None and self.new_rows_from is None:
+            yield from (self._chunked(method, alpha, base, tuned, inputs, dtype) for alpha in alphas)
+            return
         for alpha in alphas:
             yield self._check_finite(self._at(method, alpha, base, tuned, delta, inputs), dtype, alpha)
+
+    def _chunked(
+        self,
+        method: BoundMethod,
+        alpha: float,
+        base: torch.Tensor,
+        tuned: list[torch.Tensor],
+        inputs: dict[str, torch.Tensor],
+        dtype: torch.dtype,
+    ) -> ChunkedTensor:
+        """The output at `alpha`, the method applied to flat slices of the inputs as it is written."""
+        flat_base, flat_tuned = base.reshape(-1), [t.reshape(-1) for t in tuned]
+        flat_inputs = {name: tensor.reshape(-1) for name, tensor in inputs.items()}
+
+        def piece(start: int, stop: int) -> torch.Tensor:
+            sliced = {name: tensor[start:stop] for name, tensor in flat_inputs.items()}
+            merged = method(flat_base[start:stop], [t[start:stop] for t in flat_tuned], alpha, sliced)
+            return self._check_finite(merged, dtype, alpha)
+
+        return ChunkedTensor(tuple(tuned[0].shape), dtype, piece)
 
     def _at(
         self,
@@ -168,11 +204,29 @@ def linear_weights(model: torch.nn.Module | None) -> set[str] | None:
 
 
 class _Source:
-    """A checkpoint's tensors, where a key missing from the file can be read through its tied partner."""
+    """A checkpoint's tensors, where a key missing from the file can be read through its tied partner.
 
-    def __init__(self, checkpoint: Checkpoint, groups: list[list[str]]) -> None:
+    The tied groups come from the model's architecture, which costs importing transformers' modeling
+    code (seconds): they are looked up only where a checkpoint lacks a key, stores `.bin` weights
+    (a `torch.save`d state dict holds both members of a tied group) or a method input names a tensor
+    the checkpoints do not store. Two safetensors checkpoints with the same keys never need them.
+    """
+
+    def __init__(self, checkpoint: Checkpoint, groups: list[list[str]] | None = None) -> None:
         self.checkpoint = checkpoint
-        self.alias = {k: g for g in groups for k in g}
+        if groups is not None:
+            self.alias = {k: g for g in groups for k in g}
+
+    @functools.cached_property
+    def alias(self) -> dict[str, list[str]]:
+        """Each member of a tied group: the whole group."""
+        groups = tied_groups(meta_model(self.checkpoint.directory))
+        return {k: g for g in groups for k in g}
+
+    @property
+    def may_store_tied_twice(self) -> bool:
+        """Whether both members of a tied group may be stored (`.bin`: a `torch.save`d state dict)."""
+        return any(file.suffix != ".safetensors" for file in self.checkpoint.files)
 
     def locate(self, key: str) -> str | None:
         if key in self.checkpoint:
@@ -208,6 +262,14 @@ class MergePlan:
     tensors: list[MergedTensor]
     config_updates: dict[str, Any] = field(default_factory=dict)
     aliases: dict[str, str] = field(default_factory=dict)
+    partners: Callable[[], dict[str, str]] | None = None  # the tied partners' names, looked up on first need
+
+    def planned_key(self, name: str) -> str:
+        """The key of the output tensor `name` is (or is tied to); `name` itself where none is."""
+        if name not in self.aliases and self.partners is not None:
+            self.aliases = {**self.partners(), **self.aliases}
+            self.partners = None
+        return self.aliases.get(name, name)
 
 
 def _check_same_keys(a: _Source, b: _Source, a_name: str, b_name: str) -> None:
@@ -238,8 +300,7 @@ def plan_merge(
     tuned = [finetuned] if isinstance(finetuned, Checkpoint) else list(finetuned)
     for checkpoint in tuned:
         _check_same_architecture(pretrained.config, checkpoint.config)
-    pre = _Source(pretrained, tied_groups(meta_model(pretrained.directory)))
-    sources = [_Source(c, tied_groups(meta_model(c.directory))) for c in tuned]
+    pre, sources = _Source(pretrained), [_Source(c) for c in tuned]
     ft = sources[0]
     _check_same_keys(pre, ft, "pretrained", "finetuned")
     for other in sources[1:]:
@@ -248,10 +309,10 @@ def plan_merge(
     pre_vocab, ft_vocab = _vocab_size(pretrained.config), _vocab_size(first.config)
     plan, aliases = [], {}
     for key in first.keys():
-        if any(aliases.get(k) for k in ft.alias.get(key, [])):
+        if ft.may_store_tied_twice and any(aliases.get(k) for k in ft.alias.get(key, [])):
             continue  # a tied weight stored twice (a torch.save'd state dict): written once, as save_pretrained does
         pre_key = pre.locate(key)
-        aliases.update({k: key for k in [key, pre_key, *ft.alias.get(key, []), *pre.alias.get(pre_key, [])]})
+        aliases.update({key: key, pre_key: key})
         pre_shape, ft_shape = pretrained.shape(pre_key), first.shape(key)
         pre_float, ft_float = pretrained.dtype(pre_key).is_floating_point, first.dtype(key).is_floating_point
         if pre_float != ft_float:
@@ -289,7 +350,15 @@ def plan_merge(
                 floating=ft_float,
             )
         )
-    return MergePlan(plan, aliases={k: v for k, v in aliases.items() if k is not None})
+
+    def partners() -> dict[str, str]:
+        found = {}
+        for key, planned in aliases.items():
+            for source in (ft, pre):
+                found.update({partner: planned for partner in source.alias.get(key, [])})
+        return found
+
+    return MergePlan(plan, aliases=aliases, partners=partners)
 
 
 def attach_input(plan: MergePlan, name: str, source: TensorSource, like: str, what: str) -> None:
@@ -310,14 +379,14 @@ def attach_input(plan: MergePlan, name: str, source: TensorSource, like: str, wh
     keys = source.keys()
     if not keys:
         raise MergeError(f"{what}: holds no tensors")
-    unknown = [k for k in keys if plan.aliases.get(k, k) not in by_key]
+    unknown = [k for k in keys if plan.planned_key(k) not in by_key]
     if unknown:
         raise MergeError(
             f"{what}: names tensors the checkpoints do not have: "
             f"{', '.join(unknown[:8])}{' ...' if len(unknown) > 8 else ''}"
         )
     for key in keys:
-        tensor = by_key[plan.aliases.get(key, key)]
+        tensor = by_key[plan.planned_key(key)]
         expected = tensor.shapes.get(like)
         if tuple(source.shape(key)) != expected:
             raise MergeError(f"{what}: {key} has shape {tuple(source.shape(key))}, the {like} tensor {expected}")

@@ -24,18 +24,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers.utils.hub import convert_file_size_to_int
 
 from ..atomic import atomic_directory
 from ..version import __version__
 from .card import write_model_card
 from .checkpoint import Checkpoint, read_config, resolve
+from .chunked import materialize
 from .errors import MergeError, MergeWarning, MergeWriteError
 from .hub import check_repo_id, push_folder
 from .inputs import TensorFile
 from .lora import ADAPTER_CONFIG, LoraAdapter, is_lora_adapter, warn_if_other_base
 from .methods import BoundMethod
-from .options import MergeOptions
+from .options import MergeOptions, check_shard_size
 from .output import check_output_dir, write_marker
 from .plan import (
     MergePlan,
@@ -217,24 +217,6 @@ def _prepare(pretrained: Source, finetuned: list[Source], options: MergeOptions)
     return _Merge(plan, method, side_dirs, weights_name, *names, pre_dir, config, inputs, model_names)
 
 
-def check_shard_size(max_shard_size: str | int) -> int:
-    """Bytes, from e.g. "5GB", "500MB" or an int; anything else, or not positive, is a `MergeError`."""
-    problem = MergeError(
-        f"max_shard_size (--max-shard-size) must be a positive size such as 5GB or 500MB, got {max_shard_size!r}"
-    )
-    if isinstance(max_shard_size, bool) or not isinstance(max_shard_size, (str, int)):
-        raise problem
-    if isinstance(max_shard_size, str) and max_shard_size.strip().isdigit():  # bytes, as an int would say
-        max_shard_size = int(max_shard_size)
-    try:
-        limit = convert_file_size_to_int(max_shard_size)
-    except (ValueError, OverflowError):
-        raise problem from None
-    if limit <= 0:
-        raise problem
-    return limit
-
-
 def _copy_side_files(merge: _Merge, directory: Path, dtype: str | None) -> None:
     patterns = [ADAPTER_CONFIG] if merge.weights_name == "adapter_model" else SIDE_FILES
     for source in merge.side_dirs:
@@ -295,7 +277,7 @@ def _write(
     try:
         for tensor in merge.plan.tensors:
             alphas = [table[tensor.schedule_name] for table in tables]
-            for index, merged in enumerate(tensor.compute(alphas, merge.method)):
+            for index, merged in enumerate(tensor.compute(alphas, merge.method, chunked=True)):
                 writers.add(index, tensor.key, merged)
         writers.close()
     except BaseException:
@@ -498,5 +480,8 @@ def iter_merge(
     planned = _prepare(pretrained, finetuned, replace(options, keep_adapter=False))
     tables = [planned.alphas(s) for s in schedules]
     for given, table in zip(alphas, tables):
-        state = {t.key: next(t.compute([table[t.schedule_name]], planned.method)) for t in planned.plan.tensors}
+        state = {
+            t.key: materialize(next(t.compute([table[t.schedule_name]], planned.method, chunked=True)))
+            for t in planned.plan.tensors
+        }
         yield given, state
