@@ -1,6 +1,6 @@
 """How a merge streams its work (issue 20): elementwise methods computed chunk by chunk as they are
 written, bit for bit what whole tensors give; tensors mapped one by one from the files; the writer's
-double-buffered O_DIRECT writes; the writer threads' one torch thread; a plain merge of two
+double-buffered O_DIRECT writes; torch's thread settings left alone; a plain merge of two
 safetensors checkpoints that never imports transformers; shard sizes read as transformers reads them."""
 
 import errno
@@ -9,7 +9,6 @@ import os
 import resource
 import subprocess
 import sys
-import threading
 
 import pytest
 import torch
@@ -26,7 +25,7 @@ from hf_specgen.merge.chunked import ChunkedTensor, materialize
 from hf_specgen.merge.methods import METHODS, Parameter, bind, register_method
 from hf_specgen.merge.options import check_shard_size
 from hf_specgen.merge.plan import MergedTensor
-from hf_specgen.merge.writer import ALIGNMENT, ConcurrentWriters, ShardedWriter, header_room
+from hf_specgen.merge.writer import ALIGNMENT, ShardedWriter, header_room
 
 
 def bits(tensor):
@@ -208,27 +207,36 @@ def test_writer_double_buffering_gives_the_same_bytes_and_falls_back_at_a_later_
         write(tmp_path / "full", direct=True)
 
 
-def test_writer_threads_compute_on_one_torch_thread_and_leave_the_callers_alone():
-    seen = []
-
-    class Recording:
-        def add(self, key, tensor):
-            seen.append((threading.get_ident(), torch.get_num_threads()))
-
-        def close(self):
-            pass
-
-        def abort(self):
-            pass
-
-    before = torch.get_num_threads()
-    writers = ConcurrentWriters([Recording(), Recording()])
-    for i in range(4):
-        writers.add(i % 2, f"t{i}", torch.zeros(1))
-    writers.close()
-    assert {threads for _, threads in seen} == {1}
-    assert threading.get_ident() not in {ident for ident, _ in seen}
-    assert torch.get_num_threads() == before
+def test_a_merge_leaves_torchs_thread_settings_alone(tmp_path):
+    """In a fresh process (no thread has run a parallel operation yet): after a merge, the caller and a new thread
+    still get torch's default thread count (`torch.set_num_threads(1)` on a writer thread would change both)."""
+    script = (
+        "import sys, threading\n"
+        "import torch\n"
+        "from safetensors.torch import save_file\n"
+        "from hf_specgen.merge import wise_ft\n"
+        "out = sys.argv[1]\n"
+        "for name in ('pre', 'ft'):\n"
+        "    torch.manual_seed(len(name))\n"
+        "    save_file({'w': torch.randn(600, 700)}, f'{out}/{name}.safetensors')\n"
+        "import os, pathlib\n"
+        "for name in ('pre', 'ft'):\n"
+        "    os.makedirs(f'{out}/{name}')\n"
+        "    pathlib.Path(f'{out}/{name}.safetensors').rename(f'{out}/{name}/model.safetensors')\n"
+        "import warnings\n"
+        "warnings.simplefilter('ignore')\n"
+        "wise_ft(f'{out}/pre', f'{out}/ft', 0.5, f'{out}/merged')\n"
+        "seen = []\n"
+        "thread = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))\n"
+        "thread.start(); thread.join()\n"
+        "print(torch.get_num_threads(), seen[0])\n"
+    )
+    default = subprocess.run(
+        [sys.executable, "-c", "import torch; print(torch.get_num_threads())"], capture_output=True, text=True
+    ).stdout.split()
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == default * 2
+    assert (tmp_path / "merged" / "model.safetensors").is_file()
 
 
 def test_a_plain_merge_of_safetensors_checkpoints_does_not_import_transformers(opt, tmp_path):

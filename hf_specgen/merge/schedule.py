@@ -240,7 +240,7 @@ def check_alpha(alpha: Any, extrapolate: bool, what: str = "alpha") -> float:
         raise MergeError(f"{what} must be a number, got {alpha!r}")
     if not math.isfinite(alpha) or abs(alpha) > FLOAT32_MAX:  # torch.lerp would raise
         raise MergeError(
-            f"{what} must be a finite number within float32 range (tensors are interpolated in float32), got {alpha}"
+            f"{what} must be a finite number within float32 range (merged tensors are at most float32), got {alpha}"
         )
     if not extrapolate and not 0.0 <= alpha <= 1.0:
         raise MergeError(

@@ -276,10 +276,9 @@ class ConcurrentWriters:
 
     Writing a tensor out is most of a merge's time, and `write` releases the GIL: here it runs
     while the next tensor is being computed and, in a sweep, beside the other alphas' writes. A
-    `ChunkedTensor` is computed on its writer's thread as it is written. Each thread runs torch's
-    operations on one core (`torch.set_num_threads(1)` holds for that thread only): the merge's
-    work is memory-bound, and splitting each chunk's operations across cores cost more than it
-    gained (bfloat16 WiSE-FT, 297M parameters: 0.76 s on two threads, 0.47 s on one). At
+    `ChunkedTensor` is computed on its writer's thread as it is written (torch's thread settings are left
+    alone: `torch.set_num_threads` on a worker thread changes the default of every thread that has not
+    run a parallel operation yet, the caller's included). At
     most `max_pending` tensors, and `max_pending_bytes` of them (or one tensor, however large),
     wait for their writer: that bounds the memory they hold. The first failure stops every writer
     (writes queued behind it are dropped) and is raised by the `add` or `close` that waits for it.
@@ -289,12 +288,7 @@ class ConcurrentWriters:
         self, writers: list[ShardedWriter], max_pending: int = 3, max_pending_bytes: int = 256 * 2**20
     ) -> None:
         self.writers, self.max_pending, self.max_pending_bytes = writers, max_pending, max_pending_bytes
-        self._threads = [
-            ThreadPoolExecutor(
-                1, thread_name_prefix="specgen-writer", initializer=torch.set_num_threads, initargs=(1,)
-            )
-            for _ in writers
-        ]
+        self._threads = [ThreadPoolExecutor(1, thread_name_prefix="specgen-writer") for _ in writers]
         self._pending: deque[tuple[Future, int]] = deque()  # (write, bytes), oldest first
         self._pending_bytes = 0
         self._failed = threading.Event()
