@@ -484,7 +484,7 @@ def test_sweep_refuses_bad_alphas_before_writing(opt, tmp_path):
 # ---- safety -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("target, name", [(ShardedWriter, "add"), (MergedTensor, "compute")])
+@pytest.mark.parametrize("target, name", [(ShardedWriter, "begin"), (MergedTensor, "compute")])
 @pytest.mark.parametrize("error", [OSError("disk full"), KeyboardInterrupt()], ids=["oserror", "ctrl_c"])
 def test_failure_mid_write_leaves_nothing(opt, tmp_path, monkeypatch, target, name, error):
     parent = tmp_path / "outputs"
@@ -515,7 +515,7 @@ def test_existing_output_refused_without_overwrite_replaced_with_it(opt, tmp_pat
     assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
 
     # a failure while overwriting keeps the old output
-    fail_after(monkeypatch, ShardedWriter, "add", 3, OSError("disk full"))
+    fail_after(monkeypatch, ShardedWriter, "begin", 3, OSError("disk full"))
     with pytest.raises(OSError):
         wise_ft(opt["pre"], opt["ft"], 0.5, out, overwrite="any")
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
@@ -556,7 +556,7 @@ def test_mismatched_architectures_refused_before_writing(opt, tmp_path, monkeypa
     gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=2, n_head=2, n_positions=32))
     gpt2_dir = save(gpt2, tmp_path / "gpt2")
     added = []
-    monkeypatch.setattr(ShardedWriter, "add", lambda self, key, tensor: added.append(key))
+    monkeypatch.setattr(ShardedWriter, "begin", lambda self, key, dtype, shape: added.append(key))
     with pytest.raises(MergeError, match="mismatched architectures.*opt.*gpt2"):
         wise_ft(opt["pre"], gpt2_dir, 0.5, tmp_path / "out")
     # same tensors, a different model_type in config.json

@@ -368,7 +368,7 @@ def test_write_failure_is_one_line_exit_1_and_leaves_nothing(opt, tmp_path, caps
     parent = tmp_path / "outputs"
     parent.mkdir()
     if code == errno.ENOSPC:  # the disk fills up after a few tensors
-        fail_after(monkeypatch, ShardedWriter, "add", 3, OSError(code, os.strerror(code)))
+        fail_after(monkeypatch, ShardedWriter, "begin", 3, OSError(code, os.strerror(code)))
     else:  # the parent refuses new directories (chmod would not stop root)
         original = os.mkdir
 

@@ -318,3 +318,56 @@ def test_a_mapped_tensor_is_read_at_once_into_file_pages_not_copied(tmp_path):
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     assert float(tensor[::1024].sum()) == 8 * 2**20 / 1024
     assert resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults < 64
+
+
+def test_chunked_outputs_are_computed_on_the_callers_thread_and_written_in_order():
+    """`add_outputs`: every output's chunk of one slice in turn, computed by the caller; each writer gets `begin`
+    and then its chunks in order, on its own thread; whole tensors go to `add` as before."""
+    import threading
+
+    from hf_specgen.merge.writer import ConcurrentWriters
+
+    computed, caller = [], threading.get_ident()
+
+    class Recording:
+        def __init__(self):
+            self.calls, self.threads = [], set()
+
+        def begin(self, key, dtype, shape):
+            self.calls.append(("begin", key, dtype, shape))
+
+        def write(self, piece):
+            self.threads.add(threading.get_ident())
+            self.calls.append(("write", piece.view(torch.float32).tolist()))
+
+        def add(self, key, tensor):
+            self.calls.append(("add", key))
+
+        def close(self):
+            pass
+
+        def abort(self):
+            pass
+
+    def output(scale):
+        def compute(start, stop):
+            computed.append((scale, start, threading.get_ident()))
+            return torch.arange(start, stop, dtype=torch.float32) * scale
+
+        return ChunkedTensor((2, 3), torch.float32, compute, chunk_elements=4)
+
+    writers = [Recording(), Recording()]
+    concurrent = ConcurrentWriters(writers, max_pending=1)
+    concurrent.add_outputs("w", iter([output(1.0), output(10.0)]))
+    concurrent.add_outputs("b", iter([torch.zeros(1), torch.ones(1)]))
+    concurrent.close()
+    assert [(scale, start) for scale, start, _ in computed] == [(1.0, 0), (10.0, 0), (1.0, 4), (10.0, 4)]
+    assert {ident for _, _, ident in computed} == {caller}
+    for writer, scale in zip(writers, (1.0, 10.0)):
+        assert writer.calls == [
+            ("begin", "w", torch.float32, (2, 3)),
+            ("write", [0.0, scale, 2 * scale, 3 * scale]),
+            ("write", [4 * scale, 5 * scale]),
+            ("add", "b"),
+        ]
+        assert caller not in writer.threads

@@ -277,8 +277,7 @@ def _write(
     try:
         for tensor in merge.plan.tensors:
             alphas = [table[tensor.schedule_name] for table in tables]
-            for index, merged in enumerate(tensor.compute(alphas, merge.method, chunked=True)):
-                writers.add(index, tensor.key, merged)
+            writers.add_outputs(tensor.key, tensor.compute(alphas, merge.method, chunked=True))
         writers.close()
     except BaseException:
         writers.abort()

@@ -21,7 +21,7 @@ import os
 import struct
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -201,21 +201,27 @@ class ShardedWriter:
 
     def add(self, key: str, tensor: torch.Tensor | ChunkedTensor) -> None:
         """Appends `tensor` (computed now, chunk by chunk, if it is a `ChunkedTensor`) under `key`."""
-        size = tensor.numel() * tensor.element_size()
+        self.begin(key, tensor.dtype, tuple(tensor.shape))
+        for piece in flat_pieces(tensor):
+            self.write(piece)
+
+    def begin(self, key: str, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+        """Starts the tensor `key` (a new shard if it would overflow this one); its bytes follow with `write`."""
+        size = dtype.itemsize
+        for length in shape:
+            size *= length
         if self._file is not None and self._shard_bytes and self._shard_bytes + size > self.max_shard_size:
             self._close_shard()
         if self._file is None:
             self._open_shard()
-        for piece in flat_pieces(tensor):
-            self._file.write(piece)
         offsets = [self._shard_bytes, self._shard_bytes + size]
-        self._entries[key] = {
-            "dtype": _DTYPE_NAMES[tensor.dtype],
-            "shape": list(tensor.shape),
-            "data_offsets": offsets,
-        }
+        self._entries[key] = {"dtype": _DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": offsets}
         self._shard_bytes += size
         self.total_bytes += size
+
+    def write(self, piece: torch.Tensor) -> None:
+        """Appends bytes of the tensor begun last (a flat uint8 tensor)."""
+        self._file.write(piece)
 
     def _open_shard(self) -> None:
         path = self.directory / f"{self.name}-{len(self._written) + 1:05d}.safetensors.part"
@@ -276,9 +282,8 @@ class ConcurrentWriters:
 
     Writing a tensor out is most of a merge's time, and `write` releases the GIL: here it runs
     while the next tensor is being computed and, in a sweep, beside the other alphas' writes. A
-    `ChunkedTensor` is computed on its writer's thread as it is written (torch's thread settings are left
-    alone: `torch.set_num_threads` on a worker thread changes the default of every thread that has not
-    run a parallel operation yet, the caller's included). At
+    `ChunkedTensor` is computed on the caller's thread a chunk at a time, and its writer writes each
+    chunk while the next is computed (`add_outputs`). At
     most `max_pending` tensors, and `max_pending_bytes` of them (or one tensor, however large),
     wait for their writer: that bounds the memory they hold. The first failure stops every writer
     (writes queued behind it are dropped) and is raised by the `add` or `close` that waits for it.
@@ -289,22 +294,58 @@ class ConcurrentWriters:
     ) -> None:
         self.writers, self.max_pending, self.max_pending_bytes = writers, max_pending, max_pending_bytes
         self._threads = [ThreadPoolExecutor(1, thread_name_prefix="specgen-writer") for _ in writers]
-        self._pending: deque[tuple[Future, int]] = deque()  # (write, bytes), oldest first
-        self._pending_bytes = 0
+        self._pending: deque[tuple[Future, int, bool]] = deque()  # (write, bytes, a whole tensor), oldest first
+        self._pending_bytes = self._pending_tensors = 0
         self._failed = threading.Event()
 
     def add(self, index: int, key: str, tensor: torch.Tensor | ChunkedTensor) -> None:
-        size = tensor.numel() * tensor.element_size()
+        """Hands `tensor` to writer `index` (a `ChunkedTensor` is computed here, chunk by chunk)."""
+        if isinstance(tensor, ChunkedTensor):
+            self._add_chunked(key, {index: tensor})
+        else:
+            self._submit(index, tensor.numel() * tensor.element_size(), True, self.writers[index].add, key, tensor)
+
+    def add_outputs(self, key: str, outputs: Iterable[torch.Tensor | ChunkedTensor]) -> None:
+        """Hands writer `i` the `i`-th output of tensor `key`.
+
+        Tensors are handed over as they come (an iterator computing them holds one at a time).
+        `ChunkedTensor`s are computed here, on the caller's thread, chunk by chunk, every output's
+        chunk of one slice in turn (the inputs' slice still in the cache), each chunk written by its
+        writer's thread while the next is computed. Only one thread computes: torch spreads each
+        operation over its own thread pool, and several computing threads would each do the same.
+        """
+        chunked: dict[int, ChunkedTensor] = {}
+        for index, tensor in enumerate(outputs):
+            if isinstance(tensor, ChunkedTensor):
+                chunked[index] = tensor
+            else:
+                self.add(index, key, tensor)
+        self._add_chunked(key, chunked)
+
+    def _add_chunked(self, key: str, chunked: dict[int, ChunkedTensor]) -> None:
+        for index, tensor in chunked.items():
+            self._submit(index, 0, False, self.writers[index].begin, key, tensor.dtype, tuple(tensor.shape))
+        for pieces in zip(*(t.chunks() for t in chunked.values())):
+            for index, piece in zip(chunked, pieces):
+                flat = piece.contiguous().reshape(-1).view(torch.uint8)
+                self._submit(index, flat.numel(), False, self.writers[index].write, flat)
+
+    def _submit(self, index: int, size: int, counted: bool, method: Callable[..., Any], *args: Any) -> None:
+        """Queues `method(*args)` on writer `index`'s thread once the pending work is within bounds
+        (`counted`: a whole tensor, held to `max_pending`; every piece is held to `max_pending_bytes`)."""
         while self._pending and (
-            len(self._pending) >= self.max_pending or self._pending_bytes + size > self.max_pending_bytes
+            (counted and self._pending_tensors >= self.max_pending)
+            or self._pending_bytes + size > self.max_pending_bytes
         ):
             self._wait_oldest()
-        self._pending.append((self._threads[index].submit(self._run, self.writers[index].add, key, tensor), size))
+        self._pending.append((self._threads[index].submit(self._run, method, *args), size, counted))
         self._pending_bytes += size
+        self._pending_tensors += counted
 
     def _wait_oldest(self) -> None:
-        future, size = self._pending.popleft()
+        future, size, counted = self._pending.popleft()
         self._pending_bytes -= size
+        self._pending_tensors -= counted
         future.result()
 
     def _run(self, method: Callable[..., Any], *args: Any) -> None:
@@ -318,7 +359,7 @@ class ConcurrentWriters:
 
     def close(self) -> None:
         """Waits for every write, then finishes each writer's shards and index."""
-        self._pending.extend((t.submit(self._run, w.close), 0) for t, w in zip(self._threads, self.writers))
+        self._pending.extend((t.submit(self._run, w.close), 0, False) for t, w in zip(self._threads, self.writers))
         while self._pending:
             self._wait_oldest()
         self._shutdown(cancel=False)
