@@ -72,6 +72,9 @@ PRETRAINED_SHARD, FINETUNED_SHARD, OUTPUT_SHARD = "400MB", "300MB", "400MB"
 FISHER_SHARD = "400MB"
 GROUP_ALPHAS = (0.25, 0.5, 0.75)
 FISHER_TIME_FACTOR = 2.0  # target: a Fisher merge within 2x the time of wise_ft
+COPY_FACTOR = 5.0  # target: wise_ft within 5x the time of copytree (fp32 and bf16)
+MERGEKIT_FACTOR = 0.5  # target: wise_ft within half of mergekit's time
+SWEEP_FACTOR = 0.6  # target: a 5-alpha sweep within 0.6x the time of five separate merges
 NOISE = 0.01  # standard deviation of the fine-tuning perturbation
 RSS_FACTOR, RSS_SLACK = 2.5, 300 * MB  # target: peak RSS <= 2.5 x largest shard + 300 MB
 TOLERANCE = 1e-6  # max abs difference to 0.5 * (pre + ft) computed in float64
@@ -102,6 +105,47 @@ inputs = {"fisher_pre": sys.argv[6], "fisher_finetuned": sys.argv[7]}
 merge(sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4],
       MergeOptions(method="fisher", method_inputs=inputs, max_shard_size=sys.argv[5]))"""
 
+# The time breakdown: one child per phase, each doing the phases before it too (sys.argv[1] names the phase).
+PHASES = """import sys
+phase = sys.argv[1]
+if phase == "python":
+    sys.exit()
+import torch
+if phase == "torch":
+    sys.exit()
+from hf_specgen.merge.chunked import flat_pieces
+from hf_specgen.merge.options import MergeOptions
+from hf_specgen.merge.run import _prepare
+from hf_specgen.merge.schedule import AlphaSchedule
+planned = _prepare(sys.argv[2], [sys.argv[3]], MergeOptions())
+planned.alphas(AlphaSchedule(alpha=0.5))
+if phase == "plan":
+    sys.exit()
+for tensor in planned.plan.tensors:
+    if phase == "read":
+        tensor.base(), [load() for load in tensor.finetuned]
+        continue
+    for output in tensor.compute([0.5], planned.method, chunked=True):
+        for piece in flat_pieces(output):
+            pass"""
+# The disk's floor: `streams` files of `size` bytes written at once with O_DIRECT, 16 MB at a time, random bytes.
+DISK = """import mmap, os, sys, threading
+size, streams, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+os.makedirs(out)
+buffer = mmap.mmap(-1, 16 * 2**20)
+buffer.write(os.urandom(len(buffer)))
+def write(i):
+    fd = os.open(os.path.join(out, str(i)), os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o644)
+    done = 0
+    while done < size:
+        done += os.write(fd, buffer)
+    os.close(fd)
+threads = [threading.Thread(target=write, args=(i,)) for i in range(streams)]
+for thread in threads:
+    thread.start()
+for thread in threads:
+    thread.join()"""
+
 
 class ChildFailed(RuntimeError):
     """A measured child process exited with an error; the message ends with its output's tail."""
@@ -131,6 +175,8 @@ class Run:
     merge: bool = True  # a merge: held to the RSS target
     rss_extra: int = 0  # bytes the RSS target allows beyond a two-input merge's (e.g. one Fisher shard)
     keep_output: bool = False  # for the correctness check
+    evict: list[Path] = field(default_factory=list)  # dropped from the page cache before the run, read back after
+    phase: bool = False  # a row of the time breakdown
     samples: list[Sample] = field(default_factory=list)
     error: str | None = None
 
@@ -379,6 +425,51 @@ def spot_check(
     return result
 
 
+def ordered_bits(tensor: torch.Tensor) -> torch.Tensor:
+    """The bit patterns as integers in the order of the values: two values' difference is their distance in ulps."""
+    signed = {torch.float32: torch.int32, torch.bfloat16: torch.int16}[tensor.dtype]
+    bits = tensor.contiguous().view(signed).long()
+    return torch.where(bits < 0, torch.iinfo(signed).min - bits, bits)
+
+
+def exactness_check(
+    pretrained: Path, finetuned: Path, bf16_pre: Path, bf16_ft: Path, outputs: dict[str, Path]
+) -> dict[str, Any]:
+    """Every tensor of the wise_ft outputs against `(1 - alpha) * pre + alpha * ft` in float64 rounded to the
+    tensor's dtype, in ulps (fp32 and bf16); the sweep's alpha 0 and 1 outputs against the inputs, byte for byte."""
+    result: dict[str, Any] = {}
+    cases = {"wise_ft": (pretrained, finetuned), "wise_ft_bf16": (bf16_pre, bf16_ft)}
+    for name, (pre_dir, ft_dir) in cases.items():
+        if name not in outputs:
+            continue
+        pre_keys, ft_keys, out_keys = weight_keys(pre_dir), weight_keys(ft_dir), weight_keys(outputs[name])
+        worst, elements = 0, 0
+        for key, file in out_keys.items():
+            with safe_open(file, framework="pt") as f:
+                merged = f.get_tensor(key)
+            with safe_open(pre_keys[key], framework="pt") as f:
+                pre = f.get_tensor(key).double()
+            with safe_open(ft_keys[key], framework="pt") as f:
+                ft = f.get_tensor(key).double()
+            expected = ((1 - ALPHA) * pre + ALPHA * ft).to(merged.dtype)
+            worst = max(worst, int((ordered_bits(merged) - ordered_bits(expected)).abs().max()))
+            elements += merged.numel()
+        result[name] = {"max_ulps": worst, "elements": elements, "passed": worst <= 1}
+    if "sweep" in outputs:
+        identical = {}
+        for alpha, source in ((0.0, pretrained), (1.0, finetuned)):
+            source_keys, out_keys = weight_keys(source), weight_keys(outputs["sweep"] / f"alpha-{alpha:g}")
+            same = set(source_keys) == set(out_keys)
+            for key, file in out_keys.items():
+                if not same:
+                    break
+                with safe_open(file, framework="pt") as f, safe_open(source_keys[key], framework="pt") as g:
+                    same = torch.equal(f.get_tensor(key).view(torch.uint8), g.get_tensor(key).view(torch.uint8))
+            identical[f"{alpha:g}"] = same
+        result["sweep_alpha_0_1_bit_identical"] = identical
+    return result
+
+
 def mergekit_command(executable: Path, config: Path, output: Path) -> list[str]:
     # --out-shard-size is documented as parameters but compared with bytes (mergekit/io/tensor_writer.py)
     return [
@@ -470,6 +561,7 @@ def define_runs(
             f"bf16: `wise_ft`, alpha={ALPHA:g}",
             lambda out: [python, "-c", WISE_FT, str(bf16_pre), str(bf16_ft), str(ALPHA), str(out), OUTPUT_SHARD],
             bf16_bytes,
+            keep_output=True,
         ),
     ]
     if mergekit["executable"] is not None:
@@ -487,14 +579,62 @@ def define_runs(
                 bf16_bytes,
             )
         )
+    inputs = weight_files(pre) + weight_files(ft)
+    runs += [
+        Run(
+            "copytree_cold",
+            "cold: `shutil.copytree` of finetuned, read from the disk",
+            lambda out: [python, "-c", COPY, str(ft), str(out)],
+            checkpoint_bytes,
+            merge=False,
+            evict=weight_files(ft),
+        ),
+        Run(
+            "wise_ft_cold",
+            f"cold: `wise_ft`, alpha={ALPHA:g}, both inputs read from the disk",
+            lambda out: [python, "-c", WISE_FT, *merge_args, str(ALPHA), str(out), OUTPUT_SHARD],
+            checkpoint_bytes,
+            evict=inputs,
+        ),
+    ]
+    phases = {
+        "python": "start the interpreter",
+        "torch": "+ `import torch`",
+        "plan": "+ import the merge, read headers, plan and check",
+        "read": "+ map (read) every input tensor",
+        "compute": "+ interpolate every output chunk (on the main thread), nothing written",
+    }
+    runs += [
+        Run(f"phase_{name}", text, lambda out, n=name: [python, "-c", PHASES, n, *merge_args], 0, False, phase=True)
+        for name, text in phases.items()
+    ]
     alphas = json.dumps(SWEEP_ALPHAS)
     n = len(SWEEP_ALPHAS)
+    runs += [
+        Run(
+            "disk",
+            "the output's bytes written with O_DIRECT, one file (the disk's floor for a merge)",
+            lambda out: [python, "-c", DISK, str(checkpoint_bytes), "1", str(out)],
+            checkpoint_bytes,
+            False,
+            phase=True,
+        ),
+        Run(
+            "disk_sweep",
+            f"{n} outputs' bytes written with O_DIRECT, {n} files at once (the floor for a sweep)",
+            lambda out: [python, "-c", DISK, str(checkpoint_bytes), str(n), str(out)],
+            n * checkpoint_bytes,
+            False,
+            phase=True,
+        ),
+    ]
     runs += [
         Run(
             "sweep",
             f"`wise_ft_sweep`, {n} alphas",
             lambda out: [python, "-c", SWEEP, *merge_args, alphas, str(out), OUTPUT_SHARD],
             n * checkpoint_bytes,
+            keep_output=True,
         ),
         Run(
             "separate",
@@ -514,9 +654,25 @@ def warm_page_cache(files: list[Path]) -> None:
                 pass
 
 
+def evict(files: list[Path]) -> None:
+    """Drops the files' pages from the page cache (`POSIX_FADV_DONTNEED`: clean pages, no privileges needed)."""
+    for file in files:
+        fd = os.open(file, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
 def summarize(run: Run, copy_s: float | None, rss_target: int) -> dict[str, Any]:
     seconds = [s.seconds for s in run.samples]
-    row: dict[str, Any] = {"name": run.name, "description": run.description, "error": run.error, "seconds": seconds}
+    row: dict[str, Any] = {
+        "name": run.name,
+        "description": run.description,
+        "error": run.error,
+        "seconds": seconds,
+        "phase": run.phase,
+    }
     if not seconds:
         return row
     median = statistics.median(seconds)
@@ -542,7 +698,9 @@ def summarize(run: Run, copy_s: float | None, rss_target: int) -> dict[str, Any]
     return row
 
 
-def targets(rows: dict[str, dict[str, Any]], correctness: dict[str, Any] | None) -> list[dict[str, Any]]:
+def targets(
+    rows: dict[str, dict[str, Any]], correctness: dict[str, Any] | None, exactness: dict[str, Any] | None = None
+) -> list[dict[str, Any]]:
     def faster(name: str, than: str, factor: float | None = None) -> dict[str, Any]:
         """Judged on the median of the per-round time ratios: the two runs of a round are adjacent in time.
         With `factor`: within `factor` times the time; without: faster."""
@@ -563,7 +721,28 @@ def targets(rows: dict[str, dict[str, Any]], correctness: dict[str, Any] | None)
             )
         return target
 
-    wise, fisher = rows["wise_ft"], rows["fisher"]
+    wise, fisher, start_up = rows["wise_ft"], rows["fisher"], rows["import"]
+    checks = []
+    for name, check in (exactness or {}).items():
+        if name.startswith("wise_ft"):
+            checks.append(
+                {
+                    "target": f"{name}: every output within 1 ulp of the float64 interpolation rounded to its dtype",
+                    "value": f"max {check['max_ulps']} ulp over {check['elements'] / 1e6:.0f}M values",
+                    "passed": check["passed"],
+                }
+            )
+    identical = (exactness or {}).get("sweep_alpha_0_1_bit_identical")
+    if identical is not None:
+        checks.append(
+            {
+                "target": "sweep: alpha 0 and 1 bit-identical to the inputs",
+                "value": ", ".join(
+                    f"alpha {a}: {'identical' if same else 'DIFFERENT'}" for a, same in identical.items()
+                ),
+                "passed": all(identical.values()),
+            }
+        )
     return [
         {
             "target": f"wise_ft peak RSS <= {RSS_FACTOR:g} x largest shard + {RSS_SLACK // MB} MB",
@@ -572,9 +751,21 @@ def targets(rows: dict[str, dict[str, Any]], correctness: dict[str, Any] | None)
             else None,
             "passed": wise.get("rss_passed"),
         },
-        faster("wise_ft", "mergekit"),
-        faster("wise_ft_bf16", "mergekit_bf16"),
-        faster("sweep", "separate"),
+        {
+            "target": "`import hf_specgen.merge` under 1 s",
+            "value": f"{start_up['median_s']:.2f} s" if "median_s" in start_up else None,
+            "passed": start_up["median_s"] < 1 if "median_s" in start_up else None,
+        },
+        faster("wise_ft", "copytree", COPY_FACTOR),
+        faster("wise_ft_bf16", "copytree_bf16", COPY_FACTOR),
+        faster("wise_ft", "mergekit", MERGEKIT_FACTOR),
+        faster("wise_ft_bf16", "mergekit_bf16", MERGEKIT_FACTOR),
+        faster("sweep", "separate", SWEEP_FACTOR),
+        {
+            **faster("wise_ft_cold", "copytree_cold", 1.0),
+            "target": "cold inputs: wise_ft (reads two checkpoints) against copytree (reads one), reported",
+            "passed": None,
+        },
         {
             **faster("groups", "wise_ft", 1.0),
             "target": "groups: time against wise_ft (reported, no target)",
@@ -593,11 +784,50 @@ def targets(rows: dict[str, dict[str, Any]], correctness: dict[str, Any] | None)
             "value": None if correctness is None else "see the spot check",
             "passed": None if correctness is None else correctness["passed"],
         },
+        *checks,
     ]
 
 
 def verdict(passed: bool | None) -> str:
     return "-" if passed is None else ("PASS" if passed else "MISS")
+
+
+def breakdown(runs: list[dict[str, Any]]) -> list[str]:
+    """Where a fp32 `wise_ft`'s time goes: each phase child's median and what it adds to the one before, then the
+    whole merge (the write overlapped with the computing) and the disk's floor."""
+    by_name = {row["name"]: row for row in runs}
+    order = ["phase_python", "phase_torch", "phase_plan", "phase_read", "phase_compute", "wise_ft"]
+    rows = [by_name[name] for name in order if "median_s" in by_name.get(name, {})]
+    if len(rows) < len(order):
+        return []
+    lines = [
+        "",
+        "## Where the time goes (fp32 `wise_ft`)",
+        "",
+        "Each row is a child process that does what the rows above it do, and one thing more; its added time is "
+        "the difference of the medians. The last row is the whole merge: its writes run on the writers' threads "
+        "beside the computing, so what they add is what the overlap does not hide. Below, the disk alone: the "
+        "same number of bytes written with O_DIRECT, the floor of any merge that puts its output on the disk.",
+        "",
+        "| phase | wall (s) | added (s) | user / sys (s) | page faults |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    previous = 0.0
+    for row in rows:
+        text = "+ write the output (O_DIRECT), the whole `wise_ft`" if row["name"] == "wise_ft" else row["description"]
+        lines.append(
+            f"| {text} | {row['median_s']:.2f} | {row['median_s'] - previous:+.2f} "
+            f"| {row['user_s']:.1f} / {row['sys_s']:.1f} | {row['minor_faults'] / 1e3:.0f}k |"
+        )
+        previous = row["median_s"]
+    for name in ("disk", "disk_sweep"):
+        row = by_name.get(name, {})
+        if "median_s" in row:
+            lines.append(
+                f"| {row['description']} | {row['median_s']:.2f} | - | {row['user_s']:.1f} / {row['sys_s']:.1f} "
+                f"| {row['minor_faults'] / 1e3:.0f}k |"
+            )
+    return lines
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -632,6 +862,8 @@ def markdown(report: dict[str, Any]) -> str:
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|:---:|",
     ]
     for row in report["runs"]:
+        if row.get("phase"):
+            continue
         if "median_s" not in row:
             lines.append(f"| {row['description']} | failed | | | | | | | | |")
             continue
@@ -645,6 +877,7 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {row['peak_anon_bytes'] / MB:.0f} / {row['peak_file_bytes'] / MB:.0f} | {target} "
             f"| {verdict(row['rss_passed'])} |"
         )
+    lines += breakdown(report["runs"])
     lines += ["", "| target | value | result |", "|---|---|:---:|"]
     lines += [f"| {t['target']} | {t['value'] or '-'} | {verdict(t['passed'])} |" for t in report["targets"]]
     correctness = report["correctness"]
@@ -748,12 +981,15 @@ def main() -> None:
             out = outputs / run.name
             shutil.rmtree(out, ignore_errors=True)
             out.parent.mkdir(parents=True, exist_ok=True)
+            evict(run.evict)
             try:
                 run.samples.append(measure(run.command(out), logs / f"{run.name}-{repeat}.log"))
             except ChildFailed as error:
                 run.error = str(error)
                 log(f"{run.name} failed: {error}", start)
                 continue
+            finally:
+                warm_page_cache(run.evict)
             if not run.keep_output:
                 shutil.rmtree(out, ignore_errors=True)
             sample = run.samples[-1]
@@ -767,7 +1003,12 @@ def main() -> None:
         mergekit["error"] = f"`{mergekit['command']}` failed, {mergekit_run.error}"
 
     merged = {run.name: outputs / run.name for run in runs if run.keep_output and run.samples}
-    correctness = spot_check(pretrained, finetuned, merged, fishers, opts.layers) if "wise_ft" in merged else None
+    fp32_outputs = {name: path for name, path in merged.items() if name in ("wise_ft", "groups", "fisher", "mergekit")}
+    correctness = (
+        spot_check(pretrained, finetuned, fp32_outputs, fishers, opts.layers) if "wise_ft" in merged else None
+    )
+    exactness = exactness_check(pretrained, finetuned, bf16_pre, bf16_ft, merged)
+    log("checked every tensor of the wise_ft outputs in ulps", start)
     shutil.rmtree(outputs, ignore_errors=True)
 
     copy_s = {}  # each dtype's copytree: the floor its rows are measured against
@@ -818,8 +1059,9 @@ def main() -> None:
         },
         "mergekit": {key: str(value) if isinstance(value, Path) else value for key, value in mergekit.items()},
         "runs": list(rows.values()),
-        "targets": targets(rows, correctness),
+        "targets": targets(rows, correctness, exactness),
         "correctness": correctness,
+        "exactness": exactness,
         "setup_s": {"build": build_s, "mergekit_install": mergekit["install_s"]},
         "total_s": time.perf_counter() - start,
     }
