@@ -97,7 +97,8 @@ class _ShardFile:
         while self._staging_set is not None and done < data.numel():
             staging = self._staging
             take = min(data.numel() - done, staging.numel() - self._fill)
-            staging[self._fill : self._fill + take].copy_(data[done : done + take])
+            # numpy's copy: one thread, the GIL released (torch's copy_ would start a thread pool per writer)
+            staging.numpy()[self._fill : self._fill + take] = data[done : done + take].numpy()
             self._fill, done = self._fill + take, done + take
             if self._fill == staging.numel():
                 self._flush(self._fill)
