@@ -67,6 +67,7 @@ REQUIREMENTS = Path(__file__).with_name("requirements-bench.txt")
 TORCH_PIN = f"torch=={torch.__version__.split('+')[0]}"  # the CPU wheel on disk; another version pulls CUDA
 MB = 10**6  # shard sizes ("400MB") are decimal, as transformers and mergekit read them
 ALPHA = 0.5
+BF16_ALPHA = 0.3  # the bf16 rows: an alpha where float32 arithmetic is not exact for bf16 inputs
 SWEEP_ALPHAS = [0.0, 0.25, 0.5, 0.75, 1.0]
 PRETRAINED_SHARD, FINETUNED_SHARD, OUTPUT_SHARD = "400MB", "300MB", "400MB"
 FISHER_SHARD = "400MB"
@@ -435,14 +436,23 @@ def ordered_bits(tensor: torch.Tensor) -> torch.Tensor:
 def exactness_check(
     pretrained: Path, finetuned: Path, bf16_pre: Path, bf16_ft: Path, outputs: dict[str, Path]
 ) -> dict[str, Any]:
-    """Every tensor of the wise_ft outputs against `(1 - alpha) * pre + alpha * ft` in float64 rounded to the
-    tensor's dtype, in ulps (fp32 and bf16); the sweep's alpha 0 and 1 outputs against the inputs, byte for byte."""
+    """Every tensor of the wise_ft outputs (fp32 at `ALPHA`, bf16 at `BF16_ALPHA`) and of the sweep's outputs
+    strictly between 0 and 1 against `(1 - alpha) * pre + alpha * ft` in float64 rounded to the tensor's dtype, in
+    ulps; the sweep's alpha 0 and 1 outputs against the inputs, byte for byte."""
     result: dict[str, Any] = {}
-    cases = {"wise_ft": (pretrained, finetuned), "wise_ft_bf16": (bf16_pre, bf16_ft)}
-    for name, (pre_dir, ft_dir) in cases.items():
-        if name not in outputs:
+    cases = {
+        "wise_ft": (pretrained, finetuned, ALPHA, outputs.get("wise_ft")),
+        "wise_ft_bf16": (bf16_pre, bf16_ft, BF16_ALPHA, outputs.get("wise_ft_bf16")),
+        **{
+            f"sweep alpha {alpha:g}": (pretrained, finetuned, alpha, outputs["sweep"] / f"alpha-{alpha:g}")
+            for alpha in SWEEP_ALPHAS
+            if "sweep" in outputs and 0 < alpha < 1
+        },
+    }
+    for name, (pre_dir, ft_dir, alpha, output) in cases.items():
+        if output is None:
             continue
-        pre_keys, ft_keys, out_keys = weight_keys(pre_dir), weight_keys(ft_dir), weight_keys(outputs[name])
+        pre_keys, ft_keys, out_keys = weight_keys(pre_dir), weight_keys(ft_dir), weight_keys(output)
         worst, elements = 0, 0
         for key, file in out_keys.items():
             with safe_open(file, framework="pt") as f:
@@ -451,10 +461,10 @@ def exactness_check(
                 pre = f.get_tensor(key).double()
             with safe_open(ft_keys[key], framework="pt") as f:
                 ft = f.get_tensor(key).double()
-            expected = ((1 - ALPHA) * pre + ALPHA * ft).to(merged.dtype)
+            expected = ((1 - alpha) * pre + alpha * ft).to(merged.dtype)
             worst = max(worst, int((ordered_bits(merged) - ordered_bits(expected)).abs().max()))
             elements += merged.numel()
-        result[name] = {"max_ulps": worst, "elements": elements, "passed": worst <= 1}
+        result[name] = {"max_ulps": worst, "elements": elements, "alpha": alpha, "passed": worst <= 1}
     if "sweep" in outputs:
         identical = {}
         for alpha, source in ((0.0, pretrained), (1.0, finetuned)):
@@ -558,8 +568,8 @@ def define_runs(
         ),
         Run(
             "wise_ft_bf16",
-            f"bf16: `wise_ft`, alpha={ALPHA:g}",
-            lambda out: [python, "-c", WISE_FT, str(bf16_pre), str(bf16_ft), str(ALPHA), str(out), OUTPUT_SHARD],
+            f"bf16: `wise_ft`, alpha={BF16_ALPHA:g}",
+            lambda out: [python, "-c", WISE_FT, str(bf16_pre), str(bf16_ft), str(BF16_ALPHA), str(out), OUTPUT_SHARD],
             bf16_bytes,
             keep_output=True,
         ),
@@ -567,14 +577,14 @@ def define_runs(
     if mergekit["executable"] is not None:
         config_bf16 = workdir / "mergekit-bf16.yml"
         models = [
-            {"model": str(bf16_pre), "parameters": {"weight": 1 - ALPHA}},
-            {"model": str(bf16_ft), "parameters": {"weight": ALPHA}},
+            {"model": str(bf16_pre), "parameters": {"weight": 1 - BF16_ALPHA}},
+            {"model": str(bf16_ft), "parameters": {"weight": BF16_ALPHA}},
         ]
         config_bf16.write_text(json.dumps({"merge_method": "linear", "dtype": "bfloat16", "models": models}, indent=2))
         runs.append(
             Run(
                 "mergekit_bf16",
-                f"bf16: mergekit {mergekit['version']} linear, weights {1 - ALPHA:g} / {ALPHA:g}",
+                f"bf16: mergekit {mergekit['version']} linear, weights {1 - BF16_ALPHA:g} / {BF16_ALPHA:g}",
                 lambda out: mergekit_command(mergekit["executable"], config_bf16, out),
                 bf16_bytes,
             )
@@ -724,10 +734,11 @@ def targets(
     wise, fisher, start_up = rows["wise_ft"], rows["fisher"], rows["import"]
     checks = []
     for name, check in (exactness or {}).items():
-        if name.startswith("wise_ft"):
+        if "max_ulps" in check:
             checks.append(
                 {
-                    "target": f"{name}: every output within 1 ulp of the float64 interpolation rounded to its dtype",
+                    "target": f"{name} (alpha {check['alpha']:g}): every output within 1 ulp of the float64 "
+                    "interpolation rounded to its dtype",
                     "value": f"max {check['max_ulps']} ulp over {check['elements'] / 1e6:.0f}M values",
                     "passed": check["passed"],
                 }
@@ -1043,6 +1054,7 @@ def main() -> None:
         "settings": {
             "repeats": opts.repeats,
             "alpha": ALPHA,
+            "bf16_alpha": BF16_ALPHA,
             "sweep_alphas": SWEEP_ALPHAS,
             "seed": opts.seed,
             "threads": torch.get_num_threads(),

@@ -621,10 +621,10 @@ def _ordered(tensor: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_wise_ft_is_within_one_ulp_of_the_float64_interpolation(tmp_path, dtype, monkeypatch):
     """Every output within 1 ulp of `(1 - alpha) * pre + alpha * ft` computed in float64 and rounded to the tensor's
-    dtype (bf16 inputs are interpolated in float32, float32 ones in float64), over six decades of magnitude and both
-    signs, for fine-tuned weights within 45% of the pre-trained ones (a fine-tune's) and for rows where the two nearly
-    cancel (ft = -pre to 1e-6: float32 arithmetic, torch.lerp, is off by up to 2**23 ulps of the near-zero result
-    there); alpha 0 and 1 bit-identical to the inputs."""
+    dtype (the merge computes in float64), over six decades of magnitude and both signs, for fine-tuned weights
+    within 45% of the pre-trained ones (a fine-tune's) and for rows where the two nearly or exactly cancel (ft = -pre
+    to 1e-6 at alpha 0.5; 3 s and -7 s at alpha 0.3 and 0.7: float32 arithmetic, torch.lerp, is off by up to 2**23
+    ulps of such near-zero results, and by 2**30 and more for bf16 inputs); alpha 0 and 1 bit-identical."""
     monkeypatch.setattr(chunked_module, "CHUNK_ELEMENTS", 10_000)  # 27 chunks, the last one short
     torch.manual_seed(0)
     pre = torch.randn(512, 512, dtype=torch.float64) * torch.logspace(-3, 3, 512, dtype=torch.float64)
@@ -636,6 +636,10 @@ def test_wise_ft_is_within_one_ulp_of_the_float64_interpolation(tmp_path, dtype,
         * 0.15
     )
     ft[::8] = -pre[::8] * (1 + 1e-6 * torch.randn(64, 512, dtype=torch.float64))  # nearly cancelling rows
+    # exactly cancelling at alpha 0.3 and 0.7 in any dtype: 0.7 * 3 s = 0.3 * 7 s for s a power of two
+    scale = 2.0 ** torch.randint(-20, 4, (32, 512), dtype=torch.float64)
+    pre[1::16], ft[1::16] = -3 * scale, 7 * scale
+    pre[2::16], ft[2::16] = 7 * scale, -3 * scale
     pre, ft = pre.to(dtype), ft.to(dtype)
     for name, tensor in (("pre", pre), ("ft", ft)):
         (tmp_path / name).mkdir()

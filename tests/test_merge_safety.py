@@ -476,7 +476,8 @@ def test_bad_max_shard_size_is_refused_before_anything(opt, tmp_path, capsys, si
     with pytest.raises(
         MergeError,
         match=re.escape(
-            f"max_shard_size (--max-shard-size) must be a positive size such as 5GB or 500MB, got {size!r}"
+            "max_shard_size (--max-shard-size) must be a positive whole number of bytes, or a whole number and a "
+            f"unit (KB, MB, GB, TB, KiB, MiB, GiB, TiB) such as 5GB or 500MB, got {size!r}"
         ),
     ):
         wise_ft(tmp_path / "nope", tmp_path / "nada", 0.5, tmp_path / "out", max_shard_size=size)
@@ -486,7 +487,7 @@ def test_bad_max_shard_size_is_refused_before_anything(opt, tmp_path, capsys, si
         expect_usage_error(
             merge_args(opt, tmp_path / "out", "0.5", f"--max-shard-size={size}"),
             capsys,
-            "specgen: error: max_shard_size (--max-shard-size) must be a positive size",
+            "specgen: error: max_shard_size (--max-shard-size) must be a positive whole number",
             repr(size),
         )
     assert list(tmp_path.iterdir()) == []

@@ -295,7 +295,10 @@ def test_shard_sizes_read_as_transformers_reads_them(size):
 
 @pytest.mark.parametrize("size", ["abc", "0", "-5MB", "5XB", "1.5GB", "", 0, -3, 1.5, True, None])
 def test_bad_shard_sizes_are_refused_by_name(size):
-    with pytest.raises(MergeError, match=r"max_shard_size \(--max-shard-size\) must be a positive size"):
+    with pytest.raises(
+        MergeError,
+        match=r"max_shard_size \(--max-shard-size\) must be a positive whole number of bytes, or a whole number and",
+    ):
         check_shard_size(size)
 
 

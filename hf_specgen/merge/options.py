@@ -87,7 +87,8 @@ def check_shard_size(max_shard_size: str | int) -> int:
         The size in bytes; a `MergeError` for anything else, or a size that is not positive.
     """
     problem = MergeError(
-        f"max_shard_size (--max-shard-size) must be a positive size such as 5GB or 500MB, got {max_shard_size!r}"
+        "max_shard_size (--max-shard-size) must be a positive whole number of bytes, or a whole number and a unit "
+        f"(KB, MB, GB, TB, KiB, MiB, GiB, TiB) such as 5GB or 500MB, got {max_shard_size!r}"
     )
     if isinstance(max_shard_size, bool) or not isinstance(max_shard_size, (str, int)):
         raise problem

@@ -279,7 +279,7 @@ def _check_same_keys(a: _Source, b: _Source, a_name: str, b_name: str) -> None:
         raise MergeError(
             "the checkpoints do not have the same tensors: "
             + "; ".join(
-                f"missing in {role}: {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}"
+                f"missing in {role}: {', '.join(keys[:8])}{f' ... ({len(keys)} in all)' if len(keys) > 8 else ''}"
                 for role, keys in ((a_name, missing_a), (b_name, missing_b))
                 if keys
             )
