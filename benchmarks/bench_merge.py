@@ -737,8 +737,8 @@ def targets(
         if "max_ulps" in check:
             checks.append(
                 {
-                    "target": f"{name} (alpha {check['alpha']:g}): every output within 1 ulp of the float64 "
-                    "interpolation rounded to its dtype",
+                    "target": f"{name if 'alpha' in name else name + ' (alpha ' + format(check['alpha'], 'g') + ')'}: "
+                    "every output within 1 ulp of the float64 interpolation rounded to its dtype",
                     "value": f"max {check['max_ulps']} ulp over {check['elements'] / 1e6:.0f}M values",
                     "passed": check["passed"],
                 }
