@@ -10,6 +10,7 @@ while it is still in the CPU's cache. An elementwise method gives the same bytes
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -43,10 +44,7 @@ class ChunkedTensor:
 
     def numel(self) -> int:
         """Elements in the whole tensor."""
-        count = 1
-        for size in self.shape:
-            count *= size
-        return count
+        return math.prod(self.shape)
 
     def element_size(self) -> int:
         """Bytes per element."""
@@ -86,8 +84,19 @@ def flat_pieces(tensor: torch.Tensor | ChunkedTensor) -> Iterator[torch.Tensor]:
         Contiguous 1-dim uint8 tensors.
     """
     pieces = tensor.chunks() if isinstance(tensor, ChunkedTensor) else [tensor.detach()]
-    for piece in pieces:
-        yield piece.contiguous().reshape(-1).view(torch.uint8)
+    yield from (as_bytes(piece) for piece in pieces)
+
+
+def as_bytes(tensor: torch.Tensor) -> torch.Tensor:
+    """The bytes of `tensor`, as a contiguous flat uint8 tensor (a view where it is contiguous already).
+
+    Args:
+        tensor: any tensor.
+
+    Returns:
+        A 1-dim uint8 tensor.
+    """
+    return tensor.contiguous().reshape(-1).view(torch.uint8)
 
 
 def materialize(tensor: torch.Tensor | ChunkedTensor) -> torch.Tensor:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import mmap
 import os
 import struct
@@ -29,7 +30,7 @@ from typing import Any, BinaryIO
 import torch
 
 from .checkpoint import SAFETENSORS_DTYPES
-from .chunked import ChunkedTensor, flat_pieces
+from .chunked import ChunkedTensor, as_bytes, flat_pieces
 
 
 _DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
@@ -208,9 +209,7 @@ class ShardedWriter:
 
     def begin(self, key: str, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
         """Starts the tensor `key` (a new shard if it would overflow this one); its bytes follow with `write`."""
-        size = dtype.itemsize
-        for length in shape:
-            size *= length
+        size = dtype.itemsize * math.prod(shape)
         if self._file is not None and self._shard_bytes and self._shard_bytes + size > self.max_shard_size:
             self._close_shard()
         if self._file is None:
@@ -328,7 +327,7 @@ class ConcurrentWriters:
             self._submit(index, 0, False, self.writers[index].begin, key, tensor.dtype, tuple(tensor.shape))
         for pieces in zip(*(t.chunks() for t in chunked.values())):
             for index, piece in zip(chunked, pieces):
-                flat = piece.contiguous().reshape(-1).view(torch.uint8)
+                flat = as_bytes(piece)
                 self._submit(index, flat.numel(), False, self.writers[index].write, flat)
 
     def _submit(self, index: int, size: int, counted: bool, method: Callable[..., Any], *args: Any) -> None:
