@@ -7,15 +7,22 @@ process and each `--repeats` times (the order reversed every other round):
 
 * `import`: `import hf_specgen.merge` alone (its names load on first use: each merge process below
   also imports torch and transformers when it merges);
-* `copytree`: `shutil.copytree` of the fine-tuned checkpoint, the I/O floor;
+* `copytree`: `shutil.copytree` of the fine-tuned checkpoint, the I/O floor; `copytree_synced`: the same
+  followed by `os.sync()`, so that its output is on the disk at exit, as a merge's is;
 * `wise_ft`: `wise_ft(pre, ft, alpha=0.5, out)`;
 * `mergekit`: `mergekit-yaml` with `merge_method: linear`, weights 0.5 / 0.5, on the CPU;
-* `sweep`: `wise_ft_sweep` over 5 alphas, against `separate`: 5 `wise_ft` calls in one process;
+* `sweep`: `wise_ft_sweep` over 5 alphas, against `separate`: 5 `wise_ft` calls in one process, and
+  `separate_processes`: 5 merge processes, one after the other;
 * `groups`: a heterogeneous merge (`AlphaSchedule(group_alphas=(0.25, 0.5, 0.75))`, HMA's three
   groups of blocks), against `wise_ft`;
 * `fisher`: Fisher-weighted averaging (`MergeOptions(method="fisher")`) with two synthetic Fisher
   diagonals sharded like the checkpoints (the Fisher files read shard by shard with the weights),
-  against `wise_ft`: time within 2x, peak RSS within the merge target plus one Fisher shard.
+  against `wise_ft`: time within 2x, peak RSS within the merge target plus one Fisher shard;
+* the time breakdown: `phase_*` children, each doing one step of a merge more than the one before
+  (interpreter, `import torch`, plan, read, compute), and the disk's floor: the output's bytes written
+  with O_DIRECT (`disk`: one output, `disk_sweep`: a sweep's outputs at once). The `floor:` rows of the
+  targets add these up, round by round, into the least time a merge or a sweep can take on this
+  machine, against the runs the targets compare with.
 
 Each child's wall time, CPU time and page faults (`wait4`), its peak RSS (the kernel's high-water
 mark `VmHWM`) and the peaks of its anonymous and file-backed RSS, these three polled from
@@ -84,6 +91,7 @@ STATUS_FIELDS = ("VmHWM", "RssAnon", "RssFile")
 
 # The child processes: sys.argv[1:] are their arguments.
 COPY = "import shutil, sys; shutil.copytree(sys.argv[1], sys.argv[2])"
+COPY_SYNCED = "import os, shutil, sys; shutil.copytree(sys.argv[1], sys.argv[2]); os.sync()"
 IMPORT = "import hf_specgen.merge"
 WISE_FT = """import sys
 from hf_specgen.merge import wise_ft
@@ -96,6 +104,15 @@ from pathlib import Path
 from hf_specgen.merge import alpha_dirname, wise_ft
 for alpha in json.loads(sys.argv[3]):
     wise_ft(sys.argv[1], sys.argv[2], alpha, Path(sys.argv[4]) / alpha_dirname(alpha), max_shard_size=sys.argv[5])"""
+# What a user without `wise_ft_sweep` runs: one merge process per alpha (each imports torch), one after the other.
+SEPARATE_PROCESSES = """import json, subprocess, sys
+from pathlib import Path
+merge = "import sys\\nfrom hf_specgen.merge import wise_ft\\n" \\
+    "wise_ft(sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4], max_shard_size=sys.argv[5])"
+for alpha in json.loads(sys.argv[3]):
+    out = Path(sys.argv[4]) / f"alpha_{alpha:g}"
+    command = [sys.executable, "-c", merge, sys.argv[1], sys.argv[2], str(alpha), str(out), sys.argv[5]]
+    subprocess.run(command, check=True)"""
 GROUPS = """import json, sys
 from hf_specgen.merge import AlphaSchedule, MergeOptions, merge
 schedule = AlphaSchedule(group_alphas=json.loads(sys.argv[3]))
@@ -517,6 +534,13 @@ def define_runs(
             merge=False,
         ),
         Run(
+            "copytree_synced",
+            "`shutil.copytree` of finetuned, then `os.sync()` (its output on the disk at exit, as the merges' are)",
+            lambda out: [python, "-c", COPY_SYNCED, str(ft), str(out)],
+            checkpoint_bytes,
+            merge=False,
+        ),
+        Run(
             "wise_ft",
             f"`wise_ft`, alpha={ALPHA:g}",
             lambda out: [python, "-c", WISE_FT, *merge_args, str(ALPHA), str(out), OUTPUT_SHARD],
@@ -563,6 +587,13 @@ def define_runs(
             "copytree_bf16",
             "bf16: `shutil.copytree` of finetuned (I/O floor)",
             lambda out: [python, "-c", COPY, str(bf16_ft), str(out)],
+            bf16_bytes,
+            merge=False,
+        ),
+        Run(
+            "copytree_synced_bf16",
+            "bf16: `shutil.copytree` of finetuned, then `os.sync()`",
+            lambda out: [python, "-c", COPY_SYNCED, str(bf16_ft), str(out)],
             bf16_bytes,
             merge=False,
         ),
@@ -652,6 +683,13 @@ def define_runs(
             lambda out: [python, "-c", SEPARATE, *merge_args, alphas, str(out), OUTPUT_SHARD],
             n * checkpoint_bytes,
         ),
+        Run(
+            "separate_processes",
+            f"{n} `wise_ft` processes, one after the other (what {n} `specgen merge` commands cost)",
+            lambda out: [python, "-c", SEPARATE_PROCESSES, *merge_args, alphas, str(out), OUTPUT_SHARD],
+            n * checkpoint_bytes,
+            merge=False,  # its peak RSS is the parent's: the merges' are their own processes'
+        ),
     ]
     return runs
 
@@ -711,6 +749,9 @@ def summarize(run: Run, copy_s: float | None, rss_target: int) -> dict[str, Any]
 def targets(
     rows: dict[str, dict[str, Any]], correctness: dict[str, Any] | None, exactness: dict[str, Any] | None = None
 ) -> list[dict[str, Any]]:
+    def describe(ratios: list[float]) -> str:
+        return f"{statistics.median(ratios):.2f}x the time (median of rounds: {', '.join(f'{r:.2f}' for r in ratios)})"
+
     def faster(name: str, than: str, factor: float | None = None) -> dict[str, Any]:
         """Judged on the median of the per-round time ratios: the two runs of a round are adjacent in time.
         With `factor`: within `factor` times the time; without: faster."""
@@ -726,10 +767,16 @@ def targets(
                     "paired_ratio": paired,
                     "round_ratios": ratios,
                     "passed": passed,
-                    "value": f"{paired:.2f}x the time (median of rounds: {', '.join(f'{r:.2f}' for r in ratios)})",
+                    "value": describe(ratios),
                 }
             )
         return target
+
+    def floor(parts: list[str], than: str, goal: str) -> dict[str, Any]:
+        """The sum of `parts` against `than`, round by round (reported: a lower bound, no target)."""
+        rounds = zip(*(rows.get(name, {}).get("seconds", []) for name in [*parts, than]))
+        ratios = [sum(times[:-1]) / times[-1] for times in rounds]
+        return {"target": goal, "value": describe(ratios) if ratios else None, "passed": None, "round_ratios": ratios}
 
     wise, fisher, start_up = rows["wise_ft"], rows["fisher"], rows["import"]
     checks = []
@@ -769,9 +816,44 @@ def targets(
         },
         faster("wise_ft", "copytree", COPY_FACTOR),
         faster("wise_ft_bf16", "copytree_bf16", COPY_FACTOR),
+        floor(
+            ["phase_torch"],
+            "copytree",
+            "floor: `import torch` alone against copytree (reported: any merge that computes with torch pays it)",
+        ),
+        floor(
+            ["phase_torch", "disk"],
+            "copytree",
+            "floor: `import torch` + the disk's floor for the output against copytree (reported: the least a merge "
+            f"that computes with torch and leaves its output on the disk can take; above {COPY_FACTOR:g}x, the "
+            "copytree target cannot hold here)",
+        ),
+        floor(["phase_torch"], "copytree_bf16", "floor: `import torch` alone against copytree_bf16 (reported)"),
+        {
+            **faster("wise_ft", "copytree_synced", COPY_FACTOR),
+            "target": f"wise_ft against copytree_synced, both outputs on the disk at exit (reported; {COPY_FACTOR:g}x "
+            "shown for comparison)",
+            "passed": None,
+        },
+        {
+            **faster("wise_ft_bf16", "copytree_synced_bf16", COPY_FACTOR),
+            "target": "wise_ft_bf16 against copytree_synced_bf16 (reported)",
+            "passed": None,
+        },
         faster("wise_ft", "mergekit", MERGEKIT_FACTOR),
         faster("wise_ft_bf16", "mergekit_bf16", MERGEKIT_FACTOR),
         faster("sweep", "separate", SWEEP_FACTOR),
+        floor(
+            ["phase_plan", "disk_sweep"],
+            "separate",
+            "floor: start-up and plan + the disk's floor for the sweep's outputs against separate (reported: the "
+            f"least a sweep can take here; above {SWEEP_FACTOR:g}x, the sweep target cannot hold)",
+        ),
+        {
+            **faster("sweep", "separate_processes", SWEEP_FACTOR),
+            "target": f"sweep against separate_processes (reported; {SWEEP_FACTOR:g}x shown for comparison)",
+            "passed": None,
+        },
         {
             **faster("wise_ft_cold", "copytree_cold", 1.0),
             "target": "cold inputs: wise_ft (reads two checkpoints) against copytree (reads one), reported",
@@ -856,7 +938,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"Largest shard: {ckpt['largest_shard_bytes'] / MB:.0f} MB. Each run is a child process, "
         f"{settings['repeats']} times; inputs in the page cache, disk synced before each run, outputs not synced "
         "(hf_specgen writes with O_DIRECT where the file system allows it: its outputs are on the disk when it "
-        "exits; copytree's and mergekit's are in the page cache, written back after the measurement). "
+        "exits; copytree's and mergekit's are in the page cache, written back after the measurement; the "
+        "`copytree ... os.sync()` rows wait for theirs to reach the disk). "
         f"{settings['machine']['cpus']} CPUs, {settings['threads']} torch threads; torch {versions['torch']}, "
         f"transformers {versions['transformers']}, safetensors {versions['safetensors']}; hf_specgen at "
         f"{settings['revision']}.",
