@@ -323,14 +323,15 @@ def test_a_mapped_tensor_is_read_at_once_into_file_pages_not_copied(tmp_path):
     assert resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults < 64
 
 
-def test_chunked_outputs_are_computed_on_the_callers_thread_and_written_in_order():
-    """`add_outputs`: every output's chunk of one slice in turn, computed by the caller; each writer gets `begin`
-    and then its chunks in order, on its own thread; whole tensors go to `add` as before."""
+def test_chunked_outputs_are_computed_by_the_compute_threads_and_written_in_order():
+    """`add_outputs`: every output's chunk of one slice in turn, computed on the compute threads with one torch
+    thread each; each writer gets `begin` and then its chunks in order, on its own thread; whole tensors go to
+    `add` as before; afterwards torch's thread count is the caller's again, for it and for new threads."""
     import threading
 
     from hf_specgen.merge.writer import ConcurrentWriters
 
-    computed, caller = [], threading.get_ident()
+    computed, caller, threads = [], threading.get_ident(), torch.get_num_threads()
 
     class Recording:
         def __init__(self):
@@ -354,7 +355,8 @@ def test_chunked_outputs_are_computed_on_the_callers_thread_and_written_in_order
 
     def output(scale):
         def compute(start, stop):
-            computed.append((scale, start, threading.get_ident()))
+            current = threading.current_thread()
+            computed.append((scale, start, current.ident, current.name, torch.get_num_threads()))
             return torch.arange(start, stop, dtype=torch.float32) * scale
 
         return ChunkedTensor((2, 3), torch.float32, compute, chunk_elements=4)
@@ -364,8 +366,9 @@ def test_chunked_outputs_are_computed_on_the_callers_thread_and_written_in_order
     concurrent.add_outputs("w", iter([output(1.0), output(10.0)]))
     concurrent.add_outputs("b", iter([torch.zeros(1), torch.ones(1)]))
     concurrent.close()
-    assert [(scale, start) for scale, start, _ in computed] == [(1.0, 0), (10.0, 0), (1.0, 4), (10.0, 4)]
-    assert {ident for _, _, ident in computed} == {caller}
+    assert sorted((scale, start) for scale, start, *_ in computed) == [(1.0, 0), (1.0, 4), (10.0, 0), (10.0, 4)]
+    assert all(ident != caller and name.startswith("specgen-compute") for _, _, ident, name, _ in computed)
+    assert {count for *_, count in computed} == {1}
     for writer, scale in zip(writers, (1.0, 10.0)):
         assert writer.calls == [
             ("begin", "w", torch.float32, (2, 3)),
@@ -374,3 +377,51 @@ def test_chunked_outputs_are_computed_on_the_callers_thread_and_written_in_order
             ("add", "b"),
         ]
         assert caller not in writer.threads
+        assert not writer.threads & {ident for _, _, ident, *_ in computed}
+    seen = []
+    thread = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    thread.start()
+    thread.join()
+    assert torch.get_num_threads() == threads and seen == [threads]
+
+
+def test_a_chunk_that_fails_to_compute_stops_the_writers_and_restores_torchs_threads():
+    """A chunk's error (here the third of one output) is raised by the caller's `add_outputs` or `close`; the
+    chunks after it are not written, and `abort` leaves torch's thread count as the caller had it."""
+    from hf_specgen.merge.writer import ConcurrentWriters
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)  # a pool of two compute threads, whatever the machine
+    try:
+
+        class Recording:
+            def __init__(self):
+                self.written, self.aborted = [], False
+
+            def begin(self, key, dtype, shape):
+                pass
+
+            def write(self, piece):
+                self.written.append(piece.view(torch.float32)[0].item())
+
+            def close(self):
+                pass
+
+            def abort(self):
+                self.aborted = True
+
+        def compute(start, stop):
+            if start == 8:
+                raise ValueError("chunk 3 cannot be computed")
+            return torch.arange(start, stop, dtype=torch.float32)
+
+        writer = Recording()
+        concurrent = ConcurrentWriters([writer], max_pending=1, max_pending_bytes=16)
+        with pytest.raises(ValueError, match="chunk 3 cannot be computed"):
+            concurrent.add_outputs("w", iter([ChunkedTensor((64,), torch.float32, compute, chunk_elements=4)]))
+            concurrent.close()
+        concurrent.abort()
+        assert writer.written == [0.0, 4.0] and writer.aborted
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(previous)

@@ -50,15 +50,24 @@ class ChunkedTensor:
         """Bytes per element."""
         return self.dtype.itemsize
 
+    def slices(self) -> Iterator[tuple[int, int]]:
+        """The bounds of the flat tensor's consecutive pieces.
+
+        Yields:
+            `(start, stop)`, `chunk_elements` apart (the last piece shorter).
+        """
+        total, step = self.numel(), self.chunk_elements or CHUNK_ELEMENTS
+        for start in range(0, total, step):
+            yield start, min(start + step, total)
+
     def chunks(self) -> Iterator[torch.Tensor]:
         """The flat tensor's consecutive pieces, each computed when it is asked for.
 
         Yields:
             1-dim tensors of `dtype`, `chunk_elements` long (the last one shorter).
         """
-        total, step = self.numel(), self.chunk_elements or CHUNK_ELEMENTS
-        for start in range(0, total, step):
-            yield self.compute(start, min(start + step, total))
+        for start, stop in self.slices():
+            yield self.compute(start, stop)
 
     def materialize(self) -> torch.Tensor:
         """The whole tensor, computed into one buffer.

@@ -277,22 +277,49 @@ class ShardedWriter:
         return finals
 
 
+class _ComputePool:
+    """Threads that compute chunks, as many as the caller's torch threads, each running torch on one thread.
+
+    Several chunks computed at once, each on one thread, keep every core busy beside the writers;
+    torch's own thread pool would spread each small operation over every core and keep them spinning
+    between operations, in contention with the writer threads. `torch.set_num_threads(1)` on a pool
+    thread also sets the count a thread started later begins with, so `shutdown` sets it back to the
+    caller's: during a merge, a thread that runs its first torch operation starts with one.
+    """
+
+    def __init__(self) -> None:
+        self._threads = torch.get_num_threads()
+        self._executor = ThreadPoolExecutor(
+            self._threads, thread_name_prefix="specgen-compute", initializer=torch.set_num_threads, initargs=(1,)
+        )
+
+    def submit(self, compute: Callable[[int, int], torch.Tensor], start: int, stop: int) -> Future:
+        return self._executor.submit(compute, start, stop)
+
+    def shutdown(self, cancel: bool) -> None:
+        """Waits for the chunks being computed (`cancel`: drops those not started), then restores torch's count."""
+        self._executor.shutdown(wait=True, cancel_futures=cancel)
+        torch.set_num_threads(self._threads)
+
+
 class ConcurrentWriters:
     """Feeds several `ShardedWriter`s, each from a thread of its own, in the order tensors come.
 
     Writing a tensor out is most of a merge's time, and `write` releases the GIL: here it runs
     while the next tensor is being computed and, in a sweep, beside the other alphas' writes. A
-    `ChunkedTensor` is computed on the caller's thread a chunk at a time, and its writer writes each
-    chunk while the next is computed (`add_outputs`). At
-    most `max_pending` tensors, and `max_pending_bytes` of them (or one tensor, however large),
-    wait for their writer: that bounds the memory they hold. The first failure stops every writer
-    (writes queued behind it are dropped) and is raised by the `add` or `close` that waits for it.
+    `ChunkedTensor` is computed a chunk at a time by a pool of compute threads (several chunks, of
+    one output or of a sweep's several, at once), and its writer writes each chunk, in order, as it
+    is ready (`add_outputs`). At most `max_pending` tensors, and `max_pending_bytes` of them and of
+    the chunks (or one tensor, however large), wait for their writer: that bounds the memory they
+    hold. The first failure stops every writer (writes queued behind it are dropped) and is raised by
+    the `add` or `close` that waits for it.
     """
 
     def __init__(
         self, writers: list[ShardedWriter], max_pending: int = 3, max_pending_bytes: int = 256 * 2**20
     ) -> None:
         self.writers, self.max_pending, self.max_pending_bytes = writers, max_pending, max_pending_bytes
+        self._compute = _ComputePool()
         self._threads = [ThreadPoolExecutor(1, thread_name_prefix="specgen-writer") for _ in writers]
         self._pending: deque[tuple[Future, int, bool]] = deque()  # (write, bytes, a whole tensor), oldest first
         self._pending_bytes = self._pending_tensors = 0
@@ -309,10 +336,9 @@ class ConcurrentWriters:
         """Hands writer `i` the `i`-th output of tensor `key`.
 
         Tensors are handed over as they come (an iterator computing them holds one at a time).
-        `ChunkedTensor`s are computed here, on the caller's thread, chunk by chunk, every output's
-        chunk of one slice in turn (the inputs' slice still in the cache), each chunk written by its
-        writer's thread while the next is computed. Only one thread computes: torch spreads each
-        operation over its own thread pool, and several computing threads would each do the same.
+        `ChunkedTensor`s are computed chunk by chunk by the compute threads, every output's chunk of
+        one slice in turn (the inputs' slice still in the cache), each chunk written by its writer's
+        thread once it is computed.
         """
         chunked: dict[int, ChunkedTensor] = {}
         for index, tensor in enumerate(outputs):
@@ -325,10 +351,15 @@ class ConcurrentWriters:
     def _add_chunked(self, key: str, chunked: dict[int, ChunkedTensor]) -> None:
         for index, tensor in chunked.items():
             self._submit(index, 0, False, self.writers[index].begin, key, tensor.dtype, tuple(tensor.shape))
-        for pieces in zip(*(t.chunks() for t in chunked.values())):
-            for index, piece in zip(chunked, pieces):
-                flat = as_bytes(piece)
-                self._submit(index, flat.numel(), False, self.writers[index].write, flat)
+        for bounds in zip(*(t.slices() for t in chunked.values())):
+            for (index, tensor), (start, stop) in zip(chunked.items(), bounds):
+                computed = self._compute.submit(tensor.compute, start, stop)
+                size = (stop - start) * tensor.element_size()
+                self._submit(index, size, False, self._write_computed, index, computed)
+
+    def _write_computed(self, index: int, computed: Future) -> None:
+        """On writer `index`'s thread: waits for a chunk to be computed, then writes it."""
+        self.writers[index].write(as_bytes(computed.result()))
 
     def _submit(self, index: int, size: int, counted: bool, method: Callable[..., Any], *args: Any) -> None:
         """Queues `method(*args)` on writer `index`'s thread once the pending work is within bounds
@@ -372,6 +403,7 @@ class ConcurrentWriters:
             writer.abort()
 
     def _shutdown(self, cancel: bool) -> None:
+        self._compute.shutdown(cancel)  # first: a writer may be waiting for a chunk
         for thread in self._threads:
             thread.shutdown(wait=True, cancel_futures=cancel)
 
