@@ -1004,11 +1004,11 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         "RSS counts two kinds of pages. anon: the process's own memory: the interpreter and its imports (the "
         "`import` row), the tensors being interpolated and waiting to be written (mergekit: the output shard it "
-        "fills; hf_specgen: the chunks computed and not yet written, at most 256 MB, and two 16 MB staging "
+        "fills; hf_specgen: the chunks computed and not yet written, at most 64 MB, and two 16 MB staging "
         "buffers per output). file: pages of files mapped by the process: its shared libraries and the inputs "
         "(mergekit: each shard's pages stay mapped until it is closed; hf_specgen: each tensor is its own "
         "mapping, populated when it is read and unmapped once its output is written, so a few tensors of each "
-        "input are mapped at a time). Those are clean page-cache pages the kernel can reclaim, but `VmHWM`, "
+        "input are mapped at a time: those whose chunks wait to be computed or written, and the next). Those are clean page-cache pages the kernel can reclaim, but `VmHWM`, "
         "`top` and a cgroup's memory accounting count them.",
         "",
         f"Total benchmark time: {report['total_s']:.0f} s (checkpoint build {report['setup_s']['build']:.0f} s, "

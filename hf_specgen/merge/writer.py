@@ -316,7 +316,7 @@ class ConcurrentWriters:
     """
 
     def __init__(
-        self, writers: list[ShardedWriter], max_pending: int = 3, max_pending_bytes: int = 256 * 2**20
+        self, writers: list[ShardedWriter], max_pending: int = 3, max_pending_bytes: int = 64 * 2**20
     ) -> None:
         self.writers, self.max_pending, self.max_pending_bytes = writers, max_pending, max_pending_bytes
         self._compute = _ComputePool()
