@@ -1008,8 +1008,9 @@ def markdown(report: dict[str, Any]) -> str:
         "buffers per output). file: pages of files mapped by the process: its shared libraries and the inputs "
         "(mergekit: each shard's pages stay mapped until it is closed; hf_specgen: each tensor is its own "
         "mapping, populated when it is read and unmapped once its output is written, so a few tensors of each "
-        "input are mapped at a time: those whose chunks wait to be computed or written, and the next). Those are clean page-cache pages the kernel can reclaim, but `VmHWM`, "
-        "`top` and a cgroup's memory accounting count them.",
+        "input are mapped at a time: those whose chunks wait to be computed or written, and the next). Those are "
+        "clean page-cache pages the kernel can reclaim, but `VmHWM`, `top` and a cgroup's memory accounting count "
+        "them.",
         "",
         f"Total benchmark time: {report['total_s']:.0f} s (checkpoint build {report['setup_s']['build']:.0f} s, "
         f"mergekit install {report['setup_s']['mergekit_install']:.0f} s; 0 when cached in --workdir).",
