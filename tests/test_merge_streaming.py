@@ -425,3 +425,39 @@ def test_a_chunk_that_fails_to_compute_stops_the_writers_and_restores_torchs_thr
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(previous)
+
+
+def test_without_openmp_one_thread_computes_and_torchs_thread_count_is_left_alone(monkeypatch):
+    """torch's native thread pool (no OpenMP) takes its size once per process: the pool then has one compute
+    thread and never calls `torch.set_num_threads`."""
+    import threading
+
+    from hf_specgen.merge.writer import ConcurrentWriters
+
+    monkeypatch.setattr(torch.backends.openmp, "is_available", lambda: False)
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    names = set()
+
+    class Recording:
+        written = []
+
+        def begin(self, key, dtype, shape):
+            pass
+
+        def write(self, piece):
+            self.written.append(piece.view(torch.float32).tolist())
+
+        def close(self):
+            pass
+
+    def compute(start, stop):
+        names.add(threading.current_thread().name)
+        return torch.arange(start, stop, dtype=torch.float32)
+
+    writer = Recording()
+    concurrent = ConcurrentWriters([writer])
+    concurrent.add_outputs("w", iter([ChunkedTensor((10,), torch.float32, compute, chunk_elements=4)]))
+    concurrent.close()
+    assert writer.written == [[0.0, 1.0, 2.0, 3.0], [4.0, 5.0, 6.0, 7.0], [8.0, 9.0]]
+    assert calls == [] and names == {"specgen-compute_0"}

@@ -284,13 +284,18 @@ class _ComputePool:
     torch's own thread pool would spread each small operation over every core and keep them spinning
     between operations, in contention with the writer threads. `torch.set_num_threads(1)` on a pool
     thread also sets the count a thread started later begins with, so `shutdown` sets it back to the
-    caller's: during a merge, a thread that runs its first torch operation starts with one.
+    caller's: during a merge, a thread that runs its first torch operation starts with one. Where torch
+    runs on its native thread pool instead of OpenMP, the count is one for the whole process and can
+    be set only once: there one thread computes, and the count is left alone.
     """
 
     def __init__(self) -> None:
-        self._threads = torch.get_num_threads()
+        self._restore = torch.get_num_threads() if torch.backends.openmp.is_available() else None
         self._executor = ThreadPoolExecutor(
-            self._threads, thread_name_prefix="specgen-compute", initializer=torch.set_num_threads, initargs=(1,)
+            self._restore or 1,
+            thread_name_prefix="specgen-compute",
+            initializer=torch.set_num_threads if self._restore else None,
+            initargs=(1,) if self._restore else (),
         )
 
     def submit(self, compute: Callable[[int, int], torch.Tensor], start: int, stop: int) -> Future:
@@ -299,7 +304,8 @@ class _ComputePool:
     def shutdown(self, cancel: bool) -> None:
         """Waits for the chunks being computed (`cancel`: drops those not started), then restores torch's count."""
         self._executor.shutdown(wait=True, cancel_futures=cancel)
-        torch.set_num_threads(self._threads)
+        if self._restore is not None:
+            torch.set_num_threads(self._restore)
 
 
 class ConcurrentWriters:
