@@ -102,6 +102,19 @@ def test_ratios_never_pass_1_keep_their_mean_and_carry_a_gradient(mean):
         assert alphas.tolist() == [1.0, 1.0, 1.0]
 
 
+def test_one_group_is_exactly_the_mean_with_a_zero_gradient():
+    """With one group, mean / w * w rounds off the mean for some w (mean 0.7 at score 0 gave
+    0.7000000000000001; the search's Adam steps on a rounding-sized gradient reached such a w on one
+    machine): the ratio is the mean itself, and its gradient is exactly 0."""
+    for score in (-3.0, -0.1, 0.0, 0.3, 2.5):
+        for mean in (0.1, 0.4, 0.7, 1.0):
+            scores = torch.tensor([score], dtype=torch.float64, requires_grad=True)
+            alphas = ratios(scores, mean, 0.05)
+            assert alphas.tolist() == [mean]
+            alphas.sum().backward()
+            assert scores.grad.tolist() == [0.0]
+
+
 def test_ratios_keep_their_mean_and_one_group_is_wise_ft(pair, tmp_path):
     pre_dir, ft_dir, _ = pair
     scores = torch.tensor([-3.0, 0.5, 4.0], dtype=torch.float64)

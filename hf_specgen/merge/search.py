@@ -151,6 +151,8 @@ def ratios(scores: torch.Tensor, mean: float, eps: float) -> torch.Tensor:
     held at 1 and its excess spread over the others in proportion to their weights (at a mean of
     0.5 with 3 groups, the plain rescaling reaches 1.5: a merge beyond the fine-tuned model)."""
     weights = torch.sigmoid(scores) + eps
+    if len(scores) == 1:  # the mean itself, exactly (mean / w * w can round off it), with a zero gradient
+        return weights * 0 + mean
     total = mean * len(scores)
     capped = torch.zeros(len(scores), dtype=torch.bool)
     while True:  # at most K rounds: each caps at least one more group
