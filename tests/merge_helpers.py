@@ -129,14 +129,17 @@ def count_reads(monkeypatch) -> dict[tuple[str, str], int]:
     return reads
 
 
-def fail_after(monkeypatch, target, name, calls, error) -> dict[str, int]:
-    """`target.name` raises `error` once it has been called `calls` times; the count of calls."""
+def fail_after(monkeypatch, target, name, calls, error, before=None) -> dict[str, int]:
+    """`target.name` raises `error` once it has been called `calls` times (having called `before()`, if
+    given, first); the count of calls."""
     original = getattr(target, name)
     count = {"n": 0}
 
     def failing(self, *args, **kwargs):
         count["n"] += 1
         if count["n"] > calls:
+            if before is not None:
+                before()
             raise error
         return original(self, *args, **kwargs)
 

@@ -487,17 +487,28 @@ def test_sweep_refuses_bad_alphas_before_writing(opt, tmp_path):
 @pytest.mark.parametrize("target, name", [(ShardedWriter, "begin"), (MergedTensor, "compute")])
 @pytest.mark.parametrize("error", [OSError("disk full"), KeyboardInterrupt()], ids=["oserror", "ctrl_c"])
 def test_failure_mid_write_leaves_nothing(opt, tmp_path, monkeypatch, target, name, error):
+    """The failure comes once a shard has been written (the writers run behind the computing: the failing
+    call waits for the first closed shard)."""
+    import threading
+
     parent = tmp_path / "outputs"
     parent.mkdir()
-    flushed = []
+    flushed, closed = [], threading.Event()
     original_close = ShardedWriter._close_shard
-    monkeypatch.setattr(ShardedWriter, "_close_shard", lambda self: (flushed.append(1), original_close(self)))
-    count = fail_after(monkeypatch, target, name, 20, error)
+
+    def close_shard(self):
+        original_close(self)
+        flushed.append(1)
+        closed.set()
+
+    monkeypatch.setattr(ShardedWriter, "_close_shard", close_shard)
+    count = fail_after(monkeypatch, target, name, 20, error, before=lambda: closed.wait(30))
     with pytest.raises(type(error)):
         wise_ft(opt["pre"], opt["ft"], 0.5, parent / "out", max_shard_size="3KB")
     assert count["n"] == 21 and flushed  # it failed after shards had been written
     assert list(parent.iterdir()) == []
     count["n"], flushed[:] = 0, []
+    closed.clear()
     with pytest.raises(type(error)):
         wise_ft_sweep(opt["pre"], opt["ft"], [0.2, 0.8], parent / "sweep", max_shard_size="3KB")
     assert count["n"] in (21, 22) and flushed  # the other alpha's writer thread may be inside `add` too
