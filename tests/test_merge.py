@@ -28,6 +28,7 @@ from transformers import (
     GenerationConfig,
     GPT2Config,
     GPT2LMHeadModel,
+    LlamaConfig,
     LlamaForCausalLM,
     OPTForCausalLM,
 )
@@ -286,6 +287,26 @@ def test_untied_model_merges_lm_head_separately(tmp_path):
     assert model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr()
     assert torch.equal(model.lm_head.weight, merged["lm_head.weight"])
     assert torch.equal(model.model.embed_tokens.weight, merged["model.embed_tokens.weight"])
+
+
+def test_an_untied_pretrained_lm_head_is_not_dropped_for_a_tied_finetuned_one(tmp_path):
+    """A pre-trained model with its own lm_head and a fine-tuned one that ties it to the embeddings: the
+    output (tied, as the fine-tuned config says) could not hold the pre-trained lm_head, so the merge is
+    refused, naming it, before anything is written. The other way round the output is untied, its lm_head
+    interpolated from the pre-trained embeddings."""
+    pre, ft = tiny_llama(), tiny_llama()
+    perturb_(ft)
+    tied = LlamaForCausalLM(LlamaConfig(**{**ft.config.to_dict(), "tie_word_embeddings": True}))
+    tied.load_state_dict(ft.state_dict(), strict=False)  # lm_head now the embeddings
+    untied_dir, tied_dir = save(pre, tmp_path / "untied"), save(tied, tmp_path / "tied")
+    assert "lm_head.weight" in read_weights(untied_dir) and "lm_head.weight" not in read_weights(tied_dir)
+    with pytest.raises(MergeError, match=r"pretrained stores lm_head\.weight, which the fine-tuned model ties"):
+        wise_ft(untied_dir, tied_dir, 0.5, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    tied_pre = save(tied, tmp_path / "tied_pre")
+    out = read_weights(wise_ft(tied_pre, save(pre, tmp_path / "untied_ft"), 0.5, tmp_path / "back"))
+    embed = read_weights(tied_pre)["model.embed_tokens.weight"]
+    assert_interpolated(out["lm_head.weight"], embed, pre.lm_head.weight.detach(), 0.5)
 
 
 @pytest.mark.parametrize("build", [tiny_opt, tiny_llama], ids=["opt_tied", "llama_untied"])

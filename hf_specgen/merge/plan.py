@@ -351,6 +351,8 @@ def plan_merge(
             )
         )
 
+    _check_nothing_dropped(pre, aliases)
+
     def partners() -> dict[str, str]:
         found = {}
         for key, planned in aliases.items():
@@ -359,6 +361,19 @@ def plan_merge(
         return found
 
     return MergePlan(plan, aliases=aliases, partners=partners)
+
+
+def _check_nothing_dropped(pre: _Source, used: dict[str, str]) -> None:
+    """Refuses a pre-trained tensor that no output reads: one the fine-tuned model ties to another (e.g. an
+    untied pre-trained `lm_head.weight` where the fine-tuned model ties it to the input embeddings), which
+    the merge would silently replace by its partner. A pre-trained tensor tied itself is not dropped."""
+    unread = [key for key in pre.checkpoint.keys() if key not in used]
+    dropped = [key for key in unread if not any(partner in used for partner in pre.alias.get(key, []))]
+    if dropped:
+        raise MergeError(
+            f"pretrained stores {', '.join(dropped)}, which the fine-tuned model ties to another weight "
+            "(tie_word_embeddings): the merge would drop the pre-trained values; merge models tied alike"
+        )
 
 
 def attach_input(plan: MergePlan, name: str, source: TensorSource, like: str, what: str) -> None:
