@@ -539,7 +539,7 @@ def test_output_under_a_file_and_a_directory_that_is_no_merge_say_what_to_do(opt
     expect_usage_error(
         merge_args(opt, tmp_path / "mine"),
         capsys,
-        "already exists; pass overwrite='any' (--overwrite-any): it is not a merge",
+        "already exists and is not a merge's output; pass overwrite='any' (--overwrite-any) to replace it",
     )
 
 

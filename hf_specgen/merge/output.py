@@ -99,12 +99,12 @@ def check_output_dir(output_dir: Path, sources: Sequence[str | os.PathLike], ove
         return
     previous_merge = output_dir.is_dir() and (read_marker(output_dir) is not None or not any(output_dir.iterdir()))
     if not overwrite:
-        flag = (
-            "overwrite=True (--overwrite)"
-            if previous_merge
-            else "overwrite='any' (--overwrite-any): it is not a merge"
+        if previous_merge:
+            raise MergeError(f"{output_dir}: already exists; pass overwrite=True (--overwrite) to replace it")
+        raise MergeError(
+            f"{output_dir}: already exists and is not a merge's output; pass overwrite='any' (--overwrite-any) to "
+            "replace it"
         )
-        raise MergeError(f"{output_dir}: already exists; pass {flag} to replace it")
     if overwrite == "any" or previous_merge:
         return
     raise MergeError(
