@@ -402,3 +402,21 @@ def test_write_report_says_why_the_methods_are_not_compared(tmp_path):
         "Per method: not compared (the pre-trained and fine-tuned points have the same speciality, 0.250: "
         "nothing to scale the areas by)."
     ) in markdown
+
+
+def test_a_fine_tune_less_special_than_the_pre_trained_model_is_not_measured_by_area(tmp_path):
+    """Scaled between the two, the speciality axis would run backwards: the pre-trained point would be the most
+    special and most general, and a method with a point near it would get an area of 1 (it did). The report
+    says why instead of a table of areas."""
+    pre = ResultRecord(method="pre-trained", speciality={"s": 0.5}, generality={"g": 0.8})
+    full = ResultRecord(method="full", alpha=1.0, speciality={"s": 0.4}, generality={"g": 0.5})
+    near = ResultRecord(method="full", alpha=0.25, speciality={"s": 0.49}, generality={"g": 0.79})
+    write_report([pre, full, near], tmp_path / "out")
+    markdown = (tmp_path / "out" / "report.md").read_text()
+    assert "## Per method" not in markdown
+    assert (
+        "Per method: not compared (the fine-tuned model is less special than the pre-trained one (0.400 < 0.500): "
+        "no speciality gained to trade generality for)."
+    ) in markdown
+    assert "methods" not in json.loads((tmp_path / "out" / "report.json").read_text())
+    assert hypervolume([pre, near], pre, full) == 1.0  # the method's front from the pre-trained point: what it showed

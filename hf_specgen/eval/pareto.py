@@ -165,6 +165,18 @@ def not_comparable(records: Sequence[ResultRecord]) -> str | None:
                 f"the pre-trained and fine-tuned points have the same {axis}, "
                 f"{getattr(reference, f'{axis}_score'):.3f}: nothing to scale the areas by"
             )
+    return _less_special(reference, finetuned)
+
+
+def _less_special(reference: ResultRecord, finetuned: ResultRecord) -> str | None:
+    """Why the methods cannot be measured against a fine-tune less special than the pre-trained model (`hypervolume`
+    scales each axis between the two whichever is higher, so the pre-trained point would be the most special and
+    most general, and a front reaching it would get an area of 1); None where the fine-tune gained."""
+    if finetuned.speciality_score < reference.speciality_score:
+        return (
+            f"the fine-tuned model is less special than the pre-trained one ({finetuned.speciality_score:.3f} < "
+            f"{reference.speciality_score:.3f}): no speciality gained to trade generality for"
+        )
     return None
 
 
