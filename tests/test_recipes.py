@@ -303,6 +303,33 @@ def test_interrupted_training_resumes_from_its_checkpoint_then_publishes(tmp_pat
     assert upload["files"]["model.safetensors"] == (expected / "model.safetensors").read_bytes()
 
 
+def test_a_save_interrupted_after_training_leaves_no_finetuned_model_and_the_rerun_publishes(tmp_path, monkeypatch):
+    """Ctrl-C while the fine-tuned model is being written (its weights saved, its processor not yet): no
+    `finetuned/` and no temporary directory stay behind; the re-run trains again from the last checkpoint and
+    publishes it whole."""
+    from transformers import PreTrainedTokenizerBase
+
+    recipe, experiment, training = lm_experiment(tmp_path / "run")
+    original = PreTrainedTokenizerBase.save_pretrained
+
+    def interrupted(self, directory, *args, **kwargs):
+        if Path(directory).name.startswith(".finetuned."):
+            raise KeyboardInterrupt
+        return original(self, directory, *args, **kwargs)
+
+    monkeypatch.setattr(PreTrainedTokenizerBase, "save_pretrained", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(recipe, experiment, training)
+    (run,) = run_files(tmp_path / "run", "l2-*")
+    assert not (run / "finetuned").exists() and not [p.name for p in run.iterdir() if "finetuned" in p.name]
+    assert [p.name for p in run_files(tmp_path / "run", "l2-*/trainer/checkpoint-*")] == ["checkpoint-4"]
+    monkeypatch.undo()
+    run_experiment(recipe, experiment, training)
+    training_log = json.loads((run / "finetuned" / "specgen_training.json").read_text())
+    assert training_log["resumed_from"].endswith("checkpoint-4")
+    assert {"model.safetensors", "tokenizer_config.json"} <= {p.name for p in (run / "finetuned").iterdir()}
+
+
 def test_kept_merges_survive_a_rerun_that_merges_more_alphas(tmp_path):
     """keep_merged_models: a re-run scoring a new alpha used to replace the whole merged/ folder, deleting
     the merges its records still pointed to."""

@@ -28,6 +28,7 @@ from accelerate import PartialState
 from transformers.trainer_utils import get_last_checkpoint
 
 from ..args import SpecGenTrainingArguments
+from ..atomic import distributed_atomic_directory
 from ..eval.markdown import markdown_table
 from ..eval.pareto import best_generality
 from ..eval.records import ResultRecord, schedule_summary
@@ -523,21 +524,20 @@ class _Run:
         checkpoint = get_last_checkpoint(args.output_dir) if Path(args.output_dir).is_dir() else None
         start = time.perf_counter()
         result = trainer.train(resume_from_checkpoint=checkpoint)
-        partial = self.directory / "finetuned.partial"
-        if state.is_main_process and partial.exists():  # left by a save that was interrupted
-            shutil.rmtree(partial)
-        state.wait_for_everyone()
-        trainer.save_model(str(partial))  # every process: ZeRO-3 gathers the weights to write them
+        # written aside and renamed in once complete: an interrupted save (Ctrl-C, SIGTERM, a crash) leaves no
+        # directory that looks finished, and the next run trains again from the last checkpoint
+        with distributed_atomic_directory(self.finetuned, what="the fine-tuned model") as temporary:
+            trainer.save_model(str(temporary))  # every process: ZeRO-3 gathers the weights to write them
+            if state.is_main_process:
+                processor.save_pretrained(temporary)
+                metrics = {
+                    "train_s": round(time.perf_counter() - start, 1),
+                    "steps": result.global_step,
+                    "train_loss": result.training_loss,
+                    "resumed_from": checkpoint,
+                }
+                (temporary / TRAINING_LOG).write_text(json.dumps(metrics, indent=2))
         if state.is_main_process:
-            processor.save_pretrained(partial)
-            metrics = {
-                "train_s": round(time.perf_counter() - start, 1),
-                "steps": result.global_step,
-                "train_loss": result.training_loss,
-                "resumed_from": checkpoint,
-            }
-            (partial / TRAINING_LOG).write_text(json.dumps(metrics, indent=2))
-            partial.rename(self.finetuned)
             shutil.rmtree(args.output_dir, ignore_errors=True)  # its checkpoints were for resuming only
         state.wait_for_everyone()
         del trainer, model
