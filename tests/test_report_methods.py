@@ -392,31 +392,34 @@ def test_a_table_where_no_front_dominates_any_area_names_no_winner():
     )
 
 
-def test_write_report_says_why_the_methods_are_not_compared(tmp_path):
-    pre = ResultRecord(method="pre-trained", speciality={"s": 0.25}, generality={"g": 0.8})
-    full = ResultRecord(method="full", alpha=1.0, speciality={"s": 0.25}, generality={"g": 0.4})
-    write_report([pre, full], tmp_path / "out")
-    markdown = (tmp_path / "out" / "report.md").read_text()
-    assert "## Per method" not in markdown
-    assert (
-        "Per method: not compared (the pre-trained and fine-tuned points have the same speciality, 0.250: "
-        "nothing to scale the areas by)."
-    ) in markdown
+NOT_COMPARED = {
+    # the same speciality: nothing to scale the areas by
+    "tie": (
+        (0.25, 0.8),
+        (0.25, 0.4),
+        "the pre-trained and fine-tuned points have the same speciality, 0.250: nothing to scale the areas by",
+    ),
+    # a fine-tune less special than the pre-trained model: scaled between the two, the speciality axis would run
+    # backwards, the pre-trained point becoming the most special and most general (a front reaching it: area 1)
+    "less_special": (
+        (0.5, 0.8),
+        (0.4, 0.5),
+        "the fine-tuned model is less special than the pre-trained one (0.400 < 0.500): no speciality gained to "
+        "trade generality for",
+    ),
+}
 
 
-def test_a_fine_tune_less_special_than_the_pre_trained_model_is_not_measured_by_area(tmp_path):
-    """Scaled between the two, the speciality axis would run backwards: the pre-trained point would be the most
-    special and most general, and a method with a point near it would get an area of 1 (it did). The report
-    says why instead of a table of areas."""
-    pre = ResultRecord(method="pre-trained", speciality={"s": 0.5}, generality={"g": 0.8})
-    full = ResultRecord(method="full", alpha=1.0, speciality={"s": 0.4}, generality={"g": 0.5})
-    near = ResultRecord(method="full", alpha=0.25, speciality={"s": 0.49}, generality={"g": 0.79})
+@pytest.mark.parametrize("case", NOT_COMPARED)
+def test_write_report_says_why_the_methods_are_not_compared(tmp_path, case):
+    (pre_s, pre_g), (ft_s, ft_g), reason = NOT_COMPARED[case]
+    pre = ResultRecord(method="pre-trained", speciality={"s": pre_s}, generality={"g": pre_g})
+    full = ResultRecord(method="full", alpha=1.0, speciality={"s": ft_s}, generality={"g": ft_g})
+    near = ResultRecord(method="full", alpha=0.25, speciality={"s": pre_s - 0.01}, generality={"g": pre_g - 0.01})
     write_report([pre, full, near], tmp_path / "out")
     markdown = (tmp_path / "out" / "report.md").read_text()
     assert "## Per method" not in markdown
-    assert (
-        "Per method: not compared (the fine-tuned model is less special than the pre-trained one (0.400 < 0.500): "
-        "no speciality gained to trade generality for)."
-    ) in markdown
+    assert f"Per method: not compared ({reason})." in markdown
     assert "methods" not in json.loads((tmp_path / "out" / "report.json").read_text())
-    assert hypervolume([pre, near], pre, full) == 1.0  # the method's front from the pre-trained point: what it showed
+    if case == "less_special":
+        assert hypervolume([pre, near], pre, full) == 1.0  # what the table showed before
