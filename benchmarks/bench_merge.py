@@ -524,21 +524,22 @@ def define_runs(
     merge_args = [str(pre), str(ft)]
     fisher_shard = max(f.stat().st_size for d in fishers for f in d.glob("*.safetensors"))
     groups = json.dumps(list(GROUP_ALPHAS))
+
+    def copy(name: str, description: str, script: str, source: Path, size: int, **options: Any) -> Run:
+        """A copy of `source` by the child `script` (`COPY`, `COPY_SYNCED`): a floor, not a merge."""
+        return Run(
+            name, description, lambda out: [python, "-c", script, str(source), str(out)], size, False, **options
+        )
+
     runs = [
         Run("import", "`import hf_specgen.merge` (start-up only)", lambda out: [python, "-c", IMPORT], 0, merge=False),
-        Run(
-            "copytree",
-            "`shutil.copytree` of finetuned (I/O floor)",
-            lambda out: [python, "-c", COPY, str(ft), str(out)],
-            checkpoint_bytes,
-            merge=False,
-        ),
-        Run(
+        copy("copytree", "`shutil.copytree` of finetuned (I/O floor)", COPY, ft, checkpoint_bytes),
+        copy(
             "copytree_synced",
             "`shutil.copytree` of finetuned, then `os.sync()` (its output on the disk at exit, as the merges' are)",
-            lambda out: [python, "-c", COPY_SYNCED, str(ft), str(out)],
+            COPY_SYNCED,
+            ft,
             checkpoint_bytes,
-            merge=False,
         ),
         Run(
             "wise_ft",
@@ -583,19 +584,13 @@ def define_runs(
         )
     bf16_pre, bf16_ft, bf16_bytes = bf16  # the same model in bfloat16: half the bytes, the common case for LLMs
     runs += [
-        Run(
-            "copytree_bf16",
-            "bf16: `shutil.copytree` of finetuned (I/O floor)",
-            lambda out: [python, "-c", COPY, str(bf16_ft), str(out)],
-            bf16_bytes,
-            merge=False,
-        ),
-        Run(
+        copy("copytree_bf16", "bf16: `shutil.copytree` of finetuned (I/O floor)", COPY, bf16_ft, bf16_bytes),
+        copy(
             "copytree_synced_bf16",
             "bf16: `shutil.copytree` of finetuned, then `os.sync()`",
-            lambda out: [python, "-c", COPY_SYNCED, str(bf16_ft), str(out)],
+            COPY_SYNCED,
+            bf16_ft,
             bf16_bytes,
-            merge=False,
         ),
         Run(
             "wise_ft_bf16",
@@ -622,12 +617,12 @@ def define_runs(
         )
     inputs = weight_files(pre) + weight_files(ft)
     runs += [
-        Run(
+        copy(
             "copytree_cold",
             "cold: `shutil.copytree` of finetuned, read from the disk",
-            lambda out: [python, "-c", COPY, str(ft), str(out)],
+            COPY,
+            ft,
             checkpoint_bytes,
-            merge=False,
             evict=weight_files(ft),
         ),
         Run(
@@ -772,6 +767,10 @@ def targets(
             )
         return target
 
+    def reported(name: str, than: str, goal: str) -> dict[str, Any]:
+        """`name`'s time against `than`'s, as `faster` measures it, with no target to pass."""
+        return {**faster(name, than), "target": goal, "passed": None}
+
     def floor(parts: list[str], than: str, goal: str) -> dict[str, Any]:
         """The sum of `parts` against `than`, round by round (reported: a lower bound, no target)."""
         rounds = zip(*(rows.get(name, {}).get("seconds", []) for name in [*parts, than]))
@@ -829,17 +828,13 @@ def targets(
             "copytree target cannot hold here)",
         ),
         floor(["phase_torch"], "copytree_bf16", "floor: `import torch` alone against copytree_bf16 (reported)"),
-        {
-            **faster("wise_ft", "copytree_synced", COPY_FACTOR),
-            "target": f"wise_ft against copytree_synced, both outputs on the disk at exit (reported; {COPY_FACTOR:g}x "
-            "shown for comparison)",
-            "passed": None,
-        },
-        {
-            **faster("wise_ft_bf16", "copytree_synced_bf16", COPY_FACTOR),
-            "target": "wise_ft_bf16 against copytree_synced_bf16 (reported)",
-            "passed": None,
-        },
+        reported(
+            "wise_ft",
+            "copytree_synced",
+            f"wise_ft against copytree_synced, both outputs on the disk at exit (reported; {COPY_FACTOR:g}x shown for "
+            "comparison)",
+        ),
+        reported("wise_ft_bf16", "copytree_synced_bf16", "wise_ft_bf16 against copytree_synced_bf16 (reported)"),
         faster("wise_ft", "mergekit", MERGEKIT_FACTOR),
         faster("wise_ft_bf16", "mergekit_bf16", MERGEKIT_FACTOR),
         faster("sweep", "separate", SWEEP_FACTOR),
@@ -849,21 +844,17 @@ def targets(
             "floor: start-up and plan + the disk's floor for the sweep's outputs against separate (reported: the "
             f"least a sweep can take here; above {SWEEP_FACTOR:g}x, the sweep target cannot hold)",
         ),
-        {
-            **faster("sweep", "separate_processes", SWEEP_FACTOR),
-            "target": f"sweep against separate_processes (reported; {SWEEP_FACTOR:g}x shown for comparison)",
-            "passed": None,
-        },
-        {
-            **faster("wise_ft_cold", "copytree_cold", 1.0),
-            "target": "cold inputs: wise_ft (reads two checkpoints) against copytree (reads one), reported",
-            "passed": None,
-        },
-        {
-            **faster("groups", "wise_ft", 1.0),
-            "target": "groups: time against wise_ft (reported, no target)",
-            "passed": None,
-        },
+        reported(
+            "sweep",
+            "separate_processes",
+            f"sweep against separate_processes (reported; {SWEEP_FACTOR:g}x shown for comparison)",
+        ),
+        reported(
+            "wise_ft_cold",
+            "copytree_cold",
+            "cold inputs: wise_ft (reads two checkpoints) against copytree (reads one), reported",
+        ),
+        reported("groups", "wise_ft", "groups: time against wise_ft (reported, no target)"),
         faster("fisher", "wise_ft", FISHER_TIME_FACTOR),
         {
             "target": "fisher peak RSS <= the merge target + one Fisher shard",
